@@ -1,0 +1,100 @@
+//! The one error type of flowctl.
+
+use std::error::Error as StdError;
+use std::time::Duration;
+
+/// A boxed error from a transport library (russh, libzmq, async-nats, ...).
+pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
+
+/// Everything that can go wrong while moving items through flowctl.
+///
+/// Transports wrap their library's errors in [`FlowError::Transport`]; the
+/// other variants are produced by flowctl itself and name the thing and the
+/// limit involved.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FlowError {
+    /// The other end of the stream is gone (receiver dropped, sink closed).
+    #[error("stream closed: the other end is gone")]
+    Closed,
+    /// Watermarks that violate `low <= high && high > 0`.
+    #[error(
+        "invalid watermarks: low {low} must not exceed high {high}, and high must be greater than 0"
+    )]
+    InvalidWatermarks {
+        /// The low watermark given.
+        low: usize,
+        /// The high watermark given.
+        high: usize,
+    },
+    /// A frame (or the bytes accumulated while waiting for one) is larger than allowed.
+    #[error("frame of {size} bytes exceeds the {limit} byte limit")]
+    FrameTooLarge {
+        /// Bytes of the offending frame (or accumulated so far without a frame).
+        size: usize,
+        /// The configured limit.
+        limit: usize,
+    },
+    /// A decoder rejected the bytes it was given.
+    #[error("malformed frame: {0}")]
+    Decode(#[source] BoxError),
+    /// The stream ended in the middle of a frame.
+    #[error("stream ended inside a frame: {remaining} bytes of an incomplete frame were left")]
+    Truncated {
+        /// Bytes left over that did not form a frame.
+        remaining: usize,
+    },
+    /// An operation did not finish in time.
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    /// An I/O error from a reader, writer or socket.
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+    /// An error from a transport library.
+    #[error("transport error: {0}")]
+    Transport(#[source] BoxError),
+    /// A job run by [`offload::ordered`](crate::offload::ordered) panicked.
+    #[error("offloaded job panicked: {0}")]
+    Panicked(String),
+    /// [`pump`](crate::pump()) stopped on an error after delivering part of the stream.
+    #[error("pump stopped after delivering {items} items ({bytes} bytes): {source}")]
+    Pump {
+        /// Items the sink accepted before the error.
+        items: u64,
+        /// Bytes (by [`Weighted`](crate::Weighted)) the sink accepted before the error.
+        bytes: u64,
+        /// The first error, from the source or the sink.
+        #[source]
+        source: Box<FlowError>,
+    },
+    /// [`lifecycle::retry`](crate::lifecycle::retry) ran out of attempts.
+    #[error("gave up after {attempts} attempts: {last}")]
+    RetriesExhausted {
+        /// How many attempts were made.
+        attempts: u32,
+        /// The error of the last attempt.
+        #[source]
+        last: Box<FlowError>,
+    },
+    /// A configuration value out of range.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+impl FlowError {
+    /// Wraps any library error as [`FlowError::Transport`].
+    pub fn transport<E>(err: E) -> Self
+    where
+        E: Into<BoxError>,
+    {
+        FlowError::Transport(err.into())
+    }
+
+    /// True for errors that a retry may cure (timeouts, I/O and transport errors).
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            FlowError::Timeout(_) | FlowError::Io(_) | FlowError::Transport(_)
+        )
+    }
+}

@@ -1,0 +1,575 @@
+//! Leak-free lifecycles: attempts that own what they request, retries that
+//! wait for the release, and a ledger that counts what is live.
+//!
+//! The failure this module prevents: an async connect times out, its cleanup
+//! forgets the subscription it had already requested (the request was still in
+//! flight, so there was no handle to close yet), and every retry leaves one
+//! more subscription behind (Aeron's `AeronCluster.AsyncConnect.close()`).
+//!
+//! The rules:
+//!
+//! - An [`Attempt`] owns every sub-resource an acquisition has asked for. Claim
+//!   a resource with [`Attempt::own`] **before** the request leaves (name the
+//!   consumer, pick the subscription id, then send), or run the request through
+//!   [`Attempt::inflight`] so that a reply arriving after a cancel is released
+//!   when it lands.
+//! - Dropping the attempt (timeout, cancel, error) releases everything it
+//!   owns; [`Attempt::commit`] hands it all over to the value the acquisition
+//!   returned instead.
+//! - [`retry`] bounds each attempt by a timeout and starts the next one only
+//!   after the previous attempt is fully released, including its in-flight
+//!   requests.
+//! - A [`Ledger`] counts live resources and tasks by kind, so tests and the
+//!   soak can assert a return to zero.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::future::Future;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use tokio::sync::{Notify, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::FlowError;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Live resources by kind ("ssh.session", "nats.subscription", "task", ...).
+///
+/// Cheap to clone; clones share the counts. Every [`Lease`] counts one live
+/// resource until it is dropped.
+#[derive(Clone, Default)]
+pub struct Ledger {
+    inner: Arc<LedgerInner>,
+}
+
+#[derive(Default)]
+struct LedgerInner {
+    counts: Mutex<BTreeMap<&'static str, usize>>,
+    changed: Notify,
+}
+
+impl fmt::Debug for Ledger {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Ledger").field(&self.snapshot()).finish()
+    }
+}
+
+impl Ledger {
+    /// An empty ledger.
+    pub fn new() -> Self {
+        Ledger::default()
+    }
+
+    /// The process-wide ledger that flowctl's transports count into unless given another.
+    pub fn global() -> &'static Ledger {
+        static GLOBAL: OnceLock<Ledger> = OnceLock::new();
+        GLOBAL.get_or_init(Ledger::new)
+    }
+
+    /// Counts one live resource of `kind` until the lease is dropped.
+    pub fn acquire(&self, kind: &'static str) -> Lease {
+        *lock(&self.inner.counts).entry(kind).or_insert(0) += 1;
+        tracing::trace!(kind, "ledger: acquired");
+        Lease {
+            ledger: self.clone(),
+            kind,
+        }
+    }
+
+    /// Spawns `fut` on the current tokio runtime, counted as a live `kind` until it ends.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime, as `tokio::spawn` does.
+    pub fn spawn<F>(&self, kind: &'static str, fut: F) -> JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        let lease = self.acquire(kind);
+        tokio::spawn(async move {
+            let out = fut.await;
+            drop(lease);
+            out
+        })
+    }
+
+    /// Live resources of `kind`.
+    pub fn live(&self, kind: &str) -> usize {
+        lock(&self.inner.counts).get(kind).copied().unwrap_or(0)
+    }
+
+    /// Live resources of every kind together.
+    pub fn total(&self) -> usize {
+        lock(&self.inner.counts).values().sum()
+    }
+
+    /// Every kind with a non-zero count.
+    pub fn snapshot(&self) -> BTreeMap<&'static str, usize> {
+        lock(&self.inner.counts)
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(k, n)| (*k, *n))
+            .collect()
+    }
+
+    /// Waits until nothing of `kind` is live (every kind with `None`). Combine
+    /// with a timeout in tests: a leak makes it wait forever.
+    pub async fn until_zero(&self, kind: Option<&str>) {
+        loop {
+            let notified = self.inner.changed.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            let live = match kind {
+                Some(k) => self.live(k),
+                None => self.total(),
+            };
+            if live == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// One live resource counted in a [`Ledger`]; dropping it un-counts it.
+pub struct Lease {
+    ledger: Ledger,
+    kind: &'static str,
+}
+
+impl fmt::Debug for Lease {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Lease").field("kind", &self.kind).finish()
+    }
+}
+
+impl Lease {
+    /// The kind this lease counts as.
+    pub fn kind(&self) -> &'static str {
+        self.kind
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        {
+            let mut counts = lock(&self.ledger.inner.counts);
+            if let Some(n) = counts.get_mut(self.kind) {
+                *n = n.saturating_sub(1);
+            }
+        }
+        tracing::trace!(kind = self.kind, "ledger: released");
+        self.ledger.inner.changed.notify_waiters();
+    }
+}
+
+type Release = Box<dyn FnOnce() -> BoxFuture<'static, ()> + Send>;
+
+struct Entry {
+    id: u64,
+    release: Release,
+    _lease: Lease,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Open,
+    Committed,
+    Released,
+}
+
+struct AttemptInner {
+    label: String,
+    ledger: Ledger,
+    state: State,
+    next_id: u64,
+    entries: Vec<Entry>,
+    inflight: Vec<JoinHandle<()>>,
+}
+
+/// One try at acquiring something made of several sub-resources (a connection,
+/// a subscription, a consumer), owning each of them until it is committed.
+///
+/// Cheap to clone: the acquisition code gets a clone, the caller (usually
+/// [`retry`]) keeps one to release or commit.
+///
+/// # Release on drop
+/// When the last clone is dropped while the attempt is neither committed nor
+/// released, every release action is spawned on the current tokio runtime (a
+/// destructor cannot wait); each one stays counted in the ledger until it has
+/// run. Outside a runtime they run on a short-lived thread of their own.
+/// Prefer [`Attempt::release`], which waits.
+///
+/// ```
+/// use flowctl_core::lifecycle::{Attempt, Ledger};
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), flowctl_core::FlowError> {
+/// let ledger = Ledger::new();
+/// let attempt = Attempt::new("connect", &ledger);
+/// let claim = attempt.own("subscription", || async { /* send UNSUB */ })?;
+/// assert_eq!(ledger.live("subscription"), 1);
+/// attempt.release().await; // runs the UNSUB
+/// assert_eq!(ledger.live("subscription"), 0);
+/// # let _ = claim; Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Attempt {
+    inner: Arc<Mutex<AttemptInner>>,
+}
+
+impl fmt::Debug for Attempt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let inner = lock(&self.inner);
+        f.debug_struct("Attempt")
+            .field("label", &inner.label)
+            .field("state", &inner.state)
+            .field("owned", &inner.entries.len())
+            .field("inflight", &inner.inflight.len())
+            .finish()
+    }
+}
+
+/// A receipt for a resource owned by an [`Attempt`]; pass it to
+/// [`Attempt::disown`] when the resource is handed elsewhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Claim(u64);
+
+/// A request running under an [`Attempt`]; see [`Attempt::inflight`].
+#[derive(Debug)]
+pub struct Inflight<T> {
+    rx: oneshot::Receiver<Result<T, FlowError>>,
+}
+
+impl<T> Future for Inflight<T> {
+    type Output = Result<T, FlowError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        self.rx
+            .poll_unpin(cx)
+            .map(|r| r.unwrap_or(Err(FlowError::Closed)))
+    }
+}
+
+impl Attempt {
+    /// A new, open attempt counting its resources in `ledger`.
+    pub fn new(label: impl Into<String>, ledger: &Ledger) -> Self {
+        Attempt {
+            inner: Arc::new(Mutex::new(AttemptInner {
+                label: label.into(),
+                ledger: ledger.clone(),
+                state: State::Open,
+                next_id: 0,
+                entries: Vec::new(),
+                inflight: Vec::new(),
+            })),
+        }
+    }
+
+    /// Owns a resource of `kind`, released by `release` unless the attempt is
+    /// committed. Call it before sending the request that creates the resource.
+    ///
+    /// # Errors
+    /// [`FlowError::Closed`] if the attempt was already released or committed;
+    /// `release` then runs at once (spawned), so nothing is left behind.
+    pub fn own<F, Fut>(&self, kind: &'static str, release: F) -> Result<Claim, FlowError>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let release: Release = Box::new(move || release().boxed());
+        let mut inner = lock(&self.inner);
+        let lease = inner.ledger.acquire(kind);
+        if inner.state != State::Open {
+            drop(inner);
+            run_detached(vec![(release, lease)]);
+            return Err(FlowError::Closed);
+        }
+        let id = inner.next_id;
+        inner.next_id += 1;
+        inner.entries.push(Entry {
+            id,
+            release,
+            _lease: lease,
+        });
+        Ok(Claim(id))
+    }
+
+    /// Stops owning a resource without releasing it: something else (a value
+    /// returned to the user, a background task) owns it now.
+    pub fn disown(&self, claim: Claim) {
+        lock(&self.inner).entries.retain(|e| e.id != claim.0);
+    }
+
+    /// Runs `request` on its own task, owned by this attempt, and returns a
+    /// future of its result.
+    ///
+    /// If the returned [`Inflight`] is dropped before the request completes (the
+    /// acquisition was cancelled or timed out), the request still runs to its
+    /// end and `release` is applied to the value it produced: a reply that
+    /// arrives after the cancel is cleaned up, not leaked. [`Attempt::release`]
+    /// waits for such requests. Once the value is delivered it belongs to the
+    /// caller, who should [`own`](Attempt::own) it if it needs releasing.
+    pub fn inflight<T, Req, R, RFut>(
+        &self,
+        kind: &'static str,
+        request: Req,
+        release: R,
+    ) -> Inflight<T>
+    where
+        T: Send + 'static,
+        Req: Future<Output = Result<T, FlowError>> + Send + 'static,
+        R: FnOnce(T) -> RFut + Send + 'static,
+        RFut: Future<Output = ()> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let mut inner = lock(&self.inner);
+        let lease = inner.ledger.acquire(kind);
+        let task = tokio::spawn(async move {
+            let result = request.await;
+            if let Err(Ok(value)) = tx.send(result) {
+                tracing::debug!(
+                    kind,
+                    "in-flight request completed after its attempt gave up: releasing"
+                );
+                release(value).await;
+            }
+            drop(lease);
+        });
+        inner.inflight.push(task);
+        Inflight { rx }
+    }
+
+    /// Resources owned now, in flight included.
+    pub fn live(&self) -> usize {
+        let inner = lock(&self.inner);
+        inner.entries.len() + inner.inflight.iter().filter(|t| !t.is_finished()).count()
+    }
+
+    /// The acquisition succeeded: everything owned now belongs to the value it
+    /// returned, and nothing is released.
+    pub fn commit(&self) {
+        let mut inner = lock(&self.inner);
+        inner.state = State::Committed;
+        inner.entries.clear();
+        inner.inflight.clear();
+    }
+
+    /// Releases everything owned, waiting for each release action and for every
+    /// in-flight request (whose late value is released too). Idempotent.
+    pub async fn release(&self) {
+        let (entries, inflight, label) = {
+            let mut inner = lock(&self.inner);
+            if inner.state == State::Open {
+                inner.state = State::Released;
+            }
+            (
+                std::mem::take(&mut inner.entries),
+                std::mem::take(&mut inner.inflight),
+                inner.label.clone(),
+            )
+        };
+        if !entries.is_empty() || !inflight.is_empty() {
+            tracing::debug!(attempt = %label, owned = entries.len(), inflight = inflight.len(), "releasing attempt");
+        }
+        for entry in entries.into_iter().rev() {
+            (entry.release)().await;
+        }
+        for task in inflight {
+            // A panicking request has nothing left to release.
+            let _ = task.await;
+        }
+    }
+
+    /// [`release`](Attempt::release), giving up after `limit`: in-flight
+    /// requests still running then are aborted (a warning names the attempt).
+    pub async fn release_within(&self, limit: Duration) {
+        let aborts: Vec<_> = lock(&self.inner)
+            .inflight
+            .iter()
+            .map(JoinHandle::abort_handle)
+            .collect();
+        if tokio::time::timeout(limit, self.release()).await.is_err() {
+            tracing::warn!(attempt = %lock(&self.inner).label, ?limit, "release did not finish in time; aborting in-flight requests");
+            for a in aborts {
+                a.abort();
+            }
+        }
+    }
+}
+
+impl Drop for AttemptInner {
+    fn drop(&mut self) {
+        if self.state != State::Open || (self.entries.is_empty() && self.inflight.is_empty()) {
+            return;
+        }
+        tracing::debug!(attempt = %self.label, owned = self.entries.len(), "attempt dropped: releasing what it owned");
+        // In-flight tasks keep running and release their own late values.
+        self.inflight.clear();
+        let entries = std::mem::take(&mut self.entries)
+            .into_iter()
+            .rev()
+            .map(|e| (e.release, e._lease))
+            .collect();
+        run_detached(entries);
+    }
+}
+
+/// Runs release actions without waiting for them; each keeps its lease until done.
+fn run_detached(entries: Vec<(Release, Lease)>) {
+    let work = async move {
+        for (release, lease) in entries {
+            release().await;
+            drop(lease);
+        }
+    };
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) => {
+            handle.spawn(work);
+        }
+        Err(_) => {
+            // No runtime to spawn on: a private one, on a thread, so that a drop
+            // outside tokio still releases.
+            let spawned = std::thread::Builder::new()
+                .name("flowctl-release".into())
+                .spawn(move || {
+                    match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                        Ok(rt) => rt.block_on(work),
+                        Err(e) => tracing::warn!(error = %e, "could not start a runtime to release resources"),
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "could not start a thread to release resources");
+            }
+        }
+    }
+}
+
+/// How [`retry`] paces and bounds its attempts.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included (at least 1).
+    pub max_attempts: u32,
+    /// Each attempt is cancelled (and released) after this long.
+    pub attempt_timeout: Duration,
+    /// Pause before the second attempt; doubled after each failure.
+    pub initial_backoff: Duration,
+    /// The pause never exceeds this.
+    pub max_backoff: Duration,
+    /// Fraction of each pause drawn at random (0.0 = none, 1.0 = anywhere in 0..=pause).
+    pub jitter: f64,
+    /// How long the release of a failed attempt may take before its in-flight
+    /// requests are aborted.
+    pub release_timeout: Duration,
+    /// Which errors are worth another attempt (default: [`FlowError::is_transient`]).
+    pub retry_if: fn(&FlowError) -> bool,
+    /// Where attempts count their resources (default: [`Ledger::global`]).
+    pub ledger: Ledger,
+}
+
+impl Default for RetryPolicy {
+    /// 5 attempts of at most 5 s each, backing off from 100 ms to 5 s with 50% jitter.
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 5,
+            attempt_timeout: Duration::from_secs(5),
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+            jitter: 0.5,
+            release_timeout: Duration::from_secs(5),
+            retry_if: FlowError::is_transient,
+            ledger: Ledger::global().clone(),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The pause after failed attempt number `attempt` (1-based), jitter included.
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        let exp = self
+            .initial_backoff
+            .saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1)));
+        let base = exp.min(self.max_backoff);
+        let jitter = self.jitter.clamp(0.0, 1.0);
+        base.mul_f64(1.0 - jitter * fastrand::f64())
+    }
+}
+
+/// Runs `op` until it succeeds, each attempt bounded by
+/// `policy.attempt_timeout`, with jittered exponential backoff between them.
+///
+/// `op` receives the [`Attempt`] that owns what it requests. On success the
+/// attempt is committed; on error or timeout it is released, **and the next
+/// attempt starts only once that release is complete**.
+///
+/// # Errors
+/// An error that `policy.retry_if` rejects is returned at once; otherwise,
+/// after `max_attempts`, [`FlowError::RetriesExhausted`] with the last error.
+///
+/// ```
+/// use std::time::Duration;
+/// use flowctl_core::{FlowError, lifecycle::{retry, Ledger, RetryPolicy}};
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), FlowError> {
+/// let ledger = Ledger::new();
+/// let policy = RetryPolicy {
+///     initial_backoff: Duration::from_millis(1),
+///     ledger: ledger.clone(),
+///     ..RetryPolicy::default()
+/// };
+/// let mut calls = 0;
+/// let value = retry(&policy, |attempt| {
+///     calls += 1;
+///     let fail = calls < 3;
+///     async move {
+///         attempt.own("subscription", || async {})?;
+///         if fail { Err(FlowError::Timeout(Duration::from_millis(1))) } else { Ok(42) }
+///     }
+/// })
+/// .await?;
+/// assert_eq!((value, calls), (42, 3));
+/// assert_eq!(ledger.total(), 0); // two released, one committed
+/// # Ok(()) }
+/// ```
+pub async fn retry<T, F, Fut>(policy: &RetryPolicy, mut op: F) -> Result<T, FlowError>
+where
+    F: FnMut(Attempt) -> Fut,
+    Fut: Future<Output = Result<T, FlowError>>,
+{
+    let max = policy.max_attempts.max(1);
+    let mut n = 0;
+    loop {
+        n += 1;
+        let attempt = Attempt::new(format!("attempt {n}"), &policy.ledger);
+        let result = match tokio::time::timeout(policy.attempt_timeout, op(attempt.clone())).await {
+            Ok(result) => result,
+            Err(_) => Err(FlowError::Timeout(policy.attempt_timeout)),
+        };
+        let err = match result {
+            Ok(value) => {
+                attempt.commit();
+                return Ok(value);
+            }
+            Err(e) => e,
+        };
+        attempt.release_within(policy.release_timeout).await;
+        if !(policy.retry_if)(&err) {
+            return Err(err);
+        }
+        if n >= max {
+            return Err(FlowError::RetriesExhausted {
+                attempts: n,
+                last: Box::new(err),
+            });
+        }
+        let pause = policy.backoff(n);
+        tracing::debug!(attempt = n, error = %err, ?pause, "attempt failed; retrying");
+        tokio::time::sleep(pause).await;
+    }
+}

@@ -1,0 +1,366 @@
+//! A bounded, byte-counted, many-producer single-consumer channel.
+
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::task::{Context, Poll, Waker};
+
+use async_trait::async_trait;
+
+use crate::fair::Budget;
+use crate::gate::{GateState, Wakeups};
+use crate::sync::{Arc, Mutex, lock};
+use crate::{Fairness, FlowError, FlowStats, Sink, Source, Watermarks, Weighted};
+
+/// Creates a pipe bounded by `watermarks`: a cloneable [`PipeSink`] and a
+/// [`PipeSource`].
+///
+/// Items are charged by [`Weighted::weight`] when sent and credited when the
+/// source hands them to its caller. Senders wait while more than
+/// `watermarks.high()` bytes are queued and resume when the queue is back at or
+/// below `watermarks.low()`; each sender may overshoot by the one item it sends
+/// after `ready`. The stream ends when every sink is closed or dropped and the
+/// queue is empty.
+///
+/// ```
+/// use bytes::Bytes;
+/// use flowctl_core::{pipe, Sink, Source, Watermarks};
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), flowctl_core::FlowError> {
+/// let (mut tx, mut rx) = pipe::<Bytes>(Watermarks::new(1024, 4096)?);
+/// tokio::spawn(async move {
+///     for i in 0..10u8 {
+///         tx.send(Bytes::from(vec![i; 1000])).await?;
+///     }
+///     tx.close().await
+/// });
+/// let mut total = 0;
+/// while let Some(chunk) = rx.recv().await? {
+///     total += chunk.len();
+///     assert!(rx.stats().max_buffered <= 4096 + 1000);
+/// }
+/// assert_eq!(total, 10_000);
+/// # Ok(()) }
+/// ```
+pub fn pipe<T: Weighted + Send + 'static>(watermarks: Watermarks) -> (PipeSink<T>, PipeSource<T>) {
+    pipe_with(watermarks, Fairness::default())
+}
+
+/// [`pipe`] with an explicit [`Fairness`] budget for the source.
+pub fn pipe_with<T: Weighted + Send + 'static>(
+    watermarks: Watermarks,
+    fairness: Fairness,
+) -> (PipeSink<T>, PipeSource<T>) {
+    let span = tracing::debug_span!(
+        "flowctl.pipe",
+        high = watermarks.high(),
+        low = watermarks.low()
+    );
+    let mut gate = GateState::new(watermarks, span);
+    let slot = gate.register();
+    let shared = Arc::new(Shared {
+        inner: Mutex::new(Inner {
+            queue: VecDeque::new(),
+            gate,
+            senders: 1,
+            rx_waker: None,
+            rx_alive: true,
+        }),
+    });
+    (
+        PipeSink {
+            shared: shared.clone(),
+            slot: Some(slot),
+        },
+        PipeSource {
+            shared,
+            budget: Budget::new(fairness),
+        },
+    )
+}
+
+#[derive(Debug)]
+struct Shared<T> {
+    inner: Mutex<Inner<T>>,
+}
+
+#[derive(Debug)]
+struct Inner<T> {
+    queue: VecDeque<T>,
+    gate: GateState,
+    senders: usize,
+    rx_waker: Option<Waker>,
+    rx_alive: bool,
+}
+
+/// The sending half of a [`pipe`]. Clone it for more producers.
+///
+/// See [`Sink`] for the contract. `flush` returns at once (the pipe itself is
+/// the buffer: whatever was accepted is delivered even after every sink is
+/// closed); `close` ends this handle, and the stream ends when every handle has
+/// ended.
+#[derive(Debug)]
+pub struct PipeSink<T> {
+    shared: Arc<Shared<T>>,
+    /// `None` once closed.
+    slot: Option<usize>,
+}
+
+impl<T> Clone for PipeSink<T> {
+    fn clone(&self) -> Self {
+        let mut inner = lock(&self.shared.inner);
+        inner.senders += 1;
+        let slot = inner.gate.register();
+        PipeSink {
+            shared: self.shared.clone(),
+            slot: Some(slot),
+        }
+    }
+}
+
+impl<T: Weighted + Send + 'static> PipeSink<T> {
+    /// `Ready(Ok)` when the pipe accepts an item; see [`Sink::ready`].
+    pub fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), FlowError>> {
+        let Some(slot) = self.slot else {
+            return Poll::Ready(Err(FlowError::Closed));
+        };
+        lock(&self.shared.inner).gate.poll_ready(slot, cx)
+    }
+
+    /// Waits until the pipe accepts an item. Cancel-safe.
+    pub async fn ready(&mut self) -> Result<(), FlowError> {
+        poll_fn(|cx| self.poll_ready(cx)).await
+    }
+
+    /// Queues one item; see [`Sink::start_send`]. Fails with
+    /// [`FlowError::Closed`] if this handle was closed or the source dropped.
+    pub fn start_send(&mut self, item: T) -> Result<(), FlowError> {
+        if self.slot.is_none() {
+            return Err(FlowError::Closed);
+        }
+        let weight = item.weight();
+        let waker = {
+            let mut inner = lock(&self.shared.inner);
+            if !inner.rx_alive {
+                return Err(FlowError::Closed);
+            }
+            inner.gate.charge(weight);
+            tracing::trace!(weight, "pipe: queued");
+            inner.queue.push_back(item);
+            inner.rx_waker.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+        Ok(())
+    }
+
+    /// `ready().await` then `start_send(item)`.
+    pub async fn send(&mut self, item: T) -> Result<(), FlowError> {
+        self.ready().await?;
+        self.start_send(item)
+    }
+
+    /// True when the source has been dropped: sending would fail.
+    pub fn is_closed(&self) -> bool {
+        self.slot.is_none() || !lock(&self.shared.inner).rx_alive
+    }
+
+    /// A snapshot of the pipe's counters (shared by every handle and the source).
+    pub fn stats(&self) -> FlowStats {
+        lock(&self.shared.inner).gate.stats()
+    }
+}
+
+impl<T> PipeSink<T> {
+    /// Ends this handle (idempotent). The source sees the end of the stream
+    /// once every handle has ended and the queue is drained.
+    pub fn close_now(&mut self) {
+        let Some(slot) = self.slot.take() else {
+            return;
+        };
+        let waker = {
+            let mut inner = lock(&self.shared.inner);
+            inner.gate.deregister(slot);
+            inner.senders -= 1;
+            if inner.senders == 0 {
+                inner.rx_waker.take()
+            } else {
+                None
+            }
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+}
+
+impl<T> Drop for PipeSink<T> {
+    fn drop(&mut self) {
+        self.close_now();
+    }
+}
+
+#[async_trait]
+impl<T: Weighted + Send + 'static> Sink for PipeSink<T> {
+    type Item = T;
+
+    async fn ready(&mut self) -> Result<(), FlowError> {
+        PipeSink::ready(self).await
+    }
+
+    fn start_send(&mut self, item: T) -> Result<(), FlowError> {
+        PipeSink::start_send(self, item)
+    }
+
+    async fn send(&mut self, item: T) -> Result<(), FlowError> {
+        PipeSink::send(self, item).await
+    }
+
+    async fn flush(&mut self) -> Result<(), FlowError> {
+        if self.is_closed() && self.slot.is_some() {
+            return Err(FlowError::Closed);
+        }
+        Ok(())
+    }
+
+    async fn close(&mut self) -> Result<(), FlowError> {
+        self.close_now();
+        Ok(())
+    }
+
+    fn stats(&self) -> FlowStats {
+        PipeSink::stats(self)
+    }
+}
+
+/// The receiving half of a [`pipe`].
+///
+/// See [`Source`] for the contract. Dropping it fails every pending and future
+/// send with [`FlowError::Closed`] and releases the queued items.
+#[derive(Debug)]
+pub struct PipeSource<T> {
+    shared: Arc<Shared<T>>,
+    budget: Budget,
+}
+
+impl<T: Weighted + Send + 'static> PipeSource<T> {
+    /// Polls for the next item; see [`Source::recv`].
+    pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<T>, FlowError>> {
+        let mut inner = lock(&self.shared.inner);
+        if inner.queue.is_empty() {
+            if inner.senders == 0 {
+                return Poll::Ready(Ok(None));
+            }
+            self.budget.reset();
+            match &mut inner.rx_waker {
+                Some(w) if w.will_wake(cx.waker()) => {}
+                w => *w = Some(cx.waker().clone()),
+            }
+            return Poll::Pending;
+        }
+        if self.budget.poll_proceed(cx).is_pending() {
+            return Poll::Pending;
+        }
+        let item = inner
+            .queue
+            .pop_front()
+            .expect("queue checked non-empty under the lock");
+        let weight = item.weight();
+        self.budget.charge(weight);
+        let wakeups = inner.gate.credit(weight);
+        drop(inner);
+        wakeups.wake();
+        Poll::Ready(Ok(Some(item)))
+    }
+
+    /// The next item; `Ok(None)` once every sink has ended and the queue is empty.
+    /// Cancel-safe and fair.
+    pub async fn recv(&mut self) -> Result<Option<T>, FlowError> {
+        poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    /// Polls for a batch: appends up to `max` queued items (at least one, or
+    /// returns 0 at the end of the stream) under one lock.
+    pub fn poll_recv_many(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut Vec<T>,
+        max: usize,
+    ) -> Poll<Result<usize, FlowError>> {
+        if max == 0 {
+            return Poll::Ready(Ok(0));
+        }
+        let mut inner = lock(&self.shared.inner);
+        if inner.queue.is_empty() {
+            if inner.senders == 0 {
+                return Poll::Ready(Ok(0));
+            }
+            self.budget.reset();
+            match &mut inner.rx_waker {
+                Some(w) if w.will_wake(cx.waker()) => {}
+                w => *w = Some(cx.waker().clone()),
+            }
+            return Poll::Pending;
+        }
+        if self.budget.poll_proceed(cx).is_pending() {
+            return Poll::Pending;
+        }
+        let n = max.min(inner.queue.len());
+        let mut weight = 0;
+        buf.reserve(n);
+        for item in inner.queue.drain(..n) {
+            weight += item.weight();
+            buf.push(item);
+        }
+        // One batch is one slice entry for items, but its bytes count in full.
+        self.budget.charge(weight);
+        let wakeups = inner.gate.credit(weight);
+        drop(inner);
+        wakeups.wake();
+        Poll::Ready(Ok(n))
+    }
+
+    /// Waits for at least one item, then takes up to `max` under one lock.
+    pub async fn recv_many(&mut self, buf: &mut Vec<T>, max: usize) -> Result<usize, FlowError> {
+        poll_fn(|cx| self.poll_recv_many(cx, buf, max)).await
+    }
+
+    /// A snapshot of the pipe's counters.
+    pub fn stats(&self) -> FlowStats {
+        lock(&self.shared.inner).gate.stats()
+    }
+}
+
+impl<T> Drop for PipeSource<T> {
+    fn drop(&mut self) {
+        let (queued, wakeups): (VecDeque<T>, Wakeups) = {
+            let mut inner = lock(&self.shared.inner);
+            inner.rx_alive = false;
+            let queued = std::mem::take(&mut inner.queue);
+            let buffered = inner.gate.buffered();
+            let mut wakeups = inner.gate.credit(buffered);
+            let closed = inner.gate.close();
+            wakeups.extend(closed);
+            (queued, wakeups)
+        };
+        // Items are dropped outside the lock: their destructors are user code.
+        drop(queued);
+        wakeups.wake();
+    }
+}
+
+#[async_trait]
+impl<T: Weighted + Send + 'static> Source for PipeSource<T> {
+    type Item = T;
+
+    async fn recv(&mut self) -> Result<Option<T>, FlowError> {
+        PipeSource::recv(self).await
+    }
+
+    async fn recv_many(&mut self, buf: &mut Vec<T>, max: usize) -> Result<usize, FlowError> {
+        PipeSource::recv_many(self, buf, max).await
+    }
+
+    fn stats(&self) -> FlowStats {
+        PipeSource::stats(self)
+    }
+}

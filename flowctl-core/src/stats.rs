@@ -1,0 +1,51 @@
+//! Plain-data statistics of a stream.
+
+use crate::Watermarks;
+
+/// What a [`Sink`](crate::Sink) or [`Source`](crate::Source) holds and has moved.
+///
+/// Plain data (`Copy`): take a snapshot with `stats()` whenever you like; it
+/// never blocks the stream for long (one short lock at most).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlowStats {
+    /// Bytes held in this stage's buffer right now.
+    pub buffered: usize,
+    /// The largest value `buffered` has reached. Bounded by `high + one item`
+    /// per producing handle.
+    pub max_buffered: usize,
+    /// The watermarks in force.
+    pub watermarks: Watermarks,
+    /// True while producers are paused (buffered went above `high` and has not
+    /// yet fallen to `low`).
+    pub paused: bool,
+    /// How many times the high watermark was crossed.
+    pub pauses: u64,
+    /// Items accepted by this stage so far.
+    pub items: u64,
+    /// Bytes (by [`Weighted`](crate::Weighted)) accepted by this stage so far.
+    pub bytes: u64,
+}
+
+impl FlowStats {
+    /// Stats of a stage that buffers nothing and has moved nothing yet.
+    pub fn empty(watermarks: Watermarks) -> Self {
+        FlowStats {
+            buffered: 0,
+            max_buffered: 0,
+            watermarks,
+            paused: false,
+            pauses: 0,
+            items: 0,
+            bytes: 0,
+        }
+    }
+}
+
+/// What [`pump`](crate::pump()) moved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PumpStats {
+    /// Items the sink accepted.
+    pub items: u64,
+    /// Bytes (by [`Weighted`](crate::Weighted)) the sink accepted.
+    pub bytes: u64,
+}
