@@ -1,0 +1,61 @@
+//! `cargo xtask`: the project's automation, written in Rust so it runs
+//! wherever cargo runs (see <https://github.com/matklad/cargo-xtask>).
+//!
+//! The alias `xtask = "run --package xtask --"` lives in `.cargo/config.toml`.
+//! Each command is one module; [`util`] holds the shared helpers (running a
+//! command, finding the workspace root, parsing flags). Cargo is always
+//! invoked through `$CARGO`, so the toolchain that runs xtask also runs the
+//! build.
+
+mod bench;
+mod docs;
+mod loom;
+mod setup;
+mod soak;
+mod test;
+mod util;
+
+use std::process::ExitCode;
+
+use util::Args;
+
+const USAGE: &str = "\
+usage: cargo xtask <command> [options]
+
+commands:
+  setup     install what this machine lacks (apt packages, python venv with
+            pyzmq + asyncssh, cargo-nextest); idempotent
+  test      setup, then nextest, doctests, loom, clippy, fmt and docs; stops
+            at the first failing step (CI=true selects the nextest `ci` profile)
+  loom      run the loom models of flowctl-core (flowctl-core/tests/loom_gate.rs)
+  soak      long-running failure scenarios
+              [--duration D] [--seed N] [--json FILE] [--scenario NAME]
+  bench     run the flowctl-bench benchmarks
+              [--quick] [--only PREFIX] [--json FILE]
+  docs      build the API docs with warnings denied
+  help      print this message
+";
+
+fn main() -> ExitCode {
+    let mut args = Args::from_env();
+    let result = match args.subcommand().as_deref() {
+        None | Some("help" | "-h" | "--help") => {
+            print!("{USAGE}");
+            Ok(())
+        }
+        Some("setup") => args.finish().and_then(|()| setup::run().map(drop)),
+        Some("test") => args.finish().and_then(|()| test::run()),
+        Some("loom") => args.finish().and_then(|()| loom::run()),
+        Some("soak") => soak::run(args),
+        Some("bench") => bench::run(args),
+        Some("docs") => args.finish().and_then(|()| docs::run()),
+        Some(other) => Err(format!("unknown command `{other}`; run `cargo xtask help`")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("xtask: error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
