@@ -167,6 +167,12 @@ impl GateState {
     }
 }
 
+/// Spends one unit of tokio's coop budget (pending, with a wake-up scheduled,
+/// when the task's budget is exhausted). Outside a tokio runtime it always proceeds.
+pub(crate) fn coop_proceed(cx: &mut Context<'_>) -> Poll<()> {
+    tokio::task::coop::poll_proceed(cx).map(|restore| restore.made_progress())
+}
+
 /// A shareable watermark gate, for stages that keep their own buffer: a
 /// transport's reader charges what it takes off the wire and the consumer
 /// credits what it hands on.
@@ -249,8 +255,13 @@ pub struct GateHandle {
 impl GateHandle {
     /// `Ready(Ok)` while the gate is open; `Pending` while it is paused (this
     /// task is woken on the resume edge); `Ready(Err(Closed))` once closed.
+    ///
+    /// The ready path spends one unit of tokio's coop budget, so a producer
+    /// that is never paused still yields to the scheduler regularly.
     pub fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), FlowError>> {
-        lock(&self.gate.state).poll_ready(self.slot, cx)
+        let ready = std::task::ready!(lock(&self.gate.state).poll_ready(self.slot, cx));
+        std::task::ready!(coop_proceed(cx));
+        Poll::Ready(ready)
     }
 
     /// Waits until the gate is open.

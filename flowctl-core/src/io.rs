@@ -23,6 +23,9 @@ use crate::{Fairness, FlowError, FlowStats, Sink, Source, Watermarks};
 /// held here. This is the fix for AsyncSSH's redirect into a slow process, which
 /// queued without waiting for drain.
 ///
+/// `close` flushes, shuts the writer down and drops it, so a child process
+/// reading its stdin sees the end of file.
+///
 /// Data moves only while the sink is driven (`ready`, `send`, `flush`,
 /// `close`), as with `futures::Sink`; [`pump`](crate::pump()) drives it.
 ///
@@ -32,7 +35,9 @@ use crate::{Fairness, FlowError, FlowStats, Sink, Source, Watermarks};
 /// tells how many were written.
 #[derive(Debug)]
 pub struct WriterSink<W> {
-    writer: W,
+    /// `None` once closed: dropping the writer is what gives pipes (a child's
+    /// stdin) their end of file, since their `poll_shutdown` does nothing.
+    writer: Option<W>,
     queue: VecDeque<Bytes>,
     gate: GateState,
     slot: usize,
@@ -46,7 +51,7 @@ impl<W: AsyncWrite + Unpin + Send> WriterSink<W> {
         let mut gate = GateState::new(watermarks, span);
         let slot = gate.register();
         WriterSink {
-            writer,
+            writer: Some(writer),
             queue: VecDeque::new(),
             gate,
             slot,
@@ -54,15 +59,22 @@ impl<W: AsyncWrite + Unpin + Send> WriterSink<W> {
         }
     }
 
-    /// The writer, with whatever is still queued dropped.
-    pub fn into_inner(self) -> W {
+    /// The writer (`None` once closed), with whatever is still queued dropped.
+    pub fn into_inner(self) -> Option<W> {
         self.writer
     }
 
     /// Writes queued chunks until the writer would block or the queue is empty.
     fn poll_write_queue(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), FlowError>> {
+        let Some(writer) = self.writer.as_mut() else {
+            return Poll::Ready(if self.queue.is_empty() {
+                Ok(())
+            } else {
+                Err(FlowError::Closed)
+            });
+        };
         while let Some(front) = self.queue.front_mut() {
-            let n = match Pin::new(&mut self.writer).poll_write(cx, front) {
+            let n = match Pin::new(&mut *writer).poll_write(cx, front) {
                 Poll::Ready(Ok(0)) => {
                     return Poll::Ready(Err(FlowError::Io(std::io::ErrorKind::WriteZero.into())));
                 }
@@ -108,6 +120,7 @@ impl<W: AsyncWrite + Unpin + Send> WriterSink<W> {
         let queued: usize = self.queue.drain(..).map(|b| b.len()).sum();
         drop(self.gate.credit(queued));
         self.closed = true;
+        self.writer = None;
     }
 }
 
@@ -141,9 +154,10 @@ impl<W: AsyncWrite + Unpin + Send> Sink for WriterSink<W> {
         }
         let res = poll_fn(|cx| {
             std::task::ready!(self.poll_write_queue(cx))?;
-            Pin::new(&mut self.writer)
-                .poll_flush(cx)
-                .map_err(FlowError::Io)
+            match self.writer.as_mut() {
+                Some(w) => Pin::new(w).poll_flush(cx).map_err(FlowError::Io),
+                None => Poll::Ready(Ok(())),
+            }
         })
         .await;
         if res.is_err() {
@@ -157,8 +171,12 @@ impl<W: AsyncWrite + Unpin + Send> Sink for WriterSink<W> {
             return Ok(());
         }
         self.flush().await?;
-        let res = poll_fn(|cx| Pin::new(&mut self.writer).poll_shutdown(cx)).await;
+        let res = match self.writer.as_mut() {
+            Some(w) => poll_fn(|cx| Pin::new(&mut *w).poll_shutdown(cx)).await,
+            None => Ok(()),
+        };
         self.closed = true;
+        self.writer = None;
         res.map_err(FlowError::Io)
     }
 

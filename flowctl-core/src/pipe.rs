@@ -7,7 +7,7 @@ use std::task::{Context, Poll, Waker};
 use async_trait::async_trait;
 
 use crate::fair::Budget;
-use crate::gate::{GateState, Wakeups};
+use crate::gate::{GateState, Wakeups, coop_proceed};
 use crate::sync::{Arc, Mutex, lock};
 use crate::{Fairness, FlowError, FlowStats, Sink, Source, Watermarks, Weighted};
 
@@ -122,7 +122,11 @@ impl<T: Weighted + Send + 'static> PipeSink<T> {
         let Some(slot) = self.slot else {
             return Poll::Ready(Err(FlowError::Closed));
         };
-        lock(&self.shared.inner).gate.poll_ready(slot, cx)
+        let ready = std::task::ready!(lock(&self.shared.inner).gate.poll_ready(slot, cx));
+        // A producer that is never paused must still yield now and then (tokio's
+        // bounded mpsc does the same in `send`).
+        std::task::ready!(coop_proceed(cx));
+        Poll::Ready(ready)
     }
 
     /// Waits until the pipe accepts an item. Cancel-safe.

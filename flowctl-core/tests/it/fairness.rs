@@ -1,0 +1,112 @@
+//! On a current_thread runtime an always-ready source and a 1 ms interval timer
+//! share one thread. With flowctl's fairness the timer keeps ticking; with a
+//! source that never yields (the PyZMQ asyncio failure) it does not tick at all
+//! while the source is drained. The bound asserted (at least a quarter of the
+//! expected ticks) holds on a slow machine; the real lateness percentiles are
+//! measured by the bench, not here.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use flowctl_core::{Fairness, FlowError, FlowStats, Source, SourceExt, Watermarks, pipe};
+
+/// A foreign source that always has an item and never yields.
+struct AlwaysReady(Bytes);
+
+#[async_trait]
+impl Source for AlwaysReady {
+    type Item = Bytes;
+    async fn recv(&mut self) -> Result<Option<Bytes>, FlowError> {
+        Ok(Some(self.0.clone()))
+    }
+    fn stats(&self) -> FlowStats {
+        FlowStats::empty(Watermarks::default())
+    }
+}
+
+const WINDOW: Duration = Duration::from_millis(300);
+
+/// Drains `src` for `WINDOW` while a 1 ms interval ticks on the same thread;
+/// returns the ticks that happened inside the window.
+async fn ticks_while_draining<S: Source>(mut src: S) -> u32 {
+    let ticks = Arc::new(AtomicU32::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let timer = {
+        let (ticks, done) = (ticks.clone(), done.clone());
+        tokio::spawn(async move {
+            let mut iv = tokio::time::interval(Duration::from_millis(1));
+            iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            loop {
+                iv.tick().await;
+                if done.load(Ordering::SeqCst) {
+                    break;
+                }
+                ticks.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+    };
+    // Let the timer task start before the flood.
+    tokio::task::yield_now().await;
+    let before = ticks.load(Ordering::SeqCst);
+    let deadline = Instant::now() + WINDOW;
+    let mut items = 0u64;
+    while Instant::now() < deadline {
+        src.recv().await.unwrap().unwrap();
+        items += 1;
+    }
+    let inside = ticks.load(Ordering::SeqCst) - before;
+    done.store(true, Ordering::SeqCst);
+    timer.await.unwrap();
+    assert!(items > 0);
+    inside
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn fair_source_keeps_a_timer_ticking_and_an_unfair_one_starves_it() {
+    let expected = WINDOW.as_millis() as u32;
+    let fair =
+        ticks_while_draining(AlwaysReady(Bytes::from_static(&[0; 64])).fair(Fairness::default()))
+            .await;
+    assert!(
+        fair >= expected / 4,
+        "fair source: only {fair} of ~{expected} ticks"
+    );
+    let unfair = ticks_while_draining(AlwaysReady(Bytes::from_static(&[0; 64]))).await;
+    assert_eq!(
+        unfair, 0,
+        "an always-ready source that never yields starves the timer"
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_full_pipe_is_fair_on_its_own() {
+    // A producer task that keeps the pipe full; the consumer is always ready.
+    let (mut tx, rx) = pipe::<Bytes>(Watermarks::new(1 << 20, 4 << 20).unwrap());
+    let producer =
+        tokio::spawn(async move { while tx.send(Bytes::from_static(&[1; 256])).await.is_ok() {} });
+    let expected = WINDOW.as_millis() as u32;
+    let ticks = ticks_while_draining(rx).await;
+    producer.abort();
+    assert!(
+        ticks >= expected / 4,
+        "pipe: only {ticks} of ~{expected} ticks"
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn the_byte_budget_yields_before_the_item_budget() {
+    // 1 MiB items: the byte budget (256 KiB) ends a slice after one item.
+    let big = Bytes::from(vec![0u8; 1 << 20]);
+    let mut src = AlwaysReady(big).fair(Fairness::default());
+    for _ in 0..10 {
+        src.recv().await.unwrap();
+    }
+    assert!(
+        src.yields() >= 4,
+        "yielded {} times in 10 items of 1 MiB",
+        src.yields()
+    );
+}

@@ -1,0 +1,117 @@
+use bytes::{BufMut, Bytes, BytesMut};
+use flowctl_core::compat::StreamSource;
+use flowctl_core::frame::Framed;
+use flowctl_core::{FlowError, Source};
+use tokio_util::codec::{LengthDelimitedCodec, LinesCodec};
+
+/// Length-prefixed frames of sizes 0..n, each filled with its index.
+fn encoded(n: usize) -> (Vec<Vec<u8>>, Vec<u8>) {
+    let frames: Vec<Vec<u8>> = (0..n).map(|i| vec![i as u8; i * 7 % 300]).collect();
+    let mut wire = BytesMut::new();
+    for f in &frames {
+        wire.put_u32(f.len() as u32);
+        wire.put_slice(f);
+    }
+    (frames, wire.to_vec())
+}
+
+fn chunked(
+    wire: &[u8],
+    size: usize,
+) -> StreamSource<futures::stream::Iter<std::vec::IntoIter<Bytes>>> {
+    let chunks: Vec<Bytes> = wire.chunks(size).map(Bytes::copy_from_slice).collect();
+    StreamSource::new(futures::stream::iter(chunks))
+}
+
+#[tokio::test]
+async fn frames_split_anywhere_across_chunks_come_out_whole_and_in_order() {
+    let (frames, wire) = encoded(200);
+    for size in [1, 2, 3, 5, 64, 1000, wire.len()] {
+        let mut framed = Framed::new(chunked(&wire, size), LengthDelimitedCodec::new());
+        for (i, f) in frames.iter().enumerate() {
+            let got = framed
+                .recv()
+                .await
+                .unwrap()
+                .unwrap_or_else(|| panic!("frame {i} missing"));
+            assert_eq!(&got[..], &f[..], "frame {i} with chunks of {size}");
+        }
+        assert_eq!(framed.recv().await.unwrap(), None);
+        assert_eq!(framed.buffered(), 0);
+    }
+}
+
+#[tokio::test]
+async fn an_oversized_frame_is_an_error_naming_size_and_limit_after_the_frames_before_it() {
+    let mut wire = BytesMut::new();
+    for _ in 0..3 {
+        wire.put_u32(10);
+        wire.put_slice(&[1; 10]);
+    }
+    wire.put_u32(1_000_000); // claims a 1 MB frame
+    wire.put_slice(&[2; 5000]);
+    let mut framed =
+        Framed::new(chunked(&wire, 1024), LengthDelimitedCodec::new()).max_buffer(4096);
+    for _ in 0..3 {
+        assert_eq!(framed.recv().await.unwrap().unwrap().len(), 10);
+    }
+    let err = framed.recv().await.unwrap_err();
+    match err {
+        FlowError::FrameTooLarge { size, limit } => {
+            assert_eq!(limit, 4096);
+            assert!(size > 4096 && size <= 4096 + 1024, "size {size}");
+        }
+        other => panic!("unexpected {other}"),
+    }
+    assert!(
+        framed.recv().await.unwrap().is_none(),
+        "the stream is over after the error"
+    );
+}
+
+#[tokio::test]
+async fn a_decoder_error_is_reported_after_the_good_frames() {
+    let text = "short\nok\nthis line is far too long for the codec\nnever\n";
+    let src = StreamSource::new(futures::stream::iter(vec![Bytes::from(text)]));
+    let mut lines = Framed::new(src, LinesCodec::new_with_max_length(10));
+    assert_eq!(lines.recv().await.unwrap().as_deref(), Some("short"));
+    assert_eq!(lines.recv().await.unwrap().as_deref(), Some("ok"));
+    let err = lines.recv().await.unwrap_err();
+    assert!(matches!(err, FlowError::Decode(_)), "{err}");
+    assert_eq!(err.to_string(), "malformed frame: max line length exceeded");
+}
+
+#[tokio::test]
+async fn a_stream_ending_inside_a_frame_is_truncated_not_silently_dropped() {
+    let mut wire = BytesMut::new();
+    wire.put_u32(4);
+    wire.put_slice(b"full");
+    wire.put_u32(100);
+    wire.put_slice(b"only 13 bytes");
+    let mut framed = Framed::new(chunked(&wire, 7), LengthDelimitedCodec::new());
+    assert_eq!(&framed.recv().await.unwrap().unwrap()[..], b"full");
+    let err = framed.recv().await.unwrap_err();
+    // The codec has already consumed the 4-byte length header into its state.
+    assert!(
+        matches!(err, FlowError::Truncated { remaining: 13 }),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_whole_frame_in_one_unshared_chunk_is_adopted_without_copying() {
+    let mut wire = BytesMut::new();
+    wire.put_u32(60_000);
+    wire.put_slice(&[9; 60_000]);
+    let chunk = wire.freeze();
+    let payload_addr = chunk[4..].as_ptr() as usize;
+    let src = StreamSource::new(futures::stream::iter(vec![chunk]));
+    let mut framed = Framed::new(src, LengthDelimitedCodec::new());
+    let frame = framed.recv().await.unwrap().unwrap();
+    assert_eq!(frame.len(), 60_000);
+    assert_eq!(
+        frame.as_ptr() as usize,
+        payload_addr,
+        "the frame points into the received chunk"
+    );
+}

@@ -1,0 +1,60 @@
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use flowctl_core::{Watermarks, pipe};
+use futures::FutureExt;
+
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn pause_and_resume_are_debug_events_inside_the_pipe_span() {
+    let out = Captured::default();
+    let writer = out.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    tracing::subscriber::with_default(subscriber, || {
+        let (mut tx, mut rx) = pipe::<Bytes>(Watermarks::new(0, 4).unwrap());
+        tx.send(Bytes::from_static(b"12345"))
+            .now_or_never()
+            .unwrap()
+            .unwrap();
+        rx.recv().now_or_never().unwrap().unwrap().unwrap();
+    });
+    let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let paused = lines
+        .iter()
+        .find(|l| l.contains("paused"))
+        .expect("a pause event");
+    let resumed = lines
+        .iter()
+        .find(|l| l.contains("resumed"))
+        .expect("a resume event");
+    for line in [paused, resumed] {
+        assert!(line.contains("DEBUG"), "{line}");
+        assert!(
+            line.contains("flowctl.pipe"),
+            "event inside the pipe's span: {line}"
+        );
+    }
+    assert!(
+        paused.contains("buffered=5") && paused.contains("high=4"),
+        "{paused}"
+    );
+    assert!(resumed.contains("buffered=0"), "{resumed}");
+}
