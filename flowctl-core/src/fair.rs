@@ -37,8 +37,11 @@ use crate::{FlowError, FlowStats, Source, Weighted};
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Fairness {
-    max_items: usize,
-    max_bytes: usize,
+    /// Items per slice. A value of 0 is treated as 1.
+    pub max_items: usize,
+    /// Bytes per slice (the item that crosses it is the last of the slice). A
+    /// value of 0 is treated as 1.
+    pub max_bytes: usize,
 }
 
 impl Fairness {
@@ -95,7 +98,11 @@ impl Budget {
     /// A fresh slice.
     pub fn new(fairness: Fairness) -> Self {
         Budget {
-            fairness,
+            // Zero limits would yield forever without taking an item.
+            fairness: Fairness {
+                max_items: fairness.max_items.max(1),
+                max_bytes: fairness.max_bytes.max(1),
+            },
             items: 0,
             bytes: 0,
             yields: 0,

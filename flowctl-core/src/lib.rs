@@ -82,3 +82,8 @@ pub use stats::{FlowStats, PumpStats};
 pub use traits::{Sink, Source, SourceExt};
 pub use watermarks::Watermarks;
 pub use weighted::Weighted;
+
+/// The README's example is compiled and run as a doctest, so it cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
