@@ -173,15 +173,9 @@ impl Args {
         Ok(found)
     }
 
-    /// Like [`Args::value`], parsed with `parse`; errors name the flag.
-    pub(crate) fn parsed<T>(
-        &mut self,
-        name: &str,
-        parse: impl FnOnce(&str) -> Result<T, String>,
-    ) -> Result<Option<T>, String> {
-        self.value(name)?
-            .map(|v| parse(&v).map_err(|e| format!("invalid `{name} {v}`: {e}")))
-            .transpose()
+    /// Every argument not consumed yet, for commands that pass them on.
+    pub(crate) fn into_rest(self) -> Vec<String> {
+        self.rest.into()
     }
 
     /// Fails if any argument was not consumed.

@@ -1,0 +1,193 @@
+//! What the soak watches while a scenario runs: process RSS and open file
+//! descriptors (sampled on a thread of their own, so a starved runtime cannot
+//! hide them), each stage's buffered bytes, the lateness of a 1 ms timer on
+//! the scenario's runtime, and live throughput for the progress bar.
+
+use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use flowctl_core::FlowStats;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+/// Reads a `/proc/self/status` field in kB, as bytes.
+fn status_kb(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with(field)).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<u64>().ok())
+            })
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Resident set size of this process now.
+pub(crate) fn rss() -> u64 {
+    status_kb("VmRSS:")
+}
+
+/// Open file descriptors of this process now.
+pub(crate) fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
+}
+
+/// A stage whose buffered bytes are sampled: a name and a way to read its stats.
+pub(crate) type Probe = (String, Box<dyn Fn() -> FlowStats + Send + Sync>);
+
+/// One sample of everything watched.
+#[derive(Debug, Clone)]
+pub(crate) struct Sample {
+    pub(crate) t: f64,
+    pub(crate) rss: u64,
+    pub(crate) buffered: Vec<(String, usize)>,
+}
+
+/// Counters a scenario bumps as it moves messages, read by the progress line.
+#[derive(Debug, Default)]
+pub(crate) struct Progress {
+    pub(crate) messages: AtomicU64,
+    pub(crate) bytes: AtomicU64,
+}
+
+/// The sampling thread and what it has recorded.
+pub(crate) struct Monitor {
+    stop: Arc<AtomicBool>,
+    samples: Arc<Mutex<Vec<Sample>>>,
+    probes: Arc<Mutex<Vec<Probe>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+const EVERY: Duration = Duration::from_millis(50);
+
+impl Monitor {
+    /// Starts sampling; `label` and `total` drive the progress bar.
+    pub(crate) fn start(label: &str, total: Duration, progress: Arc<Progress>) -> Monitor {
+        let stop = Arc::new(AtomicBool::new(false));
+        let samples = Arc::new(Mutex::new(Vec::new()));
+        let probes: Arc<Mutex<Vec<Probe>>> = Arc::new(Mutex::new(Vec::new()));
+        let (s, sm, pr) = (stop.clone(), samples.clone(), probes.clone());
+        let label = label.to_string();
+        let thread = std::thread::Builder::new()
+            .name("soak-monitor".into())
+            .spawn(move || sample_loop(&label, total, &s, &sm, &pr, &progress))
+            .ok();
+        Monitor {
+            stop,
+            samples,
+            probes,
+            thread,
+        }
+    }
+
+    /// Adds a stage to sample.
+    pub(crate) fn probe(
+        &self,
+        name: impl Into<String>,
+        f: impl Fn() -> FlowStats + Send + Sync + 'static,
+    ) {
+        lock(&self.probes).push((name.into(), Box::new(f)));
+    }
+
+    /// Stops sampling and returns the samples.
+    pub(crate) fn finish(mut self) -> Vec<Sample> {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        lock(&self.probes).clear();
+        std::mem::take(&mut *lock(&self.samples))
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn sample_loop(
+    label: &str,
+    total: Duration,
+    stop: &AtomicBool,
+    samples: &Mutex<Vec<Sample>>,
+    probes: &Mutex<Vec<Probe>>,
+    progress: &Progress,
+) {
+    let start = Instant::now();
+    let tty = std::io::stderr().is_terminal();
+    let bar = if tty {
+        let bar = ProgressBar::with_draw_target(
+            Some(total.as_millis() as u64),
+            ProgressDrawTarget::stderr(),
+        );
+        if let Ok(style) =
+            ProgressStyle::with_template("{prefix:>8} [{bar:30}] {elapsed:>4}/{duration:4} {msg}")
+        {
+            bar.set_style(style.progress_chars("=> "));
+        }
+        bar.set_prefix(label.to_string());
+        Some(bar)
+    } else {
+        None
+    };
+    let (mut last_msgs, mut last_t, mut last_print) = (0u64, start, start);
+    while !stop.load(Ordering::SeqCst) {
+        std::thread::sleep(EVERY);
+        let now = Instant::now();
+        let buffered = lock(probes)
+            .iter()
+            .map(|(n, f)| (n.clone(), f().buffered))
+            .collect();
+        let rss = rss();
+        lock(samples).push(Sample {
+            t: now.duration_since(start).as_secs_f64(),
+            rss,
+            buffered,
+        });
+        let msgs = progress.messages.load(Ordering::Relaxed);
+        let rate = (msgs - last_msgs) as f64 / now.duration_since(last_t).as_secs_f64().max(1e-3);
+        (last_msgs, last_t) = (msgs, now);
+        let line = format!(
+            "{msgs} msgs, {:.0} msg/s, RSS {:.1} MiB",
+            rate,
+            rss as f64 / 1048576.0
+        );
+        match &bar {
+            Some(bar) => {
+                bar.set_position(now.duration_since(start).as_millis() as u64);
+                bar.set_message(line);
+            }
+            None if now.duration_since(last_print) >= Duration::from_secs(5) => {
+                last_print = now;
+                eprintln!(
+                    "  {label}: {:>5.1}s {line}",
+                    now.duration_since(start).as_secs_f64()
+                );
+            }
+            None => {}
+        }
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+}
+
+/// Measures how late a 1 ms interval fires on the current runtime until
+/// `stop` is set; returns the lateness of every tick in µs.
+pub(crate) async fn timer_lateness(stop: Arc<AtomicBool>) -> Vec<u64> {
+    let mut iv = tokio::time::interval(Duration::from_millis(1));
+    iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut lateness = Vec::new();
+    while !stop.load(Ordering::SeqCst) {
+        let due = iv.tick().await;
+        lateness.push(
+            tokio::time::Instant::now()
+                .saturating_duration_since(due)
+                .as_micros() as u64,
+        );
+    }
+    lateness
+}

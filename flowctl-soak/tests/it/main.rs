@@ -1,0 +1,115 @@
+//! The soak as a user runs it: the binary, its exit status and its JSON.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn soak(args: &[&str], json: &PathBuf) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_flowctl-soak"))
+        .args(args)
+        .arg("--json")
+        .arg(json)
+        .output()
+        .expect("the soak binary runs")
+}
+
+fn report(json: &PathBuf) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(json).expect("the soak wrote its JSON"))
+        .expect("valid JSON")
+}
+
+fn tmp(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("flowctl-soak-{}-{name}.json", std::process::id()))
+}
+
+// A short clean run passes, and its JSON carries every field tools rely on.
+#[test]
+fn a_short_pipe_soak_passes_and_reports_every_figure() {
+    let json = tmp("pass");
+    let out = soak(
+        &["--duration", "3s", "--seed", "7", "--scenario", "pipe"],
+        &json,
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "soak failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("seed 7"),
+        "the seed is printed so a run can be repeated"
+    );
+    let r = report(&json);
+    assert_eq!(r["seed"], 7);
+    assert_eq!(r["passed"], true);
+    let s = &r["scenarios"][0];
+    assert_eq!(s["name"], "pipe");
+    for field in [
+        "messages",
+        "lost",
+        "duplicated",
+        "reordered",
+        "max_buffered",
+        "bound",
+        "rss_peak",
+        "rss_bound",
+        "timer_p99_us",
+        "faults",
+        "leaks",
+    ] {
+        assert!(s[field].is_u64(), "field {field} missing: {s}");
+    }
+    assert!(s["messages"].as_u64().unwrap() > 0);
+    assert!(s["faults"].as_u64().unwrap() > 0, "faults were injected");
+    assert!(s["max_buffered"].as_u64() <= s["bound"].as_u64());
+    assert_eq!(s["violations"].as_array().unwrap().len(), 0);
+    let _ = std::fs::remove_file(json);
+}
+
+// A stage that drops one message must make the soak fail and name the loss.
+#[test]
+fn a_soak_with_a_dropped_message_fails_and_names_it() {
+    let json = tmp("drop");
+    let out = soak(
+        &[
+            "--duration",
+            "3s",
+            "--seed",
+            "7",
+            "--scenario",
+            "pipe",
+            "--inject",
+            "drop-one",
+        ],
+        &json,
+    );
+    assert_eq!(out.status.code(), Some(1), "the soak must fail");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("soak FAILED (seed 7)"), "{stderr}");
+    let r = report(&json);
+    assert_eq!(r["passed"], false);
+    let s = &r["scenarios"][0];
+    assert_eq!(s["lost"], 1);
+    let violations: Vec<&str> = s["violations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    assert!(
+        violations.contains(&"pipe: 1 messages lost"),
+        "{violations:?}"
+    );
+    let _ = std::fs::remove_file(json);
+}
+
+// A scenario whose transport has not landed is refused loudly, not skipped.
+#[test]
+fn an_unimplemented_scenario_is_an_error() {
+    let out = Command::new(env!("CARGO_BIN_EXE_flowctl-soak"))
+        .args(["--scenario", "ssh"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not implemented yet"));
+}
