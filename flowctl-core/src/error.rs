@@ -90,6 +90,25 @@ impl FlowError {
         FlowError::Transport(err.into())
     }
 
+    /// The library error of type `E` behind this error, if there is one:
+    /// looks inside [`FlowError::Transport`], and through [`FlowError::Pump`]
+    /// and [`FlowError::RetriesExhausted`] to the error that caused them.
+    ///
+    /// ```
+    /// use flowctl_core::FlowError;
+    /// let err = FlowError::transport(std::fmt::Error);
+    /// assert!(err.transport_error::<std::fmt::Error>().is_some());
+    /// assert!(FlowError::Closed.transport_error::<std::fmt::Error>().is_none());
+    /// ```
+    pub fn transport_error<E: StdError + 'static>(&self) -> Option<&E> {
+        match self {
+            FlowError::Transport(e) => e.downcast_ref::<E>(),
+            FlowError::Pump { source, .. } => source.transport_error(),
+            FlowError::RetriesExhausted { last, .. } => last.transport_error(),
+            _ => None,
+        }
+    }
+
     /// True for errors that a retry may cure (timeouts, I/O and transport errors).
     pub fn is_transient(&self) -> bool {
         matches!(

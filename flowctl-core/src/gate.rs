@@ -49,6 +49,10 @@ pub(crate) struct GateState {
 pub(crate) struct Wakeups(Vec<Waker>);
 
 impl Wakeups {
+    pub(crate) fn push(&mut self, waker: Waker) {
+        self.0.push(waker);
+    }
+
     pub(crate) fn extend(&mut self, other: Wakeups) {
         self.0.extend(other.0);
     }

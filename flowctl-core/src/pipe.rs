@@ -63,6 +63,7 @@ pub fn pipe_with<T: Weighted + Send + 'static>(
             senders: 1,
             rx_waker: None,
             rx_alive: true,
+            flushers: Vec::new(),
         }),
     });
     (
@@ -89,14 +90,29 @@ struct Inner<T> {
     senders: usize,
     rx_waker: Option<Waker>,
     rx_alive: bool,
+    /// Handles waiting in `flush` for the queue to empty.
+    flushers: Vec<Waker>,
+}
+
+impl<T> Inner<T> {
+    /// Wakes flushers once the queue is empty (or the source is gone).
+    fn drained(&mut self, wakeups: &mut Wakeups) {
+        if self.queue.is_empty() || !self.rx_alive {
+            for w in self.flushers.drain(..) {
+                wakeups.push(w);
+            }
+        }
+    }
 }
 
 /// The sending half of a [`pipe`]. Clone it for more producers.
 ///
-/// See [`Sink`] for the contract. `flush` returns at once (the pipe itself is
-/// the buffer: whatever was accepted is delivered even after every sink is
-/// closed); `close` ends this handle, and the stream ends when every handle has
-/// ended.
+/// See [`Sink`] for the contract. `flush` waits until the pipe is empty: every
+/// item accepted so far, by any handle, has been taken by the source. `close`
+/// ends this handle **without** waiting for the source: the queue belongs to
+/// the receiving side, and whatever was accepted is still delivered after every
+/// handle has closed (call `flush` first to wait for it). The stream ends when
+/// every handle has ended and the queue is drained.
 #[derive(Debug)]
 pub struct PipeSink<T> {
     shared: Arc<Shared<T>>,
@@ -163,6 +179,28 @@ impl<T: Weighted + Send + 'static> PipeSink<T> {
         self.start_send(item)
     }
 
+    /// `Ready(Ok)` once the pipe is empty; `Ready(Err(Closed))` if the source
+    /// was dropped (the items it had not taken were released with it).
+    pub fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), FlowError>> {
+        let mut inner = lock(&self.shared.inner);
+        if !inner.rx_alive {
+            return Poll::Ready(Err(FlowError::Closed));
+        }
+        if inner.queue.is_empty() {
+            return Poll::Ready(Ok(()));
+        }
+        if !inner.flushers.iter().any(|w| w.will_wake(cx.waker())) {
+            inner.flushers.push(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+
+    /// Waits until every item accepted so far has been taken by the source.
+    /// Cancel-safe.
+    pub async fn flush(&mut self) -> Result<(), FlowError> {
+        poll_fn(|cx| self.poll_flush(cx)).await
+    }
+
     /// True when the source has been dropped: sending would fail.
     pub fn is_closed(&self) -> bool {
         self.slot.is_none() || !lock(&self.shared.inner).rx_alive
@@ -220,10 +258,7 @@ impl<T: Weighted + Send + 'static> Sink for PipeSink<T> {
     }
 
     async fn flush(&mut self) -> Result<(), FlowError> {
-        if self.is_closed() && self.slot.is_some() {
-            return Err(FlowError::Closed);
-        }
-        Ok(())
+        PipeSink::flush(self).await
     }
 
     async fn close(&mut self) -> Result<(), FlowError> {
@@ -270,7 +305,8 @@ impl<T: Weighted + Send + 'static> PipeSource<T> {
             .expect("queue checked non-empty under the lock");
         let weight = item.weight();
         self.budget.charge(weight);
-        let wakeups = inner.gate.credit(weight);
+        let mut wakeups = inner.gate.credit(weight);
+        inner.drained(&mut wakeups);
         drop(inner);
         wakeups.wake();
         Poll::Ready(Ok(Some(item)))
@@ -317,7 +353,8 @@ impl<T: Weighted + Send + 'static> PipeSource<T> {
         }
         // One batch is one slice entry for items, but its bytes count in full.
         self.budget.charge(weight);
-        let wakeups = inner.gate.credit(weight);
+        let mut wakeups = inner.gate.credit(weight);
+        inner.drained(&mut wakeups);
         drop(inner);
         wakeups.wake();
         Poll::Ready(Ok(n))
@@ -344,6 +381,7 @@ impl<T> Drop for PipeSource<T> {
             let mut wakeups = inner.gate.credit(buffered);
             let closed = inner.gate.close();
             wakeups.extend(closed);
+            inner.drained(&mut wakeups);
             (queued, wakeups)
         };
         // Items are dropped outside the lock: their destructors are user code.

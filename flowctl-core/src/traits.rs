@@ -53,6 +53,10 @@ pub trait Sink: Send {
 
     /// Flushes, then closes: the next stage sees the end of the stream.
     /// Idempotent: a second call returns `Ok(())`.
+    ///
+    /// A channel handle ([`PipeSink`](crate::PipeSink)) is the exception: its
+    /// queue belongs to the receiver, so `close` ends the handle without
+    /// waiting, and the queued items are still delivered.
     async fn close(&mut self) -> Result<(), FlowError>;
 
     /// A snapshot of what the sink holds and has accepted.

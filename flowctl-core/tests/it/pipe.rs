@@ -217,3 +217,29 @@ async fn a_one_item_fairness_slice_still_delivers_everything_in_order() {
     }
     assert_eq!(n, 100);
 }
+
+#[tokio::test]
+async fn flush_waits_until_the_source_has_taken_everything() {
+    let (mut tx, mut rx) = pipe::<Bytes>(Watermarks::default());
+    tx.send(Bytes::from_static(b"a")).await.unwrap();
+    tx.send(Bytes::from_static(b"b")).await.unwrap();
+    let mut flushing = Box::pin(Sink::flush(&mut tx));
+    assert!(futures::poll!(flushing.as_mut()).is_pending());
+    rx.recv().await.unwrap();
+    assert!(
+        futures::poll!(flushing.as_mut()).is_pending(),
+        "one item is still queued"
+    );
+    rx.recv().await.unwrap();
+    assert!(matches!(
+        futures::poll!(flushing.as_mut()),
+        Poll::Ready(Ok(()))
+    ));
+    drop(flushing);
+    // With the source gone, a flush with items outstanding fails: they were released.
+    tx.send(Bytes::from_static(b"c")).await.unwrap();
+    let mut flushing = Box::pin(tx.flush());
+    assert!(futures::poll!(flushing.as_mut()).is_pending());
+    drop(rx);
+    assert!(matches!(flushing.await, Err(FlowError::Closed)));
+}
