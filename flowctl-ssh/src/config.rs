@@ -21,6 +21,8 @@ pub enum Auth {
     },
     /// Every identity of the ssh-agent reached through `SSH_AUTH_SOCK`.
     Agent,
+    /// Every identity of the ssh-agent listening on this Unix socket.
+    AgentSocket(PathBuf),
     /// A password.
     Password(String),
 }
@@ -35,6 +37,7 @@ impl std::fmt::Debug for Auth {
                 .field("passphrase", &passphrase.as_ref().map(|_| "<redacted>"))
                 .finish(),
             Auth::Agent => f.write_str("Agent"),
+            Auth::AgentSocket(p) => f.debug_tuple("AgentSocket").field(p).finish(),
             Auth::Password(_) => f.write_str("Password(<redacted>)"),
         }
     }
@@ -54,6 +57,7 @@ impl Auth {
         match self {
             Auth::KeyFile { path, .. } => format!("publickey {}", path.display()),
             Auth::Agent => "agent".to_owned(),
+            Auth::AgentSocket(p) => format!("agent {}", p.display()),
             Auth::Password(_) => "password".to_owned(),
         }
     }
@@ -121,6 +125,10 @@ pub struct SshConfig {
     /// refills it on receipt, so it bounds bytes in flight on the wire, not
     /// memory in this process.
     pub window: u32,
+    /// Ciphers to offer, most preferred first, by their SSH names
+    /// (`aes128-gcm@openssh.com`, `chacha20-poly1305@openssh.com`, ...).
+    /// Empty: russh's default list.
+    pub ciphers: Vec<String>,
     /// The ledger that counts this crate's tasks and connections
     /// (`ssh.task`, `ssh.session`). Default: [`Ledger::global()`].
     pub ledger: Ledger,
@@ -143,6 +151,7 @@ impl SshConfig {
             channel_buffer: 2,
             max_packet: 32768,
             window: 2 * 1024 * 1024,
+            ciphers: Vec::new(),
             ledger: Ledger::global().clone(),
         }
     }
@@ -187,6 +196,16 @@ impl SshConfig {
     /// Counts tasks and connections in this ledger instead of the global one.
     pub fn ledger(mut self, ledger: Ledger) -> Self {
         self.ledger = ledger;
+        self
+    }
+
+    /// Offers only these ciphers, in this order of preference.
+    pub fn ciphers<I, S>(mut self, ciphers: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.ciphers = ciphers.into_iter().map(Into::into).collect();
         self
     }
 

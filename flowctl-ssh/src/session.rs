@@ -184,7 +184,20 @@ impl Session {
             ));
         }
         let (host, port) = split_host_port(&config.addr);
+        let mut preferred = russh::Preferred::default();
+        if !config.ciphers.is_empty() {
+            let names = config
+                .ciphers
+                .iter()
+                .map(|c| {
+                    russh::cipher::Name::try_from(c.as_str())
+                        .map_err(|_| SshError::Config(format!("unknown cipher {c:?}")))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            preferred.cipher = names.into();
+        }
         let russh_config = client::Config {
+            preferred,
             window_size: config.window,
             maximum_packet_size: config.max_packet,
             channel_buffer_size: config.channel_buffer,
@@ -341,10 +354,13 @@ async fn authenticate(
                 handle.authenticate_password(user, password).await?,
                 AuthResult::Success
             ),
-            Auth::Agent => {
-                let mut agent = russh::keys::agent::client::AgentClient::connect_env()
-                    .await
-                    .map_err(|e| SshError::Agent(Box::new(e)))?;
+            Auth::Agent | Auth::AgentSocket(_) => {
+                use russh::keys::agent::client::AgentClient;
+                let agent = match auth {
+                    Auth::AgentSocket(path) => AgentClient::connect_uds(path).await,
+                    _ => AgentClient::connect_env().await,
+                };
+                let mut agent = agent.map_err(|e| SshError::Agent(Box::new(e)))?;
                 let ids = agent
                     .request_identities()
                     .await

@@ -142,5 +142,21 @@ async fn connection_dropped_mid_stream_counts_delivered_bytes() {
         p.exit.wait().await,
         Err(SshError::ConnectionLost { .. })
     ));
-    let _: Option<&FlowError> = None;
+}
+
+#[tokio::test]
+async fn connect_timeout_when_server_never_answers() {
+    // The kernel accepts the TCP connection into the backlog; nobody speaks SSH.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let cfg = flowctl_ssh::SshConfig::new("nobody", addr.to_string())
+        .connect_timeout(Duration::from_millis(300));
+    let err = Session::connect(cfg).await.unwrap_err();
+    assert!(
+        matches!(err, SshError::ConnectTimeout { timeout, .. } if timeout == Duration::from_millis(300)),
+        "{err:?}"
+    );
+    let flow: FlowError = err.into();
+    assert!(matches!(flow, FlowError::Timeout(_)));
+    drop(listener);
 }

@@ -11,5 +11,7 @@ mod bounded;
 mod errors;
 // Dropping processes and sessions: tasks and connections return to zero.
 mod lifecycle;
+// Authentication through a real ssh-agent.
+mod auth;
 // Redirection helpers between remote and local processes.
 mod redirect;
