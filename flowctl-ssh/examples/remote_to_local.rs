@@ -5,7 +5,9 @@
 //! cargo run --release -p flowctl-ssh --example remote_to_local -- [BYTES] [--stall-ms MS]
 //! ```
 //!
-//! BYTES defaults to 1 GiB. The slow consumer is a child process (this
+//! BYTES defaults to 1 GiB. `--channel-buffer N` sets russh's
+//! `channel_buffer_size` (default 2): with 100000 the stall piles packets up
+//! in russh's queue, which is what this crate's small default prevents. The slow consumer is a child process (this
 //! example run with `--consume`) that sleeps 1 ms per 64 KiB it reads, so it
 //! takes the data at a few tens of MB/s; `--stall-ms` makes it stop reading
 //! for that long first. The remote side is the in-process server of the
@@ -91,8 +93,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             cfg
         }
     };
+    // `--channel-buffer N` sets russh's per-channel queue (default 2): a
+    // large one shows what russh alone does while the consumer stalls.
+    let channel_buffer: usize = args
+        .iter()
+        .position(|a| a == "--channel-buffer")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
     let wm = Watermarks::new(256 * 1024, 1024 * 1024)?;
-    let session = Session::connect(config.watermarks(wm)).await?;
+    let session = Session::connect(config.watermarks(wm).channel_buffer(channel_buffer)).await?;
     let mut remote = session.exec(&format!("head -c {bytes} /dev/zero")).await?;
     let mut local = tokio::process::Command::new(std::env::current_exe()?)
         .arg("--consume")

@@ -9,7 +9,8 @@
 //! (`channel_buffer_size` messages) fills and the server's session loop stops
 //! reading the socket.
 //!
-//! Only public-key authentication is offered, against a list of keys.
+//! Public-key authentication against a list of keys, and optionally one
+//! user/password pair.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -37,6 +38,9 @@ pub struct ServerConfig {
     pub host_key: PrivateKey,
     /// Public keys allowed to log in (as any user).
     pub authorized_keys: Vec<PublicKey>,
+    /// A `(user, password)` pair accepted by password authentication
+    /// (`None`: public keys only).
+    pub password: Option<(String, String)>,
     /// Messages russh queues per channel before the session loop waits.
     pub channel_buffer: usize,
     /// The largest packet the server accepts (bytes).
@@ -55,6 +59,7 @@ impl ServerConfig {
         Ok(ServerConfig {
             host_key,
             authorized_keys,
+            password: None,
             channel_buffer: 2,
             max_packet: 32768,
             window: 2 * 1024 * 1024,
@@ -88,6 +93,9 @@ impl EmbeddedServer {
         let host_key = config.host_key.public_key().clone();
         let mut methods = MethodSet::empty();
         methods.push(MethodKind::PublicKey);
+        if config.password.is_some() {
+            methods.push(MethodKind::Password);
+        }
         let russh_config = Arc::new(russh::server::Config {
             keys: vec![config.host_key.clone()],
             methods,
@@ -102,7 +110,10 @@ impl EmbeddedServer {
         });
         let connections = Arc::new(std::sync::Mutex::new(Vec::new()));
         let live = Arc::new(AtomicUsize::new(0));
-        let authorized = Arc::new(config.authorized_keys.clone());
+        let authorized = Arc::new(Authorized {
+            keys: config.authorized_keys.clone(),
+            password: config.password.clone(),
+        });
         let ledger = config.ledger.clone();
         let accept = ledger.spawn(
             LEDGER_SERVER_TASK,
@@ -172,7 +183,7 @@ impl Drop for EmbeddedServer {
 async fn accept_loop(
     listener: TcpListener,
     config: Arc<russh::server::Config>,
-    authorized: Arc<Vec<PublicKey>>,
+    authorized: Arc<Authorized>,
     ledger: Ledger,
     connections: Arc<std::sync::Mutex<Vec<Connection>>>,
     live: Arc<AtomicUsize>,
@@ -229,6 +240,12 @@ async fn accept_loop(
 }
 
 #[derive(Debug)]
+struct Authorized {
+    keys: Vec<PublicKey>,
+    password: Option<(String, String)>,
+}
+
+#[derive(Debug)]
 struct Connection {
     task: JoinHandle<()>,
     socket: std::net::TcpStream,
@@ -243,7 +260,7 @@ impl Drop for LiveCount {
 }
 
 struct ServerHandler {
-    authorized: Arc<Vec<PublicKey>>,
+    authorized: Arc<Authorized>,
     channels: HashMap<ChannelId, russh::Channel<Msg>>,
     ledger: Ledger,
     /// Command tasks of this connection: aborted (children killed) when the
@@ -262,6 +279,13 @@ impl Drop for ServerHandler {
 impl russh::server::Handler for ServerHandler {
     type Error = russh::Error;
 
+    async fn auth_password(&mut self, user: &str, password: &str) -> Result<Auth, Self::Error> {
+        Ok(match &self.authorized.password {
+            Some((u, p)) if u == user && p == password => Auth::Accept,
+            _ => Auth::reject(),
+        })
+    }
+
     async fn auth_publickey_offered(
         &mut self,
         _user: &str,
@@ -270,6 +294,7 @@ impl russh::server::Handler for ServerHandler {
         Ok(
             if self
                 .authorized
+                .keys
                 .iter()
                 .any(|k| k.key_data() == offer.public_key.key_data())
             {
@@ -288,6 +313,7 @@ impl russh::server::Handler for ServerHandler {
         Ok(
             if self
                 .authorized
+                .keys
                 .iter()
                 .any(|k| k.key_data() == key.public_key.key_data())
             {

@@ -396,3 +396,19 @@ async fn authenticate(
         },
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::split_host_port;
+
+    #[test]
+    fn host_and_port_for_known_hosts() {
+        assert_eq!(
+            split_host_port("example.org:2222"),
+            ("example.org".into(), 2222)
+        );
+        assert_eq!(split_host_port("example.org"), ("example.org".into(), 22));
+        assert_eq!(split_host_port("[::1]:2200"), ("::1".into(), 2200));
+        assert_eq!(split_host_port("::1"), ("::1".into(), 22));
+    }
+}

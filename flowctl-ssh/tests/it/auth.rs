@@ -50,3 +50,27 @@ async fn agent_identity_authenticates(fx: Fixture) {
     assert_eq!(p.stdout.read_to_end().await.unwrap(), b"via-agent\n");
     drop(agent);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn password_authenticates_and_a_wrong_one_is_rejected() {
+    use flowctl_ssh::SshError;
+    use flowctl_ssh::server::{EmbeddedServer, ServerConfig};
+    let fx = Fixture::start(crate::fixture::Kind::Embedded).await;
+    let mut cfg = ServerConfig::new(Vec::new()).unwrap();
+    cfg.password = Some((fx.user.clone(), "s3cret".into()));
+    let server = EmbeddedServer::start(cfg).await.unwrap();
+    let kh = fx.path("pw_known_hosts");
+    std::fs::write(&kh, server.known_hosts_line()).unwrap();
+    let base = flowctl_ssh::SshConfig::new(&fx.user, server.addr().to_string())
+        .known_hosts(&kh)
+        .ledger(fx.ledger.clone());
+    let err = Session::connect(base.clone().auth(Auth::Password("wrong".into())))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SshError::AuthRejected { .. }), "{err:?}");
+    let s = Session::connect(base.auth(Auth::Password("s3cret".into())))
+        .await
+        .unwrap();
+    let mut p = s.exec("echo via-password").await.unwrap();
+    assert_eq!(p.stdout.read_to_end().await.unwrap(), b"via-password\n");
+}
