@@ -1,5 +1,5 @@
-//! SSH exec channels for flowctl: a remote command's stdin as a [`Sink`],
-//! its stdout and stderr as [`Source`]s, and its exit status, on
+//! SSH exec channels for flowctl: a remote command's stdin as a [`Sink`](flowctl_core::Sink),
+//! its stdout and stderr as [`Source`](flowctl_core::Source)s, and its exit status, on
 //! [`russh`](https://docs.rs/russh), with memory bounded by watermarks
 //! whatever the consumer's speed.
 //!
@@ -63,6 +63,19 @@
 //! whatever the consumer's speed. The kernel's socket buffers hold what the
 //! window lets the server send beyond that (at most `window` bytes).
 //!
+//! In the other direction, [`Stdin`] is a pipe bounded by the same
+//! watermarks, drained by a task that hands one chunk at a time to
+//! `data_bytes`, which waits for the server's window: at most `high` + one
+//! chunk in the pipe, one chunk in the task, and russh's outgoing queue (10
+//! messages) are held.
+//!
+//! Measured with `examples/remote_to_local.rs` (release, 1 GiB from
+//! `head -c` into a child that stalls 5 s, then reads about 25 MB/s, the
+//! embedded server in the same process): peak RSS 12.3 MB with the default
+//! `channel_buffer` of 2, and 1065 MB with `--channel-buffer 100000`, while
+//! our own stdout buffer peaked at 1 MiB + one packet in both runs: the whole
+//! stream piled up inside russh's queue, out of reach of any watermark.
+//!
 //! # Limits you must know
 //!
 //! - **Head-of-line blocking.** All channels of one connection share russh's
@@ -71,9 +84,23 @@
 //!   share a queue too: drain both, or drop the one you do not want.
 //!   [`Session::exec_isolated`] opens one connection per command for users
 //!   who need channels not to block each other.
+//! - **Full duplex needs concurrency.** A command that echoes its input
+//!   (`cat`) stops reading stdin when its stdout is not read; feed stdin and
+//!   drain stdout from different tasks, as with any pipe.
 //! - **Keepalive during a stall.** While the loop waits, keepalive replies are
 //!   not read: with [`SshConfig::keepalive`], a stall longer than
 //!   `interval * max` drops the connection. Keepalives are off by default.
+//!
+//! # Authentication and host keys
+//!
+//! [`Auth`] lists the methods tried in order: a private key file (with an
+//! optional passphrase), the ssh-agent of `SSH_AUTH_SOCK` or of a given
+//! socket, a password. Host keys are checked against `~/.ssh/known_hosts` (or
+//! [`SshConfig::known_hosts`]) with russh's parser (`host` for port 22,
+//! `[host]:port` otherwise; hashed entries are matched too); an unknown or a
+//! changed key fails with [`SshError::UnknownHostKey`] /
+//! [`SshError::HostKeyMismatch`], which carry the offered key's SHA-256
+//! fingerprint. Only [`HostKeyPolicy::InsecureAcceptAny`] skips the check.
 //!
 //! # Crypto backend and build time
 //!
@@ -88,7 +115,7 @@
 //!
 //! - `russh` (default): the russh client backend. Without it the crate has
 //!   only its configuration and error types.
-//! - `server`: [`server::EmbeddedServer`], an in-process SSH server that runs
+//! - `server`: `server::EmbeddedServer`, an in-process SSH server that runs
 //!   commands with `sh -c` and respects backpressure both ways (tests, soak).
 //! - `rsa`: RSA user and host keys (russh's `rsa` feature; longer build).
 #![forbid(unsafe_code)]

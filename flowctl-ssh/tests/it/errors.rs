@@ -160,3 +160,31 @@ async fn connect_timeout_when_server_never_answers() {
     assert!(matches!(flow, FlowError::Timeout(_)));
     drop(listener);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn known_hosts_with_an_rsa_entry_for_the_host_still_matches() {
+    // The default build has no `rsa` feature; a known_hosts that also records
+    // an RSA key for the same host must not break the check.
+    let fx = Fixture::start(Kind::Embedded).await;
+    let rsa = fx.path("rsa");
+    let st = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "rsa", "-b", "2048", "-N", "", "-f"])
+        .arg(&rsa)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let rsa_pub = std::fs::read_to_string(fx.path("rsa.pub")).unwrap();
+    let port = fx.addr.rsplit(':').next().unwrap();
+    let ours = std::fs::read_to_string(&fx.known_hosts).unwrap();
+    let kh = fx.path("mixed_known_hosts");
+    std::fs::write(
+        &kh,
+        format!("# comment\n[127.0.0.1]:{port} {}\n{ours}", rsa_pub.trim()),
+    )
+    .unwrap();
+    let s = Session::connect(fx.config().known_hosts(&kh))
+        .await
+        .unwrap();
+    let mut p = s.exec("true").await.unwrap();
+    assert!(p.wait().await.unwrap().success());
+}
