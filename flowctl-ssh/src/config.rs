@@ -105,10 +105,9 @@ pub struct SshConfig {
     pub connect_timeout: Duration,
     /// Send a keepalive after this much silence from the server (`None`: never).
     ///
-    /// A channel whose consumer stalls blocks russh's session loop, so
-    /// keepalive replies are not read during a stall: keep
-    /// `keepalive_interval * keepalive_max` longer than the longest stall you
-    /// expect, or leave keepalives off (see the crate docs).
+    /// A channel whose consumer stalls blocks russh's session loop: no
+    /// keepalive is sent or answered during the stall, so a server that
+    /// probes its clients may drop the connection (see the crate docs).
     pub keepalive_interval: Option<Duration>,
     /// Keepalives without reply before the connection is dropped.
     pub keepalive_max: usize,

@@ -87,9 +87,19 @@
 //! - **Full duplex needs concurrency.** A command that echoes its input
 //!   (`cat`) stops reading stdin when its stdout is not read; feed stdin and
 //!   drain stdout from different tasks, as with any pipe.
-//! - **Keepalive during a stall.** While the loop waits, keepalive replies are
-//!   not read: with [`SshConfig::keepalive`], a stall longer than
-//!   `interval * max` drops the connection. Keepalives are off by default.
+//! - **Keepalive during a stall.** While the loop waits, russh neither sends
+//!   keepalives nor answers the server's (its keepalive timer lives in the
+//!   same `select!` and is re-armed by the next packet received, so our side
+//!   never times out because of a stall). A server with `ClientAliveInterval`
+//!   x `ClientAliveCountMax` shorter than the stall drops the connection
+//!   (OpenSSH's default interval is 0: off); the outputs then fail with
+//!   [`SshError::ConnectionLost`], which says how many bytes were delivered.
+//!   Checked with sshd `ClientAliveInterval 1`, `ClientAliveCountMax 2` and
+//!   an 8 s stall in `remote_to_local`: sshd logged "Timeout, client not
+//!   responding" and the example failed with `ConnectionLost` after 3506176
+//!   bytes. There is no cure inside russh 0.65 short of an unbounded queue:
+//!   raise the server's limits or keep stalls shorter.
+//!   Keepalives ([`SshConfig::keepalive`]) are off by default.
 //!
 //! # Authentication and host keys
 //!
