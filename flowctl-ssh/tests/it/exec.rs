@@ -11,6 +11,22 @@ both_servers! {
     stdin_reaches_remote_and_eof_ends_it => stdin_reaches_remote_and_eof_ends_it;
     eof_from_remote_ends_stdout_while_stdin_open => eof_from_remote_ends_stdout_while_stdin_open;
     two_processes_on_one_session => two_processes_on_one_session;
+    dropped_stdout_is_discarded_not_buffered => dropped_stdout_is_discarded_not_buffered;
+}
+
+async fn dropped_stdout_is_discarded_not_buffered(fx: Fixture) {
+    let session = Session::connect(fx.config()).await.unwrap();
+    // 16 MiB of stdout nobody reads, then a line on stderr: the process must
+    // finish (a dropped stream is discarded, it does not stop the channel).
+    let p = session
+        .exec("head -c 16777216 /dev/zero; echo end >&2")
+        .await
+        .unwrap();
+    let (stdin, stdout, mut stderr, mut exit) = p.split();
+    drop(stdout);
+    drop(stdin);
+    assert_eq!(stderr.read_to_end().await.unwrap(), b"end\n");
+    assert!(exit.wait().await.unwrap().success());
 }
 
 async fn stdout_stderr_and_exit_code(fx: Fixture) {
