@@ -1,0 +1,181 @@
+//! Throughput of flowctl-ssh against the OpenSSH client, side by side on the
+//! same throwaway sshd (127.0.0.1, started and stopped here).
+//!
+//! ```text
+//! cargo run --release -p flowctl-ssh --example bench_ssh -- [BYTES] [ROUNDS]
+//! ```
+//!
+//! For each cipher (aes128-gcm, chacha20-poly1305) it runs
+//! `head -c BYTES /dev/zero` (default 1 GiB) ROUNDS times (default 2) through
+//! flowctl-ssh (drained into nothing) and through
+//! `ssh -c CIPHER ... > /dev/null`, and prints MB/s (best and mean).
+//! sshd is `$FLOWCTL_SSHD` or `/usr/sbin/sshd`.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use flowctl_core::Source;
+use flowctl_ssh::{Auth, Session, SshConfig};
+
+type BoxResult<T> = Result<T, Box<dyn std::error::Error>>;
+
+struct Sshd(Child);
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn keygen(path: &Path) -> BoxResult<()> {
+    let st = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(path)
+        .status()?;
+    if !st.success() {
+        return Err("ssh-keygen failed".into());
+    }
+    Ok(())
+}
+
+fn start_sshd(dir: &Path) -> BoxResult<(Sshd, u16)> {
+    let bin = std::env::var_os("FLOWCTL_SSHD")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/sbin/sshd"));
+    if !bin.exists() {
+        return Err("sshd not found: run `cargo xtask setup` (installs openssh-server)".into());
+    }
+    let _ = std::fs::create_dir_all("/run/sshd");
+    keygen(&dir.join("host_key"))?;
+    std::fs::copy(dir.join("id.pub"), dir.join("authorized_keys"))?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let config = dir.join("sshd_config");
+    std::fs::write(
+        &config,
+        format!(
+            "ListenAddress 127.0.0.1:{port}\nHostKey {}\nAuthorizedKeysFile {}\nUsePAM no\n\
+             StrictModes no\nPidFile none\nPasswordAuthentication no\nPermitRootLogin yes\n\
+             LogLevel INFO\nUseDNS no\nCiphers aes128-gcm@openssh.com,chacha20-poly1305@openssh.com\n",
+            dir.join("host_key").display(),
+            dir.join("authorized_keys").display()
+        ),
+    )?;
+    let mut child = Command::new(bin)
+        .args(["-D", "-e", "-f"])
+        .arg(&config)
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let stderr = child.stderr.take().ok_or("no stderr")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("Server listening") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    let sshd = Sshd(child);
+    rx.recv_timeout(Duration::from_secs(20))
+        .map_err(|_| "sshd did not start")?;
+    Ok((sshd, port))
+}
+
+fn user() -> String {
+    Command::new("id")
+        .arg("-un")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|_| "root".into())
+}
+
+async fn flowctl_round(dir: &Path, port: u16, cipher: &str, bytes: u64) -> BoxResult<f64> {
+    let cfg = SshConfig::new(user(), format!("127.0.0.1:{port}"))
+        .auth(Auth::key_file(dir.join("id")))
+        .known_hosts(dir.join("known_hosts"))
+        .ciphers([cipher]);
+    let session = Session::connect(cfg).await?;
+    let started = Instant::now();
+    let mut p = session.exec(&format!("head -c {bytes} /dev/zero")).await?;
+    let mut got = 0u64;
+    while let Some(chunk) = p.stdout.recv().await? {
+        got += chunk.len() as u64;
+    }
+    p.wait().await?;
+    let secs = started.elapsed().as_secs_f64();
+    if got != bytes {
+        return Err(format!("flowctl-ssh got {got} of {bytes} bytes").into());
+    }
+    Ok(bytes as f64 / secs / 1e6)
+}
+
+fn openssh_round(dir: &Path, port: u16, cipher: &str, bytes: u64) -> BoxResult<f64> {
+    let started = Instant::now();
+    let st = Command::new("ssh")
+        .args(["-c", cipher, "-p", &port.to_string(), "-i"])
+        .arg(dir.join("id"))
+        .arg("-o")
+        .arg(format!(
+            "UserKnownHostsFile={}",
+            dir.join("known_hosts").display()
+        ))
+        .args([
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "Compression=no",
+            "-T",
+        ])
+        .arg(format!("{}@127.0.0.1", user()))
+        .arg(format!("head -c {bytes} /dev/zero"))
+        .stdout(Stdio::null())
+        .status()?;
+    let secs = started.elapsed().as_secs_f64();
+    if !st.success() {
+        return Err(format!("ssh exited with {st}").into());
+    }
+    Ok(bytes as f64 / secs / 1e6)
+}
+
+fn summary(v: &[f64]) -> String {
+    let best = v.iter().cloned().fold(0.0, f64::max);
+    let mean = v.iter().sum::<f64>() / v.len() as f64;
+    format!("best {best:7.1} MB/s, mean {mean:7.1} MB/s")
+}
+
+#[tokio::main]
+async fn main() -> BoxResult<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let bytes: u64 = args.get(1).and_then(|v| v.parse().ok()).unwrap_or(1 << 30);
+    let rounds: usize = args.get(2).and_then(|v| v.parse().ok()).unwrap_or(2);
+    let dir = tempfile::tempdir()?;
+    keygen(&dir.path().join("id"))?;
+    let (_sshd, port) = start_sshd(dir.path())?;
+    let host_pub = std::fs::read_to_string(dir.path().join("host_key.pub"))?;
+    std::fs::write(
+        dir.path().join("known_hosts"),
+        format!("[127.0.0.1]:{port} {}\n", host_pub.trim()),
+    )?;
+    println!("{bytes} bytes of `head -c` from sshd on 127.0.0.1:{port}, {rounds} rounds each");
+    for cipher in ["aes128-gcm@openssh.com", "chacha20-poly1305@openssh.com"] {
+        let mut ours = Vec::new();
+        let mut theirs = Vec::new();
+        // Interleaved so that both see the same machine load.
+        for _ in 0..rounds {
+            ours.push(flowctl_round(dir.path(), port, cipher, bytes).await?);
+            theirs.push(openssh_round(dir.path(), port, cipher, bytes)?);
+        }
+        println!("{cipher:32} flowctl-ssh: {}", summary(&ours));
+        println!("{cipher:32} OpenSSH ssh: {}", summary(&theirs));
+        let ratio =
+            ours.iter().cloned().fold(0.0, f64::max) / theirs.iter().cloned().fold(0.0, f64::max);
+        println!("{cipher:32} ratio (best/best): {ratio:.2}x");
+    }
+    Ok(())
+}

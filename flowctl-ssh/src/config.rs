@@ -1,0 +1,216 @@
+//! What [`Session::connect`](crate::Session::connect) needs to know.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use flowctl_core::Watermarks;
+use flowctl_core::lifecycle::Ledger;
+
+/// One way to authenticate. [`SshConfig::auth`] lists them; they are tried
+/// in order until the server accepts one.
+#[derive(Clone)]
+#[non_exhaustive]
+pub enum Auth {
+    /// A private key file (OpenSSH or PKCS#8 format), with its passphrase if
+    /// it is encrypted.
+    KeyFile {
+        /// The private key file (`~/.ssh/id_ed25519`).
+        path: PathBuf,
+        /// The passphrase of an encrypted key.
+        passphrase: Option<String>,
+    },
+    /// Every identity of the ssh-agent reached through `SSH_AUTH_SOCK`.
+    Agent,
+    /// Every identity of the ssh-agent listening on this Unix socket.
+    AgentSocket(PathBuf),
+    /// A password.
+    Password(String),
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print a passphrase or a password.
+        match self {
+            Auth::KeyFile { path, passphrase } => f
+                .debug_struct("KeyFile")
+                .field("path", path)
+                .field("passphrase", &passphrase.as_ref().map(|_| "<redacted>"))
+                .finish(),
+            Auth::Agent => f.write_str("Agent"),
+            Auth::AgentSocket(p) => f.debug_tuple("AgentSocket").field(p).finish(),
+            Auth::Password(_) => f.write_str("Password(<redacted>)"),
+        }
+    }
+}
+
+impl Auth {
+    /// An unencrypted private key file.
+    pub fn key_file(path: impl Into<PathBuf>) -> Self {
+        Auth::KeyFile {
+            path: path.into(),
+            passphrase: None,
+        }
+    }
+
+    #[cfg_attr(not(feature = "russh"), allow(dead_code))]
+    pub(crate) fn describe(&self) -> String {
+        match self {
+            Auth::KeyFile { path, .. } => format!("publickey {}", path.display()),
+            Auth::Agent => "agent".to_owned(),
+            Auth::AgentSocket(p) => format!("agent {}", p.display()),
+            Auth::Password(_) => "password".to_owned(),
+        }
+    }
+}
+
+/// How the server's host key is checked.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub enum HostKeyPolicy {
+    /// Accept the key only if a known_hosts file records it for this host
+    /// (`host`, or `[host]:port` when the port is not 22). An unknown or a
+    /// changed key fails the connection with its fingerprint in the error.
+    /// `None` means `~/.ssh/known_hosts`.
+    KnownHosts(Option<PathBuf>),
+    /// The default: `KnownHosts(None)`.
+    #[default]
+    Default,
+    /// Accept ANY host key without checking. This disables the protection
+    /// against man-in-the-middle attacks: use it only for throwaway test
+    /// servers on loopback.
+    InsecureAcceptAny,
+}
+
+/// Everything needed to open an SSH connection.
+///
+/// ```
+/// use flowctl_ssh::{Auth, SshConfig};
+/// let cfg = SshConfig::new("deploy", "127.0.0.1:22")
+///     .auth(Auth::key_file("/home/deploy/.ssh/id_ed25519"))
+///     .known_hosts("/home/deploy/.ssh/known_hosts");
+/// assert_eq!(cfg.user, "deploy");
+/// ```
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct SshConfig {
+    /// The user to log in as.
+    pub user: String,
+    /// `host:port` (the host part is what known_hosts is searched for).
+    pub addr: String,
+    /// Authentication methods, tried in order.
+    pub auth: Vec<Auth>,
+    /// How the host key is checked (known_hosts by default).
+    pub host_key: HostKeyPolicy,
+    /// Limit for TCP connect, key exchange and authentication together.
+    pub connect_timeout: Duration,
+    /// Send a keepalive after this much silence from the server (`None`: never).
+    ///
+    /// A channel whose consumer stalls blocks russh's session loop: no
+    /// keepalive is sent or answered during the stall, so a server that
+    /// probes its clients may drop the connection (see the crate docs).
+    pub keepalive_interval: Option<Duration>,
+    /// Keepalives without reply before the connection is dropped.
+    pub keepalive_max: usize,
+    /// Watermarks of each stdout/stderr buffer and of stdin.
+    pub watermarks: Watermarks,
+    /// Messages russh may queue per channel before its session loop waits
+    /// (`channel_buffer_size`). Each message is at most one SSH packet
+    /// ([`max_packet`](SshConfig::max_packet) bytes). Default 2.
+    pub channel_buffer: usize,
+    /// The largest SSH packet the server may send us (bytes of channel data
+    /// per message). Default 32768, russh's default.
+    pub max_packet: u32,
+    /// The channel window russh advertises (bytes). Default 2 MiB. russh
+    /// refills it on receipt, so it bounds bytes in flight on the wire, not
+    /// memory in this process.
+    pub window: u32,
+    /// Ciphers to offer, most preferred first, by their SSH names
+    /// (`aes128-gcm@openssh.com`, `chacha20-poly1305@openssh.com`, ...).
+    /// Empty: russh's default list.
+    pub ciphers: Vec<String>,
+    /// The ledger that counts this crate's tasks and connections
+    /// (`ssh.task`, `ssh.session`). Default: [`Ledger::global()`].
+    pub ledger: Ledger,
+}
+
+impl SshConfig {
+    /// A configuration for `user@addr` with no authentication method yet,
+    /// known_hosts checking, a 10 s connect timeout, no keepalive and the
+    /// default [`Watermarks`].
+    pub fn new(user: impl Into<String>, addr: impl Into<String>) -> Self {
+        SshConfig {
+            user: user.into(),
+            addr: addr.into(),
+            auth: Vec::new(),
+            host_key: HostKeyPolicy::Default,
+            connect_timeout: Duration::from_secs(10),
+            keepalive_interval: None,
+            keepalive_max: 3,
+            watermarks: Watermarks::default(),
+            channel_buffer: 2,
+            max_packet: 32768,
+            window: 2 * 1024 * 1024,
+            ciphers: Vec::new(),
+            ledger: Ledger::global().clone(),
+        }
+    }
+
+    /// Adds an authentication method (tried after the ones already added).
+    pub fn auth(mut self, auth: Auth) -> Self {
+        self.auth.push(auth);
+        self
+    }
+
+    /// Checks host keys against this known_hosts file.
+    pub fn known_hosts(mut self, path: impl Into<PathBuf>) -> Self {
+        self.host_key = HostKeyPolicy::KnownHosts(Some(path.into()));
+        self
+    }
+
+    /// Sets the host key policy.
+    pub fn host_key_policy(mut self, policy: HostKeyPolicy) -> Self {
+        self.host_key = policy;
+        self
+    }
+
+    /// Sets the connect timeout.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Sets the keepalive interval and the count of unanswered keepalives.
+    pub fn keepalive(mut self, interval: Duration, max: usize) -> Self {
+        self.keepalive_interval = Some(interval);
+        self.keepalive_max = max;
+        self
+    }
+
+    /// Sets the watermarks of every stream buffer.
+    pub fn watermarks(mut self, watermarks: Watermarks) -> Self {
+        self.watermarks = watermarks;
+        self
+    }
+
+    /// Counts tasks and connections in this ledger instead of the global one.
+    pub fn ledger(mut self, ledger: Ledger) -> Self {
+        self.ledger = ledger;
+        self
+    }
+
+    /// Offers only these ciphers, in this order of preference.
+    pub fn ciphers<I, S>(mut self, ciphers: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.ciphers = ciphers.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Sets russh's per-channel queue length (at least 1).
+    pub fn channel_buffer(mut self, messages: usize) -> Self {
+        self.channel_buffer = messages;
+        self
+    }
+}

@@ -1,0 +1,140 @@
+//! The errors of flowctl-ssh.
+
+use std::time::Duration;
+
+use flowctl_core::{BoxError, FlowError};
+
+/// Everything that can go wrong in an SSH session or a remote process.
+///
+/// Converts into [`FlowError`] (as [`FlowError::Transport`], or
+/// [`FlowError::Timeout`] for [`SshError::ConnectTimeout`]), so it travels
+/// through `?` in code that speaks flowctl's error type.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SshError {
+    /// The TCP connection could not be made (refused, unreachable, ...).
+    #[error("cannot connect to ssh server {addr}: {source}")]
+    Connect {
+        /// The address dialled.
+        addr: String,
+        /// The socket error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Connecting and authenticating took longer than the configured timeout.
+    #[error("connecting to ssh server {addr} timed out after {timeout:?}")]
+    ConnectTimeout {
+        /// The address dialled.
+        addr: String,
+        /// The configured connect timeout.
+        timeout: Duration,
+    },
+    /// The server's host key is not in the known_hosts file.
+    #[error(
+        "host key of {host} is unknown: {algorithm} key with fingerprint {fingerprint} is not in {known_hosts}"
+    )]
+    UnknownHostKey {
+        /// `host` or `[host]:port` as written in known_hosts.
+        host: String,
+        /// The key's algorithm (`ssh-ed25519`, ...).
+        algorithm: String,
+        /// The key's SHA-256 fingerprint (`SHA256:...`).
+        fingerprint: String,
+        /// The known_hosts file consulted.
+        known_hosts: String,
+    },
+    /// The server's host key differs from the one recorded for this host.
+    #[error(
+        "host key of {host} has changed: the server offered {algorithm} key {fingerprint}, which differs from line {line} of {known_hosts} (possible man-in-the-middle attack)"
+    )]
+    HostKeyMismatch {
+        /// `host` or `[host]:port` as written in known_hosts.
+        host: String,
+        /// The offered key's algorithm.
+        algorithm: String,
+        /// The offered key's SHA-256 fingerprint.
+        fingerprint: String,
+        /// The known_hosts line that records a different key.
+        line: usize,
+        /// The known_hosts file consulted.
+        known_hosts: String,
+    },
+    /// Every configured authentication method was rejected.
+    #[error("authentication of user {user} rejected by the server after trying {tried}")]
+    AuthRejected {
+        /// The user name.
+        user: String,
+        /// The methods tried, in order (`publickey /path/key, agent, password`).
+        tried: String,
+    },
+    /// A private key file could not be read or decrypted.
+    #[error("cannot load private key {path}: {source}")]
+    Key {
+        /// The key file.
+        path: String,
+        /// Why it failed.
+        #[source]
+        source: BoxError,
+    },
+    /// The ssh-agent could not be reached or used.
+    #[error("ssh-agent unavailable: {0}")]
+    Agent(#[source] BoxError),
+    /// The server refused to run the command (the exec request failed).
+    #[error("server refused to execute {command:?}")]
+    ExecRefused {
+        /// The command.
+        command: String,
+    },
+    /// The connection ended in the middle of a remote process's output.
+    #[error(
+        "ssh connection lost before the end of {stream}: {delivered} bytes of it were delivered"
+    )]
+    ConnectionLost {
+        /// `stdout`, `stderr` or `exit status`.
+        stream: &'static str,
+        /// Bytes of that stream handed to the consumer before the loss.
+        delivered: u64,
+    },
+    /// The channel closed without an exit status or signal.
+    #[error(
+        "remote process ended without an exit status (channel closed after {stdout} stdout bytes)"
+    )]
+    NoExitStatus {
+        /// Bytes of stdout received.
+        stdout: u64,
+    },
+    /// An error from russh.
+    #[error("ssh protocol error: {0}")]
+    Russh(#[source] BoxError),
+    /// A configuration value that cannot be used.
+    #[error("invalid ssh configuration: {0}")]
+    Config(String),
+}
+
+impl From<SshError> for FlowError {
+    fn from(e: SshError) -> Self {
+        match e {
+            SshError::ConnectTimeout { timeout, .. } => FlowError::Timeout(timeout),
+            other => FlowError::transport(other),
+        }
+    }
+}
+
+#[cfg(feature = "russh")]
+impl From<russh::Error> for SshError {
+    fn from(e: russh::Error) -> Self {
+        SshError::Russh(Box::new(e))
+    }
+}
+
+impl SshError {
+    /// The [`SshError`] inside a [`FlowError`], if it carries one (directly,
+    /// or inside a [`FlowError::Pump`]).
+    pub fn find(err: &FlowError) -> Option<&SshError> {
+        match err {
+            FlowError::Transport(inner) => inner.downcast_ref::<SshError>(),
+            FlowError::Pump { source, .. } => SshError::find(source),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,565 @@
+//! A remote process: stdin as a [`Sink`], stdout and stderr as [`Source`]s,
+//! and its exit status.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use flowctl_core::{FlowError, FlowStats, PipeSink, PipeSource, Sink, Source, pipe};
+use russh::ChannelMsg;
+use russh::client::Msg;
+use russh::{ChannelReadHalf, ChannelWriteHalf};
+use tokio::sync::watch;
+
+use crate::config::SshConfig;
+use crate::error::SshError;
+use crate::session::{LEDGER_TASK, SessionInner};
+
+/// How a remote process ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ExitStatus {
+    /// It exited with this code. A shell reports a command that does not
+    /// exist as code 127 (and one that is not executable as 126): SSH has no
+    /// separate "not found" answer.
+    Code(u32),
+    /// It was killed by a signal.
+    Signal {
+        /// The signal's name without `SIG` (`KILL`, `TERM`, ...).
+        name: String,
+        /// Whether it dumped core.
+        core_dumped: bool,
+        /// The server's message, often empty.
+        message: String,
+    },
+}
+
+impl ExitStatus {
+    /// True for exit code 0.
+    pub fn success(&self) -> bool {
+        matches!(self, ExitStatus::Code(0))
+    }
+
+    /// The exit code, if it exited normally.
+    pub fn code(&self) -> Option<u32> {
+        match self {
+            ExitStatus::Code(c) => Some(*c),
+            ExitStatus::Signal { .. } => None,
+        }
+    }
+
+    /// The signal's name, if it was killed by one.
+    pub fn signal(&self) -> Option<&str> {
+        match self {
+            ExitStatus::Signal { name, .. } => Some(name),
+            ExitStatus::Code(_) => None,
+        }
+    }
+}
+
+impl std::fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExitStatus::Code(c) => write!(f, "exit code {c}"),
+            ExitStatus::Signal { name, .. } => write!(f, "killed by signal {name}"),
+        }
+    }
+}
+
+/// The end of a channel as seen by the reader task.
+#[derive(Debug, Clone)]
+enum Outcome {
+    Exited(ExitStatus),
+    /// The channel closed without exit-status/exit-signal.
+    NoStatus {
+        stdout: u64,
+    },
+    /// The connection went away before the channel closed.
+    Lost,
+}
+
+/// Set once every user-facing part is gone: the tasks end, the channel closes.
+#[derive(Debug)]
+struct Guard {
+    _cancel: watch::Sender<()>,
+    _session: Arc<SessionInner>,
+}
+
+#[derive(Debug, Default)]
+struct Flags {
+    stdout_lost: AtomicBool,
+    stderr_lost: AtomicBool,
+}
+
+/// A process started by [`Session::exec`](crate::Session::exec).
+///
+/// Use the fields directly or move them out (they are independent): feed
+/// [`stdin`](RemoteProcess::stdin), drain [`stdout`](RemoteProcess::stdout)
+/// and [`stderr`](RemoteProcess::stderr), then [`wait`](RemoteProcess::wait).
+///
+/// # Backpressure
+/// stdout and stderr each buffer at most their high watermark plus one SSH
+/// packet; while either is above its high watermark, nothing more is taken
+/// from russh's channel queue, the queue fills (a few packets), and russh's
+/// session loop stops reading the socket, so TCP carries the pause to the
+/// server. A consumer must therefore drain both streams, or drop the one it
+/// does not want (a dropped stream is discarded, never buffered).
+///
+/// # Drop
+/// Dropping every part (stdin, stdout, stderr, exit) closes the channel and
+/// ends this process's tasks. The remote command gets EOF on stdin when
+/// `stdin` is closed or dropped.
+#[derive(Debug)]
+pub struct RemoteProcess {
+    /// The remote process's stdin. Close it (or drop it) to send EOF.
+    pub stdin: Stdin,
+    /// The remote process's stdout.
+    pub stdout: Output,
+    /// The remote process's stderr.
+    pub stderr: Output,
+    /// The exit status, once the process has ended.
+    pub exit: Exit,
+}
+
+impl RemoteProcess {
+    pub(crate) async fn start(
+        channel: russh::Channel<Msg>,
+        command: &str,
+        config: &SshConfig,
+        session: Arc<SessionInner>,
+    ) -> Result<RemoteProcess, SshError> {
+        let (mut read, write) = channel.split();
+        // The reply to the exec request comes first.
+        loop {
+            match read.wait().await {
+                Some(ChannelMsg::Success) => break,
+                Some(ChannelMsg::Failure) => {
+                    return Err(SshError::ExecRefused {
+                        command: command.to_owned(),
+                    });
+                }
+                Some(_) => continue,
+                None => {
+                    return Err(SshError::ConnectionLost {
+                        stream: "exec reply",
+                        delivered: 0,
+                    });
+                }
+            }
+        }
+        let write = Arc::new(write);
+        let wm = config.watermarks;
+        let (out_tx, out_rx) = pipe::<Bytes>(wm);
+        let (err_tx, err_rx) = pipe::<Bytes>(wm);
+        let (in_tx, in_rx) = pipe::<Bytes>(wm);
+        let (cancel_tx, cancel_rx) = watch::channel(());
+        let (exit_tx, exit_rx) = watch::channel(None);
+        let (done_tx, done_rx) = watch::channel(false);
+        let (written_tx, written_rx) = watch::channel(StdinProgress::default());
+        let flags = Arc::new(Flags::default());
+        let guard = Arc::new(Guard {
+            _cancel: cancel_tx,
+            _session: session,
+        });
+        let span = tracing::debug_span!("flowctl.ssh.exec", command = %command);
+        config.ledger.spawn(
+            LEDGER_TASK,
+            tracing::Instrument::instrument(
+                read_channel(ReadTask {
+                    read,
+                    write: write.clone(),
+                    out: out_tx,
+                    err: err_tx,
+                    flags: flags.clone(),
+                    exit: exit_tx,
+                    done: done_tx,
+                    cancel: cancel_rx.clone(),
+                }),
+                span.clone(),
+            ),
+        );
+        config.ledger.spawn(
+            LEDGER_TASK,
+            tracing::Instrument::instrument(
+                write_stdin(in_rx, write, written_tx, done_rx, cancel_rx),
+                span,
+            ),
+        );
+        Ok(RemoteProcess {
+            stdin: Stdin {
+                tx: in_tx,
+                progress: written_rx,
+                _guard: guard.clone(),
+            },
+            stdout: Output {
+                rx: out_rx,
+                stream: "stdout",
+                flags: flags.clone(),
+                delivered: 0,
+                _guard: guard.clone(),
+            },
+            stderr: Output {
+                rx: err_rx,
+                stream: "stderr",
+                flags,
+                delivered: 0,
+                _guard: guard.clone(),
+            },
+            exit: Exit {
+                rx: exit_rx,
+                _guard: guard,
+            },
+        })
+    }
+
+    /// Waits for the process to end. Drain or drop stdout and stderr first
+    /// (or concurrently): a full output buffer stops the channel.
+    pub async fn wait(&mut self) -> Result<ExitStatus, SshError> {
+        self.exit.wait().await
+    }
+
+    /// The parts, to move into different tasks.
+    pub fn split(self) -> (Stdin, Output, Output, Exit) {
+        (self.stdin, self.stdout, self.stderr, self.exit)
+    }
+}
+
+struct ReadTask {
+    read: ChannelReadHalf,
+    write: Arc<ChannelWriteHalf<Msg>>,
+    out: PipeSink<Bytes>,
+    err: PipeSink<Bytes>,
+    flags: Arc<Flags>,
+    exit: watch::Sender<Option<Outcome>>,
+    done: watch::Sender<bool>,
+    cancel: watch::Receiver<()>,
+}
+
+/// Waits until `pipe` has room; a pipe whose source was dropped is marked
+/// closed and its data is discarded from then on.
+async fn room(pipe: &mut PipeSink<Bytes>, open: &mut bool) {
+    if *open && pipe.ready().await.is_err() {
+        *open = false;
+    }
+}
+
+fn deliver(pipe: &mut PipeSink<Bytes>, open: &mut bool, data: Bytes) {
+    if *open && pipe.start_send(data).is_err() {
+        *open = false;
+    }
+}
+
+/// The channel reader: takes the next message from russh's channel queue
+/// only when both output pipes are at or below their watermarks.
+async fn read_channel(mut t: ReadTask) {
+    let (mut out_open, mut err_open) = (true, true);
+    let mut status: Option<ExitStatus> = None;
+    let mut eof = false;
+    let mut stdout_bytes = 0u64;
+    let closed_cleanly;
+    loop {
+        // Backpressure: wait for room in both pipes BEFORE taking a message,
+        // since we do not know yet which stream it belongs to.
+        tokio::select! {
+            _ = t.cancel.changed() => {
+                tracing::debug!("every part of the process dropped: closing the channel");
+                let _ = t.write.close().await;
+                return;
+            }
+            () = async {
+                room(&mut t.out, &mut out_open).await;
+                room(&mut t.err, &mut err_open).await;
+            } => {}
+        }
+        let msg = tokio::select! {
+            _ = t.cancel.changed() => {
+                let _ = t.write.close().await;
+                return;
+            }
+            msg = t.read.wait() => msg,
+        };
+        match msg {
+            Some(ChannelMsg::Data { data }) => {
+                tracing::trace!(len = data.len(), "stdout data");
+                stdout_bytes += data.len() as u64;
+                deliver(&mut t.out, &mut out_open, data);
+            }
+            Some(ChannelMsg::ExtendedData { data, ext }) => {
+                tracing::trace!(len = data.len(), ext, "extended data");
+                if ext == 1 {
+                    deliver(&mut t.err, &mut err_open, data);
+                }
+            }
+            Some(ChannelMsg::Eof) => {
+                eof = true;
+                t.out.close_now();
+                t.err.close_now();
+            }
+            Some(ChannelMsg::ExitStatus { exit_status }) => {
+                status = Some(ExitStatus::Code(exit_status));
+            }
+            Some(ChannelMsg::ExitSignal {
+                signal_name,
+                core_dumped,
+                error_message,
+                ..
+            }) => {
+                let name = match signal_name {
+                    russh::Sig::Custom(s) => s,
+                    other => format!("{other:?}"),
+                };
+                status = Some(ExitStatus::Signal {
+                    name,
+                    core_dumped,
+                    message: error_message,
+                });
+            }
+            Some(ChannelMsg::Close) => {
+                closed_cleanly = true;
+                break;
+            }
+            Some(_) => {}
+            None => {
+                closed_cleanly = false;
+                break;
+            }
+        }
+    }
+    if !closed_cleanly && !eof {
+        tracing::debug!(stdout_bytes, "connection lost before the end of the output");
+        t.flags.stdout_lost.store(true, Ordering::Release);
+        t.flags.stderr_lost.store(true, Ordering::Release);
+    }
+    let outcome = match (status, closed_cleanly) {
+        (Some(s), _) => Outcome::Exited(s),
+        (None, true) => Outcome::NoStatus {
+            stdout: stdout_bytes,
+        },
+        (None, false) => Outcome::Lost,
+    };
+    // Flags first, then the end of the pipes: a source that sees its end
+    // also sees whether it was a loss.
+    t.out.close_now();
+    t.err.close_now();
+    let _ = t.exit.send(Some(outcome));
+    let _ = t.done.send(true);
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct StdinProgress {
+    /// Bytes handed to russh (which sent them within the peer's window).
+    written: u64,
+    /// The writer has stopped: EOF sent, or the channel is gone.
+    finished: bool,
+    /// EOF was sent.
+    eof: bool,
+}
+
+/// The stdin writer: hands each chunk to russh, which waits for the peer's
+/// window, so at most high watermark + one chunk is held here.
+async fn write_stdin(
+    mut rx: PipeSource<Bytes>,
+    write: Arc<ChannelWriteHalf<Msg>>,
+    progress: watch::Sender<StdinProgress>,
+    mut done: watch::Receiver<bool>,
+    mut cancel: watch::Receiver<()>,
+) {
+    loop {
+        let item = tokio::select! {
+            _ = cancel.changed() => break,
+            _ = done.wait_for(|d| *d) => break,
+            item = rx.recv() => item,
+        };
+        match item {
+            Ok(Some(chunk)) => {
+                let len = chunk.len() as u64;
+                let sent = tokio::select! {
+                    _ = cancel.changed() => break,
+                    _ = done.wait_for(|d| *d) => break,
+                    r = write.data_bytes(chunk) => r,
+                };
+                if let Err(e) = sent {
+                    tracing::debug!(error = %e, "stdin write failed");
+                    break;
+                }
+                progress.send_modify(|p| p.written += len);
+            }
+            Ok(None) | Err(_) => {
+                let eof = write.eof().await.is_ok();
+                progress.send_modify(|p| p.eof = eof);
+                break;
+            }
+        }
+    }
+    progress.send_modify(|p| p.finished = true);
+}
+
+/// The remote process's stdin: a bounded [`Sink`] of `Bytes`.
+///
+/// Chunks wait in a pipe bounded by the session's watermarks and are written
+/// by a task as fast as the server's SSH window allows; `ready` waits while
+/// more than `high` bytes wait. `flush` waits until every accepted byte has
+/// been handed to the connection; `close` flushes and sends EOF. Dropping
+/// stdin also sends EOF.
+#[derive(Debug)]
+pub struct Stdin {
+    tx: PipeSink<Bytes>,
+    progress: watch::Receiver<StdinProgress>,
+    _guard: Arc<Guard>,
+}
+
+#[async_trait]
+impl Sink for Stdin {
+    type Item = Bytes;
+
+    async fn ready(&mut self) -> Result<(), FlowError> {
+        self.tx.ready().await
+    }
+
+    fn start_send(&mut self, item: Bytes) -> Result<(), FlowError> {
+        self.tx.start_send(item)
+    }
+
+    async fn flush(&mut self) -> Result<(), FlowError> {
+        let accepted = self.tx.stats().bytes;
+        let p = self
+            .progress
+            .wait_for(|p| p.written >= accepted || p.finished)
+            .await
+            .map(|p| *p)
+            .map_err(|_| FlowError::Closed)?;
+        if p.written >= accepted {
+            Ok(())
+        } else {
+            Err(FlowError::Closed)
+        }
+    }
+
+    async fn close(&mut self) -> Result<(), FlowError> {
+        if self.progress.borrow().eof {
+            return Ok(());
+        }
+        self.flush().await?;
+        self.tx.close_now();
+        let p = self
+            .progress
+            .wait_for(|p| p.finished)
+            .await
+            .map(|p| *p)
+            .map_err(|_| FlowError::Closed)?;
+        if p.eof {
+            Ok(())
+        } else {
+            Err(FlowError::Closed)
+        }
+    }
+
+    fn stats(&self) -> FlowStats {
+        self.tx.stats()
+    }
+}
+
+/// The remote process's stdout or stderr: a fair, bounded [`Source`] of
+/// `Bytes` (one SSH packet per item, at most
+/// [`SshConfig::max_packet`](crate::SshConfig::max_packet) bytes).
+///
+/// `stats().max_buffered` is at most the high watermark plus one packet.
+///
+/// # Errors
+/// [`SshError::ConnectionLost`] (inside [`FlowError::Transport`]) if the
+/// connection ended before the stream did; it says how many bytes of the
+/// stream were delivered.
+#[derive(Debug)]
+pub struct Output {
+    rx: PipeSource<Bytes>,
+    stream: &'static str,
+    flags: Arc<Flags>,
+    delivered: u64,
+    _guard: Arc<Guard>,
+}
+
+impl Output {
+    /// Bytes of this stream handed to the consumer so far.
+    pub fn delivered(&self) -> u64 {
+        self.delivered
+    }
+
+    fn lost(&self) -> bool {
+        let flag = if self.stream == "stdout" {
+            &self.flags.stdout_lost
+        } else {
+            &self.flags.stderr_lost
+        };
+        flag.load(Ordering::Acquire)
+    }
+
+    /// Reads the whole stream into memory (for small outputs only: this is
+    /// unbounded by design).
+    pub async fn read_to_end(&mut self) -> Result<Vec<u8>, FlowError> {
+        let mut all = Vec::new();
+        while let Some(chunk) = self.recv().await? {
+            all.extend_from_slice(&chunk);
+        }
+        Ok(all)
+    }
+}
+
+#[async_trait]
+impl Source for Output {
+    type Item = Bytes;
+
+    async fn recv(&mut self) -> Result<Option<Bytes>, FlowError> {
+        match self.rx.recv().await? {
+            Some(chunk) => {
+                self.delivered += chunk.len() as u64;
+                Ok(Some(chunk))
+            }
+            None if self.lost() => Err(SshError::ConnectionLost {
+                stream: self.stream,
+                delivered: self.delivered,
+            }
+            .into()),
+            None => Ok(None),
+        }
+    }
+
+    fn stats(&self) -> FlowStats {
+        self.rx.stats()
+    }
+}
+
+/// Waits for the exit status of a [`RemoteProcess`].
+#[derive(Debug)]
+pub struct Exit {
+    rx: watch::Receiver<Option<Outcome>>,
+    _guard: Arc<Guard>,
+}
+
+impl Exit {
+    /// Waits until the channel has closed and returns how the process ended.
+    ///
+    /// # Errors
+    /// [`SshError::ConnectionLost`] if the connection ended first;
+    /// [`SshError::NoExitStatus`] if the server closed the channel without
+    /// reporting a status.
+    pub async fn wait(&mut self) -> Result<ExitStatus, SshError> {
+        let outcome = self
+            .rx
+            .wait_for(Option::is_some)
+            .await
+            .map(|o| o.clone())
+            .map_err(|_| SshError::ConnectionLost {
+                stream: "exit status",
+                delivered: 0,
+            })?;
+        match outcome {
+            Some(Outcome::Exited(s)) => Ok(s),
+            Some(Outcome::NoStatus { stdout }) => Err(SshError::NoExitStatus { stdout }),
+            Some(Outcome::Lost) | None => Err(SshError::ConnectionLost {
+                stream: "exit status",
+                delivered: 0,
+            }),
+        }
+    }
+}

@@ -1,0 +1,414 @@
+//! Connections: connect, authenticate, check the host key, open exec channels.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use flowctl_core::lifecycle::Lease;
+use russh::client::{self, AuthResult};
+use russh::keys::{HashAlg, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate};
+
+use crate::config::{Auth, HostKeyPolicy, SshConfig};
+use crate::error::SshError;
+use crate::process::RemoteProcess;
+
+/// Ledger kind of a live SSH connection.
+pub const LEDGER_SESSION: &str = "ssh.session";
+/// Ledger kind of a live task spawned by this crate.
+pub const LEDGER_TASK: &str = "ssh.task";
+
+/// What the host-key check found, kept to build a precise error.
+#[derive(Debug)]
+enum HostKeyVerdict {
+    Unknown(PublicKey),
+    Changed(PublicKey, usize),
+    Failed(String),
+}
+
+#[derive(Debug)]
+pub(crate) struct ClientHandler {
+    policy: HostKeyPolicy,
+    host: String,
+    port: u16,
+    verdict: Arc<Mutex<Option<HostKeyVerdict>>>,
+}
+
+fn known_hosts_file(policy: &HostKeyPolicy) -> Option<PathBuf> {
+    match policy {
+        HostKeyPolicy::KnownHosts(Some(p)) => Some(p.clone()),
+        HostKeyPolicy::KnownHosts(None) | HostKeyPolicy::Default => {
+            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".ssh").join("known_hosts"))
+        }
+        HostKeyPolicy::InsecureAcceptAny => None,
+    }
+}
+
+impl client::Handler for ClientHandler {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        key: &PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        if matches!(self.policy, HostKeyPolicy::InsecureAcceptAny) {
+            tracing::warn!(host = %self.host, "accepting any host key (HostKeyPolicy::InsecureAcceptAny)");
+            return Ok(true);
+        }
+        let key = match key {
+            PublicKeyOrCertificate::PublicKey { key, .. } => key.clone(),
+            PublicKeyOrCertificate::Certificate(cert) => {
+                *self.verdict.lock().unwrap_or_else(|e| e.into_inner()) = Some(
+                    HostKeyVerdict::Failed("host certificates are not supported".into()),
+                );
+                let _ = cert;
+                return Ok(false);
+            }
+        };
+        let Some(path) = known_hosts_file(&self.policy) else {
+            *self.verdict.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some(HostKeyVerdict::Unknown(key));
+            return Ok(false);
+        };
+        let verdict = match russh::keys::check_known_hosts_path(&self.host, self.port, &key, &path)
+        {
+            Ok(true) => return Ok(true),
+            Ok(false) => HostKeyVerdict::Unknown(key),
+            Err(russh::keys::Error::KeyChanged { line }) => HostKeyVerdict::Changed(key, line),
+            Err(e) => HostKeyVerdict::Failed(e.to_string()),
+        };
+        *self.verdict.lock().unwrap_or_else(|e| e.into_inner()) = Some(verdict);
+        Ok(false)
+    }
+}
+
+/// An authenticated SSH connection.
+///
+/// Open remote processes with [`exec`](Session::exec). The connection stays
+/// up while the session or any of its processes is alive; dropping all of
+/// them closes it and ends russh's session task. [`close`](Session::close)
+/// disconnects at once.
+pub struct Session {
+    inner: Arc<SessionInner>,
+    config: Arc<SshConfig>,
+}
+
+/// The connection, shared by the session and its processes. Dropping the
+/// last reference disconnects and waits for russh's session task to end, in a
+/// task counted by the ledger: a return to zero proves nothing is left.
+pub(crate) struct SessionInner {
+    handle: Option<client::Handle<ClientHandler>>,
+    ledger: flowctl_core::lifecycle::Ledger,
+    _lease: Lease,
+}
+
+impl SessionInner {
+    fn handle(&self) -> Result<&client::Handle<ClientHandler>, SshError> {
+        self.handle
+            .as_ref()
+            .ok_or_else(|| SshError::Config("session already closed".into()))
+    }
+}
+
+impl Drop for SessionInner {
+    fn drop(&mut self) {
+        let Some(handle) = self.handle.take() else {
+            return;
+        };
+        if tokio::runtime::Handle::try_current().is_err() {
+            // No runtime: russh's task dies with its runtime anyway.
+            return;
+        }
+        self.ledger.spawn(LEDGER_TASK, shut_down(handle));
+    }
+}
+
+/// Disconnects and waits (bounded) for russh's session task to end.
+async fn shut_down(handle: client::Handle<ClientHandler>) {
+    let _ = handle
+        .disconnect(russh::Disconnect::ByApplication, "bye", "en")
+        .await;
+    match tokio::time::timeout(std::time::Duration::from_secs(10), handle).await {
+        Ok(Ok(())) => tracing::info!("ssh session closed"),
+        Ok(Err(e)) => tracing::debug!(error = %e, "ssh session ended with an error"),
+        Err(_) => tracing::warn!("ssh session task did not end within 10 s of disconnect"),
+    }
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("user", &self.config.user)
+            .field("addr", &self.config.addr)
+            .finish()
+    }
+}
+
+fn split_host_port(addr: &str) -> (String, u16) {
+    if let Some(rest) = addr.strip_prefix('[') {
+        if let Some((host, port)) = rest.split_once("]:") {
+            return (host.to_owned(), port.parse().unwrap_or(22));
+        }
+    }
+    match addr.rsplit_once(':') {
+        Some((host, port)) if !host.contains(':') => (host.to_owned(), port.parse().unwrap_or(22)),
+        _ => (addr.to_owned(), 22),
+    }
+}
+
+fn fingerprint(key: &PublicKey) -> String {
+    key.fingerprint(HashAlg::Sha256).to_string()
+}
+
+impl Session {
+    /// Connects, checks the host key and authenticates, all within
+    /// [`SshConfig::connect_timeout`].
+    ///
+    /// # Errors
+    /// [`SshError::Connect`] if the TCP connection fails,
+    /// [`SshError::UnknownHostKey`] / [`SshError::HostKeyMismatch`] (with the
+    /// offered key's fingerprint) if the host key is not trusted,
+    /// [`SshError::AuthRejected`] if no method was accepted,
+    /// [`SshError::ConnectTimeout`] if it all took too long.
+    pub async fn connect(config: SshConfig) -> Result<Session, SshError> {
+        let timeout = config.connect_timeout;
+        let addr = config.addr.clone();
+        match tokio::time::timeout(timeout, Self::connect_inner(config)).await {
+            Ok(r) => r,
+            Err(_) => Err(SshError::ConnectTimeout { addr, timeout }),
+        }
+    }
+
+    async fn connect_inner(config: SshConfig) -> Result<Session, SshError> {
+        if config.channel_buffer == 0 {
+            return Err(SshError::Config(
+                "channel_buffer must be at least 1 message".into(),
+            ));
+        }
+        let (host, port) = split_host_port(&config.addr);
+        let mut preferred = russh::Preferred::default();
+        if !config.ciphers.is_empty() {
+            let names = config
+                .ciphers
+                .iter()
+                .map(|c| {
+                    russh::cipher::Name::try_from(c.as_str())
+                        .map_err(|_| SshError::Config(format!("unknown cipher {c:?}")))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            preferred.cipher = names.into();
+        }
+        let russh_config = client::Config {
+            preferred,
+            window_size: config.window,
+            maximum_packet_size: config.max_packet,
+            channel_buffer_size: config.channel_buffer,
+            keepalive_interval: config.keepalive_interval,
+            keepalive_max: config.keepalive_max,
+            nodelay: true,
+            ..Default::default()
+        };
+        let verdict = Arc::new(Mutex::new(None));
+        let handler = ClientHandler {
+            policy: config.host_key.clone(),
+            host: host.clone(),
+            port,
+            verdict: verdict.clone(),
+        };
+        let socket = tokio::net::TcpStream::connect(&config.addr)
+            .await
+            .map_err(|source| SshError::Connect {
+                addr: config.addr.clone(),
+                source,
+            })?;
+        let _ = socket.set_nodelay(true);
+        let mut handle = match client::connect_stream(Arc::new(russh_config), socket, handler).await
+        {
+            Ok(h) => h,
+            Err(e) => {
+                let found = verdict.lock().unwrap_or_else(|e| e.into_inner()).take();
+                return Err(host_key_error(found, &host, port, &config.host_key)
+                    .unwrap_or_else(|| e.into()));
+            }
+        };
+        let lease = config.ledger.acquire(LEDGER_SESSION);
+        authenticate(&mut handle, &config).await?;
+        tracing::info!(user = %config.user, addr = %config.addr, "ssh session established");
+        Ok(Session {
+            inner: Arc::new(SessionInner {
+                handle: Some(handle),
+                ledger: config.ledger.clone(),
+                _lease: lease,
+            }),
+            config: Arc::new(config),
+        })
+    }
+
+    /// Runs `command` on the server in a new channel of this connection.
+    ///
+    /// All channels of a connection share russh's session loop: a process
+    /// whose output is not consumed stalls the others once its buffers are
+    /// full (see the crate docs). Use [`exec_isolated`](Session::exec_isolated)
+    /// when that matters.
+    ///
+    /// # Errors
+    /// [`SshError::ExecRefused`] if the server refuses the command; a russh
+    /// error if the connection is gone.
+    pub async fn exec(&self, command: &str) -> Result<RemoteProcess, SshError> {
+        let channel = self.inner.handle()?.channel_open_session().await?;
+        channel.exec(true, command).await?;
+        RemoteProcess::start(channel, command, &self.config, self.inner.clone()).await
+    }
+
+    /// Opens a new connection with the same configuration and runs `command`
+    /// on it alone, so that a stalled consumer of this process cannot stall
+    /// any other channel. The connection closes when the process is dropped.
+    pub async fn exec_isolated(&self, command: &str) -> Result<RemoteProcess, SshError> {
+        let session = Session::connect((*self.config).clone()).await?;
+        session.exec(command).await
+    }
+
+    /// The configuration this session was opened with.
+    pub fn config(&self) -> &SshConfig {
+        &self.config
+    }
+
+    /// Disconnects now and waits for russh's session task to end, if no
+    /// process of this session is still alive; otherwise the connection is
+    /// closed when the last process is dropped.
+    pub async fn close(self) {
+        match Arc::try_unwrap(self.inner) {
+            Ok(mut inner) => {
+                if let Some(handle) = inner.handle.take() {
+                    shut_down(handle).await;
+                }
+            }
+            Err(_shared) => {}
+        }
+    }
+}
+
+impl std::fmt::Debug for SessionInner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SessionInner")
+    }
+}
+
+fn host_key_error(
+    verdict: Option<HostKeyVerdict>,
+    host: &str,
+    port: u16,
+    policy: &HostKeyPolicy,
+) -> Option<SshError> {
+    let host = if port == 22 {
+        host.to_owned()
+    } else {
+        format!("[{host}]:{port}")
+    };
+    let known_hosts = known_hosts_file(policy)
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "no known_hosts file ($HOME is not set)".to_owned());
+    Some(match verdict? {
+        HostKeyVerdict::Unknown(key) => SshError::UnknownHostKey {
+            host,
+            algorithm: key.algorithm().to_string(),
+            fingerprint: fingerprint(&key),
+            known_hosts,
+        },
+        HostKeyVerdict::Changed(key, line) => SshError::HostKeyMismatch {
+            host,
+            algorithm: key.algorithm().to_string(),
+            fingerprint: fingerprint(&key),
+            line,
+            known_hosts,
+        },
+        HostKeyVerdict::Failed(why) => SshError::Config(format!(
+            "cannot check the host key of {host} against {known_hosts}: {why}"
+        )),
+    })
+}
+
+async fn authenticate(
+    handle: &mut client::Handle<ClientHandler>,
+    config: &SshConfig,
+) -> Result<(), SshError> {
+    let user = config.user.as_str();
+    let mut tried = Vec::new();
+    for auth in &config.auth {
+        tried.push(auth.describe());
+        let ok = match auth {
+            Auth::KeyFile { path, passphrase } => {
+                let key =
+                    russh::keys::load_secret_key(path, passphrase.as_deref()).map_err(|e| {
+                        SshError::Key {
+                            path: path.display().to_string(),
+                            source: Box::new(e),
+                        }
+                    })?;
+                let hash = handle.best_supported_rsa_hash().await?.flatten();
+                let key = PrivateKeyWithHashAlg::new(Arc::new(key), hash);
+                matches!(
+                    handle.authenticate_publickey(user, key).await?,
+                    AuthResult::Success
+                )
+            }
+            Auth::Password(password) => matches!(
+                handle.authenticate_password(user, password).await?,
+                AuthResult::Success
+            ),
+            Auth::Agent | Auth::AgentSocket(_) => {
+                use russh::keys::agent::client::AgentClient;
+                let agent = match auth {
+                    Auth::AgentSocket(path) => AgentClient::connect_uds(path).await,
+                    _ => AgentClient::connect_env().await,
+                };
+                let mut agent = agent.map_err(|e| SshError::Agent(Box::new(e)))?;
+                let ids = agent
+                    .request_identities()
+                    .await
+                    .map_err(|e| SshError::Agent(Box::new(e)))?;
+                let hash = handle.best_supported_rsa_hash().await?.flatten();
+                let mut ok = false;
+                for id in ids {
+                    let russh::keys::agent::AgentIdentity::PublicKey { key, .. } = id else {
+                        continue;
+                    };
+                    let res = handle
+                        .authenticate_publickey_with(user, key, hash, &mut agent)
+                        .await
+                        .map_err(|e| SshError::Agent(Box::new(e)))?;
+                    if matches!(res, AuthResult::Success) {
+                        ok = true;
+                        break;
+                    }
+                }
+                ok
+            }
+        };
+        if ok {
+            return Ok(());
+        }
+    }
+    Err(SshError::AuthRejected {
+        user: user.to_owned(),
+        tried: if tried.is_empty() {
+            "no method (SshConfig::auth is empty)".to_owned()
+        } else {
+            tried.join(", ")
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_host_port;
+
+    #[test]
+    fn host_and_port_for_known_hosts() {
+        assert_eq!(
+            split_host_port("example.org:2222"),
+            ("example.org".into(), 2222)
+        );
+        assert_eq!(split_host_port("example.org"), ("example.org".into(), 22));
+        assert_eq!(split_host_port("[::1]:2200"), ("::1".into(), 2200));
+        assert_eq!(split_host_port("::1"), ("::1".into(), 22));
+    }
+}

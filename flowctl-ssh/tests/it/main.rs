@@ -1,0 +1,17 @@
+//! Integration tests of flowctl-ssh against real peers: the in-process russh
+//! server and OpenSSH `sshd`, both on 127.0.0.1.
+
+// Test fixtures: the embedded server and a throwaway sshd, with keys in a temp dir.
+mod fixture;
+// exec, stdin/stdout/stderr, exit status and EOF, against both servers.
+mod exec;
+// 64 MiB through stalled consumers in both directions: bounded buffers, every byte.
+mod bounded;
+// Connection refused, auth rejected, host keys, not found, dropped connection, signals.
+mod errors;
+// Dropping processes and sessions: tasks and connections return to zero.
+mod lifecycle;
+// Authentication through a real ssh-agent.
+mod auth;
+// Redirection helpers between remote and local processes.
+mod redirect;
