@@ -122,6 +122,7 @@ impl Budget {
                 "fair yield: slice spent"
             );
             self.end_slice();
+            exhaust_coop(cx);
             cx.waker().wake_by_ref();
             return Poll::Pending;
         }
@@ -158,6 +159,21 @@ impl Budget {
     fn end_slice(&mut self) {
         self.reset();
         self.yields += 1;
+    }
+}
+
+/// Spends the rest of the task's tokio coop budget, so the yield we are about
+/// to ask for sticks: a caller that drops our `Pending` (a `now_or_never`, a
+/// `select!` with a ready branch) and polls again finds every coop-aware
+/// operation pending until the task has really been back to the scheduler,
+/// which is when tokio refills the budget. Bounded, because outside a runtime
+/// (or inside `unconstrained`) the budget never runs out.
+fn exhaust_coop(cx: &mut Context<'_>) {
+    for _ in 0..1024 {
+        match tokio::task::coop::poll_proceed(cx) {
+            Poll::Ready(restore) => restore.made_progress(),
+            Poll::Pending => return,
+        }
     }
 }
 

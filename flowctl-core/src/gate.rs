@@ -233,6 +233,11 @@ impl Gate {
         wakeups.wake();
     }
 
+    /// True while producers are paused (above high, not yet back at low).
+    pub fn is_paused(&self) -> bool {
+        lock(&self.state).paused
+    }
+
     /// True once [`close`](Gate::close) has been called.
     pub fn is_closed(&self) -> bool {
         lock(&self.state).is_closed()

@@ -8,7 +8,9 @@
 //! build.
 
 mod bench;
+mod browser;
 mod docs;
+mod linkcheck;
 mod loom;
 mod setup;
 mod soak;
@@ -32,7 +34,9 @@ commands:
               [--duration D] [--seed N] [--json FILE] [--scenario NAME]
   bench     run the flowctl-bench benchmarks
               [--quick] [--only PREFIX] [--json FILE]
-  docs      build the API docs with warnings denied
+  docs      API docs (rustdoc warnings denied), the mdBook site in target/book,
+            its internal links and a headless chromium check of two pages
+              [--serve: serve the book on 127.0.0.1:3000]
   help      print this message
 ";
 
@@ -48,7 +52,7 @@ fn main() -> ExitCode {
         Some("loom") => args.finish().and_then(|()| loom::run()),
         Some("soak") => soak::run(args),
         Some("bench") => bench::run(args),
-        Some("docs") => args.finish().and_then(|()| docs::run()),
+        Some("docs") => docs::cli(args),
         Some(other) => Err(format!("unknown command `{other}`; run `cargo xtask help`")),
     };
     match result {

@@ -25,6 +25,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("python3-venv", "the venv holding pyzmq and asyncssh"),
     ("libzmq3-dev", "libzmq that the `zmq` crate links to"),
     ("pkg-config", "how the `zmq` crate finds libzmq"),
+    ("chromium", "the headless browser check of `xtask docs`"),
 ];
 
 /// The python modules the foreign peers need (PyPI names, import names).

@@ -110,3 +110,39 @@ async fn the_byte_budget_yields_before_the_item_budget() {
         src.yields()
     );
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_forced_yield_survives_a_caller_that_drops_pending() {
+    // The provided recv_many polls extra items with now_or_never, which drops a
+    // Pending. The byte limit (one 64 KiB item per slice here) must still make
+    // the task yield for every item, not only every 128 (tokio's coop budget).
+    let big = Bytes::from(vec![0u8; 64 * 1024]);
+    let mut src = AlwaysReady(big).fair(Fairness::new(1_000_000, 64 * 1024).unwrap());
+    let turns = Arc::new(AtomicU32::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let other = {
+        let (turns, done) = (turns.clone(), done.clone());
+        tokio::spawn(async move {
+            while !done.load(Ordering::SeqCst) {
+                turns.fetch_add(1, Ordering::SeqCst);
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+    tokio::task::yield_now().await;
+    let before = turns.load(Ordering::SeqCst);
+    let mut taken = 0;
+    let mut buf = Vec::new();
+    while taken < 256 {
+        buf.clear();
+        taken += src.recv_many(&mut buf, 1000).await.unwrap();
+    }
+    let turns_during = turns.load(Ordering::SeqCst) - before;
+    done.store(true, Ordering::SeqCst);
+    other.await.unwrap();
+    // One yield per item would give the other task ~256 turns; without the fix it got ~2.
+    assert!(
+        turns_during >= 64,
+        "the other task ran {turns_during} times while 256 items of 64 KiB were taken"
+    );
+}
