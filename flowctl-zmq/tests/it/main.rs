@@ -4,3 +4,5 @@
 mod peer;
 // Every socket pattern against pyzmq in both directions, content and order checked.
 mod patterns;
+// Starvation: a flooded PULL next to a 1 ms timer, flowctl vs a raw AsyncFd loop.
+mod fairness;
