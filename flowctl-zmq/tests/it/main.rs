@@ -6,3 +6,9 @@ mod peer;
 mod patterns;
 // Starvation: a flooded PULL next to a 1 ms timer, flowctl vs a raw AsyncFd loop.
 mod fairness;
+// Bounded memory: slow pyzmq receiver vs fast PUSH; PUB drops counted.
+mod backpressure;
+// Close without loss: 100,000 messages then close at once.
+mod close;
+// Bad input: wrong frame counts, endpoint in use, unknown options and values.
+mod bad_input;
