@@ -195,7 +195,10 @@ impl Core {
     /// waker: the notification is armed and the flag raised before the final
     /// `ZMQ_EVENTS` check, and the fd's readiness is cleared only after a
     /// wake-up, before the caller re-checks.
-    async fn wait(&self, dir: Dir) -> Result<(), FlowError> {
+    ///
+    /// Returns `Ok(true)` if `ZMQ_EVENTS` said ready at once (no sleep): a
+    /// caller whose next attempt still fails must yield rather than spin.
+    async fn wait(&self, dir: Dir) -> Result<bool, FlowError> {
         let (flag, notify) = match dir {
             Dir::In => (&self.waiting_in, &self.notify_in),
             Dir::Out => (&self.waiting_out, &self.notify_out),
@@ -210,7 +213,7 @@ impl Core {
             Dir::Out => ev.writable,
         };
         if ready {
-            return Ok(());
+            return Ok(true);
         }
         let afd = self.afd()?;
         tokio::select! {
@@ -220,7 +223,7 @@ impl Core {
             }
             () = &mut notified => {}
         }
-        Ok(())
+        Ok(false)
     }
 
     fn stats(&self) -> ZmqStats {
@@ -645,9 +648,11 @@ impl ZmqSink {
         }
     }
 
-    /// Pushes queued messages into libzmq until it refuses one.
-    fn drain(&mut self) -> Result<(), FlowError> {
+    /// Pushes queued messages into libzmq until it refuses one; returns how
+    /// many left the queue.
+    fn drain(&mut self) -> Result<usize, FlowError> {
         let core = self.core()?.clone();
+        let mut moved = 0;
         while let Some(front) = self.queue.front() {
             let weight = front.weight();
             let sent = core.try_send(front)?;
@@ -656,15 +661,20 @@ impl ZmqSink {
             }
             self.queue.pop_front();
             self.gate.credit(weight);
+            moved += 1;
         }
-        Ok(())
+        Ok(moved)
     }
 
-    /// Waits for libzmq to have room; on a socket whose writability never
-    /// clears (ROUTER with a full peer) this degrades to a yield.
-    async fn wait_writable(&self) -> Result<(), FlowError> {
+    /// Waits for libzmq to have room. `ZMQ_EVENTS` may say "writable" while a
+    /// send is still refused (a ROUTER whose addressed peer is full, with
+    /// `ZMQ_ROUTER_MANDATORY`): then this yields instead of spinning.
+    async fn wait_writable(&mut self) -> Result<(), FlowError> {
         let core = self.core()?.clone();
-        core.wait(Dir::Out).await
+        if core.wait(Dir::Out).await? && self.drain()? == 0 {
+            tokio::task::yield_now().await;
+        }
+        Ok(())
     }
 
     /// Counters beyond [`FlowStats`]: PUB drops, forced yields.
@@ -699,10 +709,6 @@ impl Sink for ZmqSink {
             }
             waited = true;
             self.wait_writable().await?;
-            if !self.queue.is_empty() {
-                // Writable but still refused (ROUTER to a full peer): do not spin.
-                tokio::task::yield_now().await;
-            }
         }
     }
 
@@ -741,9 +747,6 @@ impl Sink for ZmqSink {
                 return Ok(());
             }
             self.wait_writable().await?;
-            if !self.queue.is_empty() {
-                tokio::task::yield_now().await;
-            }
         }
     }
 
@@ -867,6 +870,7 @@ impl Source for ZmqSource {
         }
         poll_fn(|cx| self.budget.poll_proceed(cx)).await;
         let mut waited = false;
+        let mut waited_at_once = false;
         loop {
             if let Some(msg) = core.try_recv()? {
                 if waited {
@@ -890,8 +894,12 @@ impl Source for ZmqSource {
                 tracing::trace!(frames = msg.len(), weight, "zmq recv");
                 return Ok(Some(msg));
             }
+            if waited_at_once {
+                // ZMQ_EVENTS said readable, yet nothing came: yield, do not spin.
+                tokio::task::yield_now().await;
+            }
             waited = true;
-            core.wait(Dir::In).await?;
+            waited_at_once = core.wait(Dir::In).await?;
         }
     }
 

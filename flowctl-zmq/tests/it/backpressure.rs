@@ -14,7 +14,9 @@ const SIZE: usize = 64 * 1024;
 #[tokio::test]
 async fn fast_push_into_slow_pyzmq_pull_stays_within_watermark() {
     // 500 x 64 KiB = 32 MiB: far more than libzmq's queues (16 + 4 messages)
-    // and the loopback socket buffers can hold, so the sink must pause.
+    // and the socket buffers (our send buffer, at most wmem_max = 4 MiB on
+    // Linux; the peer's receive buffer fixed at 128 KiB, since autotuning may
+    // grow it to tcp_rmem's max, 32 MiB here) can hold: the sink must pause.
     let n = 500;
     let peer = Peer::start(&[
         "pull",
@@ -37,9 +39,11 @@ async fn fast_push_into_slow_pyzmq_pull_stays_within_watermark() {
         .build()
         .unwrap()
         .into_sink();
+    // Built up front so that the sender is limited by the socket only.
+    let msgs: Vec<_> = (0..n).map(|i| message(i, SIZE)).collect();
     let mut max_queued = 0;
-    for i in 0..n {
-        tx.send(message(i, SIZE)).await.unwrap();
+    for msg in msgs {
+        tx.send(msg).await.unwrap();
         max_queued = max_queued.max(tx.queued());
     }
     tx.close().await.unwrap();

@@ -37,6 +37,7 @@ def main():
     ap.add_argument("--count", type=int, default=100)
     ap.add_argument("--size", type=int, default=16)
     ap.add_argument("--hwm", type=int, default=1000)
+    ap.add_argument("--rcvbuf", type=int, default=0)
     ap.add_argument("--delay-ms", type=float, default=0.0)
     ap.add_argument("--alarm", type=int, default=90)
     a = ap.parse_args()
@@ -54,6 +55,15 @@ def main():
     s.setsockopt(zmq.LINGER, 20000)
     if a.mode == "dealer":
         s.setsockopt(zmq.ROUTING_ID, b"py-dealer")
+    if a.rcvbuf:
+        # A fixed kernel receive buffer (no autotuning up to tcp_rmem's max).
+        s.setsockopt(zmq.RCVBUF, a.rcvbuf)
+    if a.mode == "router-echo":
+        # Block at the HWM instead of dropping: the checker expects every echo.
+        s.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    if a.mode == "xpub":
+        # Block at the HWM instead of dropping: the checker expects every message.
+        s.setsockopt(zmq.XPUB_NODROP, 1)
     if a.mode == "sub":
         s.setsockopt(zmq.SUBSCRIBE, b"A")
         s.setsockopt(zmq.SUBSCRIBE, b"probe")
