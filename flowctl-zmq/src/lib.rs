@@ -2,7 +2,7 @@
 //! and [`Source`](flowctl_core::Source)s on tokio, interoperating with any
 //! libzmq peer (pyzmq, czmq, ...).
 //!
-//! ```no_run
+//! ```
 //! use bytes::Bytes;
 //! use flowctl_core::{Sink, Source};
 //! use flowctl_zmq::{SocketType, ZmqSocket};
@@ -95,12 +95,14 @@
 //! which links Debian's `libzmq.so` (package `libzmq3-dev`, installed by
 //! `cargo xtask setup`) and skips compiling `zeromq-src` and `cc` altogether
 //! (about 1 min cold). To build the bundled libzmq instead (a machine without
-//! `libzmq3-dev`), remove that table, or pass
-//! `--config 'target.x86_64-unknown-linux-gnu.zmq.rustc-link-lib=[]'`...
-//! simplest is to delete the two lines; any other target triple builds the
-//! bundled library anyway. Link overrides cannot be set by an environment
-//! variable, which is why this lives in the config file and not in a
-//! `vendored` feature (a feature could not switch it off).
+//! `libzmq3-dev`), delete that table; any other target triple builds the
+//! bundled library anyway. The override cannot be expressed as a cargo
+//! feature of this crate (features cannot disable a dependency's build script,
+//! and zmq-sys 0.12 has no `vendored` feature to forward to), nor as an
+//! environment variable (Cargo reads `target.<triple>.<links>` only from
+//! config files and `--config`), which is why it lives in `.cargo/config.toml`.
+//! A one-off build can also pass it on the command line:
+//! `cargo --config 'target.x86_64-unknown-linux-gnu.zmq.rustc-link-lib=["zmq"]' build`.
 //!
 //! # Feature flags
 //!

@@ -12,3 +12,5 @@ mod backpressure;
 mod close;
 // Bad input: wrong frame counts, endpoint in use, unknown options and values.
 mod bad_input;
+// Send/Sync of the public types.
+mod send_sync;

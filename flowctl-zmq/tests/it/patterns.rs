@@ -226,3 +226,59 @@ async fn pair_round_trips_with_pyzmq() {
     assert_eq!(payload(3, 4), Bytes::from_static(b"0000"));
     peer.expect_ok(N);
 }
+
+#[tokio::test]
+async fn req_round_trips_with_pyzmq_rep() {
+    let n = 500;
+    let peer = Peer::start(&[
+        "rep-echo",
+        "--bind",
+        "tcp://127.0.0.1:*",
+        "--count",
+        &n.to_string(),
+        "--size",
+        "40",
+    ]);
+    let (mut tx, mut rx) = ZmqSocket::builder(SocketType::Req)
+        .connect(&peer.endpoint)
+        .build()
+        .unwrap()
+        .split();
+    for i in 0..n {
+        tx.send(message(i, 40)).await.unwrap();
+        assert_eq!(
+            rx.recv().await.unwrap().unwrap(),
+            message(i, 40),
+            "reply {i}"
+        );
+    }
+    peer.expect_ok(n);
+}
+
+#[tokio::test]
+async fn rep_answers_pyzmq_req() {
+    let sock = ZmqSocket::builder(SocketType::Rep)
+        .bind("tcp://127.0.0.1:*")
+        .build()
+        .unwrap();
+    let ep = sock.endpoints()[0].clone();
+    let (mut tx, mut rx) = sock.split();
+    let n = 500;
+    let peer = Peer::start(&[
+        "req",
+        "--connect",
+        &ep,
+        "--count",
+        &n.to_string(),
+        "--size",
+        "40",
+    ]);
+    for i in 0..n {
+        let mut msg = rx.recv().await.unwrap().unwrap();
+        assert_eq!(msg, message(i, 40), "request {i}");
+        msg.push(Bytes::from_static(b"reply"));
+        tx.send(msg).await.unwrap();
+    }
+    tx.flush().await.unwrap();
+    peer.expect_ok(n);
+}

@@ -47,7 +47,7 @@ def main():
     kind = {
         "pull": zmq.PULL, "push": zmq.PUSH, "xpub": zmq.XPUB, "sub": zmq.SUB,
         "router-echo": zmq.ROUTER, "dealer": zmq.DEALER, "pair-echo": zmq.PAIR,
-        "frames": zmq.PUSH,
+        "frames": zmq.PUSH, "rep-echo": zmq.REP, "req": zmq.REQ,
     }[a.mode]
     s = ctx.socket(kind)
     s.setsockopt(zmq.SNDHWM, a.hwm)
@@ -125,6 +125,19 @@ def main():
     elif a.mode == "pair-echo":
         for _ in range(n):
             s.send_multipart(s.recv_multipart())
+        say("OK", n)
+    elif a.mode == "rep-echo":
+        for _ in range(n):
+            s.send_multipart(s.recv_multipart())
+        say("OK", n)
+    elif a.mode == "req":
+        s.setsockopt(zmq.RCVTIMEO, 30000)
+        for i in range(n):
+            s.send_multipart([b"%d" % i, payload(i, a.size)])
+            rep = s.recv_multipart()
+            if rep != [b"%d" % i, payload(i, a.size), b"reply"]:
+                say("ERR", "reply", i, "was", repr(rep)[:200])
+                sys.exit(1)
         say("OK", n)
     elif a.mode == "dealer":
         # Round trips: request i, expect reply [b"<i>", payload, b"reply"].
