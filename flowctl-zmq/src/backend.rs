@@ -207,6 +207,29 @@ fn to_i32(option: &str, value: usize) -> Result<i32, ZmqError> {
     })
 }
 
+/// Frames up to this size are copied; larger ones keep libzmq's buffer
+/// (`Bytes::from_owner`), which saves a copy of e.g. 64 KiB for one allocation.
+const COPY_LIMIT: usize = 4096;
+
+struct MsgOwner(zmq::Message);
+
+impl AsRef<[u8]> for MsgOwner {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+fn into_bytes(msg: zmq::Message) -> Bytes {
+    if msg.len() <= COPY_LIMIT {
+        Bytes::copy_from_slice(&msg)
+    } else {
+        // `zmq::Message` is plain data (a 64-byte `zmq_msg_t`) and Send; a
+        // large frame's payload lives on libzmq's heap and is released when
+        // the last `Bytes` clone drops the owner.
+        Bytes::from_owner(MsgOwner(msg))
+    }
+}
+
 /// A libzmq socket (and the context it keeps alive). Send, not Sync: callers
 /// keep it behind a mutex.
 pub(crate) struct RawSocket {
@@ -383,17 +406,18 @@ impl RawSocket {
             Err(zmq::Error::EAGAIN) => return Ok(None),
             Err(e) => return Err(op_err("recv")(e)),
         }
-        let mut frames = Vec::with_capacity(if msg.get_more() { 4 } else { 1 });
         let mut more = msg.get_more();
-        frames.push(Bytes::copy_from_slice(&msg));
+        let mut frames = Vec::with_capacity(if more { 4 } else { 1 });
+        frames.push(into_bytes(msg));
         while more {
             // Atomic delivery: the remaining frames are queued already, so
             // DONTWAIT never fails with EAGAIN here; if it did, it is an error.
-            self.sock
-                .recv(&mut msg, zmq::DONTWAIT)
+            let msg = self
+                .sock
+                .recv_msg(zmq::DONTWAIT)
                 .map_err(op_err("recv (next frame)"))?;
             more = msg.get_more();
-            frames.push(Bytes::copy_from_slice(&msg));
+            frames.push(into_bytes(msg));
         }
         Ok(Some(frames))
     }

@@ -7,6 +7,7 @@ use std::future::poll_fn;
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Poll;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -534,6 +535,8 @@ impl SocketBuilder {
             sink: ZmqSink {
                 core: Some(core.clone()),
                 counters,
+                items: 0,
+                bytes: 0,
                 queue: VecDeque::new(),
                 gate: Gate::new(self.wm, span),
                 budget: Budget::new(self.fairness),
@@ -617,6 +620,8 @@ impl ZmqSocket {
 pub struct ZmqSink {
     core: Option<Arc<Core>>,
     counters: Arc<Counters>,
+    items: u64,
+    bytes: u64,
     queue: VecDeque<Multipart>,
     gate: Gate,
     budget: Budget,
@@ -690,18 +695,15 @@ impl ZmqSink {
     }
 }
 
-#[async_trait]
-impl Sink for ZmqSink {
-    type Item = Multipart;
-
-    async fn ready(&mut self) -> Result<(), FlowError> {
+impl ZmqSink {
+    async fn ready_inner(&mut self) -> Result<(), FlowError> {
         self.core()?;
         poll_fn(|cx| self.budget.poll_proceed(cx)).await;
         let mut waited = false;
         loop {
             self.drain()?;
-            let paused = self.gate.stats().paused;
-            if !paused {
+            // An empty queue is never paused (0 <= low); skip the gate's lock.
+            if self.queue.is_empty() || !self.gate.stats().paused {
                 if waited {
                     self.budget.reset();
                 }
@@ -711,9 +713,26 @@ impl Sink for ZmqSink {
             self.wait_writable().await?;
         }
     }
+}
+
+#[async_trait]
+impl Sink for ZmqSink {
+    type Item = Multipart;
+
+    async fn ready(&mut self) -> Result<(), FlowError> {
+        self.ready_inner().await
+    }
+
+    async fn send(&mut self, item: Multipart) -> Result<(), FlowError> {
+        self.ready_inner().await?;
+        self.start_send(item)
+    }
 
     fn start_send(&mut self, item: Multipart) -> Result<(), FlowError> {
-        let core = self.core()?.clone();
+        let core = match &self.core {
+            Some(c) if !self.closed => c,
+            _ => return Err(FlowError::Closed),
+        };
         if !core.kind.can_send() {
             return Err(ZmqError::Unsupported {
                 op: "send",
@@ -726,15 +745,18 @@ impl Sink for ZmqSink {
         }
         let weight = item.weight();
         if self.queue.is_empty() {
+            // Fast path: straight into libzmq, nothing buffered here.
             let sent = core.try_send(&item)?;
-            if self.account(&core, sent, weight) {
-                self.gate.charge(weight);
-                self.gate.credit(weight);
+            if self.account(core, sent, weight) {
+                self.items += 1;
+                self.bytes += weight as u64;
                 self.budget.charge(weight);
                 return Ok(());
             }
         }
         self.gate.charge(weight);
+        self.items += 1;
+        self.bytes += weight as u64;
         self.budget.charge(weight);
         self.queue.push_back(item);
         Ok(())
@@ -781,8 +803,14 @@ impl Sink for ZmqSink {
         flushed
     }
 
+    /// `buffered`, `max_buffered`, `paused` and `pauses` are those of the
+    /// sink's own queue (messages libzmq refused at its HWM); `items` and
+    /// `bytes` count every message accepted.
     fn stats(&self) -> FlowStats {
-        self.gate.stats()
+        let mut s = self.gate.stats();
+        s.items = self.items;
+        s.bytes = self.bytes;
+        s
     }
 }
 
@@ -855,19 +883,43 @@ impl ZmqSource {
     }
 }
 
-#[async_trait]
-impl Source for ZmqSource {
-    type Item = Multipart;
-
-    async fn recv(&mut self) -> Result<Option<Multipart>, FlowError> {
-        let core = self.core.clone();
-        if !core.kind.can_recv() {
-            return Err(ZmqError::Unsupported {
-                op: "recv",
-                socket: core.kind.name(),
-            }
-            .into());
+impl ZmqSource {
+    fn unsupported(&self) -> Result<(), FlowError> {
+        if self.core.kind.can_recv() {
+            return Ok(());
         }
+        Err(ZmqError::Unsupported {
+            op: "recv",
+            socket: self.core.kind.name(),
+        }
+        .into())
+    }
+
+    /// Checks and counts a message libzmq handed over.
+    fn accept(&mut self, msg: Multipart) -> Result<Multipart, FlowError> {
+        let weight = msg.weight();
+        self.budget.charge(weight);
+        let counters = &self.core.counters;
+        counters.received.fetch_add(1, Ordering::Relaxed);
+        if let Some(expected) = self.frames {
+            if msg.len() != expected {
+                counters.frame_errors.fetch_add(1, Ordering::Relaxed);
+                return Err(ZmqError::FrameCount {
+                    expected,
+                    actual: msg.len(),
+                }
+                .into());
+            }
+        }
+        self.items += 1;
+        self.bytes += weight as u64;
+        tracing::trace!(frames = msg.len(), weight, "zmq recv");
+        Ok(msg)
+    }
+
+    async fn recv_inner(&mut self) -> Result<Multipart, FlowError> {
+        self.unsupported()?;
+        let core = self.core.clone();
         poll_fn(|cx| self.budget.poll_proceed(cx)).await;
         let mut waited = false;
         let mut waited_at_once = false;
@@ -876,23 +928,7 @@ impl Source for ZmqSource {
                 if waited {
                     self.budget.reset();
                 }
-                let weight = msg.weight();
-                self.budget.charge(weight);
-                core.counters.received.fetch_add(1, Ordering::Relaxed);
-                if let Some(expected) = self.frames {
-                    if msg.len() != expected {
-                        core.counters.frame_errors.fetch_add(1, Ordering::Relaxed);
-                        return Err(ZmqError::FrameCount {
-                            expected,
-                            actual: msg.len(),
-                        }
-                        .into());
-                    }
-                }
-                self.items += 1;
-                self.bytes += weight as u64;
-                tracing::trace!(frames = msg.len(), weight, "zmq recv");
-                return Ok(Some(msg));
+                return self.accept(msg);
             }
             if waited_at_once {
                 // ZMQ_EVENTS said readable, yet nothing came: yield, do not spin.
@@ -901,6 +937,44 @@ impl Source for ZmqSource {
             waited = true;
             waited_at_once = core.wait(Dir::In).await?;
         }
+    }
+}
+
+#[async_trait]
+impl Source for ZmqSource {
+    type Item = Multipart;
+
+    async fn recv(&mut self) -> Result<Option<Multipart>, FlowError> {
+        self.recv_inner().await.map(Some)
+    }
+
+    /// Waits for one message, then takes up to `max` in all that libzmq has
+    /// ready, each through the fairness budget (it stops early, without
+    /// waiting, when the budget is spent).
+    async fn recv_many(
+        &mut self,
+        buf: &mut Vec<Multipart>,
+        max: usize,
+    ) -> Result<usize, FlowError> {
+        if max == 0 {
+            return Ok(0);
+        }
+        buf.push(self.recv_inner().await?);
+        let mut n = 1;
+        while n < max {
+            let go = poll_fn(|cx| Poll::Ready(self.budget.poll_proceed(cx).is_ready())).await;
+            if !go {
+                break;
+            }
+            match self.core.try_recv()? {
+                Some(msg) => {
+                    buf.push(self.accept(msg)?);
+                    n += 1;
+                }
+                None => break,
+            }
+        }
+        Ok(n)
     }
 
     fn stats(&self) -> FlowStats {
