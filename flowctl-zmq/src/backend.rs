@@ -219,14 +219,15 @@ impl AsRef<[u8]> for MsgOwner {
     }
 }
 
-fn into_bytes(msg: zmq::Message) -> Bytes {
-    if msg.len() <= COPY_LIMIT {
-        Bytes::copy_from_slice(&msg)
+/// Takes the frame out of the reusable `scratch` message.
+fn take_bytes(scratch: &mut zmq::Message) -> Bytes {
+    if scratch.len() <= COPY_LIMIT {
+        Bytes::copy_from_slice(scratch)
     } else {
         // `zmq::Message` is plain data (a 64-byte `zmq_msg_t`) and Send; a
         // large frame's payload lives on libzmq's heap and is released when
         // the last `Bytes` clone drops the owner.
-        Bytes::from_owner(MsgOwner(msg))
+        Bytes::from_owner(MsgOwner(std::mem::replace(scratch, zmq::Message::new())))
     }
 }
 
@@ -235,6 +236,8 @@ fn into_bytes(msg: zmq::Message) -> Bytes {
 pub(crate) struct RawSocket {
     sock: zmq::Socket,
     kind: SocketType,
+    /// Reused by every receive (zmq_msg_recv releases the previous content).
+    scratch: zmq::Message,
 }
 
 impl std::fmt::Debug for RawSocket {
@@ -248,7 +251,11 @@ impl std::fmt::Debug for RawSocket {
 impl RawSocket {
     pub(crate) fn new(ctx: &RawContext, kind: SocketType) -> Result<Self, ZmqError> {
         let sock = ctx.0.socket(kind.raw()).map_err(op_err("create socket"))?;
-        Ok(RawSocket { sock, kind })
+        Ok(RawSocket {
+            sock,
+            kind,
+            scratch: zmq::Message::new(),
+        })
     }
 
     pub(crate) fn set_sndhwm(&self, msgs: usize) -> Result<(), ZmqError> {
@@ -399,25 +406,23 @@ impl RawSocket {
     }
 
     /// Receives one whole multipart message with `ZMQ_DONTWAIT`; `None` on EAGAIN.
-    pub(crate) fn try_recv(&self) -> Result<Option<Vec<Bytes>>, ZmqError> {
-        let mut msg = zmq::Message::new();
-        match self.sock.recv(&mut msg, zmq::DONTWAIT) {
+    pub(crate) fn try_recv(&mut self) -> Result<Option<Vec<Bytes>>, ZmqError> {
+        match self.sock.recv(&mut self.scratch, zmq::DONTWAIT) {
             Ok(()) => {}
             Err(zmq::Error::EAGAIN) => return Ok(None),
             Err(e) => return Err(op_err("recv")(e)),
         }
-        let mut more = msg.get_more();
+        let mut more = self.scratch.get_more();
         let mut frames = Vec::with_capacity(if more { 4 } else { 1 });
-        frames.push(into_bytes(msg));
+        frames.push(take_bytes(&mut self.scratch));
         while more {
             // Atomic delivery: the remaining frames are queued already, so
             // DONTWAIT never fails with EAGAIN here; if it did, it is an error.
-            let msg = self
-                .sock
-                .recv_msg(zmq::DONTWAIT)
+            self.sock
+                .recv(&mut self.scratch, zmq::DONTWAIT)
                 .map_err(op_err("recv (next frame)"))?;
-            more = msg.get_more();
-            frames.push(into_bytes(msg));
+            more = self.scratch.get_more();
+            frames.push(take_bytes(&mut self.scratch));
         }
         Ok(Some(frames))
     }

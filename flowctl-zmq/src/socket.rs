@@ -135,10 +135,10 @@ impl Core {
 
     fn with_sock<T>(
         &self,
-        f: impl FnOnce(&RawSocket) -> Result<T, ZmqError>,
+        f: impl FnOnce(&mut RawSocket) -> Result<T, ZmqError>,
     ) -> Result<T, FlowError> {
-        let guard = self.lock()?;
-        match guard.as_ref() {
+        let mut guard = self.lock()?;
+        match guard.as_mut() {
             Some(s) => f(s).map_err(FlowError::from),
             None => Err(FlowError::Closed),
         }
