@@ -46,11 +46,6 @@ impl RawContext {
     pub(crate) fn new() -> Self {
         RawContext(zmq::Context::new())
     }
-
-    /// Blocks until every socket of this context is closed and its linger spent.
-    pub(crate) fn terminate(mut self) {
-        let _ = self.0.destroy();
-    }
 }
 
 /// The libzmq version this binary is linked to, as (major, minor, patch).

@@ -111,7 +111,6 @@ struct Core {
     afd: Option<AsyncFd<NotifyFd>>,
     sock: Mutex<Option<RawSocket>>,
     ctx: Option<RawContext>,
-    private_ctx: bool,
     kind: SocketType,
     linger: Option<Duration>,
     endpoints: Vec<String>,
@@ -239,21 +238,19 @@ impl Core {
             .get_mut()
             .unwrap_or_else(|p| p.into_inner())
             .take();
-        let ctx = if self.private_ctx {
-            self.ctx.take()
-        } else {
-            None
-        };
-        (sock, ctx)
+        // The context goes too, even a shared one: dropping its last clone
+        // terminates it, which blocks, so that must happen off the async threads.
+        (sock, self.ctx.take())
     }
 }
 
-/// Closes the socket and, for a private context, waits for libzmq's linger.
+/// Closes the socket, then drops our clone of the context. For a private
+/// context that is the last clone, so this waits in `zmq_ctx_term` until libzmq
+/// has sent everything or the linger has expired; a shared context lives on
+/// (and keeps sending) while other clones exist.
 fn finish(sock: Option<RawSocket>, ctx: Option<RawContext>) {
     drop(sock);
-    if let Some(ctx) = ctx {
-        ctx.terminate();
-    }
+    drop(ctx);
 }
 
 impl Drop for Core {
@@ -262,6 +259,7 @@ impl Drop for Core {
         if sock.is_none() && ctx.is_none() {
             return;
         }
+
         // zmq_ctx_term blocks for up to the linger: never on an async thread.
         let parts = (sock, ctx);
         match std::thread::Builder::new()
@@ -466,9 +464,9 @@ impl SocketBuilder {
     /// [`ZmqError::InvalidOption`] for a value libzmq cannot take, and
     /// [`ZmqError::Unsupported`] for subscriptions on a non-SUB socket.
     pub fn build(self) -> Result<ZmqSocket, FlowError> {
-        let (ctx, private_ctx) = match &self.ctx {
-            Some(c) => (c.raw.clone(), false),
-            None => (RawContext::new(), true),
+        let ctx = match &self.ctx {
+            Some(c) => c.raw.clone(),
+            None => RawContext::new(),
         };
         let mut sock = RawSocket::new(&ctx, self.kind)?;
         let hwm = self.derived_hwm();
@@ -520,7 +518,6 @@ impl SocketBuilder {
             afd: Some(afd),
             sock: Mutex::new(Some(sock)),
             ctx: Some(ctx),
-            private_ctx,
             kind: self.kind,
             linger: self.linger,
             endpoints,
@@ -982,5 +979,22 @@ impl Source for ZmqSource {
         s.items = self.items;
         s.bytes = self.bytes;
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hwm_is_high_watermark_over_expected_size_rounded_up() {
+        let wm = Watermarks::new(0, 1000).unwrap();
+        let b = SocketBuilder::new(SocketType::Push).watermarks(wm);
+        assert_eq!(b.clone().expected_message_size(100).derived_hwm(), 10);
+        assert_eq!(b.clone().expected_message_size(300).derived_hwm(), 4);
+        assert_eq!(b.clone().expected_message_size(5000).derived_hwm(), 1);
+        assert_eq!(b.expected_message_size(0).derived_hwm(), 1000);
+        // Defaults: 512 KiB / 1 KiB.
+        assert_eq!(SocketBuilder::new(SocketType::Pull).derived_hwm(), 512);
     }
 }

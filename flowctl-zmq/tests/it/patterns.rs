@@ -282,3 +282,31 @@ async fn rep_answers_pyzmq_req() {
     tx.flush().await.unwrap();
     peer.expect_ok(n);
 }
+
+#[tokio::test]
+async fn ipc_and_inproc_endpoints() {
+    let path = std::env::temp_dir().join(format!("flowctl-zmq-{}.sock", std::process::id()));
+    let ipc = format!("ipc://{}", path.display());
+    let ctx = flowctl_zmq::Context::new();
+    for ep in [ipc.as_str(), "inproc://endpoints-test"] {
+        let mut rx = ZmqSocket::builder(SocketType::Pull)
+            .context(&ctx)
+            .bind(ep)
+            .build()
+            .unwrap()
+            .into_source();
+        let mut tx = ZmqSocket::builder(SocketType::Push)
+            .context(&ctx)
+            .connect(ep)
+            .build()
+            .unwrap()
+            .into_sink();
+        for i in 0..100 {
+            tx.send(message(i, 10)).await.unwrap();
+        }
+        for i in 0..100 {
+            assert_eq!(rx.recv().await.unwrap().unwrap(), message(i, 10), "{ep}");
+        }
+    }
+    let _ = std::fs::remove_file(path);
+}
