@@ -309,6 +309,12 @@ fn main() {
     let small = args.first().copied().unwrap_or(1_000_000);
     let big = args.get(1).copied().unwrap_or(20_000);
     println!("libzmq {:?}", flowctl_zmq::libzmq_version());
+    if let Ok(only) = std::env::var("BENCH_ONLY") {
+        // Profiling aid: one side only, e.g. `BENCH_ONLY=send perf record ...`.
+        let d = mixed(small, 100, only == "send");
+        println!("{only}: {:.0} msg/s", small as f64 / d.as_secs_f64());
+        return;
+    }
     let rounds: usize = std::env::var("BENCH_ROUNDS")
         .ok()
         .and_then(|r| r.parse().ok())

@@ -542,6 +542,7 @@ impl SocketBuilder {
             source: ZmqSource {
                 core,
                 budget: Budget::new(self.fairness),
+                yield_due: false,
                 frames: self.frames,
                 wm: self.wm,
                 items: 0,
@@ -653,6 +654,9 @@ impl ZmqSink {
     /// Pushes queued messages into libzmq until it refuses one; returns how
     /// many left the queue.
     fn drain(&mut self) -> Result<usize, FlowError> {
+        if self.queue.is_empty() {
+            return Ok(0);
+        }
         let core = self.core()?.clone();
         let mut moved = 0;
         while let Some(front) = self.queue.front() {
@@ -830,6 +834,7 @@ impl Sink for ZmqSink {
 pub struct ZmqSource {
     core: Arc<Core>,
     budget: Budget,
+    yield_due: bool,
     frames: Option<usize>,
     wm: Watermarks,
     items: u64,
@@ -917,6 +922,11 @@ impl ZmqSource {
     async fn recv_inner(&mut self) -> Result<Multipart, FlowError> {
         self.unsupported()?;
         let core = self.core.clone();
+        if std::mem::take(&mut self.yield_due) {
+            // `recv_many` ended the previous slice without yielding: yield now,
+            // or the slice's end would be lost.
+            tokio::task::yield_now().await;
+        }
         poll_fn(|cx| self.budget.poll_proceed(cx)).await;
         let mut waited = false;
         let mut waited_at_once = false;
@@ -961,6 +971,7 @@ impl Source for ZmqSource {
         while n < max {
             let go = poll_fn(|cx| Poll::Ready(self.budget.poll_proceed(cx).is_ready())).await;
             if !go {
+                self.yield_due = true;
                 break;
             }
             match self.core.try_recv()? {

@@ -75,8 +75,7 @@ where
     }
 }
 
-#[test]
-fn timer_keeps_ticking_next_to_flooded_pull() {
+fn flowctl_flood(batched: bool) {
     let rt = runtime();
     let local = tokio::task::LocalSet::new();
     let outcome = local.block_on(&rt, async {
@@ -105,9 +104,19 @@ fn timer_keeps_ticking_next_to_flooded_pull() {
         let drain = async move {
             // Our receiver in its own task, as an application would run it.
             let task = tokio::task::spawn_local(async move {
-                for i in 0..FLOOD {
-                    let m = rx.recv().await.unwrap().unwrap();
-                    assert_eq!(m[0][..], (i as u64).to_le_bytes()[..], "order kept");
+                let mut next = 0u64;
+                let mut buf = Vec::new();
+                while next < FLOOD as u64 {
+                    buf.clear();
+                    if batched {
+                        rx.recv_many(&mut buf, 1024).await.unwrap();
+                    } else {
+                        buf.push(rx.recv().await.unwrap().unwrap());
+                    }
+                    for m in &buf {
+                        assert_eq!(m[0][..], next.to_le_bytes()[..], "order kept");
+                        next += 1;
+                    }
                 }
                 rx
             });
@@ -119,8 +128,11 @@ fn timer_keeps_ticking_next_to_flooded_pull() {
         outcome
     });
     eprintln!(
-        "flowctl: {} ticks of {} expected, max gap {:?}",
-        outcome.ticks, outcome.expected, outcome.max_gap
+        "flowctl ({}): {} ticks of {} expected, max gap {:?}",
+        if batched { "recv_many" } else { "recv" },
+        outcome.ticks,
+        outcome.expected,
+        outcome.max_gap
     );
     assert!(outcome.expected >= 10, "flood too short to measure");
     assert!(
@@ -129,6 +141,16 @@ fn timer_keeps_ticking_next_to_flooded_pull() {
         outcome.ticks,
         outcome.expected
     );
+}
+
+#[test]
+fn timer_keeps_ticking_next_to_flooded_pull() {
+    flowctl_flood(false);
+}
+
+#[test]
+fn timer_keeps_ticking_next_to_flooded_pull_recv_many() {
+    flowctl_flood(true);
 }
 
 struct Fd(RawFd);
