@@ -16,6 +16,9 @@ use tokio::io::unix::AsyncFd;
 
 const HWM: i32 = 1000;
 
+type SendStats = Option<(flowctl_core::FlowStats, flowctl_zmq::ZmqStats)>;
+static SEND_STATS: std::sync::Mutex<SendStats> = std::sync::Mutex::new(None);
+
 /// `BENCH_FAIR_ITEMS=<n>` overrides the fairness budget's item limit.
 fn fairness() -> flowctl_core::Fairness {
     match std::env::var("BENCH_FAIR_ITEMS")
@@ -142,6 +145,7 @@ fn mixed(n: usize, size: usize, flowctl_sends: bool) -> Duration {
             }
             tx.flush().await.unwrap();
             recv.join().unwrap();
+            *SEND_STATS.lock().unwrap() = Some((tx.stats(), tx.zmq_stats()));
             start.elapsed()
         })
     } else {
@@ -312,6 +316,9 @@ fn main() {
     if let Ok(only) = std::env::var("BENCH_ONLY") {
         // Profiling aid: one side only, e.g. `BENCH_ONLY=send perf record ...`.
         let d = mixed(small, 100, only == "send");
+        if let Some(st) = SEND_STATS.lock().unwrap().take() {
+            println!("sink: {st:?}");
+        }
         println!("{only}: {:.0} msg/s", small as f64 / d.as_secs_f64());
         return;
     }

@@ -28,6 +28,10 @@ pub type Multipart = Vec<Bytes>;
 /// The default expected message size used to turn watermarks into HWMs: 1 KiB.
 pub const DEFAULT_EXPECTED_MESSAGE_SIZE: usize = 1024;
 
+/// After libzmq refused a message, the sink retries only every this many
+/// `ready` calls (or after waiting for room).
+const RETRY_EVERY: u32 = 32;
+
 /// The default linger of [`Sink::close`] and of a dropped socket: 30 s.
 pub const DEFAULT_LINGER: Duration = Duration::from_secs(30);
 
@@ -531,6 +535,7 @@ impl SocketBuilder {
         Ok(ZmqSocket {
             sink: ZmqSink {
                 core: Some(core.clone()),
+                refused: 0,
                 counters,
                 items: 0,
                 bytes: 0,
@@ -599,10 +604,16 @@ impl ZmqSocket {
 /// # Backpressure
 /// `start_send` hands the message to libzmq at once when libzmq takes it
 /// (below SNDHWM); otherwise it is queued here, charged in bytes. `ready`
-/// pushes the queue into libzmq and waits, while the queue is above the high
-/// watermark, until libzmq has room again and the queue is at the low
-/// watermark. So memory is bounded by SNDHWM messages in libzmq plus `high`
-/// plus one message here.
+/// pushes the queue into libzmq (after a refusal, on every 32nd call, so a
+/// sender at the HWM does not pay a refused send per message) and waits, while
+/// the queue is above the high watermark, until libzmq has room again and the
+/// queue is at the low watermark. So memory is bounded by SNDHWM messages in
+/// libzmq plus `high` plus one message here.
+///
+/// As with `futures::Sink`, a message accepted while libzmq is at its HWM
+/// moves on only when the sink is used again: call
+/// [`flush`](Sink::flush) (or `close`) before waiting for something else,
+/// e.g. before awaiting the reply to a request sent on a DEALER.
 ///
 /// # PUB sockets
 /// libzmq's PUB drops a message for a subscriber at its HWM without a trace.
@@ -617,6 +628,8 @@ impl ZmqSocket {
 #[derive(Debug)]
 pub struct ZmqSink {
     core: Option<Arc<Core>>,
+    /// 0 while libzmq takes messages; after a refusal, `ready` calls since.
+    refused: u32,
     counters: Arc<Counters>,
     items: u64,
     bytes: u64,
@@ -659,15 +672,29 @@ impl ZmqSink {
         }
         let core = self.core()?.clone();
         let mut moved = 0;
+        let mut credit = 0;
         while let Some(front) = self.queue.front() {
             let weight = front.weight();
-            let sent = core.try_send(front)?;
+            let sent = match core.try_send(front) {
+                Ok(sent) => sent,
+                Err(e) => {
+                    self.gate.credit(credit);
+                    return Err(e);
+                }
+            };
             if !self.account(&core, sent, weight) {
+                self.refused = 1;
                 break;
             }
             self.queue.pop_front();
-            self.gate.credit(weight);
+            credit += weight;
             moved += 1;
+        }
+        if self.queue.is_empty() {
+            self.refused = 0;
+        }
+        if credit > 0 {
+            self.gate.credit(credit);
         }
         Ok(moved)
     }
@@ -702,7 +729,14 @@ impl ZmqSink {
         poll_fn(|cx| self.budget.poll_proceed(cx)).await;
         let mut waited = false;
         loop {
-            self.drain()?;
+            // After a refusal, retry only every RETRY_EVERY calls until the
+            // queue reaches the high watermark: a sender at the HWM then pays
+            // one refused send per RETRY_EVERY messages, not one per message.
+            if self.refused == 0 || self.refused >= RETRY_EVERY {
+                self.drain()?;
+            } else {
+                self.refused += 1;
+            }
             // An empty queue is never paused (0 <= low); skip the gate's lock.
             if self.queue.is_empty() || !self.gate.stats().paused {
                 if waited {
@@ -712,6 +746,7 @@ impl ZmqSink {
             }
             waited = true;
             self.wait_writable().await?;
+            self.refused = 0;
         }
     }
 }
@@ -754,6 +789,9 @@ impl Sink for ZmqSink {
                 self.budget.charge(weight);
                 return Ok(());
             }
+        }
+        if self.queue.is_empty() {
+            self.refused = 1;
         }
         self.gate.charge(weight);
         self.items += 1;
