@@ -14,3 +14,5 @@ mod close;
 mod bad_input;
 // Send/Sync of the public types.
 mod send_sync;
+// Lost wake-ups: both directions at once, halves in different tasks and threads.
+mod wakeups;

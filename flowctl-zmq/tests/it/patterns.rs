@@ -131,7 +131,8 @@ async fn pub_to_pyzmq_sub_with_topic_filter() {
     tx.close().await.unwrap();
 }
 
-#[tokio::test]
+// Two worker threads: the halves really run concurrently on different threads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dealer_round_trips_with_pyzmq_router() {
     let peer = Peer::start(&[
         "router-echo",
