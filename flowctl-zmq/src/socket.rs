@@ -610,6 +610,12 @@ impl ZmqSocket {
 /// queue is at the low watermark. So memory is bounded by SNDHWM messages in
 /// libzmq plus `high` plus one message here.
 ///
+/// # Errors
+/// A message libzmq rejects for good (a ROUTER message to a routing id with no
+/// peer: [`ZmqError::Unroutable`]) is dropped and the error returned, by
+/// `start_send` or, if it was queued, by the next `ready`/`flush`.
+///
+/// # Flushing
 /// As with `futures::Sink`, a message accepted while libzmq is at its HWM
 /// moves on only when the sink is used again: call
 /// [`flush`](Sink::flush) (or `close`) before waiting for something else,
@@ -678,7 +684,11 @@ impl ZmqSink {
             let sent = match core.try_send(front) {
                 Ok(sent) => sent,
                 Err(e) => {
-                    self.gate.credit(credit);
+                    // libzmq rejected this message for good (e.g. an unknown
+                    // routing id): drop it and report, or every later call
+                    // would fail on it again.
+                    self.queue.pop_front();
+                    self.gate.credit(credit + weight);
                     return Err(e);
                 }
             };

@@ -152,3 +152,27 @@ async fn values_libzmq_refuses_are_clear_errors() {
     let err = push.send(vec![]).await.unwrap_err();
     assert!(err.to_string().contains("0 frames"), "{err}");
 }
+
+#[tokio::test]
+async fn router_send_to_unknown_routing_id_is_a_clear_error() {
+    let mut tx = ZmqSocket::builder(SocketType::Router)
+        .bind("tcp://127.0.0.1:*")
+        .build()
+        .unwrap()
+        .into_sink();
+    let err = tx
+        .send(vec![
+            Bytes::from_static(b"nobody"),
+            Bytes::from_static(b"hi"),
+        ])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(zmq_err(&err), ZmqError::Unroutable { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("nobody"), "{err}");
+    // The sink is still usable and holds nothing.
+    assert_eq!(tx.stats().buffered, 0);
+    tx.flush().await.unwrap();
+}
