@@ -212,3 +212,53 @@ fn raw_asyncfd_loop_starves_the_timer() {
         outcome.expected
     );
 }
+
+/// The send side too: a PUSH that libzmq always accepts (unlimited HWM,
+/// inproc) must not stop the timer either.
+#[test]
+fn timer_keeps_ticking_next_to_always_writable_push() {
+    let rt = runtime();
+    let local = tokio::task::LocalSet::new();
+    let outcome = local.block_on(&rt, async {
+        let ctx = Context::new();
+        let _rx = ZmqSocket::builder(SocketType::Pull)
+            .context(&ctx)
+            .recv_hwm(0)
+            .bind("inproc://flood-send")
+            .build()
+            .unwrap()
+            .into_source();
+        let mut tx = ZmqSocket::builder(SocketType::Push)
+            .context(&ctx)
+            .send_hwm(0)
+            .connect("inproc://flood-send")
+            .build()
+            .unwrap()
+            .into_sink();
+        let drain = async move {
+            let task = tokio::task::spawn_local(async move {
+                for i in 0..FLOOD as u64 {
+                    tx.send(vec![Bytes::copy_from_slice(&i.to_le_bytes())])
+                        .await
+                        .unwrap();
+                }
+                tx
+            });
+            let tx = task.await.unwrap();
+            assert_eq!(tx.queued(), 0, "libzmq took every message at once");
+            assert!(tx.zmq_stats().send_yields > 0, "the sender yielded");
+        };
+        ticks_during(drain).await
+    });
+    eprintln!(
+        "flowctl PUSH: {} ticks of {} expected, max gap {:?}",
+        outcome.ticks, outcome.expected, outcome.max_gap
+    );
+    assert!(outcome.expected >= 10, "flood too short to measure");
+    assert!(
+        outcome.ticks * 2 >= outcome.expected,
+        "timer starved next to a flowctl PUSH: {} ticks of {} expected",
+        outcome.ticks,
+        outcome.expected
+    );
+}
