@@ -60,3 +60,22 @@ async fn dropped_push_still_delivers_within_linger() {
     drop(tx); // lingers in a background thread, does not block the runtime
     peer.expect_ok(n);
 }
+
+#[tokio::test]
+async fn close_without_peer_reports_the_linger_timeout() {
+    let linger = std::time::Duration::from_millis(200);
+    let mut tx = ZmqSocket::builder(SocketType::Push)
+        .linger(Some(linger))
+        .build()
+        .unwrap()
+        .into_sink();
+    // No peer: a PUSH has nowhere to put the message, so it stays queued here.
+    tx.send(message(0, 10)).await.unwrap();
+    assert_eq!(tx.queued(), 1);
+    let err = tx.close().await.unwrap_err();
+    assert!(
+        matches!(err, flowctl_core::FlowError::Timeout(d) if d == linger),
+        "{err}"
+    );
+    tx.close().await.unwrap(); // idempotent after a failed close too
+}
