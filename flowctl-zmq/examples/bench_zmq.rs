@@ -14,7 +14,13 @@ use flowctl_core::{Sink, Source};
 use flowctl_zmq::{Context, SocketType, ZmqSocket};
 use tokio::io::unix::AsyncFd;
 
-const HWM: i32 = 1000;
+/// Both sides' HWM in messages (`BENCH_HWM`, default 1000 = libzmq's default).
+fn hwm() -> i32 {
+    std::env::var("BENCH_HWM")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000)
+}
 
 type SendStats = Option<(flowctl_core::FlowStats, flowctl_zmq::ZmqStats)>;
 static SEND_STATS: std::sync::Mutex<SendStats> = std::sync::Mutex::new(None);
@@ -41,11 +47,11 @@ fn rt() -> tokio::runtime::Runtime {
 fn raw_push_pull(n: usize, size: usize) -> Duration {
     let ctx = zmq::Context::new();
     let pull = ctx.socket(zmq::PULL).unwrap();
-    pull.set_rcvhwm(HWM).unwrap();
+    pull.set_rcvhwm(hwm()).unwrap();
     pull.bind("tcp://127.0.0.1:*").unwrap();
     let ep = pull.get_last_endpoint().unwrap().unwrap();
     let push = ctx.socket(zmq::PUSH).unwrap();
-    push.set_sndhwm(HWM).unwrap();
+    push.set_sndhwm(hwm()).unwrap();
     push.connect(&ep).unwrap();
     let payload = vec![7u8; size];
     let start = Instant::now();
@@ -67,7 +73,12 @@ fn raw_push_pull(n: usize, size: usize) -> Duration {
 /// runtime, sharing one libzmq context (one I/O thread, as the raw run).
 fn flowctl_push_pull(n: usize, size: usize) -> Duration {
     let ctx = Context::new();
-    let ctx2 = ctx.clone();
+    // `BENCH_TWO_CONTEXTS=1`: one context (one I/O thread) per side.
+    let ctx2 = if std::env::var_os("BENCH_TWO_CONTEXTS").is_some() {
+        Context::new()
+    } else {
+        ctx.clone()
+    };
     let (ep_tx, ep_rx) = std::sync::mpsc::channel();
     let (go_tx, go_rx) = std::sync::mpsc::channel::<Instant>();
     let recv = std::thread::spawn(move || {
@@ -75,7 +86,7 @@ fn flowctl_push_pull(n: usize, size: usize) -> Duration {
             let mut rx = ZmqSocket::builder(SocketType::Pull)
                 .context(&ctx2)
                 .fairness(fairness())
-                .recv_hwm(HWM as usize)
+                .recv_hwm(hwm() as usize)
                 .bind("tcp://127.0.0.1:*")
                 .build()
                 .unwrap()
@@ -97,7 +108,7 @@ fn flowctl_push_pull(n: usize, size: usize) -> Duration {
         let mut tx = ZmqSocket::builder(SocketType::Push)
             .context(&ctx)
             .fairness(fairness())
-            .send_hwm(HWM as usize)
+            .send_hwm(hwm() as usize)
             .connect(ep)
             .build()
             .unwrap()
@@ -121,7 +132,7 @@ fn mixed(n: usize, size: usize, flowctl_sends: bool) -> Duration {
     let payload = vec![7u8; size];
     if flowctl_sends {
         let pull = raw_ctx.socket(zmq::PULL).unwrap();
-        pull.set_rcvhwm(HWM).unwrap();
+        pull.set_rcvhwm(hwm()).unwrap();
         pull.bind("tcp://127.0.0.1:*").unwrap();
         let ep = pull.get_last_endpoint().unwrap().unwrap();
         let start = Instant::now();
@@ -134,7 +145,7 @@ fn mixed(n: usize, size: usize, flowctl_sends: bool) -> Duration {
         rt().block_on(async {
             let mut tx = ZmqSocket::builder(SocketType::Push)
                 .context(&ctx)
-                .send_hwm(HWM as usize)
+                .send_hwm(hwm() as usize)
                 .connect(ep)
                 .build()
                 .unwrap()
@@ -152,7 +163,7 @@ fn mixed(n: usize, size: usize, flowctl_sends: bool) -> Duration {
         rt().block_on(async {
             let mut rx = ZmqSocket::builder(SocketType::Pull)
                 .context(&ctx)
-                .recv_hwm(HWM as usize)
+                .recv_hwm(hwm() as usize)
                 .bind("tcp://127.0.0.1:*")
                 .build()
                 .unwrap()
@@ -161,7 +172,7 @@ fn mixed(n: usize, size: usize, flowctl_sends: bool) -> Duration {
             let start = Instant::now();
             let send = std::thread::spawn(move || {
                 let push = raw_ctx.socket(zmq::PUSH).unwrap();
-                push.set_sndhwm(HWM).unwrap();
+                push.set_sndhwm(hwm()).unwrap();
                 push.connect(&ep).unwrap();
                 for _ in 0..n {
                     push.send(&payload[..], 0).unwrap();
@@ -315,7 +326,11 @@ fn main() {
     println!("libzmq {:?}", flowctl_zmq::libzmq_version());
     if let Ok(only) = std::env::var("BENCH_ONLY") {
         // Profiling aid: one side only, e.g. `BENCH_ONLY=send perf record ...`.
-        let d = mixed(small, 100, only == "send");
+        let d = match only.as_str() {
+            "both" => flowctl_push_pull(small, 100),
+            "raw" => raw_push_pull(small, 100),
+            other => mixed(small, 100, other == "send"),
+        };
         if let Some(st) = SEND_STATS.lock().unwrap().take() {
             println!("sink: {st:?}");
         }
