@@ -3,6 +3,18 @@
 //! a raw `AsyncFd` loop).
 //!
 //! `cargo run --release -p flowctl-zmq --example bench_zmq [-- <100B count> <64KiB count>]`
+//!
+//! Knobs: `BENCH_ROUNDS` (best of N interleaved rounds, default 3),
+//! `BENCH_MIXED=1` (also flowctl PUSH -> raw PULL and raw PUSH -> flowctl PULL),
+//! `BENCH_ONLY=both|raw|send|recv` (one 100 B run, for `perf`), `BENCH_HWM`
+//! (both sides' HWM, default 1000), `BENCH_FAIR_ITEMS` (fairness items per
+//! slice), `BENCH_TWO_CONTEXTS=1` (one libzmq context per side).
+//!
+//! On a shared machine the 100 B figures swing widely between runs, raw ones
+//! included: `perf stat -e syscalls:sys_enter_futex` shows runs with ~10^5
+//! futex calls (glibc malloc arena lock contention between the application
+//! threads and libzmq's I/O thread, which frees what the sender allocated and
+//! allocates what the receiver frees) and runs with ~20. Compare best-of-N.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
