@@ -1,0 +1,424 @@
+//! The only module that calls `zmq::` (libzmq through the `zmq` crate).
+//!
+//! Everything above this module sees plain Rust types: [`RawSocket`] with
+//! non-blocking `try_send`/`try_recv`, [`Events`], the socket's notification
+//! file descriptor, and [`ZmqError`] values. Swapping the backend (a newer
+//! `zmq` crate, raw `zmq-sys`, another binding) means rewriting this file only.
+//!
+//! What we rely on in libzmq 4.3 (read from the `zmq` 0.10 / `zmq-sys` 0.12
+//! sources and libzmq's `socket_base.cpp`, `xpub.cpp`, `pipe.cpp`):
+//! - `ZMQ_FD` is an edge-triggered notification descriptor (an eventfd of the
+//!   socket's command mailbox), not a data descriptor: it signals "something
+//!   changed", and reading `ZMQ_EVENTS` or calling send/recv processes the
+//!   pending commands and drains it. So the state must be re-checked with
+//!   `ZMQ_EVENTS` after every wake-up and after every operation.
+//! - Multipart messages are atomic: if the first frame is accepted with
+//!   `ZMQ_DONTWAIT`, the others are too (the HWM counts whole messages), and a
+//!   receiver that got the first frame has the others queued.
+//! - A PUB socket drops at SNDHWM silently. With `ZMQ_XPUB_NODROP` (which PUB
+//!   honours, `pub_t` derives from `xpub_t`) the send fails with `EAGAIN`
+//!   instead, which is how we count drops. The `zmq` crate has no setter for
+//!   it, so it is set through `zmq_sys::zmq_setsockopt`.
+//! - `zmq::Socket::bind`/`connect` panic on an endpoint containing a NUL byte
+//!   (`CString::new(..).unwrap()`): endpoints are checked before the call.
+//! - `zmq::Context` terminates (`zmq_ctx_term`) when its last clone is dropped,
+//!   and that blocks until every socket's linger has expired: dropping a
+//!   socket and its context is done off the async threads.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::error::ZmqError;
+
+/// A libzmq context (its I/O thread and its inproc namespace).
+#[derive(Clone)]
+pub(crate) struct RawContext(zmq::Context);
+
+impl std::fmt::Debug for RawContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RawContext")
+    }
+}
+
+impl RawContext {
+    pub(crate) fn new() -> Self {
+        RawContext(zmq::Context::new())
+    }
+}
+
+/// The libzmq version this binary is linked to, as (major, minor, patch).
+pub(crate) fn version() -> (i32, i32, i32) {
+    zmq::version()
+}
+
+/// The socket patterns flowctl supports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum SocketType {
+    /// Sends to connected PULL peers, round robin; blocks at SNDHWM.
+    Push,
+    /// Receives from PUSH peers, fair-queued.
+    Pull,
+    /// Publishes to SUB peers; drops at SNDHWM (counted in [`ZmqStats::dropped`](crate::ZmqStats::dropped)).
+    Pub,
+    /// Receives what matches its subscriptions.
+    Sub,
+    /// Asynchronous request side: round robin out, fair-queued in.
+    Dealer,
+    /// Asynchronous reply side: frame 0 of every message is the peer's routing id.
+    Router,
+    /// Exclusive one-to-one pair.
+    Pair,
+    /// Strict request/reply client (send, recv, send, recv ...).
+    Req,
+    /// Strict request/reply server (recv, send, recv, send ...).
+    Rep,
+}
+
+impl SocketType {
+    fn raw(self) -> zmq::SocketType {
+        match self {
+            SocketType::Push => zmq::PUSH,
+            SocketType::Pull => zmq::PULL,
+            SocketType::Pub => zmq::PUB,
+            SocketType::Sub => zmq::SUB,
+            SocketType::Dealer => zmq::DEALER,
+            SocketType::Router => zmq::ROUTER,
+            SocketType::Pair => zmq::PAIR,
+            SocketType::Req => zmq::REQ,
+            SocketType::Rep => zmq::REP,
+        }
+    }
+
+    /// The ZeroMQ name of the pattern ("PUSH", "ROUTER", ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            SocketType::Push => "PUSH",
+            SocketType::Pull => "PULL",
+            SocketType::Pub => "PUB",
+            SocketType::Sub => "SUB",
+            SocketType::Dealer => "DEALER",
+            SocketType::Router => "ROUTER",
+            SocketType::Pair => "PAIR",
+            SocketType::Req => "REQ",
+            SocketType::Rep => "REP",
+        }
+    }
+
+    /// True for the types that can send.
+    pub fn can_send(self) -> bool {
+        !matches!(self, SocketType::Pull | SocketType::Sub)
+    }
+
+    /// True for the types that can receive.
+    pub fn can_recv(self) -> bool {
+        !matches!(self, SocketType::Push | SocketType::Pub)
+    }
+}
+
+impl std::fmt::Display for SocketType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for SocketType {
+    type Err = ZmqError;
+
+    fn from_str(s: &str) -> Result<Self, ZmqError> {
+        Ok(match s.to_ascii_uppercase().as_str() {
+            "PUSH" => SocketType::Push,
+            "PULL" => SocketType::Pull,
+            "PUB" => SocketType::Pub,
+            "SUB" => SocketType::Sub,
+            "DEALER" => SocketType::Dealer,
+            "ROUTER" => SocketType::Router,
+            "PAIR" => SocketType::Pair,
+            "REQ" => SocketType::Req,
+            "REP" => SocketType::Rep,
+            _ => {
+                return Err(ZmqError::InvalidOption {
+                    option: "socket type".into(),
+                    value: s.into(),
+                    reason: "expected one of PUSH, PULL, PUB, SUB, DEALER, ROUTER, PAIR, REQ, REP"
+                        .into(),
+                });
+            }
+        })
+    }
+}
+
+/// What `ZMQ_EVENTS` reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Events {
+    pub(crate) readable: bool,
+    pub(crate) writable: bool,
+}
+
+/// The outcome of a non-blocking send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Sent {
+    /// libzmq took the whole message.
+    Taken,
+    /// libzmq would block (the HWM is reached); nothing was sent.
+    WouldBlock,
+}
+
+/// The socket's notification descriptor, registered with tokio.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct NotifyFd(RawFd);
+
+impl AsRawFd for NotifyFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+fn op_err(op: &'static str) -> impl Fn(zmq::Error) -> ZmqError {
+    move |e| ZmqError::Socket {
+        op,
+        source: std::io::Error::from_raw_os_error(e.to_raw()),
+    }
+}
+
+fn check_endpoint(endpoint: &str) -> Result<(), ZmqError> {
+    if endpoint.contains('\0') {
+        return Err(ZmqError::InvalidOption {
+            option: "endpoint".into(),
+            value: endpoint.escape_debug().to_string(),
+            reason: "an endpoint must not contain a NUL byte".into(),
+        });
+    }
+    Ok(())
+}
+
+fn to_i32(option: &str, value: usize) -> Result<i32, ZmqError> {
+    i32::try_from(value).map_err(|_| ZmqError::InvalidOption {
+        option: option.into(),
+        value: value.to_string(),
+        reason: format!("must be at most {}", i32::MAX),
+    })
+}
+
+/// Frames up to this size are copied; larger ones keep libzmq's buffer
+/// (`Bytes::from_owner`), which saves a copy of e.g. 64 KiB for one allocation.
+const COPY_LIMIT: usize = 4096;
+
+struct MsgOwner(zmq::Message);
+
+impl AsRef<[u8]> for MsgOwner {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// Takes the frame out of the reusable `scratch` message.
+fn take_bytes(scratch: &mut zmq::Message) -> Bytes {
+    if scratch.len() <= COPY_LIMIT {
+        Bytes::copy_from_slice(scratch)
+    } else {
+        // `zmq::Message` is plain data (a 64-byte `zmq_msg_t`) and Send; a
+        // large frame's payload lives on libzmq's heap and is released when
+        // the last `Bytes` clone drops the owner.
+        Bytes::from_owner(MsgOwner(std::mem::replace(scratch, zmq::Message::new())))
+    }
+}
+
+/// A libzmq socket (and the context it keeps alive). Send, not Sync: callers
+/// keep it behind a mutex.
+pub(crate) struct RawSocket {
+    sock: zmq::Socket,
+    kind: SocketType,
+    /// Reused by every receive (zmq_msg_recv releases the previous content).
+    scratch: zmq::Message,
+}
+
+impl std::fmt::Debug for RawSocket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawSocket")
+            .field("kind", &self.kind)
+            .finish()
+    }
+}
+
+impl RawSocket {
+    pub(crate) fn new(ctx: &RawContext, kind: SocketType) -> Result<Self, ZmqError> {
+        let sock = ctx.0.socket(kind.raw()).map_err(op_err("create socket"))?;
+        Ok(RawSocket {
+            sock,
+            kind,
+            scratch: zmq::Message::new(),
+        })
+    }
+
+    pub(crate) fn set_sndhwm(&self, msgs: usize) -> Result<(), ZmqError> {
+        self.sock
+            .set_sndhwm(to_i32("send_hwm", msgs)?)
+            .map_err(op_err("set ZMQ_SNDHWM"))
+    }
+
+    pub(crate) fn set_rcvhwm(&self, msgs: usize) -> Result<(), ZmqError> {
+        self.sock
+            .set_rcvhwm(to_i32("recv_hwm", msgs)?)
+            .map_err(op_err("set ZMQ_RCVHWM"))
+    }
+
+    /// `None` = wait forever (libzmq's -1).
+    pub(crate) fn set_linger(&self, linger: Option<Duration>) -> Result<(), ZmqError> {
+        let ms = match linger {
+            None => -1,
+            Some(d) => to_i32(
+                "linger (ms)",
+                usize::try_from(d.as_millis()).unwrap_or(usize::MAX),
+            )?,
+        };
+        self.sock.set_linger(ms).map_err(op_err("set ZMQ_LINGER"))
+    }
+
+    pub(crate) fn set_routing_id(&self, id: &[u8]) -> Result<(), ZmqError> {
+        if id.is_empty() || id.len() > 255 || id[0] == 0 {
+            return Err(ZmqError::InvalidOption {
+                option: "routing_id".into(),
+                value: format!("{} bytes", id.len()),
+                reason: "a routing id must be 1 to 255 bytes and must not start with a zero byte"
+                    .into(),
+            });
+        }
+        self.sock
+            .set_identity(id)
+            .map_err(op_err("set ZMQ_ROUTING_ID"))
+    }
+
+    pub(crate) fn set_router_mandatory(&self) -> Result<(), ZmqError> {
+        self.sock
+            .set_router_mandatory(true)
+            .map_err(op_err("set ZMQ_ROUTER_MANDATORY"))
+    }
+
+    /// Makes a PUB socket report a full subscriber with `EAGAIN` instead of
+    /// dropping silently.
+    #[allow(unsafe_code)]
+    pub(crate) fn set_xpub_nodrop(&mut self) -> Result<(), ZmqError> {
+        let one: libc::c_int = 1;
+        // SAFETY: `as_mut_ptr` is the live socket owned by `self.sock` (it is
+        // closed only when `self.sock` drops, after this call). The option value
+        // points to a c_int on our stack for the duration of the call, and its
+        // size is passed alongside, as zmq_setsockopt(3) requires for
+        // ZMQ_XPUB_NODROP (an int).
+        let rc = unsafe {
+            zmq_sys::zmq_setsockopt(
+                self.sock.as_mut_ptr(),
+                zmq_sys::ZMQ_XPUB_NODROP as libc::c_int,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>(),
+            )
+        };
+        if rc == -1 {
+            return Err(ZmqError::Socket {
+                op: "set ZMQ_XPUB_NODROP",
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+
+    pub(crate) fn subscribe(&self, topic: &[u8]) -> Result<(), ZmqError> {
+        self.sock
+            .set_subscribe(topic)
+            .map_err(op_err("set ZMQ_SUBSCRIBE"))
+    }
+
+    pub(crate) fn unsubscribe(&self, topic: &[u8]) -> Result<(), ZmqError> {
+        self.sock
+            .set_unsubscribe(topic)
+            .map_err(op_err("set ZMQ_UNSUBSCRIBE"))
+    }
+
+    /// Binds; returns the resolved endpoint (`tcp://127.0.0.1:*` gets its port).
+    pub(crate) fn bind(&self, endpoint: &str) -> Result<String, ZmqError> {
+        check_endpoint(endpoint)?;
+        self.sock.bind(endpoint).map_err(|e| ZmqError::Bind {
+            endpoint: endpoint.into(),
+            source: std::io::Error::from_raw_os_error(e.to_raw()),
+        })?;
+        match self.sock.get_last_endpoint() {
+            Ok(Ok(resolved)) => Ok(resolved),
+            _ => Ok(endpoint.into()),
+        }
+    }
+
+    pub(crate) fn connect(&self, endpoint: &str) -> Result<(), ZmqError> {
+        check_endpoint(endpoint)?;
+        self.sock.connect(endpoint).map_err(|e| ZmqError::Connect {
+            endpoint: endpoint.into(),
+            source: std::io::Error::from_raw_os_error(e.to_raw()),
+        })
+    }
+
+    pub(crate) fn notify_fd(&self) -> Result<NotifyFd, ZmqError> {
+        self.sock
+            .get_fd()
+            .map(NotifyFd)
+            .map_err(op_err("get ZMQ_FD"))
+    }
+
+    /// Reads `ZMQ_EVENTS` (this processes pending commands and may consume the
+    /// edge on the notification descriptor).
+    pub(crate) fn events(&self) -> Result<Events, ZmqError> {
+        let ev = self.sock.get_events().map_err(op_err("get ZMQ_EVENTS"))?;
+        Ok(Events {
+            readable: ev.contains(zmq::POLLIN),
+            writable: ev.contains(zmq::POLLOUT),
+        })
+    }
+
+    /// Sends every frame with `ZMQ_DONTWAIT`; `WouldBlock` if the first frame
+    /// was refused (then nothing was sent).
+    pub(crate) fn try_send(&self, frames: &[Bytes]) -> Result<Sent, ZmqError> {
+        let last = frames.len().saturating_sub(1);
+        for (i, frame) in frames.iter().enumerate() {
+            let flags = if i < last {
+                zmq::DONTWAIT | zmq::SNDMORE
+            } else {
+                zmq::DONTWAIT
+            };
+            match self.sock.send(&frame[..], flags) {
+                Ok(()) => {}
+                Err(zmq::Error::EAGAIN) if i == 0 => return Ok(Sent::WouldBlock),
+                Err(zmq::Error::EHOSTUNREACH) => {
+                    return Err(ZmqError::Unroutable {
+                        routing_id: frames.first().cloned().unwrap_or_default(),
+                    });
+                }
+                Err(e) => {
+                    return Err(op_err("send")(e));
+                }
+            }
+        }
+        Ok(Sent::Taken)
+    }
+
+    /// Receives one whole multipart message with `ZMQ_DONTWAIT`; `None` on EAGAIN.
+    pub(crate) fn try_recv(&mut self) -> Result<Option<Vec<Bytes>>, ZmqError> {
+        match self.sock.recv(&mut self.scratch, zmq::DONTWAIT) {
+            Ok(()) => {}
+            Err(zmq::Error::EAGAIN) => return Ok(None),
+            Err(e) => return Err(op_err("recv")(e)),
+        }
+        let mut more = self.scratch.get_more();
+        let mut frames = Vec::with_capacity(if more { 4 } else { 1 });
+        frames.push(take_bytes(&mut self.scratch));
+        while more {
+            // Atomic delivery: the remaining frames are queued already, so
+            // DONTWAIT never fails with EAGAIN here; if it did, it is an error.
+            self.sock
+                .recv(&mut self.scratch, zmq::DONTWAIT)
+                .map_err(op_err("recv (next frame)"))?;
+            more = self.scratch.get_more();
+            frames.push(take_bytes(&mut self.scratch));
+        }
+        Ok(Some(frames))
+    }
+}

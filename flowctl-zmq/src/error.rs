@@ -1,0 +1,81 @@
+//! The errors of flowctl-zmq.
+
+use bytes::Bytes;
+use flowctl_core::FlowError;
+
+/// What can go wrong with a ZeroMQ socket. Converts into
+/// [`FlowError::Transport`] (use `downcast_ref::<ZmqError>()` on the source to
+/// match on it).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ZmqError {
+    /// The endpoint could not be bound (address in use, bad address, ...).
+    #[error("cannot bind {endpoint}: {source}")]
+    Bind {
+        /// The endpoint as given.
+        endpoint: String,
+        /// libzmq's errno.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The endpoint could not be connected (malformed, unknown transport, ...).
+    #[error("cannot connect to {endpoint}: {source}")]
+    Connect {
+        /// The endpoint as given.
+        endpoint: String,
+        /// libzmq's errno.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A socket option with a value out of range or unknown.
+    #[error("invalid value {value:?} for socket option {option}: {reason}")]
+    InvalidOption {
+        /// The option's name.
+        option: String,
+        /// The value given.
+        value: String,
+        /// What is accepted.
+        reason: String,
+    },
+    /// A message with a different frame count than the socket expects. The
+    /// message was consumed; the next `recv` returns the next message.
+    #[error("message of {actual} frames where exactly {expected} were expected (message dropped)")]
+    FrameCount {
+        /// The configured count.
+        expected: usize,
+        /// The count received.
+        actual: usize,
+    },
+    /// An empty multipart message (no frames) cannot be sent.
+    #[error("cannot send a message of 0 frames: a message needs at least one frame")]
+    EmptyMessage,
+    /// A ROUTER was asked to send to a routing id it has no peer for.
+    #[error("no peer with routing id {routing_id:?} is connected to this ROUTER")]
+    Unroutable {
+        /// Frame 0 of the message.
+        routing_id: Bytes,
+    },
+    /// The operation does not exist for this socket type.
+    #[error("{op} is not supported by a {socket} socket")]
+    Unsupported {
+        /// The operation.
+        op: &'static str,
+        /// The socket type.
+        socket: &'static str,
+    },
+    /// A libzmq call failed.
+    #[error("zmq {op} failed: {source}")]
+    Socket {
+        /// The libzmq operation.
+        op: &'static str,
+        /// libzmq's errno.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl From<ZmqError> for FlowError {
+    fn from(e: ZmqError) -> Self {
+        FlowError::transport(e)
+    }
+}

@@ -1,0 +1,1059 @@
+//! The async socket: a shared core (libzmq socket behind a mutex, its
+//! notification fd in tokio's reactor, one waker slot per direction) and the
+//! two halves, [`ZmqSink`] and [`ZmqSource`].
+
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::pin::pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Poll;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use flowctl_core::fair::Budget;
+use flowctl_core::gate::Gate;
+use flowctl_core::{Fairness, FlowError, FlowStats, Sink, Source, Watermarks, Weighted};
+use tokio::io::unix::AsyncFd;
+use tokio::sync::Notify;
+
+use crate::backend::{Events, NotifyFd, RawContext, RawSocket, Sent, SocketType};
+use crate::error::ZmqError;
+
+/// A multipart ZeroMQ message: one [`Bytes`] per frame. Weighs the sum of its
+/// frames ([`Weighted`] is implemented by flowctl-core for `Vec<T: Weighted>`).
+pub type Multipart = Vec<Bytes>;
+
+/// The default expected message size used to turn watermarks into HWMs: 1 KiB.
+pub const DEFAULT_EXPECTED_MESSAGE_SIZE: usize = 1024;
+
+/// After libzmq refused a message, the sink retries only every this many
+/// `ready` calls (or after waiting for room).
+const RETRY_EVERY: u32 = 32;
+
+/// The default linger of [`Sink::close`] and of a dropped socket: 30 s.
+pub const DEFAULT_LINGER: Duration = Duration::from_secs(30);
+
+/// A libzmq context: its I/O thread and its `inproc://` namespace.
+///
+/// Sockets built without one get a private context each, which lets
+/// [`Sink::close`] wait until libzmq has really handed every message to the
+/// network (`zmq_ctx_term`). Share a context between sockets that talk over
+/// `inproc://`; then `close` cannot wait for libzmq's own queue (the context
+/// stays alive for the other sockets) and only guarantees that every message
+/// was handed to libzmq, which keeps sending it for up to the linger.
+#[derive(Debug, Clone)]
+pub struct Context {
+    raw: RawContext,
+}
+
+impl Context {
+    /// A new context with one I/O thread.
+    pub fn new() -> Self {
+        Context {
+            raw: RawContext::new(),
+        }
+    }
+}
+
+impl Default for Context {
+    fn default() -> Self {
+        Context::new()
+    }
+}
+
+/// Counters flowctl-core's [`FlowStats`] has no field for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct ZmqStats {
+    /// Messages a PUB socket dropped because a subscriber was at its SNDHWM.
+    pub dropped: u64,
+    /// Messages handed to libzmq.
+    pub sent: u64,
+    /// Messages received from libzmq (including those rejected for their frame count).
+    pub received: u64,
+    /// Messages rejected because of their frame count.
+    pub frame_errors: u64,
+    /// Forced yields of the receive path (fairness budget spent).
+    pub recv_yields: u64,
+    /// Forced yields of the send path (fairness budget spent).
+    pub send_yields: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dir {
+    In,
+    Out,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    dropped: AtomicU64,
+    sent: AtomicU64,
+    received: AtomicU64,
+    frame_errors: AtomicU64,
+}
+
+impl Counters {
+    fn snapshot(&self) -> ZmqStats {
+        ZmqStats {
+            dropped: self.dropped.load(Ordering::Relaxed),
+            sent: self.sent.load(Ordering::Relaxed),
+            received: self.received.load(Ordering::Relaxed),
+            frame_errors: self.frame_errors.load(Ordering::Relaxed),
+            recv_yields: 0,
+            send_yields: 0,
+        }
+    }
+}
+
+/// What both halves share. Field order matters: the fd is deregistered from
+/// tokio before the socket that owns it is closed.
+#[derive(Debug)]
+struct Core {
+    afd: Option<AsyncFd<NotifyFd>>,
+    sock: Mutex<Option<RawSocket>>,
+    ctx: Option<RawContext>,
+    kind: SocketType,
+    linger: Option<Duration>,
+    endpoints: Vec<String>,
+    waiting_in: AtomicBool,
+    waiting_out: AtomicBool,
+    notify_in: Notify,
+    notify_out: Notify,
+    counters: Arc<Counters>,
+}
+
+impl Core {
+    fn lock(&self) -> Result<MutexGuard<'_, Option<RawSocket>>, FlowError> {
+        // A poisoned lock only means another thread panicked while holding it;
+        // the libzmq socket itself is still consistent.
+        let guard = self.sock.lock().unwrap_or_else(|p| p.into_inner());
+        if guard.is_none() {
+            return Err(FlowError::Closed);
+        }
+        Ok(guard)
+    }
+
+    fn with_sock<T>(
+        &self,
+        f: impl FnOnce(&mut RawSocket) -> Result<T, ZmqError>,
+    ) -> Result<T, FlowError> {
+        let mut guard = self.lock()?;
+        match guard.as_mut() {
+            Some(s) => f(s).map_err(FlowError::from),
+            None => Err(FlowError::Closed),
+        }
+    }
+
+    fn afd(&self) -> Result<&AsyncFd<NotifyFd>, FlowError> {
+        self.afd.as_ref().ok_or(FlowError::Closed)
+    }
+
+    /// Reads `ZMQ_EVENTS` and wakes whichever direction (other than `me`) is
+    /// waiting and now ready: reading the events may have consumed the fd edge
+    /// that direction was waiting for.
+    fn events(&self, me: Option<Dir>) -> Result<Events, FlowError> {
+        let ev = self.with_sock(|s| s.events())?;
+        self.cross_wake(ev, me);
+        Ok(ev)
+    }
+
+    fn cross_wake(&self, ev: Events, me: Option<Dir>) {
+        if me != Some(Dir::In) && ev.readable && self.waiting_in.load(Ordering::SeqCst) {
+            self.notify_in.notify_one();
+        }
+        if me != Some(Dir::Out) && ev.writable && self.waiting_out.load(Ordering::SeqCst) {
+            self.notify_out.notify_one();
+        }
+    }
+
+    /// After a send or recv by `me`: if the other direction waits, re-check
+    /// the events for it (the operation processed libzmq's commands and may
+    /// have consumed its edge).
+    fn after_op(&self, me: Dir) -> Result<(), FlowError> {
+        let other_waits = match me {
+            Dir::In => self.waiting_out.load(Ordering::SeqCst),
+            Dir::Out => self.waiting_in.load(Ordering::SeqCst),
+        };
+        if other_waits {
+            self.events(Some(me))?;
+        }
+        Ok(())
+    }
+
+    fn try_send(&self, msg: &[Bytes]) -> Result<Sent, FlowError> {
+        let sent = self.with_sock(|s| s.try_send(msg))?;
+        self.after_op(Dir::Out)?;
+        Ok(sent)
+    }
+
+    fn try_recv(&self) -> Result<Option<Multipart>, FlowError> {
+        let msg = self.with_sock(|s| s.try_recv())?;
+        self.after_op(Dir::In)?;
+        Ok(msg)
+    }
+
+    /// Waits until `dir` may be ready. Never sleeps without a registered
+    /// waker: the notification is armed and the flag raised before the final
+    /// `ZMQ_EVENTS` check, and the fd's readiness is cleared only after a
+    /// wake-up, before the caller re-checks.
+    ///
+    /// Returns `Ok(true)` if `ZMQ_EVENTS` said ready at once (no sleep): a
+    /// caller whose next attempt still fails must yield rather than spin.
+    async fn wait(&self, dir: Dir) -> Result<bool, FlowError> {
+        let (flag, notify) = match dir {
+            Dir::In => (&self.waiting_in, &self.notify_in),
+            Dir::Out => (&self.waiting_out, &self.notify_out),
+        };
+        let mut notified = pin!(notify.notified());
+        notified.as_mut().enable();
+        flag.store(true, Ordering::SeqCst);
+        let _lower = LowerOnDrop(flag);
+        let ev = self.events(Some(dir))?;
+        let ready = match dir {
+            Dir::In => ev.readable,
+            Dir::Out => ev.writable,
+        };
+        if ready {
+            return Ok(true);
+        }
+        let afd = self.afd()?;
+        tokio::select! {
+            guard = afd.readable() => {
+                let mut guard = guard?;
+                guard.clear_ready();
+            }
+            () = &mut notified => {}
+        }
+        Ok(false)
+    }
+
+    fn stats(&self) -> ZmqStats {
+        self.counters.snapshot()
+    }
+
+    /// Takes everything out for closing. The fd leaves the reactor first.
+    fn take_parts(&mut self) -> (Option<RawSocket>, Option<RawContext>) {
+        drop(self.afd.take());
+        let sock = self
+            .sock
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        // The context goes too, even a shared one: dropping its last clone
+        // terminates it, which blocks, so that must happen off the async threads.
+        (sock, self.ctx.take())
+    }
+}
+
+/// Closes the socket, then drops our clone of the context. For a private
+/// context that is the last clone, so this waits in `zmq_ctx_term` until libzmq
+/// has sent everything or the linger has expired; a shared context lives on
+/// (and keeps sending) while other clones exist.
+fn finish(sock: Option<RawSocket>, ctx: Option<RawContext>) {
+    drop(sock);
+    drop(ctx);
+}
+
+impl Drop for Core {
+    fn drop(&mut self) {
+        let (sock, ctx) = self.take_parts();
+        if sock.is_none() && ctx.is_none() {
+            return;
+        }
+
+        // zmq_ctx_term blocks for up to the linger: never on an async thread.
+        let parts = (sock, ctx);
+        match std::thread::Builder::new()
+            .name("flowctl-zmq-linger".into())
+            .spawn(move || finish(parts.0, parts.1))
+        {
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot spawn the linger thread; the socket's unsent messages are dropped");
+            }
+        }
+    }
+}
+
+struct LowerOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for LowerOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
+}
+
+/// Builds a socket: type, endpoints, watermarks and options.
+///
+/// # Backpressure
+/// libzmq bounds its queues in messages (`ZMQ_SNDHWM`/`ZMQ_RCVHWM`), flowctl
+/// in bytes. Unless set with [`send_hwm`](Self::send_hwm)/[`recv_hwm`](Self::recv_hwm),
+/// both HWMs are `ceil(high / expected_message_size)` (at least 1), with the
+/// [`watermarks`](Self::watermarks) (default [`Watermarks::default`]) and the
+/// [`expected_message_size`](Self::expected_message_size) (default
+/// [`DEFAULT_EXPECTED_MESSAGE_SIZE`]). So libzmq's queue on each side holds
+/// about `high` bytes of messages of the expected size; larger messages make
+/// it hold proportionally more. The sink's own queue is charged in bytes to a
+/// [`Gate`] with the same watermarks.
+#[derive(Debug, Clone)]
+pub struct SocketBuilder {
+    kind: SocketType,
+    ctx: Option<Context>,
+    wm: Watermarks,
+    expected_size: usize,
+    sndhwm: Option<usize>,
+    rcvhwm: Option<usize>,
+    linger: Option<Duration>,
+    fairness: Fairness,
+    frames: Option<usize>,
+    routing_id: Option<Bytes>,
+    subscribe: Vec<Bytes>,
+    binds: Vec<String>,
+    connects: Vec<String>,
+}
+
+impl SocketBuilder {
+    /// A socket of this type, with the defaults described on [`SocketBuilder`].
+    pub fn new(kind: SocketType) -> Self {
+        SocketBuilder {
+            kind,
+            ctx: None,
+            wm: Watermarks::default(),
+            expected_size: DEFAULT_EXPECTED_MESSAGE_SIZE,
+            sndhwm: None,
+            rcvhwm: None,
+            linger: Some(DEFAULT_LINGER),
+            fairness: Fairness::default(),
+            frames: None,
+            routing_id: None,
+            subscribe: Vec::new(),
+            binds: Vec::new(),
+            connects: Vec::new(),
+        }
+    }
+
+    /// Uses a shared context (needed for `inproc://` between sockets).
+    pub fn context(mut self, ctx: &Context) -> Self {
+        self.ctx = Some(ctx.clone());
+        self
+    }
+
+    /// Byte watermarks of the sink's queue, and the base of the derived HWMs.
+    pub fn watermarks(mut self, wm: Watermarks) -> Self {
+        self.wm = wm;
+        self
+    }
+
+    /// The message size used to derive the HWMs from the watermarks (bytes, >= 1).
+    pub fn expected_message_size(mut self, bytes: usize) -> Self {
+        self.expected_size = bytes.max(1);
+        self
+    }
+
+    /// Sets `ZMQ_SNDHWM` in messages (0 = unlimited, as in libzmq).
+    pub fn send_hwm(mut self, msgs: usize) -> Self {
+        self.sndhwm = Some(msgs);
+        self
+    }
+
+    /// Sets `ZMQ_RCVHWM` in messages (0 = unlimited, as in libzmq).
+    pub fn recv_hwm(mut self, msgs: usize) -> Self {
+        self.rcvhwm = Some(msgs);
+        self
+    }
+
+    /// How long `close` (and a dropped socket) keeps sending unsent messages;
+    /// `None` waits forever. Default [`DEFAULT_LINGER`].
+    pub fn linger(mut self, linger: Option<Duration>) -> Self {
+        self.linger = linger;
+        self
+    }
+
+    /// The fairness budget of the receive and send paths.
+    pub fn fairness(mut self, fairness: Fairness) -> Self {
+        self.fairness = fairness;
+        self
+    }
+
+    /// Every received message must have exactly `n` frames (including the
+    /// routing id frame on a ROUTER); others are consumed and reported as
+    /// [`ZmqError::FrameCount`], and the stream goes on.
+    pub fn expect_frames(mut self, n: usize) -> Self {
+        self.frames = Some(n);
+        self
+    }
+
+    /// This socket's routing id (`ZMQ_ROUTING_ID`), as seen by a ROUTER peer.
+    pub fn routing_id(mut self, id: impl Into<Bytes>) -> Self {
+        self.routing_id = Some(id.into());
+        self
+    }
+
+    /// Subscribes a SUB socket to a topic prefix (empty = everything).
+    pub fn subscribe(mut self, topic: impl Into<Bytes>) -> Self {
+        self.subscribe.push(topic.into());
+        self
+    }
+
+    /// Binds to an endpoint (`tcp://127.0.0.1:*` picks a free port; see
+    /// [`ZmqSocket::endpoints`]).
+    pub fn bind(mut self, endpoint: impl Into<String>) -> Self {
+        self.binds.push(endpoint.into());
+        self
+    }
+
+    /// Connects to an endpoint.
+    pub fn connect(mut self, endpoint: impl Into<String>) -> Self {
+        self.connects.push(endpoint.into());
+        self
+    }
+
+    /// Sets an option by name, for configuration files: `send_hwm`,
+    /// `recv_hwm`, `expected_message_size`, `linger_ms` (`-1` = forever),
+    /// `expect_frames`, `routing_id`, `subscribe`, `bind`, `connect`.
+    ///
+    /// # Errors
+    /// [`ZmqError::InvalidOption`] for an unknown name or a value that does not parse.
+    pub fn option(self, name: &str, value: &str) -> Result<Self, ZmqError> {
+        let bad = |reason: &str| ZmqError::InvalidOption {
+            option: name.into(),
+            value: value.into(),
+            reason: reason.into(),
+        };
+        let num = || {
+            value
+                .parse::<usize>()
+                .map_err(|_| bad("expected a non-negative integer"))
+        };
+        Ok(match name {
+            "send_hwm" => self.send_hwm(num()?),
+            "recv_hwm" => self.recv_hwm(num()?),
+            "expected_message_size" => self.expected_message_size(num()?),
+            "expect_frames" => self.expect_frames(num()?),
+            "linger_ms" => {
+                if value == "-1" {
+                    self.linger(None)
+                } else {
+                    let ms = value
+                        .parse::<u64>()
+                        .map_err(|_| bad("expected milliseconds (>= 0) or -1 for forever"))?;
+                    self.linger(Some(Duration::from_millis(ms)))
+                }
+            }
+            "routing_id" => self.routing_id(Bytes::copy_from_slice(value.as_bytes())),
+            "subscribe" => self.subscribe(Bytes::copy_from_slice(value.as_bytes())),
+            "bind" => self.bind(value),
+            "connect" => self.connect(value),
+            _ => {
+                return Err(bad(
+                    "unknown option (known: send_hwm, recv_hwm, expected_message_size, linger_ms, expect_frames, routing_id, subscribe, bind, connect)",
+                ));
+            }
+        })
+    }
+
+    fn derived_hwm(&self) -> usize {
+        self.wm.high().div_ceil(self.expected_size).max(1)
+    }
+
+    /// Creates the socket, applies the options, binds and connects.
+    ///
+    /// Must be called inside a tokio runtime with I/O enabled.
+    ///
+    /// # Errors
+    /// [`ZmqError::Bind`]/[`ZmqError::Connect`] naming the endpoint,
+    /// [`ZmqError::InvalidOption`] for a value libzmq cannot take, and
+    /// [`ZmqError::Unsupported`] for subscriptions on a non-SUB socket.
+    pub fn build(self) -> Result<ZmqSocket, FlowError> {
+        let ctx = match &self.ctx {
+            Some(c) => c.raw.clone(),
+            None => RawContext::new(),
+        };
+        let mut sock = RawSocket::new(&ctx, self.kind)?;
+        let hwm = self.derived_hwm();
+        sock.set_sndhwm(self.sndhwm.unwrap_or(hwm))?;
+        sock.set_rcvhwm(self.rcvhwm.unwrap_or(hwm))?;
+        sock.set_linger(self.linger)?;
+        if let Some(id) = &self.routing_id {
+            sock.set_routing_id(id)?;
+        }
+        match self.kind {
+            SocketType::Router => sock.set_router_mandatory()?,
+            SocketType::Pub => sock.set_xpub_nodrop()?,
+            _ => {}
+        }
+        if !self.subscribe.is_empty() && self.kind != SocketType::Sub {
+            return Err(ZmqError::Unsupported {
+                op: "subscribe",
+                socket: self.kind.name(),
+            }
+            .into());
+        }
+        for topic in &self.subscribe {
+            sock.subscribe(topic)?;
+        }
+        let mut endpoints = Vec::new();
+        for ep in &self.binds {
+            endpoints.push(sock.bind(ep)?);
+        }
+        for ep in &self.connects {
+            sock.connect(ep)?;
+            endpoints.push(ep.clone());
+        }
+        let fd = sock.notify_fd()?;
+        // SAFETY: `fd` is libzmq's ZMQ_FD of `sock`, open for as long as `sock`
+        // is. `Core` keeps both and always drops the `AsyncFd` before the socket
+        // (`Core::take_parts`, called by `Drop for Core` and by `close`), and
+        // `NotifyFd::as_raw_fd` always returns the same descriptor.
+        #[allow(unsafe_code)]
+        let afd = unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+            .map_err(std::io::Error::from)?;
+        tracing::info!(
+            socket = self.kind.name(),
+            ?endpoints,
+            hwm,
+            "zmq socket ready"
+        );
+        let counters = Arc::new(Counters::default());
+        let core = Arc::new(Core {
+            afd: Some(afd),
+            sock: Mutex::new(Some(sock)),
+            ctx: Some(ctx),
+            kind: self.kind,
+            linger: self.linger,
+            endpoints,
+            waiting_in: AtomicBool::new(false),
+            waiting_out: AtomicBool::new(false),
+            notify_in: Notify::new(),
+            notify_out: Notify::new(),
+            counters: counters.clone(),
+        });
+        let span = tracing::debug_span!("zmq", socket = self.kind.name());
+        Ok(ZmqSocket {
+            sink: ZmqSink {
+                core: Some(core.clone()),
+                refused: 0,
+                counters,
+                items: 0,
+                bytes: 0,
+                queue: VecDeque::new(),
+                gate: Gate::new(self.wm, span),
+                budget: Budget::new(self.fairness),
+                closed: false,
+            },
+            source: ZmqSource {
+                core,
+                budget: Budget::new(self.fairness),
+                yield_due: false,
+                frames: self.frames,
+                wm: self.wm,
+                items: 0,
+                bytes: 0,
+            },
+        })
+    }
+}
+
+/// A ZeroMQ socket; [`split`](ZmqSocket::split) it into a [`Sink`] and a
+/// [`Source`] that may live in different tasks.
+#[derive(Debug)]
+pub struct ZmqSocket {
+    sink: ZmqSink,
+    source: ZmqSource,
+}
+
+impl ZmqSocket {
+    /// Starts a [`SocketBuilder`].
+    pub fn builder(kind: SocketType) -> SocketBuilder {
+        SocketBuilder::new(kind)
+    }
+
+    /// The sending and the receiving half. The socket closes when both are
+    /// dropped, or when the sink is closed after the source was dropped.
+    pub fn split(self) -> (ZmqSink, ZmqSource) {
+        (self.sink, self.source)
+    }
+
+    /// Only the sending half (for PUSH, PUB ...).
+    pub fn into_sink(self) -> ZmqSink {
+        self.sink
+    }
+
+    /// Only the receiving half (for PULL, SUB ...).
+    pub fn into_source(self) -> ZmqSource {
+        self.source
+    }
+
+    /// Bound endpoints as resolved by libzmq (with the port chosen for `:*`),
+    /// then connected endpoints as given.
+    pub fn endpoints(&self) -> &[String] {
+        &self.source.core.endpoints
+    }
+
+    /// The socket type.
+    pub fn kind(&self) -> SocketType {
+        self.source.core.kind
+    }
+}
+
+/// The sending half of a [`ZmqSocket`]. Items are [`Multipart`] messages.
+///
+/// # Backpressure
+/// `start_send` hands the message to libzmq at once when libzmq takes it
+/// (below SNDHWM); otherwise it is queued here, charged in bytes. `ready`
+/// pushes the queue into libzmq (after a refusal, on every 32nd call, so a
+/// sender at the HWM does not pay a refused send per message) and waits, while
+/// the queue is above the high watermark, until libzmq has room again and the
+/// queue is at the low watermark. So memory is bounded by SNDHWM messages in
+/// libzmq plus `high` plus one message here.
+///
+/// # Errors
+/// A message libzmq rejects for good (a ROUTER message to a routing id with no
+/// peer: [`ZmqError::Unroutable`]) is dropped and the error returned, by
+/// `start_send` or, if it was queued, by the next `ready`/`flush`.
+///
+/// # Flushing
+/// As with `futures::Sink`, a message accepted while libzmq is at its HWM
+/// moves on only when the sink is used again: call
+/// [`flush`](Sink::flush) (or `close`) before waiting for something else,
+/// e.g. before awaiting the reply to a request sent on a DEALER.
+///
+/// # PUB sockets
+/// libzmq's PUB drops a message for a subscriber at its HWM without a trace.
+/// flowctl sets `ZMQ_XPUB_NODROP` so libzmq reports it, and counts the message
+/// in [`ZmqStats::dropped`] instead of waiting (a PUB has no writability signal
+/// per subscriber to wait on). With NODROP libzmq refuses the message for every
+/// matching subscriber when one of them is full.
+///
+/// # Fairness
+/// `ready` consumes tokio's coop budget and the [`Fairness`] budget when it
+/// returns without waiting, so a sender that libzmq always accepts still yields.
+#[derive(Debug)]
+pub struct ZmqSink {
+    core: Option<Arc<Core>>,
+    /// 0 while libzmq takes messages; after a refusal, `ready` calls since.
+    refused: u32,
+    counters: Arc<Counters>,
+    items: u64,
+    bytes: u64,
+    queue: VecDeque<Multipart>,
+    gate: Gate,
+    budget: Budget,
+    closed: bool,
+}
+
+impl ZmqSink {
+    fn core(&self) -> Result<&Arc<Core>, FlowError> {
+        match &self.core {
+            Some(c) if !self.closed => Ok(c),
+            _ => Err(FlowError::Closed),
+        }
+    }
+
+    /// Handles the outcome of a send attempt of `weight` bytes; true if the
+    /// message left our hands.
+    fn account(&self, core: &Core, sent: Sent, weight: usize) -> bool {
+        match sent {
+            Sent::Taken => {
+                core.counters.sent.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Sent::WouldBlock if core.kind == SocketType::Pub => {
+                core.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                tracing::trace!(weight, "pub: subscriber at its HWM, message dropped");
+                true
+            }
+            Sent::WouldBlock => false,
+        }
+    }
+
+    /// Pushes queued messages into libzmq until it refuses one; returns how
+    /// many left the queue.
+    fn drain(&mut self) -> Result<usize, FlowError> {
+        if self.queue.is_empty() {
+            return Ok(0);
+        }
+        let core = self.core()?.clone();
+        let mut moved = 0;
+        let mut credit = 0;
+        while let Some(front) = self.queue.front() {
+            let weight = front.weight();
+            let sent = match core.try_send(front) {
+                Ok(sent) => sent,
+                Err(e) => {
+                    // libzmq rejected this message for good (e.g. an unknown
+                    // routing id): drop it and report, or every later call
+                    // would fail on it again.
+                    self.queue.pop_front();
+                    self.gate.credit(credit + weight);
+                    return Err(e);
+                }
+            };
+            if !self.account(&core, sent, weight) {
+                self.refused = 1;
+                break;
+            }
+            self.queue.pop_front();
+            credit += weight;
+            moved += 1;
+        }
+        if self.queue.is_empty() {
+            self.refused = 0;
+        }
+        if credit > 0 {
+            self.gate.credit(credit);
+        }
+        Ok(moved)
+    }
+
+    /// Waits for libzmq to have room. `ZMQ_EVENTS` may say "writable" while a
+    /// send is still refused (a ROUTER whose addressed peer is full, with
+    /// `ZMQ_ROUTER_MANDATORY`): then this yields instead of spinning.
+    async fn wait_writable(&mut self) -> Result<(), FlowError> {
+        let core = self.core()?.clone();
+        if core.wait(Dir::Out).await? && self.drain()? == 0 {
+            tokio::task::yield_now().await;
+        }
+        Ok(())
+    }
+
+    /// Counters beyond [`FlowStats`]: PUB drops, forced yields.
+    pub fn zmq_stats(&self) -> ZmqStats {
+        let mut s = self.counters.snapshot();
+        s.send_yields = self.budget.yields();
+        s
+    }
+
+    /// Messages queued here (not yet taken by libzmq).
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+}
+
+impl ZmqSink {
+    async fn ready_inner(&mut self) -> Result<(), FlowError> {
+        self.core()?;
+        poll_fn(|cx| self.budget.poll_proceed(cx)).await;
+        let mut waited = false;
+        loop {
+            // After a refusal, retry only every RETRY_EVERY calls until the
+            // queue reaches the high watermark: a sender at the HWM then pays
+            // one refused send per RETRY_EVERY messages, not one per message.
+            if self.refused == 0 || self.refused >= RETRY_EVERY {
+                self.drain()?;
+            } else {
+                self.refused += 1;
+            }
+            // An empty queue is never paused (0 <= low); skip the gate's lock.
+            if self.queue.is_empty() || !self.gate.stats().paused {
+                if waited {
+                    self.budget.reset();
+                }
+                return Ok(());
+            }
+            waited = true;
+            self.wait_writable().await?;
+            self.refused = 0;
+        }
+    }
+}
+
+#[async_trait]
+impl Sink for ZmqSink {
+    type Item = Multipart;
+
+    async fn ready(&mut self) -> Result<(), FlowError> {
+        self.ready_inner().await
+    }
+
+    async fn send(&mut self, item: Multipart) -> Result<(), FlowError> {
+        self.ready_inner().await?;
+        self.start_send(item)
+    }
+
+    fn start_send(&mut self, item: Multipart) -> Result<(), FlowError> {
+        let core = match &self.core {
+            Some(c) if !self.closed => c,
+            _ => return Err(FlowError::Closed),
+        };
+        if !core.kind.can_send() {
+            return Err(ZmqError::Unsupported {
+                op: "send",
+                socket: core.kind.name(),
+            }
+            .into());
+        }
+        if item.is_empty() {
+            return Err(ZmqError::EmptyMessage.into());
+        }
+        let weight = item.weight();
+        if self.queue.is_empty() {
+            // Fast path: straight into libzmq, nothing buffered here.
+            let sent = core.try_send(&item)?;
+            if self.account(core, sent, weight) {
+                self.items += 1;
+                self.bytes += weight as u64;
+                self.budget.charge(weight);
+                return Ok(());
+            }
+        }
+        if self.queue.is_empty() {
+            self.refused = 1;
+        }
+        self.gate.charge(weight);
+        self.items += 1;
+        self.bytes += weight as u64;
+        self.budget.charge(weight);
+        self.queue.push_back(item);
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), FlowError> {
+        loop {
+            self.drain()?;
+            if self.queue.is_empty() {
+                return Ok(());
+            }
+            self.wait_writable().await?;
+        }
+    }
+
+    /// Flushes the queue into libzmq (waiting at most the linger), then closes
+    /// the sending side. If the source half is gone too, the libzmq socket is
+    /// closed; with a private context `close` then waits until libzmq has sent
+    /// every message or the linger has expired.
+    async fn close(&mut self) -> Result<(), FlowError> {
+        if self.closed || self.core.is_none() {
+            self.closed = true;
+            return Ok(());
+        }
+        let linger = self.core()?.linger;
+        let flushed = match linger {
+            Some(l) => tokio::time::timeout(l, self.flush())
+                .await
+                .unwrap_or(Err(FlowError::Timeout(l))),
+            None => self.flush().await,
+        };
+        self.closed = true;
+        self.gate.close();
+        let Some(core) = self.core.take() else {
+            return flushed;
+        };
+        if let Ok(mut core) = Arc::try_unwrap(core) {
+            let (sock, ctx) = core.take_parts();
+            tokio::task::spawn_blocking(move || finish(sock, ctx))
+                .await
+                .map_err(|e| FlowError::transport(format!("linger task failed: {e}")))?;
+            tracing::info!("zmq socket closed");
+        }
+        flushed
+    }
+
+    /// `buffered`, `max_buffered`, `paused` and `pauses` are those of the
+    /// sink's own queue (messages libzmq refused at its HWM); `items` and
+    /// `bytes` count every message accepted.
+    fn stats(&self) -> FlowStats {
+        let mut s = self.gate.stats();
+        s.items = self.items;
+        s.bytes = self.bytes;
+        s
+    }
+}
+
+/// The receiving half of a [`ZmqSocket`]. Items are [`Multipart`] messages;
+/// on a ROUTER, frame 0 is the sender's routing id.
+///
+/// # Backpressure
+/// Nothing is buffered here: a message leaves libzmq's queue only when
+/// `recv` returns it, so RCVHWM (and then the sender's SNDHWM) carries the
+/// pause to the peer.
+///
+/// # Fairness
+/// Every `recv` consumes one unit of tokio's coop budget and is charged to the
+/// [`Fairness`] budget; when either is spent it yields once, even if libzmq has
+/// more messages (the PyZMQ asyncio starvation cannot happen).
+///
+/// # End of stream
+/// A ZeroMQ socket has no end: `recv` never returns `Ok(None)`.
+#[derive(Debug)]
+pub struct ZmqSource {
+    core: Arc<Core>,
+    budget: Budget,
+    yield_due: bool,
+    frames: Option<usize>,
+    wm: Watermarks,
+    items: u64,
+    bytes: u64,
+}
+
+impl ZmqSource {
+    /// Adds a SUB subscription (topic prefix).
+    pub fn subscribe(&self, topic: &[u8]) -> Result<(), FlowError> {
+        self.sub_op(topic, true)
+    }
+
+    /// Removes a SUB subscription.
+    pub fn unsubscribe(&self, topic: &[u8]) -> Result<(), FlowError> {
+        self.sub_op(topic, false)
+    }
+
+    fn sub_op(&self, topic: &[u8], add: bool) -> Result<(), FlowError> {
+        if self.core.kind != SocketType::Sub {
+            return Err(ZmqError::Unsupported {
+                op: if add { "subscribe" } else { "unsubscribe" },
+                socket: self.core.kind.name(),
+            }
+            .into());
+        }
+        self.core.with_sock(|s| {
+            if add {
+                s.subscribe(topic)
+            } else {
+                s.unsubscribe(topic)
+            }
+        })?;
+        // Subscribing processed commands: a waiting direction may need a look.
+        self.core.events(None)?;
+        Ok(())
+    }
+
+    /// Counters beyond [`FlowStats`].
+    pub fn zmq_stats(&self) -> ZmqStats {
+        let mut s = self.core.stats();
+        s.recv_yields = self.budget.yields();
+        s
+    }
+
+    /// The socket's endpoints (see [`ZmqSocket::endpoints`]).
+    pub fn endpoints(&self) -> &[String] {
+        &self.core.endpoints
+    }
+}
+
+impl ZmqSource {
+    fn unsupported(&self) -> Result<(), FlowError> {
+        if self.core.kind.can_recv() {
+            return Ok(());
+        }
+        Err(ZmqError::Unsupported {
+            op: "recv",
+            socket: self.core.kind.name(),
+        }
+        .into())
+    }
+
+    /// Checks and counts a message libzmq handed over.
+    fn accept(&mut self, msg: Multipart) -> Result<Multipart, FlowError> {
+        let weight = msg.weight();
+        self.budget.charge(weight);
+        let counters = &self.core.counters;
+        counters.received.fetch_add(1, Ordering::Relaxed);
+        if let Some(expected) = self.frames {
+            if msg.len() != expected {
+                counters.frame_errors.fetch_add(1, Ordering::Relaxed);
+                return Err(ZmqError::FrameCount {
+                    expected,
+                    actual: msg.len(),
+                }
+                .into());
+            }
+        }
+        self.items += 1;
+        self.bytes += weight as u64;
+        tracing::trace!(frames = msg.len(), weight, "zmq recv");
+        Ok(msg)
+    }
+
+    async fn recv_inner(&mut self) -> Result<Multipart, FlowError> {
+        self.unsupported()?;
+        let core = self.core.clone();
+        if std::mem::take(&mut self.yield_due) {
+            // `recv_many` ended the previous slice without yielding: yield now,
+            // or the slice's end would be lost.
+            tokio::task::yield_now().await;
+        }
+        poll_fn(|cx| self.budget.poll_proceed(cx)).await;
+        let mut waited = false;
+        let mut waited_at_once = false;
+        loop {
+            if let Some(msg) = core.try_recv()? {
+                if waited {
+                    self.budget.reset();
+                }
+                return self.accept(msg);
+            }
+            if waited_at_once {
+                // ZMQ_EVENTS said readable, yet nothing came: yield, do not spin.
+                tokio::task::yield_now().await;
+            }
+            waited = true;
+            waited_at_once = core.wait(Dir::In).await?;
+        }
+    }
+}
+
+#[async_trait]
+impl Source for ZmqSource {
+    type Item = Multipart;
+
+    async fn recv(&mut self) -> Result<Option<Multipart>, FlowError> {
+        self.recv_inner().await.map(Some)
+    }
+
+    /// Waits for one message, then takes up to `max` in all that libzmq has
+    /// ready, each through the fairness budget (it stops early, without
+    /// waiting, when the budget is spent).
+    async fn recv_many(
+        &mut self,
+        buf: &mut Vec<Multipart>,
+        max: usize,
+    ) -> Result<usize, FlowError> {
+        if max == 0 {
+            return Ok(0);
+        }
+        buf.push(self.recv_inner().await?);
+        let mut n = 1;
+        while n < max {
+            let go = poll_fn(|cx| Poll::Ready(self.budget.poll_proceed(cx).is_ready())).await;
+            if !go {
+                self.yield_due = true;
+                break;
+            }
+            match self.core.try_recv()? {
+                Some(msg) => {
+                    buf.push(self.accept(msg)?);
+                    n += 1;
+                }
+                None => break,
+            }
+        }
+        Ok(n)
+    }
+
+    fn stats(&self) -> FlowStats {
+        let mut s = FlowStats::empty(self.wm);
+        s.items = self.items;
+        s.bytes = self.bytes;
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hwm_is_high_watermark_over_expected_size_rounded_up() {
+        let wm = Watermarks::new(0, 1000).unwrap();
+        let b = SocketBuilder::new(SocketType::Push).watermarks(wm);
+        assert_eq!(b.clone().expected_message_size(100).derived_hwm(), 10);
+        assert_eq!(b.clone().expected_message_size(300).derived_hwm(), 4);
+        assert_eq!(b.clone().expected_message_size(5000).derived_hwm(), 1);
+        assert_eq!(b.expected_message_size(0).derived_hwm(), 1000);
+        // Defaults: 512 KiB / 1 KiB.
+        assert_eq!(SocketBuilder::new(SocketType::Pull).derived_hwm(), 512);
+    }
+}

@@ -1,0 +1,136 @@
+//! Bounded memory: a fast flowctl PUSH into a slow pyzmq PULL stays within its
+//! watermark; a PUB at its HWM counts what it drops instead of hiding it.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use flowctl_core::{Sink, Source, Watermarks};
+use flowctl_zmq::{Context, SocketType, ZmqSocket};
+
+use crate::peer::{DEADLINE, Peer, message};
+
+const SIZE: usize = 64 * 1024;
+
+#[tokio::test]
+async fn fast_push_into_slow_pyzmq_pull_stays_within_watermark() {
+    // 500 x 64 KiB = 32 MiB: far more than libzmq's queues (16 + 4 messages)
+    // and the socket buffers (our send buffer, at most wmem_max = 4 MiB on
+    // Linux; the peer's receive buffer fixed at 128 KiB, since autotuning may
+    // grow it to tcp_rmem's max, 32 MiB here) can hold: the sink must pause.
+    let n = 500;
+    let peer = Peer::start(&[
+        "pull",
+        "--bind",
+        "tcp://127.0.0.1:*",
+        "--count",
+        &n.to_string(),
+        "--size",
+        &SIZE.to_string(),
+        "--hwm",
+        "4",
+        "--delay-ms",
+        "1",
+    ]);
+    let wm = Watermarks::new(256 * 1024, 1024 * 1024).unwrap();
+    let mut tx = ZmqSocket::builder(SocketType::Push)
+        .watermarks(wm)
+        .expected_message_size(SIZE) // SNDHWM = 1 MiB / 64 KiB = 16 messages
+        .connect(&peer.endpoint)
+        .build()
+        .unwrap()
+        .into_sink();
+    // Built up front so that the sender is limited by the socket only.
+    let msgs: Vec<_> = (0..n).map(|i| message(i, SIZE)).collect();
+    let mut max_queued = 0;
+    for msg in msgs {
+        tx.send(msg).await.unwrap();
+        max_queued = max_queued.max(tx.queued());
+    }
+    tx.close().await.unwrap();
+    let stats = tx.stats();
+    let one = message(0, SIZE).iter().map(|b| b.len()).sum::<usize>();
+    assert!(
+        stats.max_buffered <= wm.high() + one,
+        "sink held {} bytes, bound is high {} + one message {}",
+        stats.max_buffered,
+        wm.high(),
+        one
+    );
+    assert!(stats.pauses > 0, "the slow receiver never pushed back");
+    assert!(max_queued <= wm.high() / SIZE + 1);
+    assert_eq!(stats.buffered, 0, "everything handed to libzmq at close");
+    assert_eq!(stats.items, n as u64);
+    peer.expect_ok(n);
+}
+
+#[tokio::test]
+async fn pub_counts_what_it_drops_at_hwm() {
+    let ctx = Context::new();
+    let mut tx = ZmqSocket::builder(SocketType::Pub)
+        .context(&ctx)
+        .send_hwm(10)
+        .bind("inproc://pub-drops")
+        .build()
+        .unwrap()
+        .into_sink();
+    let mut rx = ZmqSocket::builder(SocketType::Sub)
+        .context(&ctx)
+        .recv_hwm(10)
+        .subscribe(Bytes::new())
+        .connect("inproc://pub-drops")
+        .build()
+        .unwrap()
+        .into_source();
+    // Wait until the subscription has reached the PUB (a probe gets through).
+    let start = Instant::now();
+    loop {
+        assert!(start.elapsed() < DEADLINE, "subscription never arrived");
+        tx.send(vec![Bytes::from_static(b"probe")]).await.unwrap();
+        if let Ok(r) = tokio::time::timeout(Duration::from_millis(5), rx.recv()).await {
+            assert_eq!(r.unwrap().unwrap()[0], Bytes::from_static(b"probe"));
+            break;
+        }
+    }
+    let before = tx.zmq_stats();
+    let total = 1000u64;
+    for i in 0..total as usize {
+        tx.send(message(i, 16)).await.unwrap();
+    }
+    tx.flush().await.unwrap();
+    let after = tx.zmq_stats();
+    let sent = after.sent - before.sent;
+    let dropped = after.dropped - before.dropped;
+    assert_eq!(
+        sent + dropped,
+        total,
+        "every message is either sent or counted as dropped"
+    );
+    assert!(
+        dropped > 0,
+        "a subscriber that does not read must cause drops"
+    );
+    // The subscriber gets exactly the messages counted as sent, in order.
+    let mut got = 0u64;
+    let mut last: Option<usize> = None;
+    while got < sent {
+        let m = tokio::time::timeout(DEADLINE, rx.recv())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if m[0] == Bytes::from_static(b"probe") {
+            continue;
+        }
+        let i: usize = std::str::from_utf8(&m[0]).unwrap().parse().unwrap();
+        assert!(last.is_none_or(|l| i > l), "order kept");
+        assert_eq!(m, message(i, 16));
+        last = Some(i);
+        got += 1;
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(50), rx.recv())
+            .await
+            .is_err(),
+        "no more messages than counted as sent"
+    );
+}

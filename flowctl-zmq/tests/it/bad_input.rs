@@ -1,0 +1,178 @@
+//! Bad input: wrong frame counts from a real peer, an endpoint in use, unknown
+//! options and values. Each is a clear error naming what was wrong.
+
+use std::str::FromStr;
+
+use bytes::Bytes;
+use flowctl_core::{FlowError, Sink, Source};
+use flowctl_zmq::{SocketType, ZmqError, ZmqSocket};
+
+use crate::peer::{Peer, message};
+
+fn zmq_err(e: &FlowError) -> &ZmqError {
+    match e {
+        FlowError::Transport(inner) => inner
+            .downcast_ref::<ZmqError>()
+            .unwrap_or_else(|| panic!("not a ZmqError: {e}")),
+        other => panic!("not a transport error: {other}"),
+    }
+}
+
+#[tokio::test]
+async fn wrong_frame_count_from_pyzmq_is_reported_and_stream_continues() {
+    let mut rx = ZmqSocket::builder(SocketType::Pull)
+        .expect_frames(2)
+        .bind("tcp://127.0.0.1:*")
+        .build()
+        .unwrap()
+        .into_source();
+    let ep = rx.endpoints()[0].clone();
+    let peer = Peer::start(&["frames", "--connect", &ep, "--size", "10"]);
+    let err = rx.recv().await.unwrap_err();
+    assert!(
+        matches!(
+            zmq_err(&err),
+            ZmqError::FrameCount {
+                expected: 2,
+                actual: 3
+            }
+        ),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("3 frames where exactly 2"),
+        "{err}"
+    );
+    // The bad message was consumed; the good one follows.
+    assert_eq!(rx.recv().await.unwrap().unwrap(), message(0, 10));
+    assert_eq!(rx.zmq_stats().frame_errors, 1);
+    peer.expect_ok(2);
+}
+
+#[tokio::test]
+async fn bind_to_endpoint_in_use_names_the_endpoint() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let ep = format!("tcp://127.0.0.1:{}", taken.local_addr().unwrap().port());
+    let err = ZmqSocket::builder(SocketType::Push)
+        .bind(&ep)
+        .build()
+        .unwrap_err();
+    assert!(
+        matches!(zmq_err(&err), ZmqError::Bind { endpoint, .. } if *endpoint == ep),
+        "{err}"
+    );
+    assert!(err.to_string().contains(&ep), "{err}");
+    assert!(err.to_string().to_lowercase().contains("in use"), "{err}");
+}
+
+#[tokio::test]
+async fn malformed_endpoint_is_a_clear_error() {
+    let err = ZmqSocket::builder(SocketType::Pull)
+        .connect("nosuch://x")
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("nosuch://x"), "{err}");
+    let err = ZmqSocket::builder(SocketType::Pull)
+        .bind("tcp://127.0.0.1:1\0")
+        .build()
+        .unwrap_err();
+    assert!(
+        matches!(zmq_err(&err), ZmqError::InvalidOption { .. }),
+        "{err}"
+    );
+}
+
+#[test]
+fn unknown_option_or_value_is_a_clear_error() {
+    let b = ZmqSocket::builder(SocketType::Push);
+    let err = b.clone().option("send_hwm", "lots").unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "invalid value \"lots\" for socket option send_hwm: expected a non-negative integer"
+    );
+    let err = b.clone().option("sndhwmm", "10").unwrap_err();
+    assert!(
+        err.to_string().contains("sndhwmm") && err.to_string().contains("unknown option"),
+        "{err}"
+    );
+    let err = b.clone().option("linger_ms", "-5").unwrap_err();
+    assert!(err.to_string().contains("linger_ms"), "{err}");
+    assert!(b.option("send_hwm", "100").is_ok());
+    let err = SocketType::from_str("PUSHH").unwrap_err();
+    assert!(
+        err.to_string().contains("PUSHH") && err.to_string().contains("socket type"),
+        "{err}"
+    );
+    assert_eq!(SocketType::from_str("router").unwrap(), SocketType::Router);
+}
+
+#[tokio::test]
+async fn values_libzmq_refuses_are_clear_errors() {
+    let err = ZmqSocket::builder(SocketType::Dealer)
+        .routing_id(Bytes::from(vec![b'x'; 300]))
+        .build()
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("routing_id") && err.to_string().contains("255"),
+        "{err}"
+    );
+    let err = ZmqSocket::builder(SocketType::Push)
+        .send_hwm(usize::MAX)
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("send_hwm"), "{err}");
+    let err = ZmqSocket::builder(SocketType::Push)
+        .subscribe(Bytes::from_static(b"A"))
+        .build()
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "transport error: subscribe is not supported by a PUSH socket"
+    );
+    let rx = ZmqSocket::builder(SocketType::Pull)
+        .build()
+        .unwrap()
+        .into_source();
+    let mut tx = ZmqSocket::builder(SocketType::Pull)
+        .build()
+        .unwrap()
+        .into_sink();
+    assert!(
+        tx.send(vec![Bytes::new()])
+            .await
+            .unwrap_err()
+            .to_string()
+            .contains("send is not supported by a PULL")
+    );
+    assert!(rx.unsubscribe(b"A").is_err());
+    let mut push = ZmqSocket::builder(SocketType::Push)
+        .build()
+        .unwrap()
+        .into_sink();
+    let err = push.send(vec![]).await.unwrap_err();
+    assert!(err.to_string().contains("0 frames"), "{err}");
+}
+
+#[tokio::test]
+async fn router_send_to_unknown_routing_id_is_a_clear_error() {
+    let mut tx = ZmqSocket::builder(SocketType::Router)
+        .bind("tcp://127.0.0.1:*")
+        .build()
+        .unwrap()
+        .into_sink();
+    let err = tx
+        .send(vec![
+            Bytes::from_static(b"nobody"),
+            Bytes::from_static(b"hi"),
+        ])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(zmq_err(&err), ZmqError::Unroutable { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("nobody"), "{err}");
+    // The sink is still usable and holds nothing.
+    assert_eq!(tx.stats().buffered, 0);
+    tx.flush().await.unwrap();
+}

@@ -1,0 +1,264 @@
+//! Starvation (PyZMQ #1928): an always-ready PULL on a current_thread runtime
+//! must not stop a 1 ms timer; the same flood drained by a raw `AsyncFd` loop
+//! without our fairness does stop it, which proves the test can fail.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use flowctl_core::{Sink, Source};
+use flowctl_zmq::{Context, SocketType, ZmqSocket};
+use tokio::io::unix::AsyncFd;
+use tokio::time::MissedTickBehavior;
+
+/// Messages queued before the receiver starts: the receiver never sees EAGAIN.
+const FLOOD: usize = 300_000;
+
+struct Outcome {
+    ticks: u64,
+    expected: u64,
+    max_gap: Duration,
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Runs a 1 ms interval (burst catch-up) next to `drain`, counting the ticks
+/// it observes while `drain` runs. With `Burst`, a ticker that gets the thread
+/// at all catches up every missed tick; only a ticker that never runs during
+/// the flood loses them.
+async fn ticks_during<F>(drain: F) -> Outcome
+where
+    F: std::future::Future<Output = ()> + 'static,
+{
+    let done = Arc::new(AtomicBool::new(false));
+    let ticks = Arc::new(AtomicU64::new(0));
+    let max_gap_us = Arc::new(AtomicU64::new(0));
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+    let ticker = {
+        let (done, ticks, max_gap_us) = (done.clone(), ticks.clone(), max_gap_us.clone());
+        tokio::task::spawn_local(async move {
+            let mut iv = tokio::time::interval(Duration::from_millis(1));
+            iv.set_missed_tick_behavior(MissedTickBehavior::Burst);
+            iv.tick().await; // the first tick is immediate
+            let _ = started_tx.send(());
+            let mut last = Instant::now();
+            loop {
+                iv.tick().await;
+                if done.load(Ordering::SeqCst) {
+                    break;
+                }
+                let now = Instant::now();
+                let gap = now.duration_since(last).as_micros() as u64;
+                max_gap_us.fetch_max(gap, Ordering::Relaxed);
+                last = now;
+                ticks.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+    };
+    started_rx.await.unwrap();
+    let start = Instant::now();
+    drain.await;
+    let elapsed = start.elapsed();
+    done.store(true, Ordering::SeqCst);
+    ticker.await.unwrap();
+    Outcome {
+        ticks: ticks.load(Ordering::SeqCst),
+        expected: elapsed.as_millis() as u64,
+        max_gap: Duration::from_micros(max_gap_us.load(Ordering::Relaxed)),
+    }
+}
+
+fn flowctl_flood(batched: bool) {
+    let rt = runtime();
+    let local = tokio::task::LocalSet::new();
+    let outcome = local.block_on(&rt, async {
+        let ctx = Context::new();
+        let mut tx = ZmqSocket::builder(SocketType::Push)
+            .context(&ctx)
+            .send_hwm(0)
+            .bind("inproc://flood-fair")
+            .build()
+            .unwrap()
+            .into_sink();
+        let mut rx = ZmqSocket::builder(SocketType::Pull)
+            .context(&ctx)
+            .recv_hwm(0)
+            .connect("inproc://flood-fair")
+            .build()
+            .unwrap()
+            .into_source();
+        for i in 0..FLOOD {
+            tx.send(vec![Bytes::from((i as u64).to_le_bytes().to_vec())])
+                .await
+                .unwrap();
+        }
+        tx.flush().await.unwrap();
+        assert_eq!(tx.queued(), 0, "all {FLOOD} messages are in libzmq's pipe");
+        let drain = async move {
+            // Our receiver in its own task, as an application would run it.
+            let task = tokio::task::spawn_local(async move {
+                let mut next = 0u64;
+                let mut buf = Vec::new();
+                while next < FLOOD as u64 {
+                    buf.clear();
+                    if batched {
+                        rx.recv_many(&mut buf, 1024).await.unwrap();
+                    } else {
+                        buf.push(rx.recv().await.unwrap().unwrap());
+                    }
+                    for m in &buf {
+                        assert_eq!(m[0][..], next.to_le_bytes()[..], "order kept");
+                        next += 1;
+                    }
+                }
+                rx
+            });
+            let rx = task.await.unwrap();
+            assert!(rx.zmq_stats().recv_yields > 0, "the receiver yielded");
+        };
+        let outcome = ticks_during(drain).await;
+        drop(tx);
+        outcome
+    });
+    eprintln!(
+        "flowctl ({}): {} ticks of {} expected, max gap {:?}",
+        if batched { "recv_many" } else { "recv" },
+        outcome.ticks,
+        outcome.expected,
+        outcome.max_gap
+    );
+    assert!(outcome.expected >= 10, "flood too short to measure");
+    assert!(
+        outcome.ticks * 2 >= outcome.expected,
+        "timer starved next to a flowctl PULL: {} ticks of {} expected",
+        outcome.ticks,
+        outcome.expected
+    );
+}
+
+#[test]
+fn timer_keeps_ticking_next_to_flooded_pull() {
+    flowctl_flood(false);
+}
+
+#[test]
+fn timer_keeps_ticking_next_to_flooded_pull_recv_many() {
+    flowctl_flood(true);
+}
+
+struct Fd(RawFd);
+impl AsRawFd for Fd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+#[test]
+fn raw_asyncfd_loop_starves_the_timer() {
+    let rt = runtime();
+    let local = tokio::task::LocalSet::new();
+    let outcome = local.block_on(&rt, async {
+        let ctx = zmq::Context::new();
+        let push = ctx.socket(zmq::PUSH).unwrap();
+        push.set_sndhwm(0).unwrap();
+        push.bind("inproc://flood-raw").unwrap();
+        let pull = ctx.socket(zmq::PULL).unwrap();
+        pull.set_rcvhwm(0).unwrap();
+        pull.connect("inproc://flood-raw").unwrap();
+        for i in 0..FLOOD {
+            push.send(&(i as u64).to_le_bytes()[..], 0).unwrap();
+        }
+        let drain = async move {
+            let task = tokio::task::spawn_local(async move {
+                // SAFETY: the fd is `pull`'s ZMQ_FD, which stays open while
+                // `pull` lives; `afd` is dropped before `pull` at the end of
+                // this block (declared after it).
+                let afd = unsafe { AsyncFd::register(Fd(pull.get_fd().unwrap())) }.unwrap();
+                // The textbook loop: recv with DONTWAIT, wait for the fd on EAGAIN.
+                let mut got = 0;
+                while got < FLOOD {
+                    match pull.recv_bytes(zmq::DONTWAIT) {
+                        Ok(_) => got += 1,
+                        Err(zmq::Error::EAGAIN) => {
+                            let mut g = afd.readable().await.unwrap();
+                            g.clear_ready();
+                        }
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+                drop(afd);
+                got
+            });
+            assert_eq!(task.await.unwrap(), FLOOD);
+        };
+        ticks_during(drain).await
+    });
+    eprintln!(
+        "raw AsyncFd loop: {} ticks of {} expected, max gap {:?}",
+        outcome.ticks, outcome.expected, outcome.max_gap
+    );
+    assert!(outcome.expected >= 10, "flood too short to measure");
+    assert!(
+        outcome.ticks * 10 < outcome.expected,
+        "the raw loop was expected to starve the timer: {} ticks of {} expected",
+        outcome.ticks,
+        outcome.expected
+    );
+}
+
+/// The send side too: a PUSH that libzmq always accepts (unlimited HWM,
+/// inproc) must not stop the timer either.
+#[test]
+fn timer_keeps_ticking_next_to_always_writable_push() {
+    let rt = runtime();
+    let local = tokio::task::LocalSet::new();
+    let outcome = local.block_on(&rt, async {
+        let ctx = Context::new();
+        let _rx = ZmqSocket::builder(SocketType::Pull)
+            .context(&ctx)
+            .recv_hwm(0)
+            .bind("inproc://flood-send")
+            .build()
+            .unwrap()
+            .into_source();
+        let mut tx = ZmqSocket::builder(SocketType::Push)
+            .context(&ctx)
+            .send_hwm(0)
+            .connect("inproc://flood-send")
+            .build()
+            .unwrap()
+            .into_sink();
+        let drain = async move {
+            let task = tokio::task::spawn_local(async move {
+                for i in 0..FLOOD as u64 {
+                    tx.send(vec![Bytes::copy_from_slice(&i.to_le_bytes())])
+                        .await
+                        .unwrap();
+                }
+                tx
+            });
+            let tx = task.await.unwrap();
+            assert_eq!(tx.queued(), 0, "libzmq took every message at once");
+            assert!(tx.zmq_stats().send_yields > 0, "the sender yielded");
+        };
+        ticks_during(drain).await
+    });
+    eprintln!(
+        "flowctl PUSH: {} ticks of {} expected, max gap {:?}",
+        outcome.ticks, outcome.expected, outcome.max_gap
+    );
+    assert!(outcome.expected >= 10, "flood too short to measure");
+    assert!(
+        outcome.ticks * 2 >= outcome.expected,
+        "timer starved next to a flowctl PUSH: {} ticks of {} expected",
+        outcome.ticks,
+        outcome.expected
+    );
+}

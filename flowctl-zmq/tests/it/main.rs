@@ -1,0 +1,18 @@
+//! flowctl-zmq integration tests: one binary, real pyzmq peers.
+
+// The pyzmq peer fixture (process started per test, killed by pid on drop).
+mod peer;
+// Every socket pattern against pyzmq in both directions, content and order checked.
+mod patterns;
+// Starvation: a flooded PULL next to a 1 ms timer, flowctl vs a raw AsyncFd loop.
+mod fairness;
+// Bounded memory: slow pyzmq receiver vs fast PUSH; PUB drops counted.
+mod backpressure;
+// Close without loss: 100,000 messages then close at once.
+mod close;
+// Bad input: wrong frame counts, endpoint in use, unknown options and values.
+mod bad_input;
+// Send/Sync of the public types.
+mod send_sync;
+// Lost wake-ups: both directions at once, halves in different tasks and threads.
+mod wakeups;
