@@ -71,8 +71,10 @@
 
 mod cluster;
 mod error;
+mod publish;
 mod pull;
 
 pub use cluster::{Cluster, ClusterConfig, Credentials, Tls};
 pub use error::ClusterError;
+pub use publish::{PublishOptions, Publisher};
 pub use pull::{AckHandle, AckMode, ConsumeOptions, JsMessage, PullSource, PullStats};

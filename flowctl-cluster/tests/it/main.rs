@@ -7,3 +7,5 @@ mod fixture;
 mod connect;
 // JetStream pull Source: watermark-driven demand, slow consumer, order.
 mod pull;
+// Publish Sink: bounded un-acked bytes, order, dedupe, max_payload; missing stream/consumer errors.
+mod publish;
