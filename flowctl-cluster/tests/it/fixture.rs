@@ -254,15 +254,15 @@ impl NatsCluster {
             .unwrap_or_default()
     }
 
-    /// Consumer names of every stream seen by node `i` (`/jsz?consumers=true`).
-    pub(crate) fn consumers(&self, i: usize) -> Vec<String> {
+    /// `(name, num_waiting)` of every consumer node `i` reports (`/jsz?consumers=true`).
+    pub(crate) fn consumers(&self, i: usize) -> Vec<(String, u64)> {
         let v = self.json(i, "/jsz?consumers=true").unwrap_or(Value::Null);
         let mut out = Vec::new();
         for acc in v["account_details"].as_array().into_iter().flatten() {
             for st in acc["stream_detail"].as_array().into_iter().flatten() {
                 for c in st["consumer_detail"].as_array().into_iter().flatten() {
                     if let Some(n) = c["name"].as_str() {
-                        out.push(n.to_owned());
+                        out.push((n.to_owned(), c["num_waiting"].as_u64().unwrap_or(0)));
                     }
                 }
             }

@@ -9,3 +9,5 @@ mod connect;
 mod pull;
 // Publish Sink: bounded un-acked bytes, order, dedupe, max_payload; missing stream/consumer errors.
 mod publish;
+// The Aeron scenario: cancelled connect + consume cycles, checked with /subsz and /connz.
+mod leak;
