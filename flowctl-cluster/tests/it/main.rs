@@ -11,3 +11,5 @@ mod pull;
 mod publish;
 // The Aeron scenario: cancelled connect + consume cycles, checked with /subsz and /connz.
 mod leak;
+// SIGKILL of the consumer's node and of the stream leader while producing and consuming.
+mod failover;
