@@ -213,7 +213,12 @@ impl Cluster {
 
     /// Times the connection was re-established after a loss.
     pub fn reconnects(&self) -> u64 {
-        self.shared.events.reconnects.load(Ordering::Relaxed)
+        // async-nats reports the first connect as `Event::Connected` too.
+        self.shared
+            .events
+            .reconnects
+            .load(Ordering::Relaxed)
+            .saturating_sub(1)
     }
 
     /// The ledger this cluster counts into.

@@ -34,6 +34,10 @@ pub struct PublishOptions {
     pub initial_backoff: Duration,
     /// Longest pause between retries.
     pub max_backoff: Duration,
+    /// How long to wait for one publish's ack before re-sending (a lost stream
+    /// leader otherwise holds every publish for the whole request timeout).
+    /// Short is safe: re-sent copies are deduplicated by the server.
+    pub ack_timeout: Duration,
 }
 
 impl Default for PublishOptions {
@@ -44,6 +48,7 @@ impl Default for PublishOptions {
             retry_for: Duration::from_secs(60),
             initial_backoff: Duration::from_millis(50),
             max_backoff: Duration::from_secs(1),
+            ack_timeout: Duration::from_secs(1),
         }
     }
 }
@@ -111,9 +116,13 @@ impl Cluster {
             fatal: Mutex::new(None),
         });
         let (tx, rx) = mpsc::unbounded_channel();
+        let js = async_nats::jetstream::ContextBuilder::new()
+            .timeout(opts.ack_timeout)
+            .build(shared.client.clone());
         let task = shared.ledger.spawn(
             "nats.publisher",
             run(
+                js,
                 shared.clone(),
                 subject.to_owned(),
                 opts,
@@ -249,14 +258,18 @@ struct Entry {
     >,
 }
 
-async fn send(shared: &Shared, subject: &str, e: &mut Entry) -> Result<(), String> {
+async fn send(
+    js: &async_nats::jetstream::Context,
+    subject: &str,
+    e: &mut Entry,
+) -> Result<(), String> {
     let mut p = PublishMessage::build()
         .payload(e.payload.clone())
         .message_id(&e.id);
     if let Some(prev) = &e.prev {
         p = p.expected_last_message_id(prev);
     }
-    match shared.js.send_publish(subject.to_owned(), p).await {
+    match js.send_publish(subject.to_owned(), p).await {
         Ok(f) => {
             let f: PublishAckFuture = f;
             e.ack = Some(f.into_future());
@@ -270,6 +283,7 @@ async fn send(shared: &Shared, subject: &str, e: &mut Entry) -> Result<(), Strin
 }
 
 async fn run(
+    js: async_nats::jetstream::Context,
     shared: Arc<Shared>,
     subject: String,
     opts: PublishOptions,
@@ -301,7 +315,7 @@ async fn run(
                     };
                     // Safe even while an earlier one is failing: the
                     // expected-last check rejects it until its predecessor is in.
-                    let _ = send(&shared, &subject, &mut e).await;
+                    let _ = send(&js, &subject, &mut e).await;
                     window.push_back(e);
                 }
                 Err(mpsc::error::TryRecvError::Empty) => break,
@@ -320,7 +334,7 @@ async fn run(
                         payload,
                         ack: None,
                     };
-                    let _ = send(&shared, &subject, &mut e).await;
+                    let _ = send(&js, &subject, &mut e).await;
                     window.push_back(e);
                     continue;
                 }
@@ -383,7 +397,7 @@ async fn run(
                     e.ack = None;
                 }
                 for e in window.iter_mut() {
-                    if send(&shared, &subject, e).await.is_err() {
+                    if send(&js, &subject, e).await.is_err() {
                         break;
                     }
                 }

@@ -28,24 +28,51 @@ async fn failover(victim: Victim) {
     const KILL_AT: u64 = 600;
     let mut nats = NatsCluster::start();
     let ledger = Ledger::new();
-    let consumer = Cluster::connect(config(nats.urls(), &ledger))
+    let admin = Cluster::connect(config(nats.urls(), &ledger))
         .await
         .unwrap();
-    stream_and_consumer(&consumer, "FO", "fo.>", "c", Duration::from_secs(2)).await;
-    let consumer_node = node_index(&consumer.client().server_info().server_name);
-    let victim_node = match victim {
-        Victim::ConsumerNode => consumer_node,
-        Victim::StreamLeader => {
-            let mut st = consumer.jetstream().get_stream("FO").await.unwrap();
-            let info = st.info().await.unwrap();
-            let leader = info
-                .cluster
-                .as_ref()
-                .and_then(|c| c.leader.clone())
-                .expect("stream leader");
-            node_index(&leader)
+    stream_and_consumer(&admin, "FO", "fo.>", "c", Duration::from_secs(2)).await;
+    let mut st = admin.jetstream().get_stream("FO").await.unwrap();
+    let stream_leader = node_index(
+        &st.info()
+            .await
+            .unwrap()
+            .cluster
+            .as_ref()
+            .and_then(|c| c.leader.clone())
+            .expect("stream leader"),
+    );
+    let consumer_leader = node_index(
+        &st.consumer_info("c")
+            .await
+            .unwrap()
+            .cluster
+            .as_ref()
+            .and_then(|c| c.leader.clone())
+            .expect("consumer leader"),
+    );
+    drop(st);
+    drop(admin);
+    // ConsumerNode: the consumer sits on a node that leads nothing, so only
+    // the client fails over. StreamLeader: the consumer sits elsewhere.
+    let (consumer_node, victim_node) = match victim {
+        Victim::ConsumerNode => {
+            let n = (0..3)
+                .find(|i| *i != stream_leader && *i != consumer_leader)
+                .unwrap_or((stream_leader + 1) % 3);
+            (n, n)
         }
+        Victim::StreamLeader => ((stream_leader + 1) % 3, stream_leader),
     };
+    let mut seeds = vec![nats.url(consumer_node)];
+    seeds.extend((0..3).filter(|i| *i != consumer_node).map(|i| nats.url(i)));
+    let mut cfg = config(seeds, &ledger);
+    cfg.retry.max_attempts = 1;
+    let consumer = Cluster::connect(cfg).await.unwrap();
+    assert_eq!(
+        node_index(&consumer.client().server_info().server_name),
+        consumer_node
+    );
     // The producer goes through a node that survives.
     let producer_seeds: Vec<String> = (0..3)
         .filter(|i| *i != victim_node)
@@ -140,7 +167,7 @@ async fn failover(victim: Victim) {
         .clone();
     assert_eq!(info.state.messages, N, "the stream holds each message once");
     eprintln!(
-        "failover ({victim:?}, node n{victim_node}, consumer was on n{consumer_node}): first message published after the SIGKILL received {:?} after it; {:?}; reconnects {}",
+        "failover ({victim:?}: killed n{victim_node}; consumer on n{consumer_node}, stream leader n{stream_leader}, consumer leader n{consumer_leader}): first message published after the SIGKILL received {:?} after it; {:?}; reconnects {}",
         resume,
         src.pull_stats(),
         consumer.reconnects()
