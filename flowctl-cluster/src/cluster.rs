@@ -120,7 +120,6 @@ pub(crate) struct Shared {
     pub(crate) client: async_nats::Client,
     pub(crate) js: async_nats::jetstream::Context,
     pub(crate) ledger: Ledger,
-    #[allow(dead_code)] // read by the core subscription source
     pub(crate) subscription_capacity: usize,
     /// Bumped on every (re)connect: pull sources re-issue their demand.
     pub(crate) generation: watch::Receiver<u64>,

@@ -70,11 +70,13 @@
 #![forbid(unsafe_code)]
 
 mod cluster;
+mod core_sub;
 mod error;
 mod publish;
 mod pull;
 
 pub use cluster::{Cluster, ClusterConfig, Credentials, Tls};
+pub use core_sub::{CoreMessage, CoreSource};
 pub use error::ClusterError;
 pub use publish::{PublishOptions, Publisher};
 pub use pull::{AckHandle, AckMode, ConsumeOptions, JsMessage, PullSource, PullStats};

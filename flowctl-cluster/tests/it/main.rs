@@ -13,3 +13,5 @@ mod publish;
 mod leak;
 // SIGKILL of the consumer's node and of the stream leader while producing and consuming.
 mod failover;
+// Core subscriptions: slow consumer drops surfaced as errors.
+mod core_sub;
