@@ -128,11 +128,43 @@ pub(crate) struct Shared {
 }
 
 /// What the event callback records.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Events {
     pub(crate) slow: Mutex<HashMap<u64, u64>>,
     pub(crate) reconnects: AtomicU64,
     pub(crate) slow_total: AtomicU64,
+    /// The last permission violations the server reported (`-ERR`), newest last.
+    pub(crate) violations: Mutex<std::collections::VecDeque<String>>,
+    /// Bumped on every new violation, to wake waiting sources.
+    pub(crate) violation_gen: watch::Sender<u64>,
+}
+
+impl Default for Events {
+    fn default() -> Self {
+        Events {
+            slow: Mutex::default(),
+            reconnects: AtomicU64::new(0),
+            slow_total: AtomicU64::new(0),
+            violations: Mutex::default(),
+            violation_gen: watch::channel(0).0,
+        }
+    }
+}
+
+impl Events {
+    /// The server's text of a permission violation of `op` ("publish" or
+    /// "subscription") on exactly `subject`, if one was reported.
+    pub(crate) fn denied(&self, op: &str, subject: &str) -> Option<String> {
+        let quoted = format!("\"{subject}\"");
+        let v = self.violations.lock().ok()?;
+        v.iter()
+            .rev()
+            .find(|t| {
+                let l = t.to_lowercase();
+                l.contains(op) && t.contains(&quoted)
+            })
+            .cloned()
+    }
 }
 
 /// A connection to a NATS cluster.
@@ -292,6 +324,17 @@ async fn connect_seed(
                 Event::Connected => {
                     ev.reconnects.fetch_add(1, Ordering::Relaxed);
                     gen_tx.send_modify(|g| *g += 1);
+                }
+                Event::ServerError(async_nats::ServerError::Other(text))
+                    if text.to_lowercase().contains("permissions violation") =>
+                {
+                    if let Ok(mut v) = ev.violations.lock() {
+                        if v.len() >= 64 {
+                            v.pop_front();
+                        }
+                        v.push_back(text);
+                    }
+                    ev.violation_gen.send_modify(|g| *g += 1);
                 }
                 Event::SlowConsumer(sid) => {
                     ev.slow_total.fetch_add(1, Ordering::Relaxed);

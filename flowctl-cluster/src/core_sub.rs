@@ -111,6 +111,25 @@ impl Cluster {
 }
 
 impl CoreSource {
+    /// Peeks a message, then spends the budget: a forced yield keeps the
+    /// message here for the next call (cancel-safe).
+    fn poll_peek(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Option<async_nats::Message>> {
+        if self.peeked.is_none() {
+            match self.sub.poll_next_unpin(cx) {
+                Poll::Ready(Some(m)) => self.peeked = Some(m),
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => {
+                    self.budget.reset();
+                    return Poll::Pending;
+                }
+            }
+        }
+        match self.budget.poll_proceed(cx) {
+            Poll::Ready(()) => Poll::Ready(self.peeked.take()),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
     /// Messages async-nats dropped for this subscription so far (a lower
     /// bound: its event channel may drop reports too).
     pub fn dropped(&self) -> u64 {
@@ -131,6 +150,9 @@ impl Source for CoreSource {
     type Item = CoreMessage;
 
     async fn recv(&mut self) -> Result<Option<CoreMessage>, FlowError> {
+        if let Some(text) = self.events.denied("subscription", &self.subject) {
+            return Err(ClusterError::PermissionDenied(text).into());
+        }
         let dropped = self.dropped();
         if dropped > self.reported {
             self.reported = dropped;
@@ -143,23 +165,20 @@ impl Source for CoreSource {
         }
         // Peek first, then spend the budget: a forced yield keeps the message
         // here for the next call (cancel-safe).
-        let next = std::future::poll_fn(|cx| {
-            if self.peeked.is_none() {
-                match self.sub.poll_next_unpin(cx) {
-                    Poll::Ready(Some(m)) => self.peeked = Some(m),
-                    Poll::Ready(None) => return Poll::Ready(None),
-                    Poll::Pending => {
-                        self.budget.reset();
-                        return Poll::Pending;
+        let mut violations = self.events.violation_gen.subscribe();
+        violations.borrow_and_update();
+        let events = self.events.clone();
+        let subject = self.subject.clone();
+        let next = loop {
+            tokio::select! {
+                n = std::future::poll_fn(|cx| self.poll_peek(cx)) => break n,
+                r = violations.changed(), if !violations.is_closed() => {
+                    if r.is_ok() && let Some(text) = events.denied("subscription", &subject) {
+                        return Err(ClusterError::PermissionDenied(text).into());
                     }
                 }
             }
-            match self.budget.poll_proceed(cx) {
-                Poll::Ready(()) => Poll::Ready(self.peeked.take()),
-                Poll::Pending => Poll::Pending,
-            }
-        })
-        .await;
+        };
         match next {
             Some(m) => {
                 let msg = CoreMessage {

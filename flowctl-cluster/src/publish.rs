@@ -301,6 +301,8 @@ async fn run(
             *f = Some(e);
         }
         gate.close();
+        // Wake a waiting flush so that it sees the error.
+        state.acked.send_modify(|_| {});
     };
     loop {
         // Fill the window without waiting.
@@ -370,6 +372,14 @@ async fn run(
                     msg_id: front.id.clone(),
                     reason,
                 });
+                return;
+            }
+            Err((_, _)) if shared.events.denied("publish", &subject).is_some() => {
+                let text = shared
+                    .events
+                    .denied("publish", &subject)
+                    .unwrap_or_default();
+                fail(ClusterError::PermissionDenied(text));
                 return;
             }
             Err((kind, reason)) => {

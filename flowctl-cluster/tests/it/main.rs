@@ -15,3 +15,5 @@ mod leak;
 mod failover;
 // Core subscriptions: slow consumer drops surfaced as errors.
 mod core_sub;
+// Auth rejected and permission denied, against a cluster with users and permissions.
+mod auth;
