@@ -15,6 +15,9 @@ enum Victim {
     ConsumerNode,
     /// The node leading the stream's raft group.
     StreamLeader,
+    /// The consumer's node, frozen with SIGSTOP instead of killed: only the
+    /// client's pings can tell.
+    HungConsumerNode,
 }
 
 fn node_index(name: &str) -> usize {
@@ -56,7 +59,7 @@ async fn failover(victim: Victim) {
     // ConsumerNode: the consumer sits on a node that leads nothing, so only
     // the client fails over. StreamLeader: the consumer sits elsewhere.
     let (consumer_node, victim_node) = match victim {
-        Victim::ConsumerNode => {
+        Victim::ConsumerNode | Victim::HungConsumerNode => {
             let n = (0..3)
                 .find(|i| *i != stream_leader && *i != consumer_leader)
                 .unwrap_or((stream_leader + 1) % 3);
@@ -146,7 +149,10 @@ async fn failover(victim: Victim) {
             resume = Some(Instant::now().duration_since(k));
         }
         if expect == KILL_AT {
-            nats.kill(victim_node);
+            match victim {
+                Victim::HungConsumerNode => nats.freeze(victim_node),
+                _ => nats.kill(victim_node),
+            }
             killed_at = Some(Instant::now());
             // Everything up to here may already be buffered; the first message
             // published after the kill measures the resume.
@@ -167,7 +173,7 @@ async fn failover(victim: Victim) {
         .clone();
     assert_eq!(info.state.messages, N, "the stream holds each message once");
     eprintln!(
-        "failover ({victim:?}: killed n{victim_node}; consumer on n{consumer_node}, stream leader n{stream_leader}, consumer leader n{consumer_leader}): first message published after the SIGKILL received {:?} after it; {:?}; reconnects {}",
+        "failover ({victim:?}: fault on n{victim_node}; consumer on n{consumer_node}, stream leader n{stream_leader}, consumer leader n{consumer_leader}): first message published after the fault received {:?} after it; {:?}; reconnects {}",
         resume,
         src.pull_stats(),
         consumer.reconnects()
@@ -188,4 +194,9 @@ async fn consumer_node_sigkill_resumes_exactly_once_in_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_leader_sigkill_resumes_exactly_once_in_order() {
     failover(Victim::StreamLeader).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_consumer_node_is_detected_by_pings_and_left() {
+    failover(Victim::HungConsumerNode).await;
 }

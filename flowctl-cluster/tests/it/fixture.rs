@@ -161,6 +161,17 @@ impl NatsCluster {
         }
     }
 
+    /// Freezes node `i` with SIGSTOP: its sockets stay open but it answers
+    /// nothing (a hung node). Drop still kills it.
+    pub(crate) fn freeze(&mut self, i: usize) {
+        let pid = self.nodes[i].child.as_ref().expect("node is running").id();
+        let status = Command::new("kill")
+            .args(["-STOP", &pid.to_string()])
+            .status()
+            .expect("`kill` not found: run `cargo xtask setup` (installs procps)");
+        assert!(status.success(), "kill -STOP {pid} failed");
+    }
+
     /// Starts node `i` again (same ports and store) and waits until the whole
     /// cluster sees a meta leader again.
     pub(crate) fn restart(&mut self, i: usize) {

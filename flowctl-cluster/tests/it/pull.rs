@@ -110,3 +110,66 @@ async fn stalled_consumer_stays_within_watermarks_and_loses_nothing() {
         .await
         .unwrap_or_else(|_| panic!("ledger not back to zero: {ledger:?}"));
 }
+
+/// Manual acks: unacked messages come back after `ack_wait`; the source drops
+/// the redeliveries (by stream sequence) so the application sees each once.
+#[tokio::test]
+async fn manual_ack_redeliveries_are_deduplicated() {
+    use flowctl_cluster::AckMode;
+    let nats = NatsCluster::start();
+    let ledger = Ledger::new();
+    let cluster = Cluster::connect(config(nats.urls(), &ledger))
+        .await
+        .unwrap();
+    stream_and_consumer(&cluster, "MAN", "man.>", "c", Duration::from_secs(1)).await;
+    let js = cluster.jetstream();
+    for i in 0..20u64 {
+        js.publish("man.x", Bytes::from(i.to_be_bytes().to_vec()))
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let mut src = cluster
+        .consume(
+            "MAN",
+            "c",
+            ConsumeOptions {
+                ack: AckMode::Manual,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let mut handles = Vec::new();
+    for i in 0..20u64 {
+        let m = src.recv().await.unwrap().unwrap();
+        assert_eq!(m.stream_seq, i + 1);
+        handles.push(m.ack.expect("manual mode carries an ack handle"));
+    }
+    // Wait (on the server's state) until the unacked messages were redelivered.
+    let st = js.get_stream("MAN").await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while st.consumer_info("c").await.unwrap().num_redelivered == 0 {
+        assert!(std::time::Instant::now() < deadline, "no redelivery seen");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    js.publish("man.x", Bytes::from(20u64.to_be_bytes().to_vec()))
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let m = src.recv().await.unwrap().unwrap();
+    assert_eq!(m.stream_seq, 21, "redeliveries were not handed out again");
+    assert!(src.pull_stats().duplicates > 0);
+    for h in handles {
+        h.ack().await.unwrap();
+    }
+    m.ack.unwrap().ack().await.unwrap();
+    cluster.client().flush().await.unwrap();
+    drop(src);
+    drop(cluster);
+    tokio::time::timeout(Duration::from_secs(10), ledger.until_zero(None))
+        .await
+        .unwrap_or_else(|_| panic!("ledger not back to zero: {ledger:?}"));
+}
