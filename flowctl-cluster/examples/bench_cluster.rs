@@ -181,6 +181,7 @@ async fn resume(nats: &mut NatsCluster, raw: bool, freeze: bool, tag: &str) -> B
     let result = if raw {
         // async-nats with its defaults (60 s pings), as an application would.
         let client = async_nats::ConnectOptions::new()
+            .retain_servers_order() // on the node we fault, like flowctl's consumer
             .connect(
                 std::iter::once(node)
                     .chain((0..3).filter(|i| *i != node))

@@ -38,6 +38,12 @@ pub struct PublishOptions {
     /// leader otherwise holds every publish for the whole request timeout).
     /// Short is safe: re-sent copies are deduplicated by the server.
     pub ack_timeout: Duration,
+    /// Chain `Nats-Expected-Last-Msg-Id` so a retry can never reorder (the
+    /// sink must then be the stream's only writer). Without it, several
+    /// writers may share the stream, and a failure with more than one publish
+    /// in flight may store later messages before the retried one (still no
+    /// duplicates: `Nats-Msg-Id` stays).
+    pub strict_order: bool,
 }
 
 impl Default for PublishOptions {
@@ -49,6 +55,7 @@ impl Default for PublishOptions {
             initial_backoff: Duration::from_millis(50),
             max_backoff: Duration::from_secs(1),
             ack_timeout: Duration::from_secs(1),
+            strict_order: true,
         }
     }
 }
@@ -71,7 +78,8 @@ struct State {
 /// successor whose predecessor was not stored is rejected by the expected-last
 /// check, so the stream never holds them out of order. The sink must be the
 /// only writer of the stream (another writer is reported as
-/// [`ClusterError::ConcurrentPublisher`]).
+/// [`ClusterError::ConcurrentPublisher`]) unless
+/// [`PublishOptions::strict_order`] is off.
 #[derive(Debug)]
 pub struct Publisher {
     gate: Gate,
@@ -310,7 +318,7 @@ async fn run(
             match rx.try_recv() {
                 Ok((id, payload)) => {
                     let mut e = Entry {
-                        prev: prev.replace(id.clone()),
+                        prev: prev.replace(id.clone()).filter(|_| opts.strict_order),
                         id,
                         payload,
                         ack: None,
@@ -331,7 +339,7 @@ async fn run(
             match rx.recv().await {
                 Some((id, payload)) => {
                     let mut e = Entry {
-                        prev: prev.replace(id.clone()),
+                        prev: prev.replace(id.clone()).filter(|_| opts.strict_order),
                         id,
                         payload,
                         ack: None,

@@ -117,6 +117,14 @@ impl Weighted for JsMessage {
     }
 }
 
+/// One pull request still open on the server.
+#[derive(Debug, Clone, Copy)]
+struct Req {
+    msgs: usize,
+    bytes: usize,
+    delivered: usize,
+}
+
 /// Commands of the source's sender task: cancel-safe `recv` never awaits a publish.
 #[derive(Debug)]
 enum Cmd {
@@ -153,8 +161,9 @@ pub struct PullSource {
     held: BTreeMap<u64, JsMessage>,
     held_since: Option<Instant>,
     gap: bool,
-    out_msgs: usize,
-    out_bytes: usize,
+    /// Outstanding pull requests, oldest first (the server serves a client's
+    /// waiting requests in order): messages and bytes each may still deliver.
+    reqs: VecDeque<Req>,
     oversize: bool,
     last_seq: u64,
     last_cseq: u64,
@@ -305,8 +314,7 @@ impl Cluster {
             held: BTreeMap::new(),
             held_since: None,
             gap: false,
-            out_msgs: 0,
-            out_bytes: 0,
+            reqs: VecDeque::new(),
             oversize: false,
             last_seq: 0,
             last_cseq: 0,
@@ -356,39 +364,58 @@ impl PullSource {
         &self.inbox
     }
 
-    /// Bytes requested from the server and not yet delivered.
+    /// Bytes requested from the server and not yet delivered (an upper bound).
     pub fn outstanding_bytes(&self) -> usize {
-        self.out_bytes
+        self.reqs.iter().map(|r| r.bytes).sum()
     }
 
     fn buffered(&self) -> usize {
         self.gate.buffered()
     }
 
-    /// Issues a pull when buffered + requested bytes are at or below `low`,
-    /// for at most `high` minus that.
-    fn maybe_pull(&mut self) {
+    /// The `max_bytes` of one pull: half the band between the watermarks
+    /// (at least a quarter of `high`), so two requests can be in flight.
+    fn chunk(&self) -> usize {
         let wm = self.opts.watermarks;
-        let reserved = self.buffered() + self.out_bytes;
-        let stuck_on_hold = self.queue.is_empty() && !self.held.is_empty();
-        if self.out_msgs > 0 || self.failed.is_some() {
-            // One request at a time keeps the accounting exact; the next goes
-            // out as soon as this one is served or ends.
+        ((wm.high() - wm.low()) / 2).max(wm.high() / 4).max(1)
+    }
+
+    /// Issues pulls while buffered bytes are at or below `low` and the budget
+    /// `high - buffered - outstanding` has room for another chunk; at most two
+    /// requests are open. Buffered plus requested bytes never exceed `high`
+    /// (the server enforces each request's `max_bytes`, counting more than
+    /// the payload we charge).
+    fn maybe_pull(&mut self) {
+        if self.failed.is_some() {
             return;
         }
-        let (batch, max_bytes) = if self.oversize && self.buffered() == 0 {
-            // A single message larger than `high`: admit exactly one.
-            (1, 0)
-        } else if stuck_on_hold {
-            // Held-back messages wait for redeliveries, which need a request;
-            // the consumer's max_ack_pending bounds this one.
-            (self.opts.batch, wm.high())
-        } else {
-            if reserved > wm.low() {
-                return;
+        let wm = self.opts.watermarks;
+        if self.reqs.is_empty() && self.oversize && self.buffered() == 0 {
+            // A single message larger than a chunk: admit exactly one.
+            self.send_pull(1, 0);
+            return;
+        }
+        if self.reqs.is_empty() && self.queue.is_empty() && !self.held.is_empty() {
+            // Held-back messages wait for redeliveries, which need a request
+            // even with a full buffer; the consumer's max_ack_pending bounds it.
+            self.send_pull(self.opts.batch, self.chunk());
+            return;
+        }
+        let chunk = self.chunk();
+        while self.reqs.len() < 2 && self.buffered() <= wm.low() {
+            let free = wm
+                .high()
+                .saturating_sub(self.buffered() + self.outstanding_bytes());
+            if free < chunk.min(wm.high()) {
+                break;
             }
-            (self.opts.batch, wm.high() - reserved)
-        };
+            if !self.send_pull(self.opts.batch, chunk.min(free)) {
+                break;
+            }
+        }
+    }
+
+    fn send_pull(&mut self, batch: usize, max_bytes: usize) -> bool {
         let mut body = serde_json::json!({
             "batch": batch,
             "expires": self.opts.expires.as_nanos() as u64,
@@ -398,29 +425,33 @@ impl PullSource {
             body["max_bytes"] = max_bytes.into();
         }
         let Ok(bytes) = serde_json::to_vec(&body) else {
-            return;
+            return false;
         };
-        if self.cmd.send(Cmd::Pull(bytes.into())).is_ok() {
-            self.out_msgs = batch;
-            self.out_bytes = if max_bytes > 0 { max_bytes } else { 0 };
-            self.oversize = false;
-            self.stats.pulls += 1;
-            self.last_activity = Instant::now();
-            tracing::trace!(batch, max_bytes, "pull");
+        if self.cmd.send(Cmd::Pull(bytes.into())).is_err() {
+            return false;
         }
+        self.reqs.push_back(Req {
+            msgs: batch,
+            bytes: max_bytes,
+            delivered: 0,
+        });
+        self.oversize = false;
+        self.stats.pulls += 1;
+        self.last_activity = Instant::now();
+        tracing::trace!(batch, max_bytes, "pull");
+        true
     }
 
     fn reset_demand(&mut self, why: &'static str) {
         tracing::debug!(stream = %self.stream, consumer = %self.consumer, why, "re-issuing pull demand");
         self.stats.resets += 1;
-        self.out_msgs = 0;
-        self.out_bytes = 0;
+        self.reqs.clear();
         self.maybe_pull();
     }
 
-    fn end_request(&mut self) {
-        self.out_msgs = 0;
-        self.out_bytes = 0;
+    /// The oldest open request ended (expired, no messages, max bytes, ...).
+    fn end_request(&mut self) -> Option<Req> {
+        self.reqs.pop_front()
     }
 
     fn on_message(&mut self, m: async_nats::Message) {
@@ -447,12 +478,14 @@ impl PullSource {
                             stream: self.stream.clone(),
                             consumer: self.consumer.clone(),
                         });
-                    } else if (desc.contains("maxbytes") || desc.contains("max bytes"))
-                        && self.out_bytes > 0
-                        && self.queue.is_empty()
-                        && self.held.is_empty()
-                    {
-                        self.oversize = true;
+                    } else if desc.contains("maxbytes") || desc.contains("max bytes") {
+                        // Nothing fit: the next message is larger than a chunk.
+                        if let Some(r) = self.end_request()
+                            && r.delivered == 0
+                        {
+                            self.oversize = true;
+                        }
+                        return;
                     }
                     self.end_request();
                 }
@@ -467,10 +500,15 @@ impl PullSource {
             tracing::debug!(subject = %m.subject, "pull source: message without a JetStream ack subject");
             return;
         };
-        self.out_msgs = self.out_msgs.saturating_sub(1);
-        self.out_bytes = self.out_bytes.saturating_sub(m.length.max(m.payload.len()));
-        if self.out_msgs == 0 {
-            self.out_bytes = 0;
+        if let Some(r) = self.reqs.front_mut() {
+            r.msgs = r.msgs.saturating_sub(1);
+            // The payload is less than what the server counts: a
+            // conservative (never too small) estimate of what is left.
+            r.bytes = r.bytes.saturating_sub(m.payload.len());
+            r.delivered += 1;
+            if r.msgs == 0 {
+                self.reqs.pop_front();
+            }
         }
         if self.last_cseq != 0 && cseq > self.last_cseq + 1 {
             let missed = cseq - self.last_cseq - 1;
@@ -585,11 +623,11 @@ impl PullSource {
                 self.release_held(true);
             }
         }
-        if self.out_msgs > 0
+        if !self.reqs.is_empty()
             && self.last_activity.elapsed() >= self.opts.heartbeat * 2 + Duration::from_millis(100)
         {
             self.reset_demand("missed heartbeats");
-        } else if self.out_msgs == 0 {
+        } else {
             self.maybe_pull();
         }
     }

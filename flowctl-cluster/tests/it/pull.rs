@@ -173,3 +173,46 @@ async fn manual_ack_redeliveries_are_deduplicated() {
         .await
         .unwrap_or_else(|_| panic!("ledger not back to zero: {ledger:?}"));
 }
+
+/// A message larger than `high` is admitted alone (the one-item overshoot),
+/// never deadlocked.
+#[tokio::test]
+async fn message_larger_than_high_is_admitted_alone() {
+    let nats = NatsCluster::start();
+    let ledger = Ledger::new();
+    let cluster = Cluster::connect(config(nats.urls(), &ledger))
+        .await
+        .unwrap();
+    stream_and_consumer(&cluster, "BIG", "big.>", "c", Duration::from_secs(30)).await;
+    const BIG: usize = 8192;
+    for i in 0..5u8 {
+        cluster
+            .jetstream()
+            .publish("big.x", Bytes::from(vec![i; BIG]))
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let high = 1024;
+    let mut src = cluster
+        .consume(
+            "BIG",
+            "c",
+            ConsumeOptions {
+                watermarks: Watermarks::new(0, high).unwrap(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    for i in 0..5u8 {
+        let m = tokio::time::timeout(Duration::from_secs(20), src.recv())
+            .await
+            .expect("an oversized message must not deadlock")
+            .unwrap()
+            .unwrap();
+        assert_eq!((m.payload.len(), m.payload[0]), (BIG, i));
+    }
+    assert!(src.stats().max_buffered <= high + BIG);
+}
