@@ -35,11 +35,12 @@
 //!   [`ClusterError::NoSeedReachable`] (every seed with its reason),
 //!   [`ClusterError::AuthRejected`] (never retried).
 //! - [`Cluster::consume`] → [`PullSource`]: a durable JetStream pull consumer.
-//!   **Demand follows the watermarks**: one pull request at a time, sent only
-//!   when buffered + requested bytes are at or below `low`, asking for at most
-//!   `high` minus that (`max_bytes`) and `batch` messages, so the source holds
-//!   at most `high` bytes plus one oversized message; the rest stays on the
-//!   server. Acks: [`AckMode::OnReceive`] or [`AckMode::Manual`]
+//!   **Demand follows the watermarks**: a pull goes out only while buffered
+//!   bytes are at or below `low`, and only if buffered plus requested bytes
+//!   stay within `high`; each asks for `batch` messages and at most half the
+//!   `high - low` band in `max_bytes` (so two can be in flight). The source
+//!   thus holds at most `high` bytes plus one oversized message; the rest
+//!   stays on the server. Acks: [`AckMode::OnReceive`] or [`AckMode::Manual`]
 //!   ([`AckHandle`]).
 //! - [`Cluster::publisher`] → [`Publisher`]: un-acked bytes bounded by the
 //!   sink's watermarks and `max_inflight`; `Nats-Msg-Id` for server dedupe and
@@ -63,11 +64,13 @@
 //! even when the buffer is full: the consumer's `max_ack_pending` bounds that
 //! overshoot. A reconnect or two missed idle heartbeats re-issue the demand.
 //!
-//! Measured in the tests (debug build, 2 cores): the consumer's node SIGKILLed
-//! while it leads nothing: resumed in ~0.13 s; frozen (SIGSTOP): ~5 s (3 pings
-//! to notice, then `ack_wait` = 2 s for the lost deliveries); the stream and
-//! consumer leader SIGKILLed: ~6-8 s, which is nats-server 2.9's raft election,
-//! not the client.
+//! Measured (`examples/bench_cluster.rs`, release, 2 shared cores): the
+//! consumer's node SIGKILLed while it leads nothing: first new message after
+//! 0.09-2.0 s (2.0 s when deliveries were lost and waited for `ack_wait` = 2 s);
+//! frozen (SIGSTOP): ~3.0 s (three 1 s pings to notice), where async-nats with
+//! its defaults (60 s pings) had not resumed after 60 s. The tests (debug)
+//! show the stream and consumer leader SIGKILLed at ~6-8 s: that is
+//! nats-server 2.9's raft election, not the client.
 //!
 //! # Leak-free lifecycle
 //!

@@ -34,8 +34,9 @@ pub enum AckMode {
 /// How [`Cluster::consume`] pulls.
 #[derive(Debug, Clone)]
 pub struct ConsumeOptions {
-    /// Bytes buffered in this source: a pull is issued only when buffered plus
-    /// requested bytes are at or below `low`, for at most `high` minus that.
+    /// Bytes buffered in this source: a pull is issued only while buffered
+    /// bytes are at or below `low`, and buffered plus requested bytes never
+    /// exceed `high`.
     pub watermarks: Watermarks,
     /// Most messages per pull request.
     pub batch: usize,
