@@ -1,5 +1,146 @@
-//! NATS cluster transport for flowctl (not yet implemented): a JetStream pull
-//! `Source` whose demand is the backpressure, a publish `Sink`, core
-//! subscriptions that surface slow consumers as errors, and bounded connect
-//! attempts that release everything they started.
+//! NATS cluster transport for flowctl: a JetStream pull [`Source`](flowctl_core::Source)
+//! whose demand is the backpressure, and connects that leave nothing behind.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use flowctl_cluster::{Cluster, ClusterConfig, ConsumeOptions};
+//! use flowctl_core::{Source, Watermarks};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), flowctl_core::FlowError> {
+//! let cluster = Cluster::connect(ClusterConfig::new([
+//!     "nats://127.0.0.1:4222",
+//!     "nats://127.0.0.1:4223",
+//! ]))
+//! .await?;
+//! let mut orders = cluster
+//!     .consume("ORDERS", "billing", ConsumeOptions {
+//!         watermarks: Watermarks::new(256 * 1024, 1024 * 1024)?,
+//!         ..ConsumeOptions::default()
+//!     })
+//!     .await?;
+//! while let Some(msg) = orders.recv().await? {
+//!     println!("#{}: {} bytes", msg.stream_seq, msg.payload.len());
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # The pieces
+//!
+//! - [`Cluster::connect`]: several seeds, each try bounded by
+//!   [`ClusterConfig::connect_timeout`], whole rounds retried by
+//!   [`flowctl_core::lifecycle::retry`]; 1 s pings. Errors:
+//!   [`ClusterError::NoSeedReachable`] (every seed with its reason),
+//!   [`ClusterError::AuthRejected`] (never retried).
+//! - [`Cluster::consume`] → [`PullSource`]: a durable JetStream pull consumer.
+//!   **Demand follows the watermarks**: a pull goes out only while buffered
+//!   bytes are at or below `low`, and only if buffered plus requested bytes
+//!   stay within `high`; each asks for `batch` messages and at most half the
+//!   `high - low` band in `max_bytes` (so two can be in flight). The source
+//!   thus holds at most `high` bytes plus one oversized message; the rest
+//!   stays on the server. Acks: [`AckMode::OnReceive`] or [`AckMode::Manual`]
+//!   ([`AckHandle`]).
+//! - [`Cluster::publisher`] → [`Publisher`]: un-acked bytes bounded by the
+//!   sink's watermarks and `max_inflight`; `Nats-Msg-Id` for server dedupe and
+//!   `Nats-Expected-Last-Msg-Id` chaining so retries through elections neither
+//!   duplicate nor reorder.
+//! - [`Cluster::subscribe`] → [`CoreSource`]: core NATS, at most once;
+//!   drops are reported as [`ClusterError::SlowConsumer`], permission
+//!   violations as [`ClusterError::PermissionDenied`].
+//!
+//! # Failover: once and in order
+//!
+//! A [`PullSource`] must be the only reader of its durable consumer. It
+//! tracks the stream sequence of the last message handed over and drops
+//! redeliveries at or below it (`PullStats::duplicates`). It also tracks the
+//! consumer's delivery sequence: a jump means deliveries were lost in transit
+//! (they went to a node that died or hung); the server redelivers them after
+//! the consumer's `ack_wait`, and meanwhile later messages are held back, so
+//! the application still sees stream order. Held messages are released in
+//! order when the gap fills, or after `hold_timeout` if it never does (a
+//! filtered consumer whose sequences legitimately skip). Holding needs a pull
+//! even when the buffer is full: the consumer's `max_ack_pending` bounds that
+//! overshoot. A reconnect or two missed idle heartbeats re-issue the demand.
+//!
+//! Measured (`examples/bench_cluster.rs`, release, 2 shared cores): the
+//! consumer's node SIGKILLed while it leads nothing: first new message after
+//! 0.09-2.0 s (2.0 s when deliveries were lost and waited for `ack_wait` = 2 s);
+//! frozen (SIGSTOP): ~3.0 s (three 1 s pings to notice), where async-nats with
+//! its defaults (60 s pings) had not resumed after 60 s. The tests (debug)
+//! show the stream and consumer leader SIGKILLed at ~6-8 s: that is
+//! nats-server 2.9's raft election, not the client.
+//!
+//! # Leak-free lifecycle
+//!
+//! [`Cluster::consume`] runs in a [`flowctl_core::lifecycle::Attempt`]: the
+//! inbox subscription is owned before SUB leaves and the pull task before it
+//! is spawned; a cancel or timeout at any await releases them. Pull requests
+//! already sent cannot be withdrawn in NATS: they die with their `expires`
+//! (keep it short) and the server drops deliveries to an inbox without
+//! interest. Live resources are counted in [`ClusterConfig::ledger`] as
+//! `nats.connection`, `nats.subscription`, `nats.pull_task`,
+//! `nats.publisher`; dropping the [`Cluster`] and what was made from it
+//! brings them to zero (tests check this and the servers' `/subsz`, `/connz`
+//! and `/jsz`).
+//!
+//! # What we learned from async-nats 0.51 (read in its source)
+//!
+//! - **Connect.** `ConnectOptions::connect` tries the server list once
+//!   (`Connector::try_connect`), each server bounded by `connection_timeout`,
+//!   and returns only the *last* error. It spawns its two tasks (event
+//!   callback, connection handler) only after a successful handshake, so a
+//!   connect future dropped mid-way leaves no task and closes its socket. To
+//!   report every seed's reason we run one connect per seed, steering the
+//!   first pick with `reconnect_to_server_callback` (later reconnects use
+//!   async-nats's own selection over seeds and discovered servers).
+//! - **`retry_on_initial_connect`** moves the dial into the spawned connection
+//!   task, which keeps dialing after the `Client` is gone: never used here; our
+//!   retry loop is [`flowctl_core::lifecycle::retry`] around bounded rounds.
+//! - **Pings.** The handler sends a PING every `ping_interval` and drops the
+//!   connection when more than 2 are unanswered (`MAX_PENDING_PINGS`), so a hung
+//!   node is detected after about 3 periods (default here: 1 s, not 60 s).
+//! - **Slow consumers.** A core subscription is an mpsc of
+//!   `subscription_capacity` messages; when it is full the handler drops the
+//!   message and sends `Event::SlowConsumer(sid)` with `try_send` on a
+//!   128-slot event channel (so even the report can be lost). Nothing tells the
+//!   subscriber. Hence JetStream pull for flow control: at most one batch is
+//!   ever in that channel.
+//! - **Subscriptions.** `Client::subscribe` has no await after it queues SUB, so
+//!   a cancelled subscribe either sent nothing or returned the `Subscriber`;
+//!   dropping a `Subscriber` queues UNSUB behind it. The connection ends when
+//!   every `Client` clone (subscribers hold one) is dropped.
+//! - **Publish acks.** `jetstream::Context::send_publish` checks `max_payload`
+//!   client-side (`MaxPayloadExceeded`) and maps a 503 (no responders) to
+//!   `StreamNotFound`, which during a leader election is transient.
+//!
+//! - **Subscription ids** are private; [`CoreSource`] reads its sid from the
+//!   `Subscriber`'s `Debug` output to attribute `SlowConsumer(sid)` events
+//!   (falls back to the connection's total).
+//! - **Permission violations** arrive as an asynchronous `-ERR` →
+//!   `Event::ServerError(Other(text))`; we match the subject in that text.
+//!
+//! # Feature flags
+//!
+//! - `nkeys` (off): NATS credentials files and nkey seeds
+//!   (`Credentials::CredentialsFile`), via `async-nats/nkeys`.
+//!
+//! async-nats is used with `default-features = false` and only `jetstream` +
+//! `ring`: its defaults add websockets, kv/object-store, the service API and
+//! nkeys (ed25519 crates). rustls is always compiled by async-nats; of its two
+//! crypto backends `ring` builds in well under half the time of `aws-lc-rs`
+//! (which needs cmake and a C build: DESIGN.md measured ~1.2 min more for russh).
 #![forbid(unsafe_code)]
+
+mod cluster;
+mod core_sub;
+mod error;
+mod publish;
+mod pull;
+
+pub use cluster::{Cluster, ClusterConfig, Credentials, Tls};
+pub use core_sub::{CoreMessage, CoreSource};
+pub use error::ClusterError;
+pub use publish::{PublishOptions, Publisher};
+pub use pull::{AckHandle, AckMode, ConsumeOptions, JsMessage, PullSource, PullStats};

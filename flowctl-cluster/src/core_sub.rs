@@ -1,0 +1,202 @@
+//! Core NATS subscriptions (at most once) with slow consumers reported.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use async_nats::{HeaderMap, Subject};
+use async_trait::async_trait;
+use bytes::Bytes;
+use flowctl_core::fair::Budget;
+use flowctl_core::gate::Gate;
+use flowctl_core::lifecycle::Lease;
+use flowctl_core::{Fairness, FlowError, FlowStats, Source, Watermarks, Weighted};
+use std::task::Poll;
+
+use futures::StreamExt;
+
+use crate::ClusterError;
+use crate::cluster::{Cluster, Events};
+
+/// One core NATS message.
+#[derive(Debug, Clone)]
+pub struct CoreMessage {
+    /// Its subject.
+    pub subject: Subject,
+    /// Reply subject, if any.
+    pub reply: Option<Subject>,
+    /// Payload.
+    pub payload: Bytes,
+    /// Headers, if any.
+    pub headers: Option<HeaderMap>,
+}
+
+impl Weighted for CoreMessage {
+    fn weight(&self) -> usize {
+        self.payload.len()
+    }
+}
+
+/// A core subscription as a [`Source`]: at most once, bounded by
+/// [`ClusterConfig::subscription_capacity`](crate::ClusterConfig) messages
+/// inside async-nats. Core NATS has no backpressure: when that channel is full
+/// async-nats drops messages and only emits `Event::SlowConsumer`; this source
+/// turns those drops into an error.
+///
+/// # Errors
+/// [`ClusterError::SlowConsumer`] (inside [`FlowError::Transport`]) from the
+/// next `recv` after new drops were reported, with the total dropped so far;
+/// the error is not terminal: the following `recv` goes on with the messages
+/// that were kept. [`FlowError::Closed`] when the connection is gone for good.
+#[derive(Debug)]
+pub struct CoreSource {
+    sub: async_nats::Subscriber,
+    sid: Option<u64>,
+    subject: String,
+    events: Arc<Events>,
+    capacity: usize,
+    reported: u64,
+    peeked: Option<async_nats::Message>,
+    budget: Budget,
+    gate: Gate,
+    _lease: Lease,
+}
+
+/// The subscription id, which async-nats keeps private but prints in `Debug`.
+fn sid_of(sub: &async_nats::Subscriber) -> Option<u64> {
+    let text = format!("{sub:?}");
+    let rest = &text[text.find("sid: ")? + 5..];
+    let end = rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+impl Cluster {
+    /// Subscribes to `subject` (core NATS, at most once).
+    pub async fn subscribe(
+        &self,
+        subject: &str,
+        fairness: Fairness,
+    ) -> Result<CoreSource, FlowError> {
+        let sub = self
+            .shared
+            .client
+            .subscribe(subject.to_owned())
+            .await
+            .map_err(|e| ClusterError::nats("subscribe", e))?;
+        let sid = sid_of(&sub);
+        if sid.is_none() {
+            tracing::warn!(
+                subject,
+                "could not read the subscription id; slow consumer drops of the whole connection are reported"
+            );
+        }
+        Ok(CoreSource {
+            sub,
+            sid,
+            subject: subject.to_owned(),
+            events: self.shared.events.clone(),
+            capacity: self.shared.subscription_capacity,
+            reported: 0,
+            peeked: None,
+            budget: Budget::new(fairness),
+            gate: Gate::new(
+                Watermarks::new(0, self.shared.subscription_capacity.max(1))
+                    .map_err(|_| FlowError::Closed)?,
+                tracing::debug_span!("core", subject),
+            ),
+            _lease: self.shared.ledger.acquire("nats.subscription"),
+        })
+    }
+}
+
+impl CoreSource {
+    /// Peeks a message, then spends the budget: a forced yield keeps the
+    /// message here for the next call (cancel-safe).
+    fn poll_peek(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Option<async_nats::Message>> {
+        if self.peeked.is_none() {
+            match self.sub.poll_next_unpin(cx) {
+                Poll::Ready(Some(m)) => self.peeked = Some(m),
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => {
+                    self.budget.reset();
+                    return Poll::Pending;
+                }
+            }
+        }
+        match self.budget.poll_proceed(cx) {
+            Poll::Ready(()) => Poll::Ready(self.peeked.take()),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// Messages async-nats dropped for this subscription so far (a lower
+    /// bound: its event channel may drop reports too).
+    pub fn dropped(&self) -> u64 {
+        match self.sid {
+            Some(sid) => self
+                .events
+                .slow
+                .lock()
+                .map(|m| m.get(&sid).copied().unwrap_or(0))
+                .unwrap_or(0),
+            None => self.events.slow_total.load(Ordering::Relaxed),
+        }
+    }
+}
+
+#[async_trait]
+impl Source for CoreSource {
+    type Item = CoreMessage;
+
+    async fn recv(&mut self) -> Result<Option<CoreMessage>, FlowError> {
+        if let Some(text) = self.events.denied("subscription", &self.subject) {
+            return Err(ClusterError::PermissionDenied(text).into());
+        }
+        let dropped = self.dropped();
+        if dropped > self.reported {
+            self.reported = dropped;
+            return Err(ClusterError::SlowConsumer {
+                subject: self.subject.clone(),
+                dropped,
+                capacity: self.capacity,
+            }
+            .into());
+        }
+        // Peek first, then spend the budget: a forced yield keeps the message
+        // here for the next call (cancel-safe).
+        let mut violations = self.events.violation_gen.subscribe();
+        violations.borrow_and_update();
+        let events = self.events.clone();
+        let subject = self.subject.clone();
+        let next = loop {
+            tokio::select! {
+                n = std::future::poll_fn(|cx| self.poll_peek(cx)) => break n,
+                r = violations.changed(), if !violations.is_closed() => {
+                    if r.is_ok() && let Some(text) = events.denied("subscription", &subject) {
+                        return Err(ClusterError::PermissionDenied(text).into());
+                    }
+                }
+            }
+        };
+        match next {
+            Some(m) => {
+                let msg = CoreMessage {
+                    subject: m.subject,
+                    reply: m.reply,
+                    payload: m.payload,
+                    headers: m.headers,
+                };
+                self.budget.charge(msg.weight());
+                self.gate.charge(msg.weight());
+                self.gate.credit(msg.weight());
+                Ok(Some(msg))
+            }
+            None => Ok(None),
+        }
+    }
+
+    fn stats(&self) -> FlowStats {
+        self.gate.stats()
+    }
+}

@@ -1,0 +1,134 @@
+//! The errors of flowctl-cluster.
+
+use flowctl_core::FlowError;
+
+/// Everything flowctl-cluster reports besides [`FlowError`]'s own variants.
+///
+/// Converts into [`FlowError::Transport`] (`FlowError::from`), so `?` works in
+/// code that returns `FlowError`; get it back with
+/// [`ClusterError::from_flow`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClusterError {
+    /// No seed accepted a connection; one line per seed with its reason.
+    #[error("no seed reachable after {attempts} attempts: {}", format_seeds(.seeds))]
+    NoSeedReachable {
+        /// Connect rounds made (each tried every seed).
+        attempts: u32,
+        /// `(seed, why)` for every seed, from the last round.
+        seeds: Vec<(String, String)>,
+    },
+    /// The server rejected our credentials.
+    #[error("authentication rejected by {seed}: {reason}")]
+    AuthRejected {
+        /// The seed that rejected us.
+        seed: String,
+        /// The server's reason.
+        reason: String,
+    },
+    /// The server refused an operation on a subject.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    /// The stream does not exist.
+    #[error("stream {stream} not found")]
+    StreamNotFound {
+        /// Stream name.
+        stream: String,
+    },
+    /// No stream captures the subject a publisher writes to.
+    #[error("no stream captures subject {subject}")]
+    NoStreamForSubject {
+        /// The subject.
+        subject: String,
+    },
+    /// The durable consumer does not exist (or was deleted while consuming).
+    #[error("consumer {consumer} of stream {stream} not found")]
+    ConsumerNotFound {
+        /// Stream name.
+        stream: String,
+        /// Consumer name.
+        consumer: String,
+    },
+    /// A message larger than the server's `max_payload`.
+    #[error("message of {size} bytes exceeds the server's max_payload of {limit} bytes")]
+    MessageTooLarge {
+        /// Payload plus headers, in bytes.
+        size: usize,
+        /// The server's `max_payload`.
+        limit: usize,
+    },
+    /// A core subscription dropped messages because its channel was full.
+    #[error(
+        "slow consumer on subject {subject}: the client dropped {dropped} messages (subscription channel of {capacity} messages was full)"
+    )]
+    SlowConsumer {
+        /// The subscription's subject.
+        subject: String,
+        /// Messages dropped so far (a lower bound: async-nats reports drops
+        /// through a bounded event channel).
+        dropped: u64,
+        /// The subscription channel's capacity.
+        capacity: usize,
+    },
+    /// Publishing kept failing for longer than the publisher's retry budget.
+    #[error("publish of message {msg_id} failed for {attempts} attempts: {reason}")]
+    PublishFailed {
+        /// The `Nats-Msg-Id` of the message.
+        msg_id: String,
+        /// Attempts made.
+        attempts: u32,
+        /// The last error.
+        reason: String,
+    },
+    /// Another writer appended to the stream between two of our publishes, so
+    /// our order guarantee cannot hold.
+    #[error("stream was written by another publisher before message {msg_id}: {reason}")]
+    ConcurrentPublisher {
+        /// The message whose expected predecessor was not the stream's last.
+        msg_id: String,
+        /// The server's error.
+        reason: String,
+    },
+    /// An error from async-nats, with what we were doing.
+    #[error("{what}: {source}")]
+    Nats {
+        /// The operation.
+        what: &'static str,
+        /// async-nats's error.
+        #[source]
+        source: async_nats::Error,
+    },
+}
+
+fn format_seeds(seeds: &[(String, String)]) -> String {
+    seeds
+        .iter()
+        .map(|(s, why)| format!("{s}: {why}"))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+impl ClusterError {
+    pub(crate) fn nats(what: &'static str, e: impl Into<async_nats::Error>) -> Self {
+        ClusterError::Nats {
+            what,
+            source: e.into(),
+        }
+    }
+
+    /// The `ClusterError` inside a [`FlowError::Transport`] (also inside
+    /// [`FlowError::RetriesExhausted`]), if there is one.
+    pub fn from_flow(err: &FlowError) -> Option<&ClusterError> {
+        match err {
+            FlowError::Transport(e) => e.downcast_ref::<ClusterError>(),
+            FlowError::RetriesExhausted { last, .. } => Self::from_flow(last),
+            _ => None,
+        }
+    }
+}
+
+impl From<ClusterError> for FlowError {
+    fn from(e: ClusterError) -> Self {
+        FlowError::transport(e)
+    }
+}

@@ -1,0 +1,19 @@
+//! Integration tests of flowctl-cluster against a real 3-node nats-server cluster.
+
+// The 3-node cluster fixture and its monitoring readers.
+#[allow(dead_code)] // not every test uses every helper (restart, route port)
+mod fixture;
+// Cluster::connect: seeds, retries, per-seed errors.
+mod connect;
+// JetStream pull Source: watermark-driven demand, slow consumer, order.
+mod pull;
+// Publish Sink: bounded un-acked bytes, order, dedupe, max_payload; missing stream/consumer errors.
+mod publish;
+// The Aeron scenario: cancelled connect + consume cycles, checked with /subsz and /connz.
+mod leak;
+// SIGKILL of the consumer's node and of the stream leader while producing and consuming.
+mod failover;
+// Core subscriptions: slow consumer drops surfaced as errors.
+mod core_sub;
+// Auth rejected and permission denied, against a cluster with users and permissions.
+mod auth;
