@@ -109,7 +109,14 @@ impl FlowError {
         }
     }
 
-    /// True for errors that a retry may cure (timeouts, I/O and transport errors).
+    /// True for errors that a retry may cure: timeouts, I/O errors and
+    /// transport errors.
+    ///
+    /// flowctl cannot tell a transport's permanent errors (auth rejected,
+    /// permission denied) from its passing ones, so every
+    /// [`FlowError::Transport`] counts as transient here. Transports that know
+    /// better set [`RetryPolicy::retry_if`](crate::lifecycle::RetryPolicy::retry_if)
+    /// (flowctl-cluster never retries an auth rejection).
     pub fn is_transient(&self) -> bool {
         matches!(
             self,

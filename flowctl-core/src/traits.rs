@@ -81,9 +81,13 @@ pub trait Sink: Send {
 /// completes, no item has been taken and the next call returns it.
 ///
 /// # Errors
-/// An `Err` reports a transport failure; items delivered before it were
-/// complete. `Ok(None)` is the end of the stream and is returned again by every
-/// later call.
+/// An `Err` reports a failure; items delivered before it were complete.
+/// Whether the stream goes on after an error is the source's to document: a
+/// broken connection or a malformed frame ends it ([`frame::Framed`](crate::frame::Framed)
+/// returns `Ok(None)` afterwards), while a recoverable report (a panicked
+/// offload job, a core subscription's slow-consumer drops) is returned in its
+/// place and later items follow. `Ok(None)` is the end of the stream and is
+/// returned again by every later call.
 #[async_trait]
 pub trait Source: Send {
     /// What this source yields.
