@@ -121,7 +121,21 @@ async fn killed_by_signal_reports_signal(fx: Fixture) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_dropped_mid_stream_counts_delivered_bytes() {
-    let fx = Fixture::start(Kind::Embedded).await;
+    dropped_mid_stream(Fixture::start(Kind::Embedded).await).await
+}
+
+/// The same with the openssh backend (the system ssh client as master)
+/// against the embedded server, which can cut connections on demand.
+#[cfg(feature = "openssh")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openssh_connection_dropped_mid_stream_counts_delivered_bytes() {
+    let fx = Fixture::start(Kind::Embedded)
+        .await
+        .with_backend(flowctl_ssh::Backend::OpenSsh);
+    dropped_mid_stream(fx).await
+}
+
+async fn dropped_mid_stream(fx: Fixture) {
     let s = Session::connect(fx.config()).await.unwrap();
     let mut p = s.exec("head -c 1073741824 /dev/zero").await.unwrap();
     let mut got = 0u64;
