@@ -83,6 +83,14 @@
 //! into the mux client's stdin pipe, which the master reads only as the
 //! server's window allows; closing the pipe is EOF.
 //!
+//! Measured with `examples/bench_ssh.rs` (release, 1 GiB of `head -c` from
+//! sshd, aes128-gcm, into a local `sh -c 'sleep 5; exec cat >/dev/null'`,
+//! two runs on a loaded 2-core machine): russh 528 / 217 MB/s after the
+//! stall, peak RSS 8.4 / 9.4 MB; openssh 363 / 172 MB/s, peak RSS 6.5 /
+//! 6.8 MB in our process plus 11.4 / 11.8 MB in the `ssh` master. With a 5 s
+//! stall and no keepalive on the server both backends finish; the
+//! difference is what else the connection can do during the stall.
+//!
 //! **Options.** [`Auth::KeyFile`] -> `-i <file> -o IdentitiesOnly=yes`
 //! (one key file, without passphrase: `BatchMode=yes` cannot ask);
 //! [`Auth::AgentSocket`] -> `SSH_AUTH_SOCK`; [`Auth::Agent`] -> ssh's
