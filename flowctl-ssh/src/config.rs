@@ -81,6 +81,22 @@ pub enum HostKeyPolicy {
     InsecureAcceptAny,
 }
 
+/// Which SSH implementation a [`Session`](crate::Session) runs on. See the
+/// crate docs ("Choosing a backend").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Backend {
+    /// russh, in this process (pure Rust). The SSH window is refilled on
+    /// receipt: a stalled consumer stalls its whole connection.
+    #[default]
+    Russh,
+    /// The system `ssh` binary as a ControlMaster, through the `openssh`
+    /// crate (feature `openssh`). The window of each channel is refilled as
+    /// its output is consumed: a stalled consumer stalls only its channel.
+    /// Password authentication is not supported.
+    OpenSsh,
+}
+
 /// Everything needed to open an SSH connection.
 ///
 /// ```
@@ -131,6 +147,11 @@ pub struct SshConfig {
     /// The ledger that counts this crate's tasks and connections
     /// (`ssh.task`, `ssh.session`). Default: [`Ledger::global()`].
     pub ledger: Ledger,
+    /// The SSH implementation. Default: [`Backend::Russh`].
+    ///
+    /// With [`Backend::OpenSsh`], `channel_buffer`, `max_packet` and `window`
+    /// do not apply (OpenSSH chooses its own window and packet size).
+    pub backend: Backend,
 }
 
 impl SshConfig {
@@ -152,6 +173,7 @@ impl SshConfig {
             window: 2 * 1024 * 1024,
             ciphers: Vec::new(),
             ledger: Ledger::global().clone(),
+            backend: Backend::default(),
         }
     }
 
@@ -205,6 +227,12 @@ impl SshConfig {
         S: Into<String>,
     {
         self.ciphers = ciphers.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Chooses the SSH implementation.
+    pub fn backend(mut self, backend: Backend) -> Self {
+        self.backend = backend;
         self
     }
 

@@ -106,6 +106,10 @@ pub enum SshError {
     /// An error from russh.
     #[error("ssh protocol error: {0}")]
     Russh(#[source] BoxError),
+    /// The system `ssh` client (openssh backend) failed in a way not covered
+    /// by another variant; the message is what ssh printed.
+    #[error("openssh client error: {0}")]
+    OpenSsh(#[source] BoxError),
     /// A configuration value that cannot be used.
     #[error("invalid ssh configuration: {0}")]
     Config(String),

@@ -1,7 +1,8 @@
 //! SSH exec channels for flowctl: a remote command's stdin as a [`Sink`](flowctl_core::Sink),
 //! its stdout and stderr as [`Source`](flowctl_core::Source)s, and its exit status, on
-//! [`russh`](https://docs.rs/russh), with memory bounded by watermarks
-//! whatever the consumer's speed.
+//! [`russh`](https://docs.rs/russh) or (feature `openssh`) on the system
+//! OpenSSH client, with memory bounded by watermarks whatever the consumer's
+//! speed.
 //!
 //! The failure this crate exists to prevent: AsyncSSH before 2.15 redirected
 //! a remote command's stdout into a slow local writer without waiting for it
@@ -29,6 +30,111 @@
 //! println!("{total} bytes, {status}");
 //! # Ok(()) }
 //! ```
+//!
+//! # Choosing a backend
+//!
+//! [`SshConfig::backend`] picks one; the API, the types, the bounds, the
+//! errors and the leak-freedom are the same.
+//!
+//! - [`Backend::Russh`] (default): pure Rust, in this process, no `ssh`
+//!   binary needed, password auth, exit signals, an in-process server for
+//!   tests (feature `server`). But russh returns SSH window on *receipt*:
+//!   a consumer that stalls stalls its **whole connection** (every other
+//!   channel, keepalives, rekeying), and an sshd with `ClientAliveInterval`
+//!   drops it when the stall outlasts `ClientAliveInterval x
+//!   ClientAliveCountMax` (see "Limits you must know").
+//! - [`Backend::OpenSsh`] (feature `openssh`): the system `ssh` as a
+//!   ControlMaster. OpenSSH returns window as each channel's output is
+//!   *consumed*, so a stalled consumer holds about one window (2 MiB, in
+//!   the `ssh` process) and **nothing else stalls**: other commands on the
+//!   session run, keepalives are answered. It also honours the user's
+//!   `~/.ssh/config`, agent, `ProxyJump` and certificates. Choose it for
+//!   long-lived sessions with slow or bursty consumers, or several commands
+//!   per connection. It needs an `ssh` binary on `PATH`, costs one local
+//!   `ssh` process per command, supports no password auth and cannot report
+//!   exit signals (below).
+//!
+//! # The openssh backend
+//!
+//! Read in openssh 0.11.6's source (`builder.rs`, `process_impl/*.rs`):
+//! `SessionBuilder::connect` runs `ssh -M -f -N -o ControlPersist=yes
+//! -o BatchMode=yes -E <log> -S <dir>/master ...` and waits for it to fork
+//! into the background (after authentication); on failure, the text of the
+//! `-E` log is the error. Each command is a *process-mux* client
+//! `ssh -S <dir>/master -T -p 9 none -- <command>` (port 9 so that it can
+//! never open a new connection if the master is gone). The mux client hands
+//! its stdin/stdout/stderr pipes to the master (`SCM_RIGHTS`), which reads
+//! and writes them directly.
+//!
+//! We chose **process-mux** over native-mux: native-mux speaks the mux
+//! protocol in Rust (`openssh-mux-client`, with its serde-based codec and
+//! `sendfd`), saving one short-lived `ssh` process per command but adding
+//! crates to every cold build; process-mux adds only `libc`, `once_cell`,
+//! `shell-escape` and `tempfile`, and the flow control is the same (in both,
+//! the master writes into our pipe).
+//!
+//! **Backpressure.** One task per process reads stdout and stderr (each
+//! separately: unlike russh, a stalled stdout does not stall stderr) only
+//! while its buffer is at or below the low watermark, in chunks of at most
+//! [`SshConfig::max_packet`] bytes. When we stop reading, the pipe fills
+//! (64 KiB), the master's channel buffer fills, and the master stops
+//! sending `WINDOW_ADJUST` for that channel alone. Our process holds at most
+//! `high` + one chunk per stream, as with russh. stdin: chunks are written
+//! into the mux client's stdin pipe, which the master reads only as the
+//! server's window allows; closing the pipe is EOF.
+//!
+//! Measured with `examples/bench_ssh.rs` (release, 1 GiB of `head -c` from
+//! sshd, aes128-gcm, into a local `sh -c 'sleep 5; exec cat >/dev/null'`,
+//! two runs on a loaded 2-core machine): russh 528 / 217 MB/s after the
+//! stall, peak RSS 8.4 / 9.4 MB; openssh 363 / 172 MB/s, peak RSS 6.5 /
+//! 6.8 MB in our process plus 11.4 / 11.8 MB in the `ssh` master. With a 5 s
+//! stall and no keepalive on the server both backends finish; the
+//! difference is what else the connection can do during the stall.
+//!
+//! **Options.** [`Auth::KeyFile`] -> `-i <file> -o IdentitiesOnly=yes`
+//! (one key file, without passphrase: `BatchMode=yes` cannot ask);
+//! [`Auth::AgentSocket`] -> `SSH_AUTH_SOCK`; [`Auth::Agent`] -> ssh's
+//! defaults; [`Auth::Password`] -> [`SshError::Config`] ("password
+//! authentication is not supported by the openssh backend ...").
+//! [`HostKeyPolicy::KnownHosts`] -> `StrictHostKeyChecking=yes` and
+//! `UserKnownHostsFile=<file>`; [`HostKeyPolicy::InsecureAcceptAny`] ->
+//! `StrictHostKeyChecking=no`, `UserKnownHostsFile=/dev/null`.
+//! `connect_timeout` -> `ConnectTimeout` (whole seconds, rounded up; it
+//! bounds TCP connect and the banner exchange, not authentication);
+//! `keepalive` -> `ServerAliveInterval`; `ciphers` -> a temporary
+//! `-F` file with `Ciphers ...` that then `Include`s `~/.ssh/config` and
+//! `/etc/ssh/ssh_config`. `channel_buffer` and `window` do not apply.
+//!
+//! **What is parsed from ssh's log** (OpenSSH 9.2 wording):
+//! "REMOTE HOST IDENTIFICATION HAS CHANGED" -> [`SshError::HostKeyMismatch`]
+//! (fingerprint from the line after "The fingerprint for the ALG key sent
+//! by the remote host is", file and line from "Offending ALG key in
+//! FILE:LINE"); "No ALG host key is known for HOST and you have requested
+//! strict checking" -> [`SshError::UnknownHostKey`] (ssh does not print the
+//! key there: a second handshake at `LogLevel=DEBUG1` reads "Server host
+//! key: ALG SHA256:..." and stops at the same check, before
+//! authentication); "Permission denied (" -> [`SshError::AuthRejected`];
+//! "Connection refused" -> [`SshError::Connect`]; "timed out" ->
+//! [`SshError::ConnectTimeout`]; anything else -> [`SshError::OpenSsh`]
+//! with ssh's text.
+//!
+//! **Exit status.** The mux client exits with the remote exit code. The mux
+//! protocol carries no exit *signal*: a process killed by a signal, like
+//! one that exits 255, is reported as [`ExitStatus::Code`]`(255)`. A 255
+//! whose master no longer answers `ssh -O check` is a lost connection:
+//! outputs then fail with [`SshError::ConnectionLost`], like russh's.
+//! Exec refusal is not reported as [`SshError::ExecRefused`] (the mux client
+//! exits 255).
+//!
+//! **Lifecycle.** Dropping every part of a process kills its mux client
+//! (the master closes the channel). Dropping the session and its last
+//! process runs `ssh -O exit` **synchronously** (a few ms; openssh's `Drop`):
+//! the master was started with `-f` and `ControlPersist=yes`, outlives our
+//! process, and a close deferred to a task that never runs (runtime shutting
+//! down) left masters and their sshd sessions running in our first test
+//! run. [`Session::close`] closes without blocking. The sshd-side proof is
+//! in `tests/it/lifecycle.rs` (every "Accepted publickey" is followed by a
+//! "Disconnected from user").
 //!
 //! # What russh does, and how flowctl-ssh bounds memory
 //!
@@ -83,7 +189,8 @@
 //!   of that connection, and its keepalives. stdout and stderr of one process
 //!   share a queue too: drain both, or drop the one you do not want.
 //!   [`Session::exec_isolated`] opens one connection per command for users
-//!   who need channels not to block each other.
+//!   who need channels not to block each other; [`Backend::OpenSsh`] does
+//!   not have this limit at all.
 //! - **Full duplex needs concurrency.** A command that echoes its input
 //!   (`cat`) stops reading stdin when its stdout is not read; feed stdin and
 //!   drain stdout from different tasks, as with any pipe.
@@ -98,7 +205,11 @@
 //!   an 8 s stall in `remote_to_local`: sshd logged "Timeout, client not
 //!   responding" and the example failed with `ConnectionLost` after 3506176
 //!   bytes. There is no cure inside russh 0.65 short of an unbounded queue:
-//!   raise the server's limits or keep stalls shorter.
+//!   raise the server's limits, keep stalls shorter, or use
+//!   [`Backend::OpenSsh`]. Both outcomes are tests against sshd with
+//!   `ClientAliveInterval 1`, `ClientAliveCountMax 2` and a 5 s stall:
+//!   `stall::russh_stalled_reader_is_dropped_by_client_alive` and
+//!   `stall::openssh_stalled_reader_outlasts_client_alive_and_blocks_nothing`.
 //!   Keepalives ([`SshConfig::keepalive`]) are off by default.
 //!
 //! # Authentication and host keys
@@ -128,12 +239,16 @@
 //! - `server`: `server::EmbeddedServer`, an in-process SSH server that runs
 //!   commands with `sh -c` and respects backpressure both ways (tests, soak).
 //! - `rsa`: RSA user and host keys (russh's `rsa` feature; longer build).
+//! - `openssh`: [`Backend::OpenSsh`], the system `ssh` as a ControlMaster
+//!   through the `openssh` crate (process-mux). It enables `russh` too, for
+//!   the shared process types; the extra cold build is small (`openssh`,
+//!   `shell-escape`, `once_cell`; `tempfile`, `libc` are already built).
 #![forbid(unsafe_code)]
 
 mod config;
 mod error;
 
-pub use config::{Auth, HostKeyPolicy, SshConfig};
+pub use config::{Auth, Backend, HostKeyPolicy, SshConfig};
 pub use error::SshError;
 
 #[cfg(feature = "russh")]
@@ -144,6 +259,8 @@ pub mod redirect;
 pub mod server;
 #[cfg(feature = "russh")]
 mod session;
+#[cfg(feature = "openssh")]
+mod system;
 
 #[cfg(feature = "russh")]
 pub use process::{Exit, ExitStatus, Output, RemoteProcess, Stdin};

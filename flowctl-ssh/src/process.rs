@@ -69,7 +69,7 @@ impl std::fmt::Display for ExitStatus {
 
 /// The end of a channel as seen by the reader task.
 #[derive(Debug, Clone)]
-enum Outcome {
+pub(crate) enum Outcome {
     Exited(ExitStatus),
     /// The channel closed without exit-status/exit-signal.
     NoStatus {
@@ -80,16 +80,94 @@ enum Outcome {
 }
 
 /// Set once every user-facing part is gone: the tasks end, the channel closes.
-#[derive(Debug)]
+///
+/// `_session` keeps the connection (of either backend) up while any part lives.
 struct Guard {
     _cancel: watch::Sender<()>,
-    _session: Arc<SessionInner>,
+    _session: Arc<dyn std::any::Any + Send + Sync>,
+}
+
+impl std::fmt::Debug for Guard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Guard")
+    }
 }
 
 #[derive(Debug, Default)]
-struct Flags {
-    stdout_lost: AtomicBool,
-    stderr_lost: AtomicBool,
+pub(crate) struct Flags {
+    pub(crate) stdout_lost: AtomicBool,
+    pub(crate) stderr_lost: AtomicBool,
+}
+
+/// The task side of a [`RemoteProcess`]: what a backend's tasks feed.
+pub(crate) struct Plumbing {
+    pub(crate) out: PipeSink<Bytes>,
+    pub(crate) err: PipeSink<Bytes>,
+    pub(crate) stdin: PipeSource<Bytes>,
+    pub(crate) flags: Arc<Flags>,
+    pub(crate) exit: watch::Sender<Option<Outcome>>,
+    pub(crate) done: watch::Sender<bool>,
+    pub(crate) done_rx: watch::Receiver<bool>,
+    pub(crate) progress: watch::Sender<StdinProgress>,
+    /// Changes (with an error) once every user-facing part is dropped.
+    pub(crate) cancel: watch::Receiver<()>,
+}
+
+/// Builds the user-facing parts and the task side, for any backend.
+pub(crate) fn plumbing(
+    config: &SshConfig,
+    session: Arc<dyn std::any::Any + Send + Sync>,
+) -> (Plumbing, RemoteProcess) {
+    let wm = config.watermarks;
+    let (out_tx, out_rx) = pipe::<Bytes>(wm);
+    let (err_tx, err_rx) = pipe::<Bytes>(wm);
+    let (in_tx, in_rx) = pipe::<Bytes>(wm);
+    let (cancel_tx, cancel_rx) = watch::channel(());
+    let (exit_tx, exit_rx) = watch::channel(None);
+    let (done_tx, done_rx) = watch::channel(false);
+    let (written_tx, written_rx) = watch::channel(StdinProgress::default());
+    let flags = Arc::new(Flags::default());
+    let guard = Arc::new(Guard {
+        _cancel: cancel_tx,
+        _session: session,
+    });
+    let proc = RemoteProcess {
+        stdin: Stdin {
+            tx: in_tx,
+            progress: written_rx,
+            _guard: guard.clone(),
+        },
+        stdout: Output {
+            rx: out_rx,
+            stream: "stdout",
+            flags: flags.clone(),
+            delivered: 0,
+            _guard: guard.clone(),
+        },
+        stderr: Output {
+            rx: err_rx,
+            stream: "stderr",
+            flags: flags.clone(),
+            delivered: 0,
+            _guard: guard.clone(),
+        },
+        exit: Exit {
+            rx: exit_rx,
+            _guard: guard,
+        },
+    };
+    let plumbing = Plumbing {
+        out: out_tx,
+        err: err_tx,
+        stdin: in_rx,
+        flags,
+        exit: exit_tx,
+        done: done_tx,
+        done_rx,
+        progress: written_tx,
+        cancel: cancel_rx,
+    };
+    (plumbing, proc)
 }
 
 /// A process started by [`Session::exec`](crate::Session::exec).
@@ -99,6 +177,9 @@ struct Flags {
 /// and [`stderr`](RemoteProcess::stderr), then [`wait`](RemoteProcess::wait).
 ///
 /// # Backpressure
+/// With [`Backend::OpenSsh`](crate::Backend::OpenSsh), stdout and stderr
+/// are paused separately and only this channel's window stops (see the crate
+/// docs). With russh:
 /// stdout and stderr each buffer at most their high watermark plus one SSH
 /// packet; while either is above its high watermark, nothing more is taken
 /// from russh's channel queue, the queue fills (a few packets), and russh's
@@ -129,6 +210,7 @@ impl RemoteProcess {
         config: &SshConfig,
         session: Arc<SessionInner>,
     ) -> Result<RemoteProcess, SshError> {
+        let session: Arc<dyn std::any::Any + Send + Sync> = session;
         let (mut read, write) = channel.split();
         // The reply to the exec request comes first.
         loop {
@@ -149,19 +231,7 @@ impl RemoteProcess {
             }
         }
         let write = Arc::new(write);
-        let wm = config.watermarks;
-        let (out_tx, out_rx) = pipe::<Bytes>(wm);
-        let (err_tx, err_rx) = pipe::<Bytes>(wm);
-        let (in_tx, in_rx) = pipe::<Bytes>(wm);
-        let (cancel_tx, cancel_rx) = watch::channel(());
-        let (exit_tx, exit_rx) = watch::channel(None);
-        let (done_tx, done_rx) = watch::channel(false);
-        let (written_tx, written_rx) = watch::channel(StdinProgress::default());
-        let flags = Arc::new(Flags::default());
-        let guard = Arc::new(Guard {
-            _cancel: cancel_tx,
-            _session: session,
-        });
+        let (p, proc) = plumbing(config, session);
         let span = tracing::debug_span!("flowctl.ssh.exec", command = %command);
         config.ledger.spawn(
             LEDGER_TASK,
@@ -169,12 +239,12 @@ impl RemoteProcess {
                 read_channel(ReadTask {
                     read,
                     write: write.clone(),
-                    out: out_tx,
-                    err: err_tx,
-                    flags: flags.clone(),
-                    exit: exit_tx,
-                    done: done_tx,
-                    cancel: cancel_rx.clone(),
+                    out: p.out,
+                    err: p.err,
+                    flags: p.flags,
+                    exit: p.exit,
+                    done: p.done,
+                    cancel: p.cancel.clone(),
                 }),
                 span.clone(),
             ),
@@ -182,35 +252,11 @@ impl RemoteProcess {
         config.ledger.spawn(
             LEDGER_TASK,
             tracing::Instrument::instrument(
-                write_stdin(in_rx, write, written_tx, done_rx, cancel_rx),
+                write_stdin(p.stdin, write, p.progress, p.done_rx, p.cancel),
                 span,
             ),
         );
-        Ok(RemoteProcess {
-            stdin: Stdin {
-                tx: in_tx,
-                progress: written_rx,
-                _guard: guard.clone(),
-            },
-            stdout: Output {
-                rx: out_rx,
-                stream: "stdout",
-                flags: flags.clone(),
-                delivered: 0,
-                _guard: guard.clone(),
-            },
-            stderr: Output {
-                rx: err_rx,
-                stream: "stderr",
-                flags,
-                delivered: 0,
-                _guard: guard.clone(),
-            },
-            exit: Exit {
-                rx: exit_rx,
-                _guard: guard,
-            },
-        })
+        Ok(proc)
     }
 
     /// Waits for the process to end. Drain or drop stdout and stderr first
@@ -238,13 +284,13 @@ struct ReadTask {
 
 /// Waits until `pipe` has room; a pipe whose source was dropped is marked
 /// closed and its data is discarded from then on.
-async fn room(pipe: &mut PipeSink<Bytes>, open: &mut bool) {
+pub(crate) async fn room(pipe: &mut PipeSink<Bytes>, open: &mut bool) {
     if *open && pipe.ready().await.is_err() {
         *open = false;
     }
 }
 
-fn deliver(pipe: &mut PipeSink<Bytes>, open: &mut bool, data: Bytes) {
+pub(crate) fn deliver(pipe: &mut PipeSink<Bytes>, open: &mut bool, data: Bytes) {
     if *open && pipe.start_send(data).is_err() {
         *open = false;
     }
@@ -347,13 +393,13 @@ async fn read_channel(mut t: ReadTask) {
 }
 
 #[derive(Debug, Clone, Copy, Default)]
-struct StdinProgress {
-    /// Bytes handed to russh (which sent them within the peer's window).
-    written: u64,
+pub(crate) struct StdinProgress {
+    /// Bytes handed to the connection (russh, or the ssh client's pipe).
+    pub(crate) written: u64,
     /// The writer has stopped: EOF sent, or the channel is gone.
-    finished: bool,
+    pub(crate) finished: bool,
     /// EOF was sent.
-    eof: bool,
+    pub(crate) eof: bool,
 }
 
 /// The stdin writer: hands each chunk to russh, which waits for the peer's

@@ -87,8 +87,15 @@ impl client::Handler for ClientHandler {
 /// them closes it and ends russh's session task. [`close`](Session::close)
 /// disconnects at once.
 pub struct Session {
-    inner: Arc<SessionInner>,
+    conn: Conn,
     config: Arc<SshConfig>,
+}
+
+/// The connection of one backend.
+enum Conn {
+    Russh(Arc<SessionInner>),
+    #[cfg(feature = "openssh")]
+    OpenSsh(Arc<crate::system::Master>),
 }
 
 /// The connection, shared by the session and its processes. Dropping the
@@ -169,6 +176,23 @@ impl Session {
     /// [`SshError::AuthRejected`] if no method was accepted,
     /// [`SshError::ConnectTimeout`] if it all took too long.
     pub async fn connect(config: SshConfig) -> Result<Session, SshError> {
+        match config.backend {
+            crate::Backend::Russh => {}
+            #[cfg(feature = "openssh")]
+            crate::Backend::OpenSsh => {
+                let master = crate::system::Master::connect(&config).await?;
+                return Ok(Session {
+                    conn: Conn::OpenSsh(Arc::new(master)),
+                    config: Arc::new(config),
+                });
+            }
+            #[cfg(not(feature = "openssh"))]
+            crate::Backend::OpenSsh => {
+                return Err(SshError::Config(
+                    "Backend::OpenSsh needs the `openssh` feature of flowctl-ssh".into(),
+                ));
+            }
+        }
         let timeout = config.connect_timeout;
         let addr = config.addr.clone();
         match tokio::time::timeout(timeout, Self::connect_inner(config)).await {
@@ -233,11 +257,11 @@ impl Session {
         authenticate(&mut handle, &config).await?;
         tracing::info!(user = %config.user, addr = %config.addr, "ssh session established");
         Ok(Session {
-            inner: Arc::new(SessionInner {
+            conn: Conn::Russh(Arc::new(SessionInner {
                 handle: Some(handle),
                 ledger: config.ledger.clone(),
                 _lease: lease,
-            }),
+            })),
             config: Arc::new(config),
         })
     }
@@ -253,9 +277,15 @@ impl Session {
     /// [`SshError::ExecRefused`] if the server refuses the command; a russh
     /// error if the connection is gone.
     pub async fn exec(&self, command: &str) -> Result<RemoteProcess, SshError> {
-        let channel = self.inner.handle()?.channel_open_session().await?;
-        channel.exec(true, command).await?;
-        RemoteProcess::start(channel, command, &self.config, self.inner.clone()).await
+        match &self.conn {
+            Conn::Russh(inner) => {
+                let channel = inner.handle()?.channel_open_session().await?;
+                channel.exec(true, command).await?;
+                RemoteProcess::start(channel, command, &self.config, inner.clone()).await
+            }
+            #[cfg(feature = "openssh")]
+            Conn::OpenSsh(master) => crate::system::exec(master, command, &self.config).await,
+        }
     }
 
     /// Opens a new connection with the same configuration and runs `command`
@@ -275,13 +305,21 @@ impl Session {
     /// process of this session is still alive; otherwise the connection is
     /// closed when the last process is dropped.
     pub async fn close(self) {
-        match Arc::try_unwrap(self.inner) {
-            Ok(mut inner) => {
-                if let Some(handle) = inner.handle.take() {
-                    shut_down(handle).await;
+        match self.conn {
+            Conn::Russh(inner) => match Arc::try_unwrap(inner) {
+                Ok(mut inner) => {
+                    if let Some(handle) = inner.handle.take() {
+                        shut_down(handle).await;
+                    }
+                }
+                Err(_shared) => {}
+            },
+            #[cfg(feature = "openssh")]
+            Conn::OpenSsh(master) => {
+                if let Ok(master) = Arc::try_unwrap(master) {
+                    master.close().await;
                 }
             }
-            Err(_shared) => {}
         }
     }
 }

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use flowctl_core::Watermarks;
 use flowctl_core::lifecycle::Ledger;
 use flowctl_ssh::server::{EmbeddedServer, ServerConfig};
-use flowctl_ssh::{Auth, SshConfig};
+use std::sync::{Arc, Mutex};
+
+use flowctl_ssh::{Auth, Backend, SshConfig};
 
 /// Which server a fixture runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,7 +33,9 @@ pub(crate) struct Fixture {
     /// The embedded server's own ledger (its accept loop counts as 1).
     pub(crate) server_ledger: Ledger,
     pub(crate) embedded: Option<EmbeddedServer>,
-    _sshd: Option<Sshd>,
+    /// The client backend [`Fixture::config`] selects.
+    pub(crate) backend: Backend,
+    pub(crate) sshd: Option<Sshd>,
 }
 
 pub(crate) fn ssh_keygen(path: &Path) {
@@ -80,16 +84,22 @@ impl Fixture {
             ledger,
             server_ledger,
             embedded: Some(server),
-            _sshd: None,
+            backend: Backend::Russh,
+            sshd: None,
             dir,
         }
     }
 
     pub(crate) async fn sshd() -> Fixture {
+        Fixture::sshd_with("")
+    }
+
+    /// An sshd with extra `sshd_config` lines.
+    pub(crate) fn sshd_with(extra: &str) -> Fixture {
         let dir = tempfile::tempdir().expect("tempdir");
         let key = dir.path().join("id");
         ssh_keygen(&key);
-        let sshd = Sshd::start(dir.path(), &key);
+        let sshd = Sshd::start(dir.path(), &key, extra);
         let known_hosts = dir.path().join("known_hosts");
         let host_pub = std::fs::read_to_string(dir.path().join("host_key.pub")).unwrap();
         std::fs::write(
@@ -106,7 +116,8 @@ impl Fixture {
             ledger: Ledger::new(),
             server_ledger: Ledger::new(),
             embedded: None,
-            _sshd: Some(sshd),
+            backend: Backend::Russh,
+            sshd: Some(sshd),
             dir,
         }
     }
@@ -119,6 +130,14 @@ impl Fixture {
             .connect_timeout(Duration::from_secs(20))
             .ledger(self.ledger.clone())
             .watermarks(Watermarks::new(64 * 1024, 256 * 1024).unwrap())
+            .backend(self.backend)
+    }
+
+    /// The same fixture, with clients on `backend`.
+    #[allow(dead_code)]
+    pub(crate) fn with_backend(mut self, backend: Backend) -> Fixture {
+        self.backend = backend;
+        self
     }
 
     pub(crate) fn path(&self, name: &str) -> PathBuf {
@@ -130,6 +149,31 @@ impl Fixture {
 pub(crate) struct Sshd {
     child: Child,
     pub(crate) port: u16,
+    /// Every line sshd logged so far.
+    pub(crate) log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Sshd {
+    /// How many lines sshd logged that contain `needle`.
+    #[allow(dead_code)]
+    pub(crate) fn count(&self, needle: &str) -> usize {
+        self.log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    /// Whether sshd logged a line containing `needle`.
+    #[allow(dead_code)]
+    pub(crate) fn logged(&self, needle: &str) -> bool {
+        self.log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|l| l.contains(needle))
+    }
 }
 
 pub(crate) fn sshd_binary() -> PathBuf {
@@ -150,7 +194,7 @@ pub(crate) fn free_port() -> u16 {
 }
 
 impl Sshd {
-    fn start(dir: &Path, client_key: &Path) -> Sshd {
+    fn start(dir: &Path, client_key: &Path, extra: &str) -> Sshd {
         let bin = sshd_binary();
         // sshd insists on its privilege-separation directory when run as root.
         let _ = std::fs::create_dir_all("/run/sshd");
@@ -170,7 +214,7 @@ impl Sshd {
                     "ListenAddress 127.0.0.1:{port}\nHostKey {hk}\nAuthorizedKeysFile {ak}\n\
                      UsePAM no\nStrictModes no\nPidFile none\nPasswordAuthentication no\n\
                      KbdInteractiveAuthentication no\nPubkeyAuthentication yes\nPermitRootLogin yes\n\
-                     MaxStartups 100\nMaxSessions 100\nLogLevel INFO\nPrintMotd no\nUseDNS no\n",
+                     MaxStartups 100\nMaxSessions 100\nLogLevel INFO\nPrintMotd no\nUseDNS no\n{extra}",
                     hk = host_key.display(),
                     ak = dir.join("authorized_keys").display(),
                 ),
@@ -188,12 +232,17 @@ impl Sshd {
                 .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
             let stderr = child.stderr.take().unwrap();
             let (tx, rx) = std::sync::mpsc::channel();
+            let log = Arc::new(Mutex::new(Vec::new()));
+            let log2 = log.clone();
             // Reads sshd's log: reports the first "Server listening" (or
             // the end), then keeps draining so sshd never blocks on stderr.
             std::thread::spawn(move || {
                 let mut told = false;
                 for line in BufReader::new(stderr).lines() {
                     let Ok(line) = line else { break };
+                    log2.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(line.clone());
                     if !told && line.contains("Server listening") {
                         let _ = tx.send(Ok(()));
                         told = true;
@@ -209,7 +258,7 @@ impl Sshd {
             loop {
                 let left = deadline.saturating_duration_since(Instant::now());
                 match rx.recv_timeout(left) {
-                    Ok(Ok(())) => return Sshd { child, port },
+                    Ok(Ok(())) => return Sshd { child, port, log },
                     Ok(Err(line)) => {
                         last_err.push_str(&line);
                         last_err.push('\n');
@@ -252,7 +301,8 @@ pub(crate) fn pattern(i: u64) -> u8 {
     (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8
 }
 
-/// Runs a test body against both servers.
+/// Runs a test body against both servers with russh, and against sshd with
+/// the openssh backend (feature `openssh`).
 macro_rules! both_servers {
     ($($name:ident => $body:ident;)*) => {
         mod embedded {
@@ -268,6 +318,21 @@ macro_rules! both_servers {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     super::$body($crate::fixture::Fixture::start($crate::fixture::Kind::Sshd).await).await
+                }
+            )*
+        }
+        /// The openssh backend (system `ssh` as ControlMaster) against sshd.
+        #[cfg(feature = "openssh")]
+        mod openssh {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$body(
+                        $crate::fixture::Fixture::start($crate::fixture::Kind::Sshd)
+                            .await
+                            .with_backend(flowctl_ssh::Backend::OpenSsh),
+                    )
+                    .await
                 }
             )*
         }

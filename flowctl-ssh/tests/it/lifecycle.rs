@@ -18,6 +18,17 @@ async fn zero(fx: &Fixture) {
     tokio::time::timeout(Duration::from_secs(30), fx.ledger.until_zero(None))
         .await
         .unwrap_or_else(|_| panic!("ledger not back to zero: {:?}", fx.ledger));
+    if let Some(sshd) = &fx.sshd {
+        // sshd's side: every accepted connection was closed by the client
+        // (for the openssh backend: the ControlMaster really exited).
+        until(
+            Duration::from_secs(30),
+            "sshd to see every connection go",
+            || sshd.count("Accepted publickey") == sshd.count("Disconnected from user"),
+        )
+        .await;
+        assert!(sshd.count("Accepted publickey") >= 1);
+    }
     if let Some(server) = &fx.embedded {
         // The server's side: only its accept loop is left, no connection,
         // no command task.

@@ -15,3 +15,8 @@ mod lifecycle;
 mod auth;
 // Redirection helpers between remote and local processes.
 mod redirect;
+// A stalled reader outlasting sshd's ClientAliveInterval: openssh survives, russh is dropped.
+mod stall;
+// The openssh backend's own rules: no password auth.
+#[cfg(feature = "openssh")]
+mod openssh;

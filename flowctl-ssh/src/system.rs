@@ -1,0 +1,592 @@
+//! The openssh backend ([`Backend::OpenSsh`](crate::Backend::OpenSsh)): the
+//! system `ssh` binary as a ControlMaster, driven by the `openssh` crate in
+//! its process-mux mode. See the crate docs ("Choosing a backend").
+
+use std::ops::Deref;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use flowctl_core::lifecycle::Lease;
+use flowctl_core::{PipeSink, PipeSource};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
+
+use crate::config::{Auth, HostKeyPolicy, SshConfig};
+use crate::error::SshError;
+use crate::process::{
+    ExitStatus, Outcome, Plumbing, RemoteProcess, StdinProgress, deliver, plumbing, room,
+};
+use crate::session::{LEDGER_SESSION, LEDGER_TASK};
+
+/// A running ControlMaster (`ssh -M -f -N`), closed with `ssh -O exit` when
+/// the last session or process holding it is dropped.
+pub(crate) struct Master {
+    /// `Some` until drop or [`Master::close`].
+    session: Option<openssh::Session>,
+    _lease: Lease,
+}
+
+impl std::fmt::Debug for Master {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Master")
+            .field("session", &self.session)
+            .finish()
+    }
+}
+
+/// What `openssh::Child` holds to keep the master up: a shared [`Master`]
+/// that dereferences to the `openssh::Session`.
+#[derive(Debug, Clone)]
+struct MasterRef(Arc<Master>);
+
+impl Deref for MasterRef {
+    type Target = openssh::Session;
+
+    fn deref(&self) -> &openssh::Session {
+        // Invariant: `session` is taken only in `close(self)` and in `Drop`,
+        // when no `MasterRef` can exist any more.
+        self.0
+            .session
+            .as_ref()
+            .expect("the openssh session lives as long as its Master")
+    }
+}
+
+impl Drop for Master {
+    fn drop(&mut self) {
+        // openssh's own Drop runs `ssh -O exit` synchronously (a few ms of
+        // blocking). We do not move it into a task: a task may never run
+        // (runtime shutting down, process exiting), and a ControlMaster
+        // started with `-f` and `ControlPersist=yes` outlives this process,
+        // keeping its connection to the server open forever. Call
+        // `Session::close().await` to close without blocking.
+        if let Some(session) = self.session.take() {
+            drop(session);
+            tracing::info!("ssh control master closed (on drop)");
+        }
+    }
+}
+
+async fn close_session(session: openssh::Session) {
+    match session.close().await {
+        Ok(()) => tracing::info!("ssh control master closed"),
+        Err(e) => tracing::debug!(error = %e, "ssh control master ended with an error"),
+    }
+}
+
+fn split_host_port(addr: &str) -> (String, u16) {
+    if let Some(rest) = addr.strip_prefix('[') {
+        if let Some((host, port)) = rest.split_once("]:") {
+            return (host.to_owned(), port.parse().unwrap_or(22));
+        }
+    }
+    match addr.rsplit_once(':') {
+        Some((host, port)) if !host.contains(':') => (host.to_owned(), port.parse().unwrap_or(22)),
+        _ => (addr.to_owned(), 22),
+    }
+}
+
+/// The OpenSSH options derived from an [`SshConfig`].
+struct Plan {
+    host: String,
+    port: u16,
+    key_file: Option<PathBuf>,
+    agent_socket: Option<PathBuf>,
+    known_hosts: Option<PathBuf>,
+    strict: bool,
+    connect_secs: u64,
+}
+
+impl Plan {
+    fn new(config: &SshConfig) -> Result<Plan, SshError> {
+        let (host, port) = split_host_port(&config.addr);
+        let mut key_file = None;
+        let mut agent_socket = None;
+        for auth in &config.auth {
+            match auth {
+                Auth::Password(_) => {
+                    return Err(SshError::Config(
+                        "password authentication is not supported by the openssh backend \
+                         (it runs ssh with BatchMode=yes): use a key file or an agent, or Backend::Russh"
+                            .into(),
+                    ));
+                }
+                Auth::KeyFile {
+                    passphrase: Some(_),
+                    path,
+                } => {
+                    return Err(SshError::Config(format!(
+                        "the openssh backend cannot use the passphrase of {} (BatchMode=yes): \
+                         add the key to an ssh-agent instead",
+                        path.display()
+                    )));
+                }
+                Auth::KeyFile {
+                    path,
+                    passphrase: None,
+                } => {
+                    if key_file.is_some() {
+                        return Err(SshError::Config(
+                            "the openssh backend takes at most one key file (IdentityFile with IdentitiesOnly=yes)"
+                                .into(),
+                        ));
+                    }
+                    key_file = Some(path.clone());
+                }
+                Auth::Agent => {}
+                Auth::AgentSocket(p) => agent_socket = Some(p.clone()),
+            }
+        }
+        let (known_hosts, strict) = match &config.host_key {
+            HostKeyPolicy::KnownHosts(p) => (p.clone(), true),
+            HostKeyPolicy::Default => (None, true),
+            HostKeyPolicy::InsecureAcceptAny => (Some(PathBuf::from("/dev/null")), false),
+        };
+        // ssh's ConnectTimeout is in whole seconds: round up, at least 1.
+        let t = config.connect_timeout;
+        let connect_secs = (t.as_secs() + u64::from(t.subsec_nanos() > 0)).max(1);
+        Ok(Plan {
+            host,
+            port,
+            key_file,
+            agent_socket,
+            known_hosts,
+            strict,
+            connect_secs,
+        })
+    }
+
+    /// The known_hosts file ssh consults, for error messages.
+    fn known_hosts_name(&self) -> String {
+        match &self.known_hosts {
+            Some(p) => p.display().to_string(),
+            None => "~/.ssh/known_hosts".to_owned(),
+        }
+    }
+
+    /// `host` or `[host]:port`, as ssh writes it in known_hosts.
+    fn host_entry(&self) -> String {
+        if self.port == 22 {
+            self.host.clone()
+        } else {
+            format!("[{}]:{}", self.host, self.port)
+        }
+    }
+}
+
+impl Master {
+    /// Starts the ControlMaster: TCP connect, host key check, authentication.
+    pub(crate) async fn connect(config: &SshConfig) -> Result<Master, SshError> {
+        let plan = Plan::new(config)?;
+        let mut b = openssh::SessionBuilder::default();
+        b.user(config.user.clone())
+            .port(plan.port)
+            .connect_timeout(Duration::from_secs(plan.connect_secs))
+            .control_directory(std::env::temp_dir())
+            .known_hosts_check(if plan.strict {
+                openssh::KnownHosts::Strict
+            } else {
+                openssh::KnownHosts::Accept
+            });
+        if let Some(k) = &plan.key_file {
+            b.keyfile(k); // adds IdentitiesOnly=yes
+        }
+        if let Some(s) = &plan.agent_socket {
+            b.ssh_auth_sock(s);
+        }
+        if let Some(kh) = &plan.known_hosts {
+            b.user_known_hosts_file(kh);
+        }
+        if let Some(i) = config.keepalive_interval {
+            b.server_alive_interval(i);
+        }
+        // Ciphers have no builder method: a config file that sets them and
+        // then includes the user's and the system's configuration (the first
+        // value ssh obtains for an option wins).
+        let _cfg_file;
+        if !config.ciphers.is_empty() {
+            let file = write_ssh_config(&config.ciphers)?;
+            b.config_file(file.path());
+            _cfg_file = file;
+        }
+        match b.connect(&plan.host).await {
+            Ok(session) => {
+                tracing::info!(user = %config.user, addr = %config.addr, "ssh control master established");
+                Ok(Master {
+                    session: Some(session),
+                    _lease: config.ledger.acquire(LEDGER_SESSION),
+                })
+            }
+            Err(openssh::Error::Connect(e)) => Err(classify(&e.to_string(), &plan, config).await),
+            Err(e) => Err(SshError::OpenSsh(Box::new(e))),
+        }
+    }
+
+    /// Asks the master to exit (`ssh -O exit`) and waits for the answer.
+    pub(crate) async fn close(mut self) {
+        if let Some(session) = self.session.take() {
+            close_session(session).await;
+        }
+    }
+}
+
+fn write_ssh_config(ciphers: &[String]) -> Result<tempfile::NamedTempFile, SshError> {
+    use std::io::Write;
+    let mut text = format!("Ciphers {}\n", ciphers.join(","));
+    let user = std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".ssh").join("config"));
+    for inc in user
+        .into_iter()
+        .chain(std::iter::once(PathBuf::from("/etc/ssh/ssh_config")))
+    {
+        if inc.exists() {
+            text.push_str(&format!("Include {}\n", inc.display()));
+        }
+    }
+    let mut f = tempfile::NamedTempFile::new()
+        .map_err(|e| SshError::Config(format!("cannot write an ssh_config file: {e}")))?;
+    f.write_all(text.as_bytes())
+        .map_err(|e| SshError::Config(format!("cannot write an ssh_config file: {e}")))?;
+    Ok(f)
+}
+
+/// Turns what ssh printed when the master failed into our error.
+async fn classify(log: &str, plan: &Plan, config: &SshConfig) -> SshError {
+    if log.contains("REMOTE HOST IDENTIFICATION HAS CHANGED") || log.contains("has changed and you")
+    {
+        return changed_key(log, plan);
+    }
+    if log.contains("host key is known for") && log.contains("strict checking") {
+        let (algorithm, fingerprint) = probe_host_key(plan, config)
+            .await
+            .unwrap_or_else(|| ("unknown".into(), "unknown".into()));
+        return SshError::UnknownHostKey {
+            host: plan.host_entry(),
+            algorithm,
+            fingerprint,
+            known_hosts: plan.known_hosts_name(),
+        };
+    }
+    if log.contains("Permission denied (") {
+        let mut tried: Vec<String> = config.auth.iter().map(Auth::describe).collect();
+        if tried.is_empty() {
+            tried.push("ssh's defaults".into());
+        }
+        return SshError::AuthRejected {
+            user: config.user.clone(),
+            tried: format!("{} (via the openssh client)", tried.join(", ")),
+        };
+    }
+    if log.contains("Connection refused") {
+        return SshError::Connect {
+            addr: config.addr.clone(),
+            source: std::io::Error::new(std::io::ErrorKind::ConnectionRefused, log.trim()),
+        };
+    }
+    if log.contains("timed out") {
+        return SshError::ConnectTimeout {
+            addr: config.addr.clone(),
+            timeout: config.connect_timeout,
+        };
+    }
+    SshError::OpenSsh(log.trim().into())
+}
+
+/// `HostKeyMismatch` from ssh's "REMOTE HOST IDENTIFICATION HAS CHANGED" report.
+fn changed_key(log: &str, plan: &Plan) -> SshError {
+    let lines: Vec<&str> = log.lines().map(str::trim).collect();
+    let mut algorithm = "unknown".to_owned();
+    let mut fingerprint = "unknown".to_owned();
+    let mut line = 0;
+    let mut known_hosts = plan.known_hosts_name();
+    for (i, l) in lines.iter().enumerate() {
+        // "The fingerprint for the ED25519 key sent by the remote host is"
+        if let Some(rest) = l.strip_prefix("The fingerprint for the ") {
+            if let Some(alg) = rest.split_whitespace().next() {
+                algorithm = openssh_key_type(alg);
+            }
+            if let Some(fp) = lines.get(i + 1) {
+                fingerprint = fp.trim_end_matches('.').to_owned();
+            }
+        }
+        // "Offending ED25519 key in /path/known_hosts:1"
+        if let Some(rest) = l.strip_prefix("Offending ") {
+            if let Some((_, loc)) = rest.split_once(" key in ") {
+                if let Some((path, n)) = loc.rsplit_once(':') {
+                    known_hosts = path.to_owned();
+                    line = n.parse().unwrap_or(0);
+                }
+            }
+        }
+    }
+    SshError::HostKeyMismatch {
+        host: plan.host_entry(),
+        algorithm,
+        fingerprint,
+        line,
+        known_hosts,
+    }
+}
+
+/// ssh's key type label (`ED25519`) as an SSH algorithm name.
+fn openssh_key_type(label: &str) -> String {
+    match label {
+        "ED25519" => "ssh-ed25519".into(),
+        "RSA" => "ssh-rsa".into(),
+        "ECDSA" => "ecdsa-sha2-nistp256".into(),
+        other => other.to_lowercase(),
+    }
+}
+
+/// ssh does not print the offered key when it is unknown: one more
+/// handshake at `LogLevel=DEBUG1` (which fails at the same check, before
+/// authentication) shows "Server host key: ALG SHA256:...".
+async fn probe_host_key(plan: &Plan, config: &SshConfig) -> Option<(String, String)> {
+    let mut cmd = tokio::process::Command::new("ssh");
+    cmd.kill_on_drop(true)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .args(["-T", "-o", "LogLevel=DEBUG1", "-o", "BatchMode=yes"])
+        .args([
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "PreferredAuthentications=none",
+        ])
+        .arg("-o")
+        .arg(format!("ConnectTimeout={}", plan.connect_secs))
+        .arg("-p")
+        .arg(plan.port.to_string())
+        .arg("-l")
+        .arg(&config.user);
+    if let Some(kh) = &plan.known_hosts {
+        cmd.arg("-o")
+            .arg(format!("UserKnownHostsFile={}", kh.display()));
+    }
+    cmd.arg(&plan.host).arg("true");
+    let out = tokio::time::timeout(config.connect_timeout, cmd.output())
+        .await
+        .ok()?
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stderr);
+    text.lines().find_map(|l| {
+        let rest = l.split_once("Server host key: ")?.1;
+        let mut it = rest.split_whitespace();
+        Some((it.next()?.to_owned(), it.next()?.to_owned()))
+    })
+}
+
+/// Runs `command` through the master: a `ssh -S ctl` mux client whose stdin,
+/// stdout and stderr pipes the master reads and writes directly.
+pub(crate) async fn exec(
+    master: &Arc<Master>,
+    command: &str,
+    config: &SshConfig,
+) -> Result<RemoteProcess, SshError> {
+    let mref = MasterRef(master.clone());
+    let mut child = openssh::Session::to_raw_command(mref.clone(), command)
+        .stdin(openssh::Stdio::piped())
+        .stdout(openssh::Stdio::piped())
+        .stderr(openssh::Stdio::piped())
+        .spawn()
+        .await
+        .map_err(|e| SshError::OpenSsh(Box::new(e)))?;
+    let stdin = child.stdin().take();
+    let stdout = child.stdout().take();
+    let stderr = child.stderr().take();
+    let (p, proc) = plumbing(config, master.clone());
+    let span = tracing::debug_span!("flowctl.ssh.exec", command = %command, backend = "openssh");
+    let Plumbing {
+        out,
+        err,
+        stdin: in_rx,
+        flags,
+        exit,
+        done,
+        done_rx,
+        progress,
+        cancel,
+    } = p;
+    let chunk = config.max_packet.max(1024) as usize;
+    config.ledger.spawn(
+        LEDGER_TASK,
+        tracing::Instrument::instrument(
+            read_outputs(ReadTask {
+                child,
+                stdout,
+                stderr,
+                out,
+                err,
+                flags,
+                exit,
+                done,
+                cancel: cancel.clone(),
+                chunk,
+            }),
+            span.clone(),
+        ),
+    );
+    config.ledger.spawn(
+        LEDGER_TASK,
+        tracing::Instrument::instrument(write_stdin(stdin, in_rx, progress, done_rx, cancel), span),
+    );
+    Ok(proc)
+}
+
+struct ReadTask {
+    child: openssh::Child<MasterRef>,
+    stdout: Option<openssh::ChildStdout>,
+    stderr: Option<openssh::ChildStderr>,
+    out: PipeSink<Bytes>,
+    err: PipeSink<Bytes>,
+    flags: Arc<crate::process::Flags>,
+    exit: watch::Sender<Option<Outcome>>,
+    done: watch::Sender<bool>,
+    cancel: watch::Receiver<()>,
+    chunk: usize,
+}
+
+/// Copies one pipe into its buffer, reading only when the buffer is at or
+/// below its low watermark. Not reading is the backpressure: the pipe fills,
+/// the master stops writing to it, its channel buffer fills, and it stops
+/// returning window for this channel alone.
+async fn drain<R: AsyncRead + Unpin>(
+    reader: Option<R>,
+    mut pipe: PipeSink<Bytes>,
+    chunk: usize,
+) -> (PipeSink<Bytes>, u64) {
+    let mut total = 0u64;
+    let Some(mut reader) = reader else {
+        return (pipe, total);
+    };
+    let mut open = true;
+    loop {
+        room(&mut pipe, &mut open).await;
+        let mut buf = BytesMut::with_capacity(chunk);
+        match reader.read_buf(&mut buf).await {
+            Ok(0) => break,
+            Ok(n) => {
+                total += n as u64;
+                deliver(&mut pipe, &mut open, buf.freeze());
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "reading the ssh client's output failed");
+                break;
+            }
+        }
+    }
+    (pipe, total)
+}
+
+async fn read_outputs(t: ReadTask) {
+    let ReadTask {
+        child,
+        stdout,
+        stderr,
+        out,
+        err,
+        flags,
+        exit,
+        done,
+        mut cancel,
+        chunk,
+    } = t;
+    let master = child.session();
+    let work = async move {
+        let ((out, stdout_bytes), (err, _)) =
+            tokio::join!(drain(stdout, out, chunk), drain(stderr, err, chunk));
+        (out, err, stdout_bytes, child.wait().await)
+    };
+    let (mut out, mut err, stdout_bytes, status) = tokio::select! {
+        _ = cancel.changed() => {
+            // Dropping `work` drops the child, which kills the local mux
+            // client (kill_on_drop): the master then closes the channel.
+            tracing::debug!("every part of the process dropped: closing the channel");
+            return;
+        }
+        r = work => r,
+    };
+    let outcome = match status {
+        Ok(st) => match st.code() {
+            Some(c) => Outcome::Exited(ExitStatus::Code(c as u32)),
+            None => Outcome::Lost, // the local ssh client was killed
+        },
+        // openssh maps the mux client's exit code 127 to NotFound.
+        Err(openssh::Error::Remote(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+            Outcome::Exited(ExitStatus::Code(127))
+        }
+        // Exit code 255: the remote exited 255, was killed by a signal (the
+        // mux protocol carries no signal), or the connection is gone.
+        Err(openssh::Error::RemoteProcessTerminated) => match master.check().await {
+            Ok(()) => Outcome::Exited(ExitStatus::Code(255)),
+            Err(_) => Outcome::Lost,
+        },
+        Err(e) => {
+            tracing::debug!(error = %e, "ssh mux client failed");
+            Outcome::Lost
+        }
+    };
+    if matches!(outcome, Outcome::Lost) {
+        tracing::debug!(stdout_bytes, "connection lost before the end of the output");
+        flags
+            .stdout_lost
+            .store(true, std::sync::atomic::Ordering::Release);
+        flags
+            .stderr_lost
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+    out.close_now();
+    err.close_now();
+    let _ = exit.send(Some(outcome));
+    let _ = done.send(true);
+}
+
+/// Writes stdin chunks into the mux client's stdin pipe (which the master
+/// reads only as the server's window allows); closing the pipe is EOF.
+async fn write_stdin(
+    writer: Option<openssh::ChildStdin>,
+    mut rx: PipeSource<Bytes>,
+    progress: watch::Sender<StdinProgress>,
+    mut done: watch::Receiver<bool>,
+    mut cancel: watch::Receiver<()>,
+) {
+    if let Some(mut w) = writer {
+        loop {
+            let item = tokio::select! {
+                _ = cancel.changed() => break,
+                _ = done.wait_for(|d| *d) => break,
+                item = rx.recv() => item,
+            };
+            match item {
+                Ok(Some(chunk)) => {
+                    let len = chunk.len() as u64;
+                    let sent = tokio::select! {
+                        _ = cancel.changed() => break,
+                        _ = done.wait_for(|d| *d) => break,
+                        r = w.write_all(&chunk) => r,
+                    };
+                    if let Err(e) = sent {
+                        tracing::debug!(error = %e, "stdin write failed");
+                        break;
+                    }
+                    progress.send_modify(|p| p.written += len);
+                }
+                Ok(None) | Err(_) => {
+                    let eof = close_pipe(w).await;
+                    progress.send_modify(|p| p.eof = eof);
+                    break;
+                }
+            }
+        }
+    }
+    progress.send_modify(|p| p.finished = true);
+}
+
+async fn close_pipe<W: AsyncWrite + Unpin>(mut w: W) -> bool {
+    let ok = w.shutdown().await.is_ok();
+    drop(w); // the last write end: the master sees EOF and sends it on
+    ok
+}
