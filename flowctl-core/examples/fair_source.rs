@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use flowctl_core::compat::StreamSource;
-use flowctl_core::{Fairness, FlowError, Source, SourceExt};
+use flowctl_core::{Fairness, FlowError, SourceExt};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), FlowError> {

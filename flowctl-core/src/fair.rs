@@ -24,6 +24,7 @@ use std::pin::pin;
 use std::task::{Context, Poll};
 
 use async_trait::async_trait;
+use futures::FutureExt;
 
 use crate::{FlowError, FlowStats, Source, Weighted};
 
@@ -115,7 +116,7 @@ impl Budget {
     /// consumed), then call [`charge`](Budget::charge). `Pending` means the slice
     /// is spent: the task has been scheduled to run again; return `Pending`.
     pub fn poll_proceed(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        if self.items >= self.fairness.max_items || self.bytes >= self.fairness.max_bytes {
+        if self.spent() {
             tracing::debug!(
                 items = self.items,
                 bytes = self.bytes,
@@ -154,6 +155,11 @@ impl Budget {
     /// Forced yields so far.
     pub fn yields(&self) -> u64 {
         self.yields
+    }
+
+    /// True when the slice is spent: the next [`poll_proceed`](Budget::poll_proceed) will yield.
+    pub fn spent(&self) -> bool {
+        self.items >= self.fairness.max_items || self.bytes >= self.fairness.max_bytes
     }
 
     fn end_slice(&mut self) {
@@ -203,15 +209,14 @@ impl<S> Fair<S> {
     }
 }
 
-#[async_trait]
-impl<S> Source for Fair<S>
+impl<S> Fair<S>
 where
     S: Source,
     S::Item: Weighted,
 {
-    type Item = S::Item;
-
-    async fn recv(&mut self) -> Result<Option<S::Item>, FlowError> {
+    /// The next item, fairly; see [`Source::recv`]. An inherent method, so a
+    /// call on a `Fair<S>` itself costs no boxed future of its own.
+    pub async fn recv(&mut self) -> Result<Option<S::Item>, FlowError> {
         poll_fn(|cx| self.budget.poll_proceed(cx)).await;
         let mut waited = false;
         let mut next = pin!(self.inner.recv());
@@ -228,6 +233,54 @@ where
             self.budget.charge(item.weight());
         }
         res
+    }
+
+    /// Waits for one item, then takes up to `max` in all while the slice lasts
+    /// and the inner source has them ready; see [`Source::recv_many`].
+    pub async fn recv_many(
+        &mut self,
+        buf: &mut Vec<S::Item>,
+        max: usize,
+    ) -> Result<usize, FlowError> {
+        if max == 0 {
+            return Ok(0);
+        }
+        match self.recv().await? {
+            Some(item) => buf.push(item),
+            None => return Ok(0),
+        }
+        let mut n = 1;
+        while n < max && !self.budget.spent() {
+            // The inner source is foreign: its Pending is a natural one, and
+            // dropping it loses nothing (recv is cancel-safe).
+            match self.inner.recv().now_or_never() {
+                Some(Ok(Some(item))) => {
+                    self.budget.charge(item.weight());
+                    buf.push(item);
+                    n += 1;
+                }
+                Some(Err(e)) => return Err(e),
+                Some(Ok(None)) | None => break,
+            }
+        }
+        Ok(n)
+    }
+}
+
+#[async_trait]
+impl<S> Source for Fair<S>
+where
+    S: Source,
+    S::Item: Weighted,
+{
+    type Item = S::Item;
+
+    async fn recv(&mut self) -> Result<Option<S::Item>, FlowError> {
+        Fair::recv(self).await
+    }
+
+    async fn recv_many(&mut self, buf: &mut Vec<S::Item>, max: usize) -> Result<usize, FlowError> {
+        Fair::recv_many(self, buf, max).await
     }
 
     fn stats(&self) -> FlowStats {

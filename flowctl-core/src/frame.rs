@@ -117,27 +117,9 @@ where
         }
     }
 
-    fn deliver(&mut self, frame: D::Item) -> Option<D::Item> {
-        let w = frame.weight();
-        self.budget.charge(w);
-        self.stats.items += 1;
-        self.stats.bytes += w as u64;
-        self.stats.buffered = self.buf.len();
-        Some(frame)
-    }
-}
-
-#[async_trait]
-impl<S, D> Source for Framed<S, D>
-where
-    S: Source<Item = Bytes>,
-    D: Decoder + Send,
-    D::Item: Weighted + Send + 'static,
-    D::Error: Into<BoxError>,
-{
-    type Item = D::Item;
-
-    async fn recv(&mut self) -> Result<Option<D::Item>, FlowError> {
+    /// The next frame; see the type's docs for the errors. An inherent
+    /// method, so a call on a `Framed` itself costs no boxed future of its own.
+    pub async fn recv(&mut self) -> Result<Option<D::Item>, FlowError> {
         loop {
             if self.done {
                 return Ok(None);
@@ -206,6 +188,30 @@ where
                 }
             }
         }
+    }
+
+    fn deliver(&mut self, frame: D::Item) -> Option<D::Item> {
+        let w = frame.weight();
+        self.budget.charge(w);
+        self.stats.items += 1;
+        self.stats.bytes += w as u64;
+        self.stats.buffered = self.buf.len();
+        Some(frame)
+    }
+}
+
+#[async_trait]
+impl<S, D> Source for Framed<S, D>
+where
+    S: Source<Item = Bytes>,
+    D: Decoder + Send,
+    D::Item: Weighted + Send + 'static,
+    D::Error: Into<BoxError>,
+{
+    type Item = D::Item;
+
+    async fn recv(&mut self) -> Result<Option<D::Item>, FlowError> {
+        Framed::recv(self).await
     }
 
     fn stats(&self) -> FlowStats {

@@ -2,8 +2,9 @@
 //! share one thread. With flowctl's fairness the timer keeps ticking; with a
 //! source that never yields (the PyZMQ asyncio failure) it does not tick at all
 //! while the source is drained. The bound asserted (at least a quarter of the
-//! expected ticks) holds on a slow machine; the real lateness percentiles are
-//! measured by the bench, not here.
+//! expected ticks) holds on a slow or loaded machine, because missed ticks are
+//! counted in a burst at the timer's next turn; the real lateness percentiles
+//! are measured by the bench, not here.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -38,7 +39,10 @@ async fn ticks_while_draining<S: Source>(mut src: S) -> u32 {
         let (ticks, done) = (ticks.clone(), done.clone());
         tokio::spawn(async move {
             let mut iv = tokio::time::interval(Duration::from_millis(1));
-            iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            // Burst: ticks missed while the OS had the whole process off the
+            // CPU fire as soon as the runtime gives the timer a turn, so the
+            // count measures the runtime's fairness, not the machine's load.
+            iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
             loop {
                 iv.tick().await;
                 if done.load(Ordering::SeqCst) {
