@@ -436,10 +436,10 @@ async fn run_command(channel: russh::Channel<Msg>, command: String, handle: russ
         loop {
             match read.wait().await {
                 Some(ChannelMsg::Data { data }) => {
-                    if let Some(s) = stdin.as_mut() {
-                        if s.write_all(&data).await.is_err() {
-                            stdin = None; // the child closed its stdin: discard
-                        }
+                    if let Some(s) = stdin.as_mut()
+                        && s.write_all(&data).await.is_err()
+                    {
+                        stdin = None; // the child closed its stdin: discard
                     }
                 }
                 Some(ChannelMsg::Eof) => {

@@ -150,10 +150,10 @@ impl std::fmt::Debug for Session {
 }
 
 fn split_host_port(addr: &str) -> (String, u16) {
-    if let Some(rest) = addr.strip_prefix('[') {
-        if let Some((host, port)) = rest.split_once("]:") {
-            return (host.to_owned(), port.parse().unwrap_or(22));
-        }
+    if let Some(rest) = addr.strip_prefix('[')
+        && let Some((host, port)) = rest.split_once("]:")
+    {
+        return (host.to_owned(), port.parse().unwrap_or(22));
     }
     match addr.rsplit_once(':') {
         Some((host, port)) if !host.contains(':') => (host.to_owned(), port.parse().unwrap_or(22)),

@@ -78,10 +78,10 @@ async fn close_session(session: openssh::Session) {
 }
 
 fn split_host_port(addr: &str) -> (String, u16) {
-    if let Some(rest) = addr.strip_prefix('[') {
-        if let Some((host, port)) = rest.split_once("]:") {
-            return (host.to_owned(), port.parse().unwrap_or(22));
-        }
+    if let Some(rest) = addr.strip_prefix('[')
+        && let Some((host, port)) = rest.split_once("]:")
+    {
+        return (host.to_owned(), port.parse().unwrap_or(22));
     }
     match addr.rsplit_once(':') {
         Some((host, port)) if !host.contains(':') => (host.to_owned(), port.parse().unwrap_or(22)),
@@ -312,13 +312,12 @@ fn changed_key(log: &str, plan: &Plan) -> SshError {
             }
         }
         // "Offending ED25519 key in /path/known_hosts:1"
-        if let Some(rest) = l.strip_prefix("Offending ") {
-            if let Some((_, loc)) = rest.split_once(" key in ") {
-                if let Some((path, n)) = loc.rsplit_once(':') {
-                    known_hosts = path.to_owned();
-                    line = n.parse().unwrap_or(0);
-                }
-            }
+        if let Some(rest) = l.strip_prefix("Offending ")
+            && let Some((_, loc)) = rest.split_once(" key in ")
+            && let Some((path, n)) = loc.rsplit_once(':')
+        {
+            known_hosts = path.to_owned();
+            line = n.parse().unwrap_or(0);
         }
     }
     SshError::HostKeyMismatch {

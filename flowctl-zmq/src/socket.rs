@@ -951,15 +951,15 @@ impl ZmqSource {
         self.budget.charge(weight);
         let counters = &self.core.counters;
         counters.received.fetch_add(1, Ordering::Relaxed);
-        if let Some(expected) = self.frames {
-            if msg.len() != expected {
-                counters.frame_errors.fetch_add(1, Ordering::Relaxed);
-                return Err(ZmqError::FrameCount {
-                    expected,
-                    actual: msg.len(),
-                }
-                .into());
+        if let Some(expected) = self.frames
+            && msg.len() != expected
+        {
+            counters.frame_errors.fetch_add(1, Ordering::Relaxed);
+            return Err(ZmqError::FrameCount {
+                expected,
+                actual: msg.len(),
             }
+            .into());
         }
         self.items += 1;
         self.bytes += weight as u64;

@@ -33,7 +33,7 @@ async fn results_come_out_in_input_order_within_the_limits() {
         let now = r.fetch_add(1, Ordering::SeqCst) + 1;
         p.fetch_max(now, Ordering::SeqCst);
         // Every third item is ten times as expensive: later items overtake it.
-        let rounds = if seq_of(&b) % 3 == 0 { 20 } else { 2 };
+        let rounds = if seq_of(&b).is_multiple_of(3) { 20 } else { 2 };
         let h = spin_hash(&b, rounds);
         r.fetch_sub(1, Ordering::SeqCst);
         (seq_of(&b), h)
