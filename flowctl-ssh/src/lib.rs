@@ -194,6 +194,17 @@
 //! - **Full duplex needs concurrency.** A command that echoes its input
 //!   (`cat`) stops reading stdin when its stdout is not read; feed stdin and
 //!   drain stdout from different tasks, as with any pipe.
+//! - **Full duplex through the embedded server stops at one window.** Even
+//!   with both directions driven, a remote `cat` on the in-process server
+//!   deadlocks once about one window (2 MiB) is in flight: russh 0.65's
+//!   server loop waits in `chan.send(Data).await` when a channel's inbound
+//!   queue is full and, while it waits, reads no WINDOW_ADJUST from the
+//!   client, so `cat`'s output cannot leave, `cat` stops reading its input,
+//!   and the queue never drains (seen by the soak's `ssh` scenario; a larger
+//!   window made it worse). The same shape can bite the russh client when a
+//!   stdout consumer waits on stdin progress. Split such a round trip into
+//!   two commands (`cat > fifo` and `cat fifo`, which is what the soak does),
+//!   or use sshd with [`Backend::OpenSsh`].
 //! - **Keepalive during a stall.** While the loop waits, russh neither sends
 //!   keepalives nor answers the server's (its keepalive timer lives in the
 //!   same `select!` and is re-armed by the next packet received, so our side
