@@ -160,6 +160,8 @@ async fn main() -> Result<(), BoxError> {
         orders.stats().watermarks.high(),
     );
     assert_eq!(acked, N);
+    // The watermark rule held through the failover: at most `high` plus one message.
+    assert!(orders.stats().max_buffered <= orders.stats().watermarks.high() + SIZE);
     drop(orders);
     drop(cluster);
     drop(producer);

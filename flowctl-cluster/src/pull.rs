@@ -40,10 +40,15 @@ pub struct ConsumeOptions {
     pub watermarks: Watermarks,
     /// Most messages per pull request.
     pub batch: usize,
-    /// Lifetime of one pull request on the server.
+    /// Lifetime of one pull request on the server. A request whose end the
+    /// source did not see (a reconnect, missed heartbeats) keeps counting
+    /// against `high` until this has passed (plus a second), since it may
+    /// still deliver: keep it short, it bounds how long such a fault holds
+    /// back new demand.
     pub expires: Duration,
     /// Idle heartbeat asked of the server; two missed heartbeats (or a
-    /// reconnect) make the source re-issue its demand.
+    /// reconnect) mean the open requests may end without a word: they are
+    /// then counted until their `expires` has passed.
     pub heartbeat: Duration,
     /// Acknowledgement policy.
     pub ack: AckMode,
@@ -118,13 +123,20 @@ impl Weighted for JsMessage {
     }
 }
 
-/// One pull request still open on the server.
+/// One pull request that may still be open on the server.
 #[derive(Debug, Clone, Copy)]
 struct Req {
     msgs: usize,
     bytes: usize,
     delivered: usize,
+    /// After this the server can no longer deliver for it: its `expires`
+    /// has passed there, plus [`STRAGGLER_MARGIN`].
+    deadline: Instant,
 }
+
+/// Time for a delivery the server made just before a request expired to
+/// reach the subscription.
+const STRAGGLER_MARGIN: Duration = Duration::from_secs(1);
 
 /// Commands of the source's sender task: cancel-safe `recv` never awaits a publish.
 #[derive(Debug)]
@@ -140,12 +152,16 @@ pub struct PullStats {
     pub pulls: u64,
     /// Redeliveries of messages already handed over, dropped.
     pub duplicates: u64,
-    /// Times the demand was re-issued (reconnect, missed heartbeats).
+    /// Times the source lost sight of its open requests (reconnect, missed
+    /// heartbeats); they keep counting as demand until they end or expire.
     pub resets: u64,
     /// Deliveries the server sent that never arrived (gaps in the consumer sequence).
     pub missed: u64,
     /// Times held-back messages were released by `hold_timeout` with a gap left.
     pub hold_expired: u64,
+    /// Held-back messages dropped unacked (the server redelivers them) to
+    /// make room for the redeliveries that fill a gap within `high`.
+    pub evicted: u64,
 }
 
 /// A JetStream pull consumer as a flowctl [`Source`]; see [`Cluster::consume`].
@@ -162,8 +178,12 @@ pub struct PullSource {
     held: BTreeMap<u64, JsMessage>,
     held_since: Option<Instant>,
     gap: bool,
-    /// Outstanding pull requests, oldest first (the server serves a client's
+    /// Pull requests that may still deliver, oldest first (the server serves
     /// waiting requests in order): messages and bytes each may still deliver.
+    /// A request leaves only when it is known to be over: its last message or
+    /// end status arrived, or its deadline passed. A reconnect does not end
+    /// a request: it lives on the consumer leader and keeps delivering to the
+    /// same inbox once the subscription is back.
     reqs: VecDeque<Req>,
     oversize: bool,
     last_seq: u64,
@@ -385,7 +405,8 @@ impl PullSource {
     /// `high - buffered - outstanding` has room for another chunk; at most two
     /// requests are open. Buffered plus requested bytes never exceed `high`
     /// (the server enforces each request's `max_bytes`, counting more than
-    /// the payload we charge).
+    /// the payload we charge), also across reconnects: requests that may
+    /// still be open stay in `outstanding` until they are known to be over.
     fn maybe_pull(&mut self) {
         if self.failed.is_some() {
             return;
@@ -398,8 +419,20 @@ impl PullSource {
         }
         if self.reqs.is_empty() && self.queue.is_empty() && !self.held.is_empty() {
             // Held-back messages wait for redeliveries, which need a request
-            // even with a full buffer; the consumer's max_ack_pending bounds it.
-            self.send_pull(self.opts.batch, self.chunk());
+            // even with a full buffer. Make room within `high` by dropping the
+            // newest held messages unacked: the server redelivers them later.
+            let chunk = self.chunk().min(wm.high());
+            while self.buffered() + chunk > wm.high() {
+                let Some((_, msg)) = self.held.pop_last() else {
+                    break;
+                };
+                self.gate.credit(msg.weight());
+                self.stats.evicted += 1;
+            }
+            if self.held.is_empty() {
+                self.held_since = None;
+            }
+            self.send_pull(self.opts.batch, chunk);
             return;
         }
         let chunk = self.chunk();
@@ -435,6 +468,7 @@ impl PullSource {
             msgs: batch,
             bytes: max_bytes,
             delivered: 0,
+            deadline: Instant::now() + self.opts.expires + STRAGGLER_MARGIN,
         });
         self.oversize = false;
         self.stats.pulls += 1;
@@ -443,11 +477,46 @@ impl PullSource {
         true
     }
 
-    fn reset_demand(&mut self, why: &'static str) {
-        tracing::debug!(stream = %self.stream, consumer = %self.consumer, why, "re-issuing pull demand");
+    /// The open requests may end without a word (their end status lost with
+    /// a connection, or the consumer leader moved). They are NOT forgotten:
+    /// a request lives on the consumer leader until its `expires` and keeps
+    /// delivering to this inbox, so its demand counts until it is seen to end
+    /// or its deadline passes. After a reconnect, a pull the client still had
+    /// queued may have reached the server only now: deadlines restart.
+    fn reset_demand(&mut self, why: &'static str, reconnected: bool) {
+        tracing::debug!(
+            stream = %self.stream,
+            consumer = %self.consumer,
+            why,
+            open = self.reqs.len(),
+            outstanding = self.outstanding_bytes(),
+            "pull requests may end silently; counting them until they expire"
+        );
         self.stats.resets += 1;
-        self.reqs.clear();
+        self.last_activity = Instant::now();
+        if reconnected {
+            let deadline = Instant::now() + self.opts.expires + STRAGGLER_MARGIN;
+            for r in &mut self.reqs {
+                r.deadline = r.deadline.max(deadline);
+            }
+        }
+        self.expire_requests();
         self.maybe_pull();
+    }
+
+    /// Drops requests whose deadline has passed, after taking in what the
+    /// subscription already holds (deliveries for them may be waiting there).
+    fn expire_requests(&mut self) {
+        let now = Instant::now();
+        if self.reqs.front().is_none_or(|r| r.deadline > now) {
+            return;
+        }
+        while let Some(Some(m)) = self.sub.next().now_or_never() {
+            self.on_message(m);
+        }
+        while self.reqs.front().is_some_and(|r| r.deadline <= now) {
+            self.reqs.pop_front();
+        }
     }
 
     /// The oldest open request ended (expired, no messages, max bytes, ...).
@@ -627,8 +696,9 @@ impl PullSource {
         if !self.reqs.is_empty()
             && self.last_activity.elapsed() >= self.opts.heartbeat * 2 + Duration::from_millis(100)
         {
-            self.reset_demand("missed heartbeats");
+            self.reset_demand("missed heartbeats", false);
         } else {
+            self.expire_requests();
             self.maybe_pull();
         }
     }
@@ -653,12 +723,19 @@ impl Source for PullSource {
             self.budget.reset();
             if self.generation.has_changed().unwrap_or(false) {
                 self.generation.borrow_and_update();
-                self.reset_demand("reconnected");
+                self.reset_demand("reconnected", true);
+            }
+            self.expire_requests();
+            if !self.queue.is_empty() {
+                continue;
             }
             self.maybe_pull();
             let mut tick = self.opts.heartbeat;
             if let Some(since) = self.held_since {
                 tick = tick.min(self.opts.hold_timeout.saturating_sub(since.elapsed()));
+            }
+            if let Some(r) = self.reqs.front() {
+                tick = tick.min(r.deadline.saturating_duration_since(Instant::now()));
             }
             tokio::select! {
                 m = self.sub.next() => match m {
@@ -668,7 +745,7 @@ impl Source for PullSource {
                 r = self.generation.changed() => {
                     if r.is_ok() {
                         self.generation.borrow_and_update();
-                        self.reset_demand("reconnected");
+                        self.reset_demand("reconnected", true);
                     }
                 }
                 () = tokio::time::sleep(tick) => self.check_timers(),

@@ -28,7 +28,16 @@ fn node_index(name: &str) -> usize {
 
 async fn failover(victim: Victim) {
     const N: u64 = 3000;
-    const KILL_AT: u64 = 600;
+    // The fault comes when the consumer has taken everything published so
+    // far: its buffer is empty and its pull requests wait on the server with
+    // the whole `high` as demand. Those requests outlive a reconnect (they
+    // live until their `expires` on the consumer leader): if the source
+    // forgot them and asked again, both would deliver (`max_buffered` up to
+    // twice `high`).
+    const KILL_AT: u64 = N / 2;
+    // Large enough that `max_bytes`, not `batch`, limits each pull.
+    const SIZE: usize = 1024;
+    const HIGH: usize = 32 * 1024;
     let mut nats = NatsCluster::start();
     let ledger = Ledger::new();
     let admin = Cluster::connect(config(nats.urls(), &ledger))
@@ -104,7 +113,9 @@ async fn failover(victim: Victim) {
             {
                 let _ = rx.await;
             }
-            sink.send(Bytes::from(i.to_be_bytes().to_vec())).await?;
+            let mut payload = vec![0u8; SIZE];
+            payload[..8].copy_from_slice(&i.to_be_bytes());
+            sink.send(Bytes::from(payload)).await?;
         }
         sink.close().await?;
         Ok::<_, flowctl_core::FlowError>(sink.acked())
@@ -114,10 +125,13 @@ async fn failover(victim: Victim) {
             "FO",
             "c",
             ConsumeOptions {
-                watermarks: Watermarks::new(8 * 1024, 32 * 1024).unwrap(),
+                watermarks: Watermarks::new(8 * 1024, HIGH).unwrap(),
                 batch: 64,
                 heartbeat: Duration::from_millis(500),
-                expires: Duration::from_secs(2),
+                // Well beyond the hung node's detection (~3 s of pings) and
+                // the stall below, so the requests sent before the fault are
+                // still open when the second half is published.
+                expires: Duration::from_secs(8),
                 hold_timeout: Duration::from_secs(6),
                 ..Default::default()
             },
@@ -149,19 +163,41 @@ async fn failover(victim: Victim) {
             resume = Some(Instant::now().duration_since(k));
         }
         if expect == KILL_AT {
+            let reconnects = consumer.reconnects();
             match victim {
                 Victim::HungConsumerNode => nats.freeze(victim_node),
                 _ => nats.kill(victim_node),
             }
             killed_at = Some(Instant::now());
-            // Everything up to here may already be buffered; the first message
-            // published after the kill measures the resume.
+            if !matches!(victim, Victim::StreamLeader) {
+                // The client has left the node and subscribed again elsewhere.
+                let t = Instant::now();
+                while consumer.reconnects() == reconnects {
+                    assert!(t.elapsed() < Duration::from_secs(30), "no reconnect");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            // The source sees the reconnect (or missed heartbeats) and
+            // re-issues its demand while nothing new is in the stream.
+            let idle = tokio::time::timeout(Duration::from_millis(1200), src.recv()).await;
+            assert!(idle.is_err(), "a message before the second half: {idle:?}");
+            // The first message published after the kill measures the resume.
             first_new = N / 2;
             if let Some(tx) = killed_tx.take() {
                 let _ = tx.send(());
             }
+            // A stalled consumer: every open request (old and new) fills up.
+            tokio::time::sleep(Duration::from_millis(1000)).await;
         }
     }
+    let stats = src.stats();
+    assert!(
+        stats.max_buffered <= HIGH + SIZE,
+        "buffered {} bytes against high {HIGH} (+ one {SIZE}-byte message): {:?}",
+        stats.max_buffered,
+        src.pull_stats()
+    );
     let acked = producing.await.unwrap().unwrap();
     assert_eq!(acked, N);
     let info = consumer
@@ -173,8 +209,9 @@ async fn failover(victim: Victim) {
         .clone();
     assert_eq!(info.state.messages, N, "the stream holds each message once");
     eprintln!(
-        "failover ({victim:?}: fault on n{victim_node}; consumer on n{consumer_node}, stream leader n{stream_leader}, consumer leader n{consumer_leader}): first message published after the fault received {:?} after it; {:?}; reconnects {}",
+        "failover ({victim:?}: fault on n{victim_node}; consumer on n{consumer_node}, stream leader n{stream_leader}, consumer leader n{consumer_leader}): first message published after the fault received {:?} after it; max buffered {} (high {HIGH}); {:?}; reconnects {}",
         resume,
+        stats.max_buffered,
         src.pull_stats(),
         consumer.reconnects()
     );
