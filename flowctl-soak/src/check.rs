@@ -78,6 +78,15 @@ pub(crate) struct Tally {
     pub(crate) duplicated: u64,
     pub(crate) reordered: u64,
     pub(crate) corrupted: u64,
+    /// Messages a producer handed to an at-most-once path that was cut
+    /// (a dropped SSH connection) after the last one received from it:
+    /// reported, not counted as `lost` (see [`Checker::cut`]).
+    pub(crate) in_flight_lost: u64,
+    /// Messages an at-most-once path dropped by design and counted where it
+    /// dropped them (a ZeroMQ PUB at its HWM: `ZmqStats::dropped`), so that
+    /// what was received plus these accounts for everything sent: reported,
+    /// not a violation.
+    pub(crate) dropped_at_most_once: u64,
 }
 
 /// Follows every producer's sequence as messages arrive.
@@ -85,18 +94,32 @@ pub(crate) struct Tally {
 pub(crate) struct Checker {
     tracks: HashMap<u32, Track>,
     tally: Tally,
+    /// A uniform sample of end-to-end latencies (reservoir sampling), so a
+    /// long soak keeps constant memory: one entry per message would be
+    /// hundreds of MB after ten minutes.
     latencies_us: Vec<u64>,
+    /// Latencies offered to the sample so far.
+    latencies_seen: u64,
 }
+
+/// Latencies kept by each [`Checker`]: enough for a stable p99.
+const LATENCY_SAMPLE: usize = 65_536;
 
 impl Checker {
     /// Records one received message; `now_us` is on the same clock as `sent_us`.
     pub(crate) fn observe(&mut self, msg: &[u8], now_us: u64) {
+        self.observe_decoded(decode(msg).as_ref(), now_us);
+    }
+
+    /// Records one received message that was already [`decode`]d (off the
+    /// runtime's thread); `None` means its checksum did not hold.
+    pub(crate) fn observe_decoded(&mut self, decoded: Option<&Decoded>, now_us: u64) {
         self.tally.messages += 1;
-        let Some(d) = decode(msg) else {
+        let Some(d) = decoded else {
             self.tally.corrupted += 1;
             return;
         };
-        self.latencies_us.push(now_us.saturating_sub(d.sent_us));
+        self.sample_latency(now_us.saturating_sub(d.sent_us));
         let t = self.tracks.entry(d.producer).or_default();
         if d.seq == t.next {
             t.next += 1;
@@ -108,6 +131,19 @@ impl Checker {
         } else {
             self.tally.duplicated += 1;
         }
+    }
+
+    /// Declares that `producer`'s stream was cut (its connection dropped)
+    /// after it had handed `sent` messages to the transport, and returns how
+    /// many of them count as sent for [`finish`](Checker::finish): those up
+    /// to the last one received in order. The rest, the tail that was in
+    /// flight when the connection went, is added to `in_flight_lost`. A gap
+    /// before that point is still `lost`: an ordered stream that is cut loses
+    /// a tail, never a message in the middle.
+    pub(crate) fn cut(&mut self, producer: u32, sent: u64) -> u64 {
+        let received = self.tracks.get(&producer).map_or(0, |t| t.next);
+        self.tally.in_flight_lost += sent.saturating_sub(received);
+        received.min(sent)
     }
 
     /// The tally, given how many messages each producer had sent in all.
@@ -122,7 +158,21 @@ impl Checker {
         tally
     }
 
-    /// End-to-end latencies seen so far, in µs.
+    /// A uniform sample of the end-to-end latencies seen so far, in µs.
+    fn sample_latency(&mut self, us: u64) {
+        self.latencies_seen += 1;
+        if self.latencies_us.len() < LATENCY_SAMPLE {
+            self.latencies_us.push(us);
+        } else {
+            // Deterministic, so that a seeded run repeats: a multiplicative hash of the count.
+            let j = (self.latencies_seen.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11)
+                % self.latencies_seen;
+            if let Some(slot) = self.latencies_us.get_mut(j as usize) {
+                *slot = us;
+            }
+        }
+    }
+
     pub(crate) fn latencies_us(&self) -> &[u64] {
         &self.latencies_us
     }
@@ -176,6 +226,35 @@ mod tests {
         assert_eq!(
             (t.lost, t.duplicated, t.reordered, t.corrupted),
             (3, 1, 1, 1)
+        );
+    }
+
+    #[test]
+    fn a_cut_stream_reports_its_tail_apart_from_losses() {
+        let mut c = Checker::default();
+        for s in [0, 1, 3, 4] {
+            c.observe(&encode(1, s, 0, 64), 1);
+        }
+        // 9 were handed over before the cut: 5..9 were in flight.
+        let counted = c.cut(1, 9);
+        assert_eq!(counted, 5);
+        let t = c.finish(&sent(counted));
+        assert_eq!((t.messages, t.lost, t.in_flight_lost), (4, 1, 4));
+    }
+
+    #[test]
+    fn the_latency_sample_is_bounded_and_spans_the_run() {
+        let mut c = Checker::default();
+        let n = 4 * LATENCY_SAMPLE as u64;
+        for i in 0..n {
+            c.sample_latency(i);
+        }
+        assert_eq!(c.latencies_us().len(), LATENCY_SAMPLE);
+        // Late values replaced early ones: the sample's median is near the run's.
+        let median = quantile(c.latencies_us(), 0.5);
+        assert!(
+            median > n / 3 && median < 2 * n / 3,
+            "median {median} of 0..{n}"
         );
     }
 

@@ -11,6 +11,7 @@
 
 mod check;
 mod monitor;
+mod nats;
 mod opts;
 mod plot;
 mod report;
@@ -132,6 +133,7 @@ fn run_one(
             inject: opts.inject,
             monitor: &monitor,
             progress,
+            nats: opts.nats.as_ref(),
         };
         let outcome = scenarios::run(name, &ctx).await;
         stop.store(true, Ordering::SeqCst);
@@ -170,6 +172,8 @@ fn run_one(
         duplicated: t.duplicated,
         reordered: t.reordered,
         corrupted: t.corrupted,
+        in_flight_lost: t.in_flight_lost,
+        dropped_at_most_once: t.dropped_at_most_once,
         latency_p50_us: quantile(&outcome.latencies_us, 0.5),
         latency_p99_us: quantile(&outcome.latencies_us, 0.99),
         max_buffered: outcome.max_buffered,
@@ -181,8 +185,9 @@ fn run_one(
             .unwrap_or(0)
             .max(monitor::rss()),
         rss_bound: 0,
-        timer_p99_us: quantile(&lateness, 0.99),
-        timer_max_us: lateness.iter().copied().max().unwrap_or(0),
+        timer_p99_us: quantile(&lateness.runtime, 0.99),
+        timer_max_us: lateness.runtime.iter().copied().max().unwrap_or(0),
+        timer_wall_p99_us: quantile(&lateness.wall, 0.99),
         timer_bound_us: opts.timer_bound_us,
         faults: outcome.faults,
         leaks: (tasks_left + fds_left + ledger_left) as u64,

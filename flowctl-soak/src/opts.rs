@@ -4,11 +4,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 /// Every scenario the soak knows, in the order `all` runs them.
-pub(crate) const SCENARIOS: &[&str] = &["pipe"];
+pub(crate) const SCENARIOS: &[&str] = &["pipe", "ssh", "zmq", "cluster"];
 
 /// Scenarios named by the issue that are not implemented yet: asking for one
 /// is an error that says so, never a silent pass.
-pub(crate) const PLANNED: &[&str] = &["ssh", "zmq", "cluster", "pipeline"];
+pub(crate) const PLANNED: &[&str] = &["pipeline"];
 
 /// A deliberate bug, so that a test can prove the soak fails and names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,6 +26,19 @@ pub(crate) struct Opts {
     pub(crate) plot: Option<PathBuf>,
     pub(crate) inject: Option<Inject>,
     pub(crate) timer_bound_us: u64,
+    /// `--nats`: an external cluster for the `cluster` scenario instead of
+    /// the local 3-node one it starts.
+    pub(crate) nats: Option<Nats>,
+}
+
+/// An external NATS cluster (`--nats`, `--nats-monitor`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Nats {
+    /// Client URLs used as seeds.
+    pub(crate) urls: Vec<String>,
+    /// HTTP monitoring URLs of every node, for the leak check (`/subsz`,
+    /// `/connz`); without them that check is skipped and says so.
+    pub(crate) monitor: Vec<String>,
 }
 
 /// Default p99 lateness bound of the 1 ms timer that shares each scenario's
@@ -38,10 +51,13 @@ pub(crate) const USAGE: &str = "\
 usage: flowctl-soak [--duration D] [--seed N] [--scenario NAME[,NAME...]] [--json FILE] [--plot DIR]
   --duration D     total run time, split between scenarios: 90s, 10m, 1h (default 60s)
   --seed N         seed of the fault schedule and payloads (default: from the clock; printed)
-  --scenario NAME  all (default) or a comma-separated list of: pipe
+  --scenario NAME  all (default) or a comma-separated list of: pipe, ssh, zmq, cluster
   --json FILE      write the report as JSON
   --plot DIR       write SVG charts of buffered bytes and RSS over time
   --timer-bound-ms N  p99 lateness allowed to the 1 ms timer on each scenario's thread (default 50)
+  --nats URL,...   cluster scenario: use this running NATS cluster (JetStream, 3 nodes)
+                   instead of starting a local one; no node is killed then
+  --nats-monitor URL,...  its nodes' monitoring URLs (http://host:8222), for the leak check
   --inject BUG     deliberately break an invariant (drop-one), to prove the soak can fail";
 
 /// Parses `90s`, `10m`, `1h`, `250ms` or a plain number of seconds.
@@ -76,6 +92,7 @@ impl Opts {
             plot: None,
             inject: None,
             timer_bound_us: TIMER_P99_BOUND_US,
+            nats: None,
         };
         let mut args = args.into_iter();
         while let Some(flag) = args.next() {
@@ -109,12 +126,32 @@ impl Opts {
                         .map_err(|_| format!("bad --timer-bound-ms {v:?}: expected an integer"))?;
                     opts.timer_bound_us = ms * 1000;
                 }
+                "--nats" => opts.nats.get_or_insert_with(Nats::default).urls = list(&value()?),
+                "--nats-monitor" => {
+                    opts.nats.get_or_insert_with(Nats::default).monitor = list(&value()?);
+                }
                 "-h" | "--help" => return Err(USAGE.to_string()),
                 other => return Err(format!("unknown option {other:?}\n{USAGE}")),
             }
         }
+        if let Some(n) = &opts.nats
+            && n.urls.is_empty()
+        {
+            return Err(format!(
+                "--nats needs at least one URL (and --nats-monitor needs --nats)\n{USAGE}"
+            ));
+        }
         Ok(opts)
     }
+}
+
+/// A comma-separated list, without empty items.
+fn list(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|x| !x.is_empty())
+        .map(str::to_owned)
+        .collect()
 }
 
 fn parse_scenarios(list: &str) -> Result<Vec<&'static str>, String> {
@@ -184,7 +221,7 @@ mod tests {
             )
         );
         assert!(
-            parse(&["--scenario", "ssh"])
+            parse(&["--scenario", "pipeline"])
                 .unwrap_err()
                 .contains("not implemented yet")
         );
@@ -195,5 +232,26 @@ mod tests {
         );
         assert!(parse(&["--frobnicate"]).is_err());
         assert!(parse(&["--seed"]).unwrap_err().contains("needs a value"));
+    }
+
+    #[test]
+    fn an_external_nats_cluster() {
+        assert_eq!(parse(&[]).unwrap().nats, None);
+        let o = parse(&[
+            "--nats",
+            "nats://a:4222, nats://b:4222",
+            "--nats-monitor",
+            "http://a:8222,http://b:8222",
+        ])
+        .unwrap();
+        assert_eq!(
+            o.nats,
+            Some(Nats {
+                urls: vec!["nats://a:4222".into(), "nats://b:4222".into()],
+                monitor: vec!["http://a:8222".into(), "http://b:8222".into()],
+            })
+        );
+        assert!(parse(&["--nats-monitor", "http://a:8222"]).is_err());
+        assert!(parse(&["--nats", ","]).is_err());
     }
 }

@@ -12,7 +12,10 @@ use crate::check::Tally;
 use crate::monitor::{Monitor, Progress};
 use crate::opts::Inject;
 
+pub(crate) mod cluster;
 pub(crate) mod pipe;
+pub(crate) mod ssh;
+pub(crate) mod zmq;
 
 /// What a scenario gets from the runner.
 pub(crate) struct Ctx<'a> {
@@ -22,6 +25,8 @@ pub(crate) struct Ctx<'a> {
     pub(crate) inject: Option<Inject>,
     pub(crate) monitor: &'a Monitor,
     pub(crate) progress: Arc<Progress>,
+    /// `--nats`: the external cluster of the `cluster` scenario, if any.
+    pub(crate) nats: Option<&'a crate::opts::Nats>,
 }
 
 impl Ctx<'_> {
@@ -36,12 +41,19 @@ impl Ctx<'_> {
 pub(crate) struct Faults {
     pub(crate) stalls: AtomicU64,
     pub(crate) cancels: AtomicU64,
+    /// Connections cut under a live stream (the peer's side killed).
+    pub(crate) drops: AtomicU64,
+    /// Peers closed mid-run (lingering, so nothing is lost) and replaced.
+    pub(crate) restarts: AtomicU64,
 }
 
 impl Faults {
     pub(crate) fn total(&self) -> u64 {
         use std::sync::atomic::Ordering::Relaxed;
-        self.stalls.load(Relaxed) + self.cancels.load(Relaxed)
+        self.stalls.load(Relaxed)
+            + self.cancels.load(Relaxed)
+            + self.drops.load(Relaxed)
+            + self.restarts.load(Relaxed)
     }
 }
 
@@ -63,6 +75,9 @@ pub(crate) struct Outcome {
 pub(crate) async fn run(name: &str, ctx: &Ctx<'_>) -> Outcome {
     match name {
         "pipe" => pipe::run(ctx).await,
+        "ssh" => ssh::run(ctx).await,
+        "zmq" => zmq::run(ctx).await,
+        "cluster" => cluster::run(ctx).await,
         other => unreachable!("scenario {other} was validated by the option parser"),
     }
 }
