@@ -22,6 +22,10 @@
 //! ```text
 //! cargo run --release -p flowctl-ssh --features openssh --example bench_ssh -- 1073741824 2
 //! ```
+//!
+//! With `--json` (after the positional arguments) or `FLOWCTL_BENCH_JSON=1`
+//! it also prints one `BENCH {json}` line per round and side, which
+//! `cargo xtask bench` reads (`flowctl-bench/src/bin/bench-report`).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -156,6 +160,15 @@ fn openssh_round(dir: &Path, port: u16, cipher: &str, bytes: u64) -> BoxResult<f
     Ok(bytes as f64 / secs / 1e6)
 }
 
+/// One machine-readable measurement for `cargo xtask bench`: `side` is
+/// `flowctl` or `anchor` (the OpenSSH client).
+fn bench_line(cipher: &str, side: &str, round: usize, mb_s: f64, bytes: u64) {
+    let cipher = cipher.trim_end_matches("@openssh.com");
+    println!(
+        "BENCH {{\"name\":\"ssh.{cipher}\",\"side\":\"{side}\",\"round\":{round},\"value\":{mb_s},\"unit\":\"MB/s\",\"bytes\":{bytes}}}"
+    );
+}
+
 fn summary(v: &[f64]) -> String {
     let best = v.iter().cloned().fold(0.0, f64::max);
     let mean = v.iter().sum::<f64>() / v.len() as f64;
@@ -264,6 +277,8 @@ async fn main() -> BoxResult<()> {
     }
     let bytes: u64 = args.get(1).and_then(|v| v.parse().ok()).unwrap_or(1 << 30);
     let rounds: usize = args.get(2).and_then(|v| v.parse().ok()).unwrap_or(2);
+    let json =
+        args.iter().any(|a| a == "--json") || std::env::var_os("FLOWCTL_BENCH_JSON").is_some();
     let dir = tempfile::tempdir()?;
     keygen(&dir.path().join("id"))?;
     let (_sshd, port) = start_sshd(dir.path())?;
@@ -277,9 +292,13 @@ async fn main() -> BoxResult<()> {
         let mut ours = Vec::new();
         let mut theirs = Vec::new();
         // Interleaved so that both see the same machine load.
-        for _ in 0..rounds {
+        for round in 0..rounds {
             ours.push(flowctl_round(dir.path(), port, cipher, bytes).await?);
             theirs.push(openssh_round(dir.path(), port, cipher, bytes)?);
+            if json {
+                bench_line(cipher, "flowctl", round, ours[round], bytes);
+                bench_line(cipher, "anchor", round, theirs[round], bytes);
+            }
         }
         println!("{cipher:32} flowctl-ssh: {}", summary(&ours));
         println!("{cipher:32} OpenSSH ssh: {}", summary(&theirs));

@@ -14,6 +14,9 @@
 //! `server` feature (its memory counts in the figure), unless
 //! `FLOWCTL_SSH_ADDR`, `FLOWCTL_SSH_USER`, `FLOWCTL_SSH_KEY` and
 //! `FLOWCTL_SSH_KNOWN_HOSTS` name a real server.
+//!
+//! With `--json` or `FLOWCTL_BENCH_JSON=1` it also prints `BENCH {json}`
+//! lines (peak RSS and data size in MiB) for `cargo xtask bench`.
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -33,6 +36,11 @@ fn vm_hwm() -> String {
                 .map(|l| l.trim_start_matches("VmHWM:").trim().to_owned())
         })
         .unwrap_or_else(|| "unknown".into())
+}
+
+/// VmHWM of this process in KiB, for the `BENCH` line.
+fn vm_hwm_kib() -> Option<u64> {
+    vm_hwm().strip_suffix(" kB")?.trim().parse().ok()
 }
 
 /// The slow consumer: reads stdin 64 KiB at a time, 1 ms pause per read.
@@ -129,5 +137,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         stats.pauses
     );
     println!("peak RSS (VmHWM): {}", vm_hwm());
+    if args.iter().any(|a| a == "--json") || std::env::var_os("FLOWCTL_BENCH_JSON").is_some() {
+        let mib = |v: f64| v / (1024.0 * 1024.0);
+        let rss = mib(vm_hwm_kib().ok_or("VmHWM not found in /proc/self/status")? as f64 * 1024.0);
+        let name = "mem.ssh.stalled_consumer";
+        println!(
+            "BENCH {{\"name\":\"{name}\",\"side\":\"flowctl\",\"round\":0,\"value\":{rss},\"unit\":\"MiB\",\"bytes\":{}}}",
+            moved.bytes
+        );
+        println!(
+            "BENCH {{\"name\":\"{name}\",\"side\":\"anchor\",\"round\":0,\"value\":{},\"unit\":\"MiB\",\"bytes\":{bytes}}}",
+            mib(bytes as f64)
+        );
+    }
     Ok(())
 }

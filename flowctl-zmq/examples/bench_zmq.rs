@@ -2,13 +2,18 @@
 //! loopback, and the worst timer stall next to an always-ready PULL (flowctl vs
 //! a raw `AsyncFd` loop).
 //!
-//! `cargo run --release -p flowctl-zmq --example bench_zmq [-- <100B count> <64KiB count>]`
+//! `cargo run --release -p flowctl-zmq --example bench_zmq [-- <100B count> <64KiB count> [<stall count>]]`
 //!
 //! Knobs: `BENCH_ROUNDS` (best of N interleaved rounds, default 3),
 //! `BENCH_MIXED=1` (also flowctl PUSH -> raw PULL and raw PUSH -> flowctl PULL),
 //! `BENCH_ONLY=both|raw|send|recv` (one 100 B run, for `perf`), `BENCH_HWM`
 //! (both sides' HWM, default 1000), `BENCH_FAIR_ITEMS` (fairness items per
 //! slice), `BENCH_TWO_CONTEXTS=1` (one libzmq context per side).
+//!
+//! For `cargo xtask bench`: `--json` or `FLOWCTL_BENCH_JSON=1` also prints one
+//! `BENCH {json}` line per round and side (and repeats the timer-stall runs
+//! `BENCH_ROUNDS` times); `BENCH_MEM=<bytes>` instead runs only the
+//! stalled-consumer memory figure (64 KiB messages, peak RSS of this process).
 //!
 //! On a shared machine the 100 B figures swing widely between runs, raw ones
 //! included: `perf stat -e syscalls:sys_enter_futex` shows runs with ~10^5
@@ -204,6 +209,89 @@ fn mixed(n: usize, size: usize, flowctl_sends: bool) -> Duration {
     }
 }
 
+/// `--json` or `FLOWCTL_BENCH_JSON=1`: print `BENCH` lines for `cargo xtask bench`.
+fn json_mode() -> bool {
+    std::env::args().any(|a| a == "--json") || std::env::var_os("FLOWCTL_BENCH_JSON").is_some()
+}
+
+/// One machine-readable measurement; `side` is `flowctl`, `anchor` or `baseline`.
+fn bench_line(name: &str, side: &str, round: usize, value: f64, unit: &str) {
+    println!(
+        "BENCH {{\"name\":\"{name}\",\"side\":\"{side}\",\"round\":{round},\"value\":{value},\"unit\":\"{unit}\"}}"
+    );
+}
+
+/// `VmRSS`/`VmHWM` of this process in MiB.
+fn proc_status_mib(key: &str) -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with(key))?;
+            let kib: f64 = line[key.len()..]
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse()
+                .ok()?;
+            Some(kib / 1024.0)
+        })
+        .unwrap_or(f64::NAN)
+}
+
+/// A stalled consumer: flowctl PUSH -> flowctl PULL over tcp, both sockets
+/// built for 64 KiB messages (`expected_message_size`, default watermarks).
+/// The consumer reads nothing for 2 s, then one message per millisecond;
+/// the sender offers `total` bytes of freshly allocated 64 KiB messages as
+/// fast as it is let. Returns (peak RSS, RSS before, messages moved).
+fn stalled_consumer(total: usize) -> (f64, f64, usize) {
+    const SIZE: usize = 64 * 1024;
+    let n = total.div_ceil(SIZE);
+    let before = proc_status_mib("VmRSS:");
+    let (ep_tx, ep_rx) = std::sync::mpsc::channel();
+    let recv = std::thread::spawn(move || {
+        rt().block_on(async {
+            let mut rx = ZmqSocket::builder(SocketType::Pull)
+                .expected_message_size(SIZE)
+                .bind("tcp://127.0.0.1:*")
+                .build()
+                .unwrap()
+                .into_source();
+            ep_tx.send(rx.endpoints()[0].clone()).unwrap();
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let mut got = 0;
+            while got < n {
+                let m = rx.recv().await.unwrap().unwrap();
+                assert_eq!(m[0].len(), SIZE);
+                got += 1;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            got
+        })
+    });
+    let ep = ep_rx.recv().unwrap();
+    let got = rt().block_on(async {
+        let mut tx = ZmqSocket::builder(SocketType::Push)
+            .expected_message_size(SIZE)
+            .connect(ep)
+            .build()
+            .unwrap()
+            .into_sink();
+        for i in 0..n {
+            tx.send(vec![Bytes::from(vec![i as u8; SIZE])])
+                .await
+                .unwrap();
+        }
+        tx.flush().await.unwrap();
+        // Close only once everything arrived: the linger must not cut it short.
+        let got = tokio::task::spawn_blocking(move || recv.join().unwrap())
+            .await
+            .unwrap();
+        tx.close().await.unwrap();
+        got
+    });
+    (proc_status_mib("VmHWM:"), before, got)
+}
+
 struct Fd(RawFd);
 impl AsRawFd for Fd {
     fn as_raw_fd(&self) -> RawFd {
@@ -336,6 +424,27 @@ fn main() {
     let small = args.first().copied().unwrap_or(1_000_000);
     let big = args.get(1).copied().unwrap_or(20_000);
     println!("libzmq {:?}", flowctl_zmq::libzmq_version());
+    let json = json_mode();
+    if let Some(total) = std::env::var("BENCH_MEM").ok().and_then(|v| v.parse().ok()) {
+        // Alone in its process, so that VmHWM is this measurement's own.
+        let (peak, before, got) = stalled_consumer(total);
+        println!(
+            "stalled consumer, {got} x 64 KiB ({:.0} MiB) PUSH->PULL tcp: peak RSS {peak:.1} MiB (before {before:.1} MiB)",
+            (got * 64 * 1024) as f64 / (1024.0 * 1024.0)
+        );
+        if json {
+            let name = "mem.zmq.stalled_consumer";
+            bench_line(name, "flowctl", 0, peak, "MiB");
+            bench_line(
+                name,
+                "anchor",
+                0,
+                (got * 64 * 1024) as f64 / (1024.0 * 1024.0),
+                "MiB",
+            );
+        }
+        return;
+    }
     if let Ok(only) = std::env::var("BENCH_ONLY") {
         // Profiling aid: one side only, e.g. `BENCH_ONLY=send perf record ...`.
         let d = match only.as_str() {
@@ -357,11 +466,21 @@ fn main() {
     for (n, size) in [(small, 100), (big, 64 * 1024)] {
         let mut raw = Duration::MAX;
         let mut ours = Duration::MAX;
-        for _ in 0..rounds {
-            raw = raw.min(raw_push_pull(n, size));
-            ours = ours.min(flowctl_push_pull(n, size));
-        }
         let rate = |d: Duration| n as f64 / d.as_secs_f64();
+        for round in 0..rounds {
+            let (r, o) = (raw_push_pull(n, size), flowctl_push_pull(n, size));
+            if json {
+                let (name, unit, scale) = if size == 100 {
+                    ("zmq.push_pull.100b", "msg/s", 1.0)
+                } else {
+                    ("zmq.push_pull.64kib", "MB/s", size as f64 / 1e6)
+                };
+                bench_line(name, "flowctl", round, rate(o) * scale, unit);
+                bench_line(name, "anchor", round, rate(r) * scale, unit);
+            }
+            raw = raw.min(r);
+            ours = ours.min(o);
+        }
         println!(
             "PUSH->PULL tcp {n} x {size} B: raw blocking zmq {:.0} msg/s ({:.1} MB/s) | flowctl-zmq {:.0} msg/s ({:.1} MB/s) | ratio {:.2}",
             rate(raw),
@@ -379,17 +498,31 @@ fn main() {
             rate(mixed(small, 100, false))
         );
     }
-    let n = 1_000_000;
-    let (w, t, e) = stall_flowctl(n);
-    println!(
-        "always-ready PULL ({n} x 100 B inproc), 1 ms timer: flowctl worst stall {w:?}, {t} ticks in {e:?}"
-    );
-    let (w, t, e) = stall_baseline(e);
-    println!(
-        "baseline (a task that only yields, same time), 1 ms timer: worst stall {w:?}, {t} ticks in {e:?}"
-    );
-    let (w, t, e) = stall_raw(n);
-    println!(
-        "always-ready PULL ({n} x 100 B inproc), 1 ms timer: raw AsyncFd loop worst stall {w:?}, {t} ticks in {e:?}"
-    );
+    let n = args.get(2).copied().unwrap_or(1_000_000);
+    // A run in which the timer never ticked (the raw loop's drain never
+    // yields) was one stall as long as the run: count it so.
+    let ms = |w: Duration, ticks: u64, elapsed: Duration| {
+        if ticks == 0 { elapsed } else { w }.as_secs_f64() * 1e3
+    };
+    for round in 0..if json { rounds } else { 1 } {
+        let (w, t, e) = stall_flowctl(n);
+        println!(
+            "always-ready PULL ({n} x 100 B inproc), 1 ms timer: flowctl worst stall {w:?}, {t} ticks in {e:?}"
+        );
+        let flowctl = ms(w, t, e);
+        let (w, t, e) = stall_baseline(e);
+        println!(
+            "baseline (a task that only yields, same time), 1 ms timer: worst stall {w:?}, {t} ticks in {e:?}"
+        );
+        let baseline = ms(w, t, e);
+        let (w, t, e) = stall_raw(n);
+        println!(
+            "always-ready PULL ({n} x 100 B inproc), 1 ms timer: raw AsyncFd loop worst stall {w:?}, {t} ticks in {e:?}"
+        );
+        if json {
+            bench_line("fair.zmq.timer_stall", "flowctl", round, flowctl, "ms");
+            bench_line("fair.zmq.timer_stall", "baseline", round, baseline, "ms");
+            bench_line("fair.zmq.timer_stall", "anchor", round, ms(w, t, e), "ms");
+        }
+    }
 }

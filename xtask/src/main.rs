@@ -32,7 +32,7 @@ commands:
   loom      run the loom models of flowctl-core (flowctl-core/tests/loom_gate.rs)
   soak      long-running failure scenarios
               [--duration D] [--seed N] [--json FILE] [--scenario NAME]
-  bench     run the flowctl-bench benchmarks
+  bench     every performance goal measured against its anchor: table, JSON, docs/src/benchmarks.md
               [--quick] [--only PREFIX] [--json FILE]
   docs      API docs (rustdoc warnings denied), the mdBook site in target/book,
             its internal links and a headless chromium check of two pages
