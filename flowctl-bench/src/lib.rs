@@ -8,6 +8,36 @@
 //! machines this runs on are shared and absolute numbers drift.
 //!
 //! Run them with `cargo xtask bench` (or `cargo bench -p flowctl-bench`).
+//! `cargo xtask bench` also runs the transport harnesses through the
+//! `bench-report` binary and writes the table to `docs/src/benchmarks.md`.
+//!
+//! ```
+//! use flowctl_bench::{current_thread, fnv1a_rounds, payload};
+//! use flowctl_core::{Sink, Watermarks, pipe};
+//!
+//! let rt = current_thread();
+//! let moved = rt.block_on(async {
+//!     let (mut tx, mut rx) = pipe(Watermarks::default());
+//!     let producer = tokio::spawn(async move {
+//!         for _ in 0..8 {
+//!             tx.send(payload(64 * 1024)).await.unwrap();
+//!         }
+//!     });
+//!     let mut bytes = 0;
+//!     while let Some(chunk) = rx.recv().await.unwrap() {
+//!         fnv1a_rounds(&chunk, 1); // the CPU workload the offload bench uses
+//!         bytes += chunk.len();
+//!     }
+//!     producer.await.unwrap();
+//!     bytes
+//! });
+//! assert_eq!(moved, 8 * 64 * 1024);
+//! ```
+//!
+//! # Feature flags
+//!
+//! None: the crate is not published, and what it measures is chosen with
+//! `cargo xtask bench --only PREFIX`.
 #![forbid(unsafe_code)]
 
 use bytes::{BufMut, Bytes, BytesMut};
