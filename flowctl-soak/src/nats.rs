@@ -26,6 +26,30 @@ use tokio::time::Instant;
 /// Nodes of the local cluster.
 pub(crate) const NODES: usize = 3;
 
+/// Cluster starts tried before giving up when a node exits during start-up.
+const START_ATTEMPTS: usize = 3;
+
+/// Why a wait for readiness failed.
+#[derive(Debug)]
+enum NotReady {
+    /// A node that should run exited (reaped; its log tail included).
+    Exited(String),
+    /// The deadline passed with every node still running.
+    Timeout(String),
+}
+
+/// The last `lines` lines of a log file (or why it could not be read).
+fn log_tail(path: &Path, lines: usize) -> String {
+    match fs::read(path) {
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
+            let all: Vec<&str> = text.lines().collect();
+            all[all.len().saturating_sub(lines)..].join("\n")
+        }
+        Err(e) => format!("(cannot read {}: {e})", path.display()),
+    }
+}
+
 /// The `nats-server` binary: `FLOWCTL_NATS_SERVER`, then
 /// `/usr/sbin/nats-server` (Debian's package), then `nats-server` on `PATH`.
 pub(crate) fn server_bin() -> Result<PathBuf, String> {
@@ -73,8 +97,39 @@ pub(crate) struct LocalCluster {
 impl LocalCluster {
     /// Starts three JetStream nodes and waits (up to `limit`) until every
     /// node is healthy and sees a meta leader.
+    ///
+    /// The ports were free a moment before the servers bind them; if another
+    /// process takes one in between, that node exits at once. Then the other
+    /// nodes are killed and the whole cluster starts again on new ports (a new
+    /// directory), up to [`START_ATTEMPTS`] times.
     pub(crate) async fn start(limit: Duration) -> Result<LocalCluster, String> {
         let bin = server_bin()?;
+        let mut attempt = 1;
+        loop {
+            let mut cluster = Self::launch(bin.clone())?;
+            match cluster.wait_until_ready(limit).await {
+                Ok(()) => return Ok(cluster),
+                Err(NotReady::Exited(why)) if attempt < START_ATTEMPTS => {
+                    eprintln!(
+                        "  cluster: nats start attempt {attempt}/{START_ATTEMPTS} failed, \
+                         starting again on new ports: {why}"
+                    );
+                    // Kills and reaps the other nodes by pid.
+                    cluster.stop(false).await?;
+                    attempt += 1;
+                }
+                Err(NotReady::Exited(why)) => {
+                    return Err(format!(
+                        "nats cluster did not start in {START_ATTEMPTS} attempts: {why}"
+                    ));
+                }
+                Err(NotReady::Timeout(why)) => return Err(why),
+            }
+        }
+    }
+
+    /// Writes the configs of three nodes on fresh ports and spawns them.
+    fn launch(bin: PathBuf) -> Result<LocalCluster, String> {
         let dir = tempfile::Builder::new()
             .prefix("flowctl-soak-nats-")
             .tempdir()
@@ -127,7 +182,6 @@ impl LocalCluster {
         for i in 0..NODES {
             cluster.spawn(i)?;
         }
-        cluster.wait_ready(limit).await?;
         Ok(cluster)
     }
 
@@ -216,6 +270,8 @@ impl LocalCluster {
     }
 
     /// Starts node `i` again on the same ports and store (it must be down).
+    /// If one of its ports was taken meanwhile the node exits at once, and the
+    /// next [`LocalCluster::wait_ready`] fails fast with the tail of its log.
     pub(crate) fn restart(&mut self, i: usize) -> Result<(), String> {
         if self.nodes[i].child.is_some() {
             return Err(format!("n{i} is still running"));
@@ -231,9 +287,22 @@ impl LocalCluster {
     /// Waits until every running node answers `/healthz` with 200 (in 2.9 that
     /// includes "JetStream is current": the meta group and every stream and
     /// consumer replica it holds have caught up) and names a meta leader.
-    pub(crate) async fn wait_ready(&self, limit: Duration) -> Result<(), String> {
+    ///
+    /// Fails at once, with the tail of its log, if a running node exits: e.g.
+    /// a node restarted on its old ports (the other nodes' routes name them)
+    /// after another process took one of them.
+    pub(crate) async fn wait_ready(&mut self, limit: Duration) -> Result<(), String> {
+        self.wait_until_ready(limit).await.map_err(|e| match e {
+            NotReady::Exited(why) | NotReady::Timeout(why) => why,
+        })
+    }
+
+    async fn wait_until_ready(&mut self, limit: Duration) -> Result<(), NotReady> {
         let deadline = Instant::now() + limit;
         loop {
+            if let Some(why) = self.exited_node() {
+                return Err(NotReady::Exited(why));
+            }
             let mut why = None;
             for (i, node) in self.nodes.iter().enumerate() {
                 if node.child.is_none() {
@@ -249,14 +318,41 @@ impl LocalCluster {
                 return Ok(());
             };
             if Instant::now() >= deadline {
-                return Err(format!(
+                return Err(NotReady::Timeout(format!(
                     "nats cluster not ready within {limit:?} ({why}); logs in {}",
                     self.dir().map_or("?".into(), |d| d.display().to_string())
-                ));
+                )));
             }
             // A polling interval: the servers have no "ready" notification.
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// The first node that should run but has exited (reaped with
+    /// `try_wait`, never blocking, and marked down), described with its exit
+    /// status and the tail of its log.
+    fn exited_node(&mut self) -> Option<String> {
+        for (i, node) in self.nodes.iter_mut().enumerate() {
+            let Some(child) = node.child.as_mut() else {
+                continue;
+            };
+            let status = match child.try_wait() {
+                Ok(None) => continue,
+                Ok(Some(status)) => status.to_string(),
+                Err(e) => format!("unknown status ({e})"),
+            };
+            let pid = child.id();
+            node.child = None;
+            return Some(format!(
+                "n{i} (pid {pid}, client port {}, http port {}) exited: {status}; \
+                 last lines of {}:\n{}",
+                node.client,
+                node.http,
+                node.log.display(),
+                log_tail(&node.log, 20)
+            ));
+        }
+        None
     }
 
     /// Kills and reaps every node, then removes the temporary directory

@@ -26,6 +26,30 @@ pub(crate) fn nats_server_bin() -> PathBuf {
     panic!("nats-server not found: run `cargo xtask setup` (installs nats-server)");
 }
 
+/// Cluster starts tried before giving up when a node exits during start-up.
+const START_ATTEMPTS: usize = 3;
+
+/// Why a wait for readiness failed.
+#[derive(Debug)]
+enum NotReady {
+    /// A node that should run exited (reaped; its log tail included).
+    Exited(String),
+    /// The deadline passed with every node still running.
+    Timeout(String),
+}
+
+/// The last `lines` lines of a log file (or why it could not be read).
+fn log_tail(path: &Path, lines: usize) -> String {
+    match fs::read(path) {
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
+            let all: Vec<&str> = text.lines().collect();
+            all[all.len().saturating_sub(lines)..].join("\n")
+        }
+        Err(e) => format!("(cannot read {}: {e})", path.display()),
+    }
+}
+
 fn free_port() -> (TcpListener, u16) {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
     let port = l.local_addr().expect("local addr").port();
@@ -65,8 +89,36 @@ impl NatsCluster {
     }
 
     /// Three nodes with extra config lines in every node's file.
+    ///
+    /// The ports were free a moment before the servers bind them; if another
+    /// process takes one in between, that node exits at once. Then the other
+    /// nodes are killed and the whole cluster starts again on new ports, up
+    /// to [`START_ATTEMPTS`] times.
     pub(crate) fn start_with(extra: Extra) -> NatsCluster {
         let bin = nats_server_bin();
+        let mut attempt = 1;
+        loop {
+            let mut cluster = Self::launch(&bin, &extra);
+            match cluster.wait_until_ready(Duration::from_secs(60)) {
+                Ok(()) => return cluster,
+                Err(NotReady::Exited(why)) if attempt < START_ATTEMPTS => {
+                    eprintln!(
+                        "nats cluster start attempt {attempt}/{START_ATTEMPTS} failed, \
+                         starting again on new ports: {why}"
+                    );
+                    drop(cluster); // kills and reaps the other nodes by pid
+                    attempt += 1;
+                }
+                Err(NotReady::Exited(why)) => {
+                    panic!("nats cluster did not start in {START_ATTEMPTS} attempts: {why}")
+                }
+                Err(NotReady::Timeout(why)) => panic!("{why}"),
+            }
+        }
+    }
+
+    /// Writes the configs of three nodes on fresh ports and spawns them.
+    fn launch(bin: &Path, extra: &Extra) -> NatsCluster {
         let dir = std::env::temp_dir().join(format!(
             "flowctl-nats-{}-{}",
             std::process::id(),
@@ -111,9 +163,8 @@ impl NatsCluster {
         }
         let mut cluster = NatsCluster { nodes, dir };
         for i in 0..3 {
-            cluster.spawn(&bin, i);
+            cluster.spawn(bin, i);
         }
-        cluster.wait_ready(Duration::from_secs(60));
         cluster
     }
 
@@ -173,7 +224,9 @@ impl NatsCluster {
     }
 
     /// Starts node `i` again (same ports and store) and waits until the whole
-    /// cluster sees a meta leader again.
+    /// cluster sees a meta leader again. Its ports cannot change (the other
+    /// nodes' routes name them): if one was taken meanwhile, the node exits and
+    /// this panics at once with the tail of its log.
     pub(crate) fn restart(&mut self, i: usize) {
         self.kill(i);
         let bin = nats_server_bin();
@@ -186,10 +239,22 @@ impl NatsCluster {
         self.nodes[i].child.is_some()
     }
 
-    /// Waits until every running node is healthy and reports a meta leader.
-    pub(crate) fn wait_ready(&self, limit: Duration) {
+    /// Waits until every running node is healthy and reports a meta leader;
+    /// panics at once (with the tail of its log) if a running node exits, e.g.
+    /// a restarted node whose old port was taken meanwhile.
+    pub(crate) fn wait_ready(&mut self, limit: Duration) {
+        match self.wait_until_ready(limit) {
+            Ok(()) => {}
+            Err(NotReady::Exited(why) | NotReady::Timeout(why)) => panic!("{why}"),
+        }
+    }
+
+    fn wait_until_ready(&mut self, limit: Duration) -> Result<(), NotReady> {
         let deadline = Instant::now() + limit;
         loop {
+            if let Some(why) = self.exited_node() {
+                return Err(NotReady::Exited(why));
+            }
             let ready = (0..3).filter(|i| self.is_up(*i)).all(|i| {
                 let healthy = matches!(
                     http_get(self.nodes[i].http, "/healthz?js-enabled-only=true"),
@@ -203,16 +268,43 @@ impl NatsCluster {
                         .unwrap_or(false)
             });
             if ready {
-                return;
+                return Ok(());
             }
             if Instant::now() > deadline {
-                panic!(
+                return Err(NotReady::Timeout(format!(
                     "nats cluster not ready within {limit:?}; logs in {}",
                     self.dir.display()
-                );
+                )));
             }
             std::thread::sleep(Duration::from_millis(50)); // polling interval, not synchronisation
         }
+    }
+
+    /// The first node that should run but has exited (it is reaped and marked
+    /// down), described with its exit status and the tail of its log.
+    fn exited_node(&mut self) -> Option<String> {
+        for (i, node) in self.nodes.iter_mut().enumerate() {
+            let Some(child) = node.child.as_mut() else {
+                continue;
+            };
+            let status = match child.try_wait() {
+                Ok(None) => continue,
+                Ok(Some(status)) => status.to_string(),
+                Err(e) => format!("unknown status ({e})"),
+            };
+            let pid = child.id();
+            node.child = None;
+            return Some(format!(
+                "n{i} (pid {pid}, ports client {} route {} http {}) exited: {status}; \
+                 last lines of {}:\n{}",
+                node.client,
+                node.route,
+                node.http,
+                node.log.display(),
+                log_tail(&node.log, 20)
+            ));
+        }
+        None
     }
 
     /// A monitoring endpoint of node `i`, parsed.
