@@ -76,6 +76,13 @@ const READY_LIMIT: Duration = Duration::from_secs(60);
 const DRAIN_GRACE: Duration = Duration::from_secs(90);
 /// Time for the ledger, the tasks and the servers' accounting to settle.
 const RELEASE_GRACE: Duration = Duration::from_secs(15);
+/// In the drain: this long without a message while some are missing, the
+/// stream's and the consumer's leaders are asked to step down. nats-server
+/// (seen with 2.9.10) can leave, after SIGKILLs, the consumer leader on a
+/// node whose stream replica stopped catching up, or a stale node as stream
+/// leader: the pull requests wait there (`num_waiting` > 0, `num_pending`
+/// 0) while the other replicas hold the rest. Not the source's doing.
+const STALL_NUDGE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Copy)]
 enum Phase {
@@ -374,7 +381,15 @@ impl Soak<'_, '_> {
             pub_snap.clone(),
             done_tx,
         ));
-        let (checker, src, bytes) = self.consume(src, &src_snap, &consumed, done_rx).await;
+        let (checker, src, bytes) = self
+            .consume(
+                src,
+                consumer_cluster.client(),
+                &src_snap,
+                &consumed,
+                done_rx,
+            )
+            .await;
         let produced = match tokio::time::timeout(DRAIN_GRACE, producer).await {
             Ok(Ok(p)) => p,
             Ok(Err(e)) => {
@@ -547,11 +562,40 @@ impl Soak<'_, '_> {
         }
     }
 
+    /// Asks the stream's and the consumer's leaders to step down (see
+    /// [`STALL_NUDGE`]), and says so in the notes.
+    async fn nudge(&mut self, client: &async_nats::Client, received: u64, total: Option<u64>) {
+        let stream = &self.names.stream;
+        let mut done = Vec::new();
+        for subject in [
+            format!("$JS.API.STREAM.LEADER.STEPDOWN.{stream}"),
+            format!("$JS.API.CONSUMER.LEADER.STEPDOWN.{stream}.verify"),
+        ] {
+            let r = tokio::time::timeout(
+                Duration::from_secs(5),
+                client.request(subject.clone(), Default::default()),
+            )
+            .await;
+            let what = match r {
+                Ok(Ok(m)) => String::from_utf8_lossy(&m.payload).into_owned(),
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "no answer in 5 s".into(),
+            };
+            done.push(format!("{subject}: {what}"));
+        }
+        self.notes.push(format!(
+            "drain stalled {STALL_NUDGE:?} at {received} of {} messages (a server-side stall): leaders asked to step down: {}",
+            total.map_or("?".into(), |t| t.to_string()),
+            done.join("; ")
+        ));
+    }
+
     /// Reads and checks until everything the producer sent has come (or the
     /// drain grace passes), stalling now and then before the deadline.
     async fn consume(
         &mut self,
         mut src: PullSource,
+        client: &async_nats::Client,
         snap: &Snapshot,
         consumed: &AtomicU64,
         mut done: watch::Receiver<Option<u64>>,
@@ -564,6 +608,7 @@ impl Soak<'_, '_> {
         let drain_deadline = ctx.deadline + DRAIN_GRACE;
         let mut batch = Vec::with_capacity(64);
         let (mut received, mut bytes) = (0u64, 0u64);
+        let mut last_progress = Instant::now();
         loop {
             let total = *done.borrow();
             if total.is_some_and(|t| received >= t) {
@@ -595,6 +640,12 @@ impl Soak<'_, '_> {
                 }
             }
             let slow = matches!(phase, Phase::Slow) && now < ctx.deadline;
+            let nudge_at = last_progress.max(ctx.deadline) + STALL_NUDGE;
+            if now >= nudge_at {
+                self.nudge(client, received, total).await;
+                last_progress = Instant::now();
+                continue;
+            }
             batch.clear();
             tokio::select! {
                 r = src.recv_many(&mut batch, if slow { 1 } else { 64 }) => match r {
@@ -615,8 +666,9 @@ impl Soak<'_, '_> {
                     }
                     continue;
                 }
-                () = tokio::time::sleep_until(drain_deadline) => continue,
+                () = tokio::time::sleep_until(drain_deadline.min(nudge_at)) => continue,
             }
+            last_progress = Instant::now();
             for msg in batch.drain(..) {
                 received += 1;
                 bytes += msg.payload.len() as u64;
