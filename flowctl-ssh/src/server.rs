@@ -276,6 +276,23 @@ impl Drop for ServerHandler {
     }
 }
 
+impl ServerHandler {
+    /// Accepts a key listed in the server's authorized keys, whether it is only
+    /// offered or already verified by a signature.
+    fn verdict(&self, key: &PublicKey) -> Auth {
+        if self
+            .authorized
+            .keys
+            .iter()
+            .any(|k| k.key_data() == key.key_data())
+        {
+            Auth::Accept
+        } else {
+            Auth::reject()
+        }
+    }
+}
+
 impl russh::server::Handler for ServerHandler {
     type Error = russh::Error;
 
@@ -291,18 +308,7 @@ impl russh::server::Handler for ServerHandler {
         _user: &str,
         offer: russh::server::PublicKeyOffer<'_>,
     ) -> Result<Auth, Self::Error> {
-        Ok(
-            if self
-                .authorized
-                .keys
-                .iter()
-                .any(|k| k.key_data() == offer.public_key.key_data())
-            {
-                Auth::Accept
-            } else {
-                Auth::reject()
-            },
-        )
+        Ok(self.verdict(offer.public_key))
     }
 
     async fn auth_publickey(
@@ -310,18 +316,7 @@ impl russh::server::Handler for ServerHandler {
         _user: &str,
         key: russh::server::VerifiedPublicKey<'_>,
     ) -> Result<Auth, Self::Error> {
-        Ok(
-            if self
-                .authorized
-                .keys
-                .iter()
-                .any(|k| k.key_data() == key.public_key.key_data())
-            {
-                Auth::Accept
-            } else {
-                Auth::reject()
-            },
-        )
+        Ok(self.verdict(key.public_key))
     }
 
     async fn channel_open_session(
