@@ -165,6 +165,18 @@ impl Sshd {
             .count()
     }
 
+    /// Every line sshd logged that contains any of `needles`.
+    #[allow(dead_code)]
+    pub(crate) fn lines_with(&self, needles: &[&str]) -> Vec<String> {
+        self.log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|l| needles.iter().any(|n| l.contains(n)))
+            .cloned()
+            .collect()
+    }
+
     /// Whether sshd logged a line containing `needle`.
     #[allow(dead_code)]
     pub(crate) fn logged(&self, needle: &str) -> bool {

@@ -21,12 +21,49 @@ async fn zero(fx: &Fixture) {
     if let Some(sshd) = &fx.sshd {
         // sshd's side: every accepted connection was closed by the client
         // (for the openssh backend: the ControlMaster really exited).
-        until(
-            Duration::from_secs(30),
-            "sshd to see every connection go",
-            || sshd.count("Accepted publickey") == sshd.count("Disconnected from user"),
-        )
+        // Every accepted connection must end in sshd's log. A clean close logs
+        // "Disconnected from user"; a client that vanishes while sshd is still
+        // writing (dropped mid-stream) logs "...port N: Broken pipe" instead.
+        let all_ended = || {
+            let ends = sshd.lines_with(&[
+                "Disconnected from user",
+                "Broken pipe",
+                "Connection reset",
+                "Connection closed by",
+            ]);
+            let accepted = sshd.lines_with(&["Accepted publickey"]);
+            accepted.iter().all(|line| {
+                let port = line
+                    .split(" port ")
+                    .nth(1)
+                    .and_then(|r| r.split_whitespace().next());
+                port.is_some_and(|p| {
+                    let tag = format!("port {p}");
+                    ends.iter().any(|e| {
+                        e.match_indices(&tag).any(|(i, _)| {
+                            !e[i + tag.len()..].starts_with(|c: char| c.is_ascii_digit())
+                        })
+                    })
+                })
+            })
+        };
+        let ended = tokio::time::timeout(Duration::from_secs(30), async {
+            while !all_ended() {
+                tokio::time::sleep(Duration::from_millis(2)).await; // polling sshd's log
+            }
+        })
         .await;
+        assert!(
+            ended.is_ok(),
+            "sshd did not see every connection go: {:#?}",
+            sshd.lines_with(&[
+                "Accepted",
+                "Disconnect",
+                "onnection",
+                "error",
+                "Broken pipe"
+            ])
+        );
         assert!(sshd.count("Accepted publickey") >= 1);
     }
     if let Some(server) = &fx.embedded {
