@@ -4,11 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 /// Every scenario the soak knows, in the order `all` runs them.
-pub(crate) const SCENARIOS: &[&str] = &["pipe", "ssh", "zmq", "cluster"];
-
-/// Scenarios named by the issue that are not implemented yet: asking for one
-/// is an error that says so, never a silent pass.
-pub(crate) const PLANNED: &[&str] = &["pipeline"];
+pub(crate) const SCENARIOS: &[&str] = &["pipe", "ssh", "zmq", "cluster", "pipeline"];
 
 /// A deliberate bug, so that a test can prove the soak fails and names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,8 +22,8 @@ pub(crate) struct Opts {
     pub(crate) plot: Option<PathBuf>,
     pub(crate) inject: Option<Inject>,
     pub(crate) timer_bound_us: u64,
-    /// `--nats`: an external cluster for the `cluster` scenario instead of
-    /// the local 3-node one it starts.
+    /// `--nats`: an external cluster for the `cluster` and `pipeline`
+    /// scenarios instead of the local 3-node one they start.
     pub(crate) nats: Option<Nats>,
 }
 
@@ -51,11 +47,11 @@ pub(crate) const USAGE: &str = "\
 usage: flowctl-soak [--duration D] [--seed N] [--scenario NAME[,NAME...]] [--json FILE] [--plot DIR]
   --duration D     total run time, split between scenarios: 90s, 10m, 1h (default 60s)
   --seed N         seed of the fault schedule and payloads (default: from the clock; printed)
-  --scenario NAME  all (default) or a comma-separated list of: pipe, ssh, zmq, cluster
+  --scenario NAME  all (default) or a comma-separated list of: pipe, ssh, zmq, cluster, pipeline
   --json FILE      write the report as JSON
   --plot DIR       write SVG charts of buffered bytes and RSS over time
   --timer-bound-ms N  p99 lateness allowed to the 1 ms timer on each scenario's thread (default 50)
-  --nats URL,...   cluster scenario: use this running NATS cluster (JetStream, 3 nodes)
+  --nats URL,...   cluster and pipeline scenarios: use this running NATS cluster (JetStream, 3 nodes)
                    instead of starting a local one; no node is killed then
   --nats-monitor URL,...  its nodes' monitoring URLs (http://host:8222), for the leak check
   --inject BUG     deliberately break an invariant (drop-one), to prove the soak can fail";
@@ -160,16 +156,16 @@ fn parse_scenarios(list: &str) -> Result<Vec<&'static str>, String> {
     }
     list.split(',')
         .map(|name| {
-            if let Some(s) = SCENARIOS.iter().find(|s| **s == name) {
-                Ok(*s)
-            } else if PLANNED.contains(&name) {
-                Err(format!(
-                    "scenario {name:?} is not implemented yet (its transport crate has not landed); available: {}",
-                    SCENARIOS.join(", ")
-                ))
-            } else {
-                Err(format!("unknown scenario {name:?}; available: {}", SCENARIOS.join(", ")))
-            }
+            SCENARIOS
+                .iter()
+                .find(|s| **s == name)
+                .copied()
+                .ok_or_else(|| {
+                    format!(
+                        "unknown scenario {name:?}; available: {}",
+                        SCENARIOS.join(", ")
+                    )
+                })
         })
         .collect()
 }
@@ -220,11 +216,12 @@ mod tests {
                 Some(Inject::DropOne)
             )
         );
-        assert!(
-            parse(&["--scenario", "pipeline"])
-                .unwrap_err()
-                .contains("not implemented yet")
+        assert_eq!(
+            parse(&["--scenario", "pipeline"]).unwrap().scenarios,
+            vec!["pipeline"]
         );
+        assert_eq!(parse(&["--scenario", "all"]).unwrap().scenarios, SCENARIOS);
+        assert_eq!(parse(&[]).unwrap().scenarios.last(), Some(&"pipeline"));
         assert!(
             parse(&["--scenario", "nope"])
                 .unwrap_err()

@@ -55,10 +55,10 @@ use crate::nats::{self, LocalCluster, NODES};
 use crate::opts::Inject;
 
 /// Largest message published (the smallest is [`MIN_MESSAGE`]).
-const MAX_MESSAGE: usize = 1024;
+pub(crate) const MAX_MESSAGE: usize = 1024;
 /// Watermarks of the publisher (un-acked bytes) and the pull source.
-const LOW: usize = 32 * 1024;
-const HIGH: usize = 128 * 1024;
+pub(crate) const LOW: usize = 32 * 1024;
+pub(crate) const HIGH: usize = 128 * 1024;
 /// The consumer's `max_ack_pending`: with it, even held-back messages stay
 /// within `HIGH` bytes (see the module docs).
 const MAX_ACK_PENDING: i64 = (HIGH / MAX_MESSAGE) as i64;
@@ -73,7 +73,7 @@ const STREAM_MAX_BYTES: i64 = 512 * 1024 * 1024;
 const READY_LIMIT: Duration = Duration::from_secs(60);
 /// After the deadline: time for the last publish retries through an election
 /// and for redeliveries after a late kill.
-const DRAIN_GRACE: Duration = Duration::from_secs(90);
+pub(crate) const DRAIN_GRACE: Duration = Duration::from_secs(90);
 /// Time for the ledger, the tasks and the servers' accounting to settle.
 const RELEASE_GRACE: Duration = Duration::from_secs(15);
 /// In the drain: this long without a message while some are missing, the
@@ -97,25 +97,25 @@ enum Phase {
 /// The last stats a task saw of a stage it owns, for the monitor's thread
 /// (the stages are moved into their tasks; their stats are not shareable).
 #[derive(Debug, Clone)]
-struct Snapshot(Arc<Mutex<FlowStats>>);
+pub(crate) struct Snapshot(Arc<Mutex<FlowStats>>);
 
 impl Snapshot {
-    fn new(wm: Watermarks) -> Self {
+    pub(crate) fn new(wm: Watermarks) -> Self {
         Snapshot(Arc::new(Mutex::new(FlowStats::empty(wm))))
     }
 
-    fn set(&self, s: FlowStats) {
+    pub(crate) fn set(&self, s: FlowStats) {
         *self.0.lock().unwrap_or_else(PoisonError::into_inner) = s;
     }
 
-    fn get(&self) -> FlowStats {
+    pub(crate) fn get(&self) -> FlowStats {
         *self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
 /// Names that mark everything of this run on the servers.
 #[derive(Debug)]
-struct Names {
+pub(crate) struct Names {
     stream: String,
     subject: String,
     /// Inbox prefix of both connections: every subscription of ours.
@@ -136,7 +136,7 @@ impl Names {
     }
 }
 
-fn failed(violation: String) -> Outcome {
+pub(crate) fn failed(violation: String) -> Outcome {
     Outcome {
         tally: Default::default(),
         bytes: 0,
@@ -154,80 +154,116 @@ fn alive_tasks() -> usize {
         .num_alive_tasks()
 }
 
-pub(crate) async fn run(ctx: &Ctx<'_>) -> Outcome {
-    let tasks_before = alive_tasks();
-    let ledger_before = Ledger::global().total();
-    let t0 = Instant::now();
-    let (local, seeds, monitors) = match ctx.nats {
-        Some(n) => (
-            None,
-            n.urls.clone(),
-            n.monitor.iter().map(|u| nats::monitor_addr(u)).collect(),
-        ),
-        None => match LocalCluster::start(READY_LIMIT).await {
-            Ok(c) => {
+/// The NATS cluster a scenario runs against (the local one it starts, or
+/// `--nats`), and the baseline everything must come back to at the end.
+#[derive(Debug)]
+pub(crate) struct Baseline {
+    label: &'static str,
+    tasks_before: usize,
+    ledger_before: usize,
+    monitors: Vec<String>,
+}
+
+impl Baseline {
+    /// Takes the baseline, then starts the local cluster (unless `--nats`
+    /// names one). Returns it, its client URLs and a note for the run's output.
+    pub(crate) async fn start(
+        ctx: &Ctx<'_>,
+        label: &'static str,
+    ) -> Result<(Baseline, Option<LocalCluster>, Vec<String>, Option<String>), String> {
+        let tasks_before = alive_tasks();
+        let ledger_before = Ledger::global().total();
+        let t0 = Instant::now();
+        let (local, seeds, monitors) = match ctx.nats {
+            Some(n) => (
+                None,
+                n.urls.clone(),
+                n.monitor.iter().map(|u| nats::monitor_addr(u)).collect(),
+            ),
+            None => {
+                let c = LocalCluster::start(READY_LIMIT).await?;
                 let (urls, monitors) = (c.urls(), c.monitors());
                 (Some(c), urls, monitors)
             }
-            Err(e) => return failed(format!("cluster: {e}")),
-        },
-    };
-    let names = Names::new(ctx.seed);
-    let mut soak = Soak {
-        ctx,
-        names,
-        seeds,
-        faults: Arc::new(Faults::default()),
-        violations: Vec::new(),
-        notes: Vec::new(),
-    };
-    if let Some(c) = &local {
-        soak.notes.push(format!(
-            "local {NODES}-node cluster ({}) ready in {:.1}s",
-            c.bin().display(),
-            t0.elapsed().as_secs_f64()
-        ));
+        };
+        let note = local.as_ref().map(|c| {
+            format!(
+                "local {NODES}-node cluster ({}) ready in {:.1}s",
+                c.bin().display(),
+                t0.elapsed().as_secs_f64()
+            )
+        });
+        let base = Baseline {
+            label,
+            tasks_before,
+            ledger_before,
+            monitors,
+        };
+        Ok((base, local, seeds, note))
     }
-    let (local, mut outcome) = soak.run(local).await;
 
-    // Everything of ours is gone from the process...
-    let settled = tokio::time::timeout(RELEASE_GRACE, async {
-        while Ledger::global().total() > ledger_before || alive_tasks() > tasks_before {
-            tokio::time::sleep(Duration::from_millis(10)).await;
+    /// The end: waits until the ledger and the runtime's tasks are back to
+    /// the baseline and no node shows anything of ours (violations
+    /// otherwise), stops the local cluster and prints the notes.
+    pub(crate) async fn finish(
+        self,
+        names: &Names,
+        local: Option<LocalCluster>,
+        outcome: &mut Outcome,
+        notes: &mut Vec<String>,
+    ) {
+        let (label, tasks_before, ledger_before) =
+            (self.label, self.tasks_before, self.ledger_before);
+        // Everything of ours is gone from the process...
+        let settled = tokio::time::timeout(RELEASE_GRACE, async {
+            while Ledger::global().total() > ledger_before || alive_tasks() > tasks_before {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        if settled.is_err() {
+            outcome.violations.push(format!(
+                "{label}: {RELEASE_GRACE:?} after the end, {} tasks alive (was {tasks_before}) and ledger {:?}",
+                alive_tasks(),
+                Ledger::global().snapshot()
+            ));
         }
-    })
-    .await;
-    if settled.is_err() {
-        outcome.violations.push(format!(
-            "cluster: {RELEASE_GRACE:?} after the end, {} tasks alive (was {tasks_before}) and ledger {:?}",
-            alive_tasks(),
-            Ledger::global().snapshot()
-        ));
+        // ...and from the servers.
+        let up: Vec<String> = match &local {
+            Some(c) => (0..NODES)
+                .filter(|i| c.is_up(*i))
+                .map(|i| self.monitors[i].clone())
+                .collect(),
+            None => self.monitors,
+        };
+        if up.is_empty() {
+            notes.push("server-side leak check skipped: no --nats-monitor URLs".into());
+        } else if let Err(e) = leftovers(&up, names, local.is_some()).await {
+            outcome.violations.push(format!("{label}: {e}"));
+        }
+        if let Some(c) = local
+            && let Err(e) = c.stop(!outcome.violations.is_empty()).await
+        {
+            outcome
+                .violations
+                .push(format!("{label}: stopping the local cluster: {e}"));
+        }
+        for note in notes.iter() {
+            eprintln!("  {label}: {note}");
+        }
     }
-    // ...and from the servers.
-    let up: Vec<String> = match &local {
-        Some(c) => (0..NODES)
-            .filter(|i| c.is_up(*i))
-            .map(|i| monitors[i].clone())
-            .collect(),
-        None => monitors,
+}
+
+pub(crate) async fn run(ctx: &Ctx<'_>) -> Outcome {
+    let (base, local, seeds, note) = match Baseline::start(ctx, "cluster").await {
+        Ok(started) => started,
+        Err(e) => return failed(format!("cluster: {e}")),
     };
-    if up.is_empty() {
-        soak.notes
-            .push("server-side leak check skipped: no --nats-monitor URLs".into());
-    } else if let Err(e) = leftovers(&up, &soak.names, local.is_some()).await {
-        outcome.violations.push(format!("cluster: {e}"));
-    }
-    if let Some(c) = local
-        && let Err(e) = c.stop(!outcome.violations.is_empty()).await
-    {
-        outcome
-            .violations
-            .push(format!("cluster: stopping the local cluster: {e}"));
-    }
-    for note in &soak.notes {
-        eprintln!("  cluster: {note}");
-    }
+    let mut soak = Soak::new(ctx, "cluster", seeds);
+    soak.notes.extend(note);
+    let (local, mut outcome) = soak.run(local).await;
+    base.finish(&soak.names, local, &mut outcome, &mut soak.notes)
+        .await;
     outcome
 }
 
@@ -286,14 +322,18 @@ async fn leftovers(monitors: &[String], names: &Names, strict: bool) -> Result<(
     }
 }
 
-struct Soak<'c, 'm> {
-    ctx: &'c Ctx<'m>,
-    names: Names,
+/// One scenario's JetStream traffic: its names on the servers, the seeds,
+/// and what it found. The `pipeline` scenario drives its NATS hop with it.
+pub(crate) struct Soak<'c, 'm> {
+    pub(crate) ctx: &'c Ctx<'m>,
+    /// The scenario's name, the prefix of its violations.
+    pub(crate) label: &'static str,
+    pub(crate) names: Names,
     seeds: Vec<String>,
-    faults: Arc<Faults>,
-    violations: Vec<String>,
+    pub(crate) faults: Arc<Faults>,
+    pub(crate) violations: Vec<String>,
     /// What a person reading the run wants to know beyond the table.
-    notes: Vec<String>,
+    pub(crate) notes: Vec<String>,
 }
 
 /// What the producer task did.
@@ -305,8 +345,20 @@ struct Produced {
     error: Option<String>,
 }
 
-impl Soak<'_, '_> {
-    fn config(&self, first: usize, role: &str) -> ClusterConfig {
+impl<'c, 'm> Soak<'c, 'm> {
+    pub(crate) fn new(ctx: &'c Ctx<'m>, label: &'static str, seeds: Vec<String>) -> Self {
+        Soak {
+            ctx,
+            label,
+            names: Names::new(ctx.seed),
+            seeds,
+            faults: Arc::new(Faults::default()),
+            violations: Vec::new(),
+            notes: Vec::new(),
+        }
+    }
+
+    pub(crate) fn config(&self, first: usize, role: &str) -> ClusterConfig {
         let mut seeds = self.seeds.clone();
         let n = seeds.len().max(1);
         seeds.rotate_left(first % n);
@@ -484,7 +536,7 @@ impl Soak<'_, '_> {
     }
 
     /// The R3 stream, its durable pull consumer, the publisher and the source.
-    async fn setup(
+    pub(crate) async fn setup(
         &self,
         publisher_cluster: &Cluster,
         consumer_cluster: &Cluster,
@@ -542,7 +594,8 @@ impl Soak<'_, '_> {
 
     /// Deletes the stream (and with it the consumer): an external cluster
     /// must not keep it, and its subject must leave `/subsz`.
-    async fn delete_stream(&mut self, cluster: &Cluster) {
+    pub(crate) async fn delete_stream(&mut self, cluster: &Cluster) {
+        let label = self.label;
         let r = tokio::time::timeout(
             Duration::from_secs(10),
             cluster.jetstream().delete_stream(&self.names.stream),
@@ -552,11 +605,11 @@ impl Soak<'_, '_> {
             Ok(Ok(_)) => {}
             Ok(Err(e)) if e.to_string().contains("not found") => {}
             Ok(Err(e)) => self.violations.push(format!(
-                "cluster: cannot delete the stream {}: {e}",
+                "{label}: cannot delete the stream {}: {e}",
                 self.names.stream
             )),
             Err(_) => self.violations.push(format!(
-                "cluster: deleting the stream {} took more than 10 s",
+                "{label}: deleting the stream {} took more than 10 s",
                 self.names.stream
             )),
         }
@@ -592,7 +645,7 @@ impl Soak<'_, '_> {
 
     /// Reads and checks until everything the producer sent has come (or the
     /// drain grace passes), stalling now and then before the deadline.
-    async fn consume(
+    pub(crate) async fn consume(
         &mut self,
         mut src: PullSource,
         client: &async_nats::Client,
@@ -600,7 +653,7 @@ impl Soak<'_, '_> {
         consumed: &AtomicU64,
         mut done: watch::Receiver<Option<u64>>,
     ) -> (Checker, PullSource, u64) {
-        let ctx = self.ctx;
+        let (ctx, label) = (self.ctx, self.label);
         let mut checker = Checker::default();
         let mut rng = fastrand::Rng::with_seed(ctx.seed);
         let mut phase = Phase::Fast;
@@ -617,7 +670,7 @@ impl Soak<'_, '_> {
             let now = Instant::now();
             if now >= drain_deadline {
                 self.violations.push(format!(
-                    "cluster: {received} of {} messages received {DRAIN_GRACE:?} after the end",
+                    "{label}: {received} of {} messages received {DRAIN_GRACE:?} after the end",
                     total.map_or("?".into(), |t| t.to_string())
                 ));
                 break;
@@ -650,18 +703,18 @@ impl Soak<'_, '_> {
             tokio::select! {
                 r = src.recv_many(&mut batch, if slow { 1 } else { 64 }) => match r {
                     Ok(0) => {
-                        self.violations.push("cluster: the pull source ended".into());
+                        self.violations.push(format!("{label}: the pull source ended"));
                         break;
                     }
                     Ok(_) => {}
                     Err(e) => {
-                        self.violations.push(format!("cluster: the pull source failed: {e}"));
+                        self.violations.push(format!("{label}: the pull source failed: {e}"));
                         break;
                     }
                 },
                 r = done.changed(), if total.is_none() => {
                     if r.is_err() {
-                        self.violations.push("cluster: the producer vanished".into());
+                        self.violations.push(format!("{label}: the producer vanished"));
                         break;
                     }
                     continue;
@@ -734,7 +787,7 @@ async fn produce(
 /// it after 0.3-1.5 s, waits until the cluster is healthy again, and repeats
 /// every 3-8 s while time remains. Always returns the cluster with every
 /// node up (unless a restart failed, which is reported).
-async fn inject(
+pub(crate) async fn inject(
     mut nats: LocalCluster,
     deadline: Instant,
     seed: u64,

@@ -14,6 +14,7 @@ use crate::opts::Inject;
 
 pub(crate) mod cluster;
 pub(crate) mod pipe;
+pub(crate) mod pipeline;
 pub(crate) mod ssh;
 pub(crate) mod zmq;
 
@@ -78,6 +79,7 @@ pub(crate) async fn run(name: &str, ctx: &Ctx<'_>) -> Outcome {
         "ssh" => ssh::run(ctx).await,
         "zmq" => zmq::run(ctx).await,
         "cluster" => cluster::run(ctx).await,
+        "pipeline" => pipeline::run(ctx).await,
         other => unreachable!("scenario {other} was validated by the option parser"),
     }
 }

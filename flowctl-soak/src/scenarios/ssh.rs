@@ -80,13 +80,19 @@ use crate::opts::Inject;
 /// Messages are MIN_MESSAGE..=MAX_MESSAGE bytes.
 const MAX_MESSAGE: usize = 8192;
 /// The length prefix of a frame.
-const PREFIX: usize = 4;
+pub(crate) const PREFIX: usize = 4;
 /// The producer batches frames into stdin chunks of about this size.
-const CHUNK: usize = 32 * 1024;
+pub(crate) const CHUNK: usize = 32 * 1024;
 /// The largest chunk the producer hands to stdin.
-const MAX_CHUNK: usize = CHUNK - 1 + PREFIX + MAX_MESSAGE;
+const MAX_CHUNK: usize = max_chunk(MAX_MESSAGE);
+
+/// The largest chunk [`produce`] hands to stdin with messages of at most
+/// `max_message` bytes: it stops adding frames once it has [`CHUNK`] bytes.
+pub(crate) const fn max_chunk(max_message: usize) -> usize {
+    CHUNK - 1 + PREFIX + max_message
+}
 /// SSH packet size (client and server default).
-const MAX_PACKET: usize = 32 * 1024;
+pub(crate) const MAX_PACKET: usize = 32 * 1024;
 /// Extra hashing rounds per frame in the offload, on top of the checksum.
 const HASH_ROUNDS: u64 = 4;
 /// The pipeline must drain this soon after the deadline.
@@ -98,10 +104,10 @@ const DROP_EVERY: Duration = Duration::from_secs(5);
 
 /// One stage's bound and what was seen of it across every session.
 #[derive(Debug)]
-struct Stage {
-    name: &'static str,
-    bound: usize,
-    why: &'static str,
+pub(crate) struct Stage {
+    pub(crate) name: &'static str,
+    pub(crate) bound: usize,
+    pub(crate) why: &'static str,
     seen: StdMutex<Seen>,
 }
 
@@ -111,12 +117,12 @@ struct Seen {
     max: usize,
 }
 
-fn lock<T>(m: &StdMutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &StdMutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Stage {
-    fn new(name: &'static str, bound: usize, why: &'static str) -> Arc<Stage> {
+    pub(crate) fn new(name: &'static str, bound: usize, why: &'static str) -> Arc<Stage> {
         Arc::new(Stage {
             name,
             bound,
@@ -128,17 +134,17 @@ impl Stage {
         })
     }
 
-    fn record(&self, stats: FlowStats) {
+    pub(crate) fn record(&self, stats: FlowStats) {
         let mut seen = lock(&self.seen);
         seen.last = stats;
         seen.max = seen.max.max(stats.max_buffered);
     }
 
-    fn last(&self) -> FlowStats {
+    pub(crate) fn last(&self) -> FlowStats {
         lock(&self.seen).last
     }
 
-    fn max(&self) -> usize {
+    pub(crate) fn max(&self) -> usize {
         lock(&self.seen).max
     }
 }
@@ -169,13 +175,13 @@ impl Stages {
 /// A stage that records its stats after every call (enough for stages whose
 /// buffer only changes when they are driven).
 #[derive(Debug)]
-struct Published<T> {
+pub(crate) struct Published<T> {
     inner: T,
     stage: Arc<Stage>,
 }
 
 impl<T> Published<T> {
-    fn new(inner: T, stage: &Arc<Stage>) -> Self {
+    pub(crate) fn new(inner: T, stage: &Arc<Stage>) -> Self {
         Published {
             inner,
             stage: stage.clone(),
@@ -233,7 +239,7 @@ impl<K: Sink> Sink for Published<K> {
 
 /// Samplers of [`Live`] stages, run by a task on the scenario's runtime;
 /// each returns false once its stage is gone.
-type Samplers = Arc<StdMutex<Vec<Box<dyn Fn() -> bool + Send>>>>;
+pub(crate) type Samplers = Arc<StdMutex<Vec<Box<dyn Fn() -> bool + Send>>>>;
 
 /// A source whose buffer fills in the background (the stdout [`Output`] is
 /// fed by flowctl-ssh's reader task), sampled while nobody reads it, so a
@@ -241,13 +247,13 @@ type Samplers = Arc<StdMutex<Vec<Box<dyn Fn() -> bool + Send>>>>;
 /// holds only a weak reference: the stage is always dropped there.
 ///
 /// [`Output`]: flowctl_ssh::Output
-struct Live<S: Source + 'static> {
+pub(crate) struct Live<S: Source + 'static> {
     inner: Arc<tokio::sync::Mutex<S>>,
     stage: Arc<Stage>,
 }
 
 impl<S: Source + 'static> Live<S> {
-    fn new(inner: S, stage: &Arc<Stage>, samplers: &Samplers) -> Self {
+    pub(crate) fn new(inner: S, stage: &Arc<Stage>, samplers: &Samplers) -> Self {
         let inner = Arc::new(tokio::sync::Mutex::new(inner));
         let weak: Weak<tokio::sync::Mutex<S>> = Arc::downgrade(&inner);
         let sampled = stage.clone();
@@ -304,7 +310,7 @@ impl<S: Source + 'static> Source for Live<S> {
     }
 }
 
-async fn sample(samplers: Samplers) {
+pub(crate) async fn sample(samplers: Samplers) {
     let mut every = tokio::time::interval(Duration::from_millis(20));
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -315,15 +321,15 @@ async fn sample(samplers: Samplers) {
 
 /// A frame after the offload: the message, what it says about itself if its
 /// checksum holds, and the extra hashing's digest.
-struct Verified {
-    msg: Bytes,
-    decoded: Option<Decoded>,
-    digest: u64,
+pub(crate) struct Verified {
+    pub(crate) msg: Bytes,
+    pub(crate) decoded: Option<Decoded>,
+    pub(crate) digest: u64,
 }
 
 /// The CPU-heavy per-frame work, on the blocking pool: the checksum and
 /// [`HASH_ROUNDS`] rounds of SipHash over the whole frame.
-fn verify(frame: BytesMut) -> Verified {
+pub(crate) fn verify(frame: BytesMut) -> Verified {
     let msg = frame.freeze();
     let decoded = decode(&msg);
     let mut digest = 0u64;
@@ -429,12 +435,14 @@ impl<S: Source<Item = Verified>> Source for Verifier<'_, S> {
 
 /// Feeds remote stdin with frames until the deadline, then closes it (EOF).
 /// Returns how many messages stdin accepted, and how it ended.
-async fn produce(
+/// Messages are `MIN_MESSAGE..=max_message` bytes; a chunk is at most
+/// [`max_chunk`]`(max_message)` bytes.
+pub(crate) async fn produce(
     mut stdin: Published<Stdin>,
     producer: u32,
     mut rng: fastrand::Rng,
-    start: Instant,
-    deadline: Instant,
+    (start, deadline): (Instant, Instant),
+    max_message: usize,
 ) -> (u64, Result<(), FlowError>) {
     let mut codec = LengthDelimitedCodec::new();
     let mut seq = 0u64;
@@ -443,10 +451,10 @@ async fn produce(
             return (seq, Err(e));
         }
         // Stamped after `ready`, so latency is the pipeline's, not our wait.
-        let mut chunk = BytesMut::with_capacity(MAX_CHUNK);
+        let mut chunk = BytesMut::with_capacity(max_chunk(max_message));
         let mut n = 0;
         while chunk.len() < CHUNK {
-            let len = rng.usize(MIN_MESSAGE..=MAX_MESSAGE);
+            let len = rng.usize(MIN_MESSAGE..=max_message);
             let msg = encode(producer, seq + n, start.elapsed().as_micros() as u64, len);
             if let Err(e) = codec.encode(msg, &mut chunk) {
                 return (seq, Err(FlowError::Io(e)));
@@ -478,16 +486,16 @@ enum End {
 /// for a WINDOW_ADJUST that the waiting loop never reads. A FIFO between two
 /// commands on two connections ([`Session::exec_isolated`]) keeps the round
 /// trip and gives each direction a session loop of its own.
-struct Remote {
-    session: Session,
+pub(crate) struct Remote {
+    pub(crate) session: Session,
     /// `cat FIFO`: the generator whose stdout we verify.
-    reader: RemoteProcess,
+    pub(crate) reader: RemoteProcess,
     /// `cat > FIFO`: fed by our stdin, on a connection of its own.
-    writer: RemoteProcess,
+    pub(crate) writer: RemoteProcess,
 }
 
 impl Remote {
-    async fn open(config: &SshConfig, fifo: &std::path::Path) -> Result<Remote, String> {
+    pub(crate) async fn open(config: &SshConfig, fifo: &std::path::Path) -> Result<Remote, String> {
         let fifo = fifo.display();
         let session = Session::connect(config.clone())
             .await
@@ -519,7 +527,10 @@ impl Remote {
 }
 
 /// Why a remote command's end is a problem, if it is.
-fn exit_problem(exit: Result<ExitStatus, SshError>, cut_injected: bool) -> Option<String> {
+pub(crate) fn exit_problem(
+    exit: Result<ExitStatus, SshError>,
+    cut_injected: bool,
+) -> Option<String> {
     match exit {
         Ok(status) if status.success() => None,
         Ok(status) => Some(status.to_string()),
@@ -597,8 +608,8 @@ impl Run<'_, '_> {
             Published::new(stdin, &self.stages.stdin),
             producer,
             fastrand::Rng::with_seed(ctx.seed ^ (u64::from(producer) << 32) ^ 0x5353_4800),
-            ctx.start,
-            ctx.deadline,
+            (ctx.start, ctx.deadline),
+            MAX_MESSAGE,
         ));
         let decoder = LengthDelimitedCodec::builder()
             .max_frame_length(MAX_MESSAGE)
@@ -711,7 +722,7 @@ impl Run<'_, '_> {
     }
 }
 
-fn offload_limits() -> Offload {
+pub(crate) fn offload_limits() -> Offload {
     Offload {
         concurrency: 4,
         max_inflight_bytes: 512 * 1024,
@@ -821,7 +832,7 @@ async fn signal(pid: u32, sig: &str) -> Result<(), String> {
 
 /// Starts the embedded server with a throwaway host key, and a client
 /// configuration with a throwaway key that trusts exactly that server.
-async fn embedded(
+pub(crate) async fn embedded(
     dir: &std::path::Path,
     watermarks: Watermarks,
 ) -> Result<(EmbeddedServer, SshConfig), String> {

@@ -21,45 +21,56 @@ fn tmp(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("flowctl-soak-{}-{name}.json", std::process::id()))
 }
 
-// A short clean run passes, and its JSON carries every field tools rely on.
-// Timing is the soak report's business, not this test's: the timer bound is
-// relaxed so that a loaded machine cannot fail it (the figure is still reported).
-#[test]
-fn a_short_pipe_soak_passes_and_reports_every_figure() {
-    let json = tmp("pass");
+/// Runs `--scenario NAME` for `duration` with the timer bound relaxed
+/// (timing is the soak report's business, not a test's: the figure is still
+/// reported), and checks what every passing scenario must report: a PASS,
+/// every figure tools rely on, messages delivered, nothing lost, duplicated,
+/// reordered or corrupted, no leak, at least `min_faults` faults injected and
+/// no stage above its bound. Returns the scenario's JSON and the run's stderr.
+fn passing_run(
+    scenario: &str,
+    duration: &str,
+    seed: u64,
+    min_faults: u64,
+) -> (serde_json::Value, String) {
+    let json = tmp(scenario);
+    let seed = seed.to_string();
     let out = soak(
         &[
             "--duration",
-            "3s",
+            duration,
             "--seed",
-            "7",
+            &seed,
             "--scenario",
-            "pipe",
+            scenario,
             "--timer-bound-ms",
             "600000",
         ],
         &json,
     );
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "soak failed:\n{stdout}\n{stderr}");
     assert!(
-        out.status.success(),
-        "soak failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        stdout.contains("seed 7"),
-        "the seed is printed so a run can be repeated"
+        stdout.contains(&format!("seed {seed}")),
+        "the seed is printed so a run can be repeated: {stdout}"
     );
     let r = report(&json);
-    assert_eq!(r["seed"], 7);
-    assert_eq!(r["passed"], true);
-    let s = &r["scenarios"][0];
-    assert_eq!(s["name"], "pipe");
+    let _ = std::fs::remove_file(json);
+    assert_eq!(r["seed"].to_string(), seed);
+    assert_eq!(r["passed"], true, "{r}");
+    let s = r["scenarios"][0].clone();
+    assert_eq!(s["name"], scenario);
     for field in [
         "messages",
+        "bytes",
         "lost",
         "duplicated",
         "reordered",
+        "corrupted",
+        "in_flight_lost",
+        "dropped_at_most_once",
+        "latency_p99_us",
         "max_buffered",
         "bound",
         "rss_peak",
@@ -70,27 +81,35 @@ fn a_short_pipe_soak_passes_and_reports_every_figure() {
     ] {
         assert!(s[field].is_u64(), "field {field} missing: {s}");
     }
-    assert!(s["messages"].as_u64().unwrap() > 0);
-    assert!(s["faults"].as_u64().unwrap() > 0, "faults were injected");
-    assert!(s["max_buffered"].as_u64() <= s["bound"].as_u64());
-    assert_eq!(s["violations"].as_array().unwrap().len(), 0);
-    let _ = std::fs::remove_file(json);
+    assert!(s["messages"].as_u64().unwrap() > 0, "{s}");
+    for field in ["lost", "duplicated", "reordered", "corrupted", "leaks"] {
+        assert_eq!(s[field], 0, "{field}: {s}");
+    }
+    assert!(
+        s["faults"].as_u64().unwrap() >= min_faults,
+        "at least {min_faults} faults were injected: {s}"
+    );
+    assert!(s["max_buffered"].as_u64() <= s["bound"].as_u64(), "{s}");
+    assert_eq!(s["violations"].as_array().unwrap().len(), 0, "{s}");
+    (s, stderr)
 }
 
-// A stage that drops one message must make the soak fail and name the loss.
-#[test]
-fn a_soak_with_a_dropped_message_fails_and_names_it() {
-    let json = tmp("drop");
+/// Runs `--scenario NAME --inject drop-one`: the consumer silently drops
+/// message 1000, so the soak must fail, say so, and name exactly that loss.
+fn drop_one_fails(scenario: &str, duration: &str) {
+    let json = tmp(&format!("{scenario}-drop"));
     let out = soak(
         &[
             "--duration",
-            "3s",
+            duration,
             "--seed",
             "7",
             "--scenario",
-            "pipe",
+            scenario,
             "--inject",
             "drop-one",
+            "--timer-bound-ms",
+            "600000",
         ],
         &json,
     );
@@ -98,77 +117,38 @@ fn a_soak_with_a_dropped_message_fails_and_names_it() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("soak FAILED (seed 7)"), "{stderr}");
     let r = report(&json);
+    let _ = std::fs::remove_file(json);
     assert_eq!(r["passed"], false);
     let s = &r["scenarios"][0];
-    assert_eq!(s["lost"], 1);
+    assert_eq!(s["lost"], 1, "{s}");
     let violations: Vec<&str> = s["violations"]
         .as_array()
         .unwrap()
         .iter()
         .filter_map(|v| v.as_str())
         .collect();
-    assert!(
-        violations.contains(&"pipe: 1 messages lost"),
-        "{violations:?}"
-    );
-    let _ = std::fs::remove_file(json);
+    let expected = format!("{scenario}: 1 messages lost");
+    assert!(violations.contains(&expected.as_str()), "{violations:?}");
+}
+
+// A short clean run of the core pipe passes, with stalls and cancelled sends.
+#[test]
+fn a_short_pipe_soak_passes_and_reports_every_figure() {
+    passing_run("pipe", "3s", 7, 1);
+}
+
+// A stage that drops one message must make the soak fail and name the loss.
+#[test]
+fn a_soak_with_a_dropped_message_fails_and_names_it() {
+    drop_one_fails("pipe", "3s");
 }
 
 // The zmq scenario on local libzmq peers: PUSH fan-in checked exactly, PUB
-// fan-out at-most-once with its drops counted apart, a peer restarted.
+// fan-out at-most-once with its drops counted apart; stalls and at least one
+// peer restart (the first falls in 20-50% of the run).
 #[test]
 fn a_short_zmq_soak_passes_and_reports_its_at_most_once_drops() {
-    let json = tmp("zmq");
-    // Timing is not a test's business: the timer bound is relaxed.
-    let out = soak(
-        &[
-            "--duration",
-            "4s",
-            "--seed",
-            "11",
-            "--scenario",
-            "zmq",
-            "--timer-bound-ms",
-            "600000",
-        ],
-        &json,
-    );
-    assert!(
-        out.status.success(),
-        "soak failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r = report(&json);
-    assert_eq!(r["passed"], true);
-    let s = &r["scenarios"][0];
-    assert_eq!(s["name"], "zmq");
-    for field in [
-        "messages",
-        "lost",
-        "duplicated",
-        "reordered",
-        "corrupted",
-        "dropped_at_most_once",
-        "max_buffered",
-        "bound",
-        "faults",
-        "leaks",
-    ] {
-        assert!(s[field].is_u64(), "field {field} missing: {s}");
-    }
-    assert!(s["messages"].as_u64().unwrap() > 0);
-    for field in ["lost", "duplicated", "reordered", "corrupted", "leaks"] {
-        assert_eq!(s[field], 0, "{field}: {s}");
-    }
-    // Stalls and at least one peer restart (the first falls in 20-50% of the run).
-    assert!(
-        s["faults"].as_u64().unwrap() >= 2,
-        "faults were injected: {s}"
-    );
-    assert!(s["max_buffered"].as_u64() <= s["bound"].as_u64());
-    assert_eq!(s["violations"].as_array().unwrap().len(), 0);
-    let _ = std::fs::remove_file(json);
+    passing_run("zmq", "4s", 11, 2);
 }
 
 // The ssh scenario on the embedded server: messages make a round trip
@@ -177,57 +157,7 @@ fn a_short_zmq_soak_passes_and_reports_its_at_most_once_drops() {
 // (at-most-once), never as lost, and every stage stays within its bound.
 #[test]
 fn a_short_ssh_soak_passes_and_reports_its_cut_connections() {
-    let json = tmp("ssh");
-    // Timing is not a test's business: the timer bound is relaxed.
-    let out = soak(
-        &[
-            "--duration",
-            "4s",
-            "--seed",
-            "5",
-            "--scenario",
-            "ssh",
-            "--timer-bound-ms",
-            "600000",
-        ],
-        &json,
-    );
-    assert!(
-        out.status.success(),
-        "soak failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r = report(&json);
-    assert_eq!(r["passed"], true);
-    let s = &r["scenarios"][0];
-    assert_eq!(s["name"], "ssh");
-    for field in [
-        "messages",
-        "lost",
-        "duplicated",
-        "reordered",
-        "corrupted",
-        "in_flight_lost",
-        "max_buffered",
-        "bound",
-        "faults",
-        "leaks",
-    ] {
-        assert!(s[field].is_u64(), "field {field} missing: {s}");
-    }
-    assert!(s["messages"].as_u64().unwrap() > 0);
-    for field in ["lost", "duplicated", "reordered", "corrupted", "leaks"] {
-        assert_eq!(s[field], 0, "{field}: {s}");
-    }
-    // At least one connection drop, plus stalls.
-    assert!(
-        s["faults"].as_u64().unwrap() >= 2,
-        "faults were injected: {s}"
-    );
-    assert!(s["max_buffered"].as_u64() <= s["bound"].as_u64());
-    assert_eq!(s["violations"].as_array().unwrap().len(), 0);
-    let _ = std::fs::remove_file(json);
+    passing_run("ssh", "4s", 5, 2);
 }
 
 // The cluster scenario on a local 3-node nats-server cluster it starts:
@@ -237,53 +167,43 @@ fn a_short_ssh_soak_passes_and_reports_its_cut_connections() {
 // servers' /subsz and /connz (a violation otherwise), every node stopped.
 #[test]
 fn a_short_cluster_soak_survives_a_node_kill_exactly_once_in_order() {
-    let json = tmp("cluster");
-    // Timing is not a test's business: the timer bound is relaxed.
-    let out = soak(
-        &[
-            "--duration",
-            "8s",
-            "--seed",
-            "11",
-            "--scenario",
-            "cluster",
-            "--timer-bound-ms",
-            "600000",
-        ],
-        &json,
-    );
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "soak failed:\n{}\n{stderr}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    let (_, stderr) = passing_run("cluster", "8s", 11, 2);
     assert!(stderr.contains("SIGKILLed"), "a node was killed: {stderr}");
-    let r = report(&json);
-    assert_eq!(r["passed"], true);
-    let s = &r["scenarios"][0];
-    assert_eq!(s["name"], "cluster");
-    assert!(s["messages"].as_u64().unwrap() > 0, "{s}");
-    for field in ["lost", "duplicated", "reordered", "corrupted", "leaks"] {
-        assert_eq!(s[field], 0, "{field}: {s}");
-    }
-    // At least one node kill, plus stalls.
-    assert!(
-        s["faults"].as_u64().unwrap() >= 2,
-        "faults were injected: {s}"
-    );
-    assert!(s["max_buffered"].as_u64() <= s["bound"].as_u64());
-    assert_eq!(s["violations"].as_array().unwrap().len(), 0);
-    let _ = std::fs::remove_file(json);
 }
 
-// A scenario whose transport has not landed is refused loudly, not skipped.
+// The pipeline scenario: ssh -> framing -> ordered offload -> zmq PUSH/PULL
+// -> JetStream publish -> pull consume, checked end to end exactly once and
+// in order through consumer stalls, at least one PUSH restart (with linger)
+// and at least one node SIGKILLed and restarted; all seven stages within
+// their bounds, nothing of ours left on the servers.
 #[test]
-fn an_unimplemented_scenario_is_an_error() {
+fn a_short_pipeline_soak_passes_end_to_end_through_every_fault() {
+    let (s, stderr) = passing_run("pipeline", "8s", 13, 3);
+    assert!(stderr.contains("SIGKILLed"), "a node was killed: {stderr}");
+    assert!(
+        stderr.contains("PUSH restarts"),
+        "the hops' counts are printed: {stderr}"
+    );
+    assert_eq!(s["in_flight_lost"], 0, "no connection is cut here: {s}");
+    assert_eq!(s["dropped_at_most_once"], 0, "no hop is at-most-once: {s}");
+}
+
+// The consumer at the end of the whole chain drops one message: the
+// pipeline scenario must fail and name it, like every other.
+#[test]
+fn a_pipeline_soak_with_a_dropped_message_fails_and_names_it() {
+    drop_one_fails("pipeline", "8s");
+}
+
+// An unknown scenario is refused loudly (exit status 2), not skipped.
+#[test]
+fn an_unknown_scenario_is_an_error() {
     let out = Command::new(env!("CARGO_BIN_EXE_flowctl-soak"))
-        .args(["--scenario", "pipeline"])
+        .args(["--scenario", "pipelines"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not implemented yet"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("unknown scenario"), "{stderr}");
+    assert!(stderr.contains("pipeline"), "the list names it: {stderr}");
 }
