@@ -178,7 +178,7 @@ fn a_short_cluster_soak_survives_a_node_kill_exactly_once_in_order() {
 // their bounds, nothing of ours left on the servers.
 #[test]
 fn a_short_pipeline_soak_passes_end_to_end_through_every_fault() {
-    let (s, stderr) = passing_run("pipeline", "8s", 13, 3);
+    let (s, stderr) = passing_run("pipeline", "8s", 13, 2);
     assert!(stderr.contains("SIGKILLed"), "a node was killed: {stderr}");
     assert!(
         stderr.contains("PUSH restarts"),
