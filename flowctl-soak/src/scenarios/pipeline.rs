@@ -203,7 +203,6 @@ struct ZmqHop {
 
 /// The offload's output into PUSH sockets, replacing the socket at each
 /// restart time; announces how many it sent in `done` at the end.
-#[allow(clippy::too_many_arguments)]
 async fn zmq_hop<S: Source<Item = Verified>>(
     mut src: S,
     endpoint: String,
