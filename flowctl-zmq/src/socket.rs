@@ -837,7 +837,7 @@ impl ZmqSink {
                 self.refused += 1;
             }
             // An empty queue is never paused (0 <= low); skip the gate's lock.
-            if self.queue.is_empty() || !self.gate.stats().paused {
+            if self.queue.is_empty() || !self.gate.is_paused() {
                 if waited {
                     self.budget.reset();
                 }
