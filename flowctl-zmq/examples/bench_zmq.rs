@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use flowctl_core::Sink;
+use flowctl_core::{Sink, Source};
 use flowctl_zmq::{Context, SocketType, ZmqSocket};
 use tokio::io::unix::AsyncFd;
 

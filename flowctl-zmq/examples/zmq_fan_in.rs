@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use flowctl_core::{FlowError, FlowStats, Sink, Watermarks};
+use flowctl_core::{FlowError, FlowStats, Sink, Source, Watermarks};
 use flowctl_zmq::{SocketType, ZmqSocket};
 use tokio::time::MissedTickBehavior;
 

@@ -4,7 +4,7 @@
 //!
 //! ```
 //! use bytes::Bytes;
-//! use flowctl_core::Sink;
+//! use flowctl_core::{Sink, Source};
 //! use flowctl_zmq::{SocketType, ZmqSocket};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
@@ -59,12 +59,14 @@
 //!
 //! # Throughput: inherent methods, one lock per batch, no allocation per small frame
 //!
-//! [`ZmqSink::send`]/[`ZmqSink::ready`] and [`ZmqSource::recv`]/
-//! [`ZmqSource::recv_many`] are inherent methods as well as the
-//! [`Sink`](flowctl_core::Sink)/[`Source`](flowctl_core::Source) trait
-//! methods (which call them): a call on the concrete type costs no boxed
-//! future per message. `recv_many` takes what libzmq has ready under one lock
-//! of the socket, still charging every message to both budgets. A send is one
+//! [`ZmqSink::send`] and [`ZmqSink::ready`] are inherent methods as well as
+//! [`Sink`](flowctl_core::Sink) trait methods (which call them): a send on the
+//! concrete type costs no boxed future per message. On the receiving side,
+//! [`Source::recv_many`](flowctl_core::Source::recv_many) is the fast path:
+//! one boxed future per batch, and it takes what libzmq has ready under one
+//! lock of the socket, still charging every message to both budgets. (The
+//! source has no inherent `recv`: it would shadow the trait method and turn
+//! every `use flowctl_core::Source` of existing callers into an unused import.) A send is one
 //! `zmq_send` call per frame. Received frames of up to 512 bytes are copied
 //! into a shared 16 KiB buffer (one reference count per frame instead of an
 //! allocation; a frame kept alive keeps its 16 KiB buffer alive), frames up

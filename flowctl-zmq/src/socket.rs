@@ -1177,29 +1177,32 @@ impl ZmqSource {
         core.after_op(Dir::In)?;
         taken.map(|()| n)
     }
+}
 
-    /// The next message; see [`Source::recv`]. Never `Ok(None)`: a ZeroMQ
-    /// socket has no end. An inherent method, so a call on a `ZmqSource`
-    /// itself costs no boxed future; the [`Source`] impl calls it.
+#[async_trait]
+impl Source for ZmqSource {
+    type Item = Multipart;
+
+    /// The next message. Never `Ok(None)`: a ZeroMQ socket has no end.
     ///
     /// # Errors
     /// [`ZmqError::FrameCount`] for a message of the wrong frame count (it is
     /// consumed, the next call returns the next message),
     /// [`ZmqError::Unsupported`] on a socket type that cannot receive,
-    /// [`FlowError::Closed`] after [`close`](Self::close).
-    pub async fn recv(&mut self) -> Result<Option<Multipart>, FlowError> {
+    /// [`FlowError::Closed`] after [`close`](ZmqSource::close).
+    async fn recv(&mut self) -> Result<Option<Multipart>, FlowError> {
         self.recv_inner().await.map(Some)
     }
 
     /// Waits for one message, then takes up to `max` in all that libzmq has
-    /// ready, each through the fairness budget (it stops early, without
-    /// waiting, when the budget is spent, and the next call yields first).
-    /// See [`Source::recv_many`]; inherent for the same reason as
-    /// [`recv`](Self::recv).
+    /// ready, under one lock of the socket, each through the fairness budget
+    /// (it stops early, without waiting, when the budget is spent, and the
+    /// next call yields first). The fast path for small messages: one boxed
+    /// future per batch instead of one per message.
     ///
     /// # Errors
-    /// As [`recv`](Self::recv); messages appended before the error stay in `buf`.
-    pub async fn recv_many(
+    /// As `recv`; messages appended before the error stay in `buf`.
+    async fn recv_many(
         &mut self,
         buf: &mut Vec<Multipart>,
         max: usize,
@@ -1213,24 +1216,6 @@ impl ZmqSource {
         }
         let more = poll_fn(|cx| Poll::Ready(self.take_ready(cx, buf, max - 1))).await?;
         Ok(1 + more)
-    }
-}
-
-#[async_trait]
-impl Source for ZmqSource {
-    type Item = Multipart;
-
-    async fn recv(&mut self) -> Result<Option<Multipart>, FlowError> {
-        ZmqSource::recv(self).await
-    }
-
-    /// See [`ZmqSource::recv_many`].
-    async fn recv_many(
-        &mut self,
-        buf: &mut Vec<Multipart>,
-        max: usize,
-    ) -> Result<usize, FlowError> {
-        ZmqSource::recv_many(self, buf, max).await
     }
 
     fn stats(&self) -> FlowStats {

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use flowctl_core::{Sink, Watermarks};
+use flowctl_core::{Sink, Source, Watermarks};
 use flowctl_zmq::{Context, SocketType, ZmqSocket};
 
 use crate::peer::{DEADLINE, Peer, message};

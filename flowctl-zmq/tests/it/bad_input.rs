@@ -4,7 +4,7 @@
 use std::str::FromStr;
 
 use bytes::Bytes;
-use flowctl_core::{FlowError, Sink};
+use flowctl_core::{FlowError, Sink, Source};
 use flowctl_zmq::{SocketType, ZmqError, ZmqSocket};
 
 use crate::peer::{Peer, message};

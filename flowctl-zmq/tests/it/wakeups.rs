@@ -4,7 +4,7 @@
 //! lost wake-up hangs the exchange and fails the deadline.
 
 use bytes::Bytes;
-use flowctl_core::Sink;
+use flowctl_core::{Sink, Source};
 use flowctl_zmq::{Context, SocketType, ZmqSocket};
 
 use crate::peer::DEADLINE;
