@@ -71,14 +71,15 @@
 //! into a shared 16 KiB buffer (one reference count per frame instead of an
 //! allocation; a frame kept alive keeps its 16 KiB buffer alive), frames up
 //! to 4 KiB get an allocation of their own and larger frames keep libzmq's
-//! buffer. Measured (PUSH -> PULL over tcp loopback, 1,000,000 x 100 B,
-//! `examples/bench_zmq.rs`, best of 5 on a shared 2-core machine) this moved
-//! flowctl-zmq from 0.58x to 0.69x of raw blocking `zmq`, and callgrind's
-//! count from 4590 to about 4060 instructions per message (raw: 2581). The
-//! remaining difference is mostly per-message work the API asks for: the
-//! `Vec<Bytes>` of each message (allocated by the sender, by us on receipt,
-//! freed by the consumer), the coop and fairness budget per message and the
-//! counters. 64 KiB messages reach 0.9x and more.
+//! buffer. Measured with `examples/bench_zmq.rs` (PUSH -> PULL over tcp
+//! loopback, 1,000,000 x 100 B, 15 alternating runs on a shared 2-core
+//! machine) this took flowctl-zmq from 0.57x to 0.66x of raw blocking `zmq`
+//! (best run of each; medians 0.60x to 0.70x), and callgrind's count from
+//! 4542 to 3831 instructions per message over all threads (raw: 2571). The
+//! rest is mostly per-message work the API asks for: the `Vec<Bytes>` of
+//! each message (allocated by the sender, by us on receipt, freed by the
+//! consumer) and the coop and fairness budget of every message on each side.
+//! 64 KiB messages run at 0.9x and more.
 //!
 //! # Backpressure and memory
 //!
