@@ -28,7 +28,7 @@
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 use crate::error::ZmqError;
 
@@ -202,9 +202,34 @@ fn to_i32(option: &str, value: usize) -> Result<i32, ZmqError> {
     })
 }
 
+/// A kernel buffer size: 1 to `i32::MAX` bytes (libzmq reads 0 and -1 as
+/// "the OS default", which is what leaving the option unset means).
+fn kernel_buffer(option: &str, bytes: usize) -> Result<i32, ZmqError> {
+    if bytes == 0 {
+        return Err(ZmqError::InvalidOption {
+            option: option.into(),
+            value: "0".into(),
+            reason: "a kernel buffer must be at least 1 byte (leave it unset for the OS default)"
+                .into(),
+        });
+    }
+    to_i32(option, bytes)
+}
+
 /// Frames up to this size are copied; larger ones keep libzmq's buffer
 /// (`Bytes::from_owner`), which saves a copy of e.g. 64 KiB for one allocation.
 const COPY_LIMIT: usize = 4096;
+
+/// Frames up to this size are copied into a shared receive buffer (a slab of
+/// [`SLAB_SIZE`] bytes) instead of an allocation of their own: a 100-byte
+/// frame then costs a copy and a reference count, not a `malloc` and a `free`.
+pub(crate) const SLAB_FRAME_LIMIT: usize = 512;
+
+/// The size of a shared receive buffer. A frame kept by the application keeps
+/// its whole slab alive (at most this many bytes per kept frame, as libzmq's
+/// own zero-copy decoder does with its 8 KiB batches); once every frame of a
+/// slab has been dropped, the slab is reused in place.
+pub(crate) const SLAB_SIZE: usize = 16 * 1024;
 
 struct MsgOwner(zmq::Message);
 
@@ -215,9 +240,20 @@ impl AsRef<[u8]> for MsgOwner {
 }
 
 /// Takes the frame out of the reusable `scratch` message.
-fn take_bytes(scratch: &mut zmq::Message) -> Bytes {
-    if scratch.len() <= COPY_LIMIT {
-        Bytes::copy_from_slice(scratch)
+fn take_bytes(scratch: &mut zmq::Message, slab: &mut BytesMut) -> Bytes {
+    let data: &[u8] = scratch;
+    let len = data.len();
+    if len <= SLAB_FRAME_LIMIT {
+        if slab.capacity() - slab.len() < len {
+            // Reuses the slab in place when no frame of it is alive any more,
+            // else allocates a fresh one (the old one lives on in its frames).
+            slab.clear();
+            slab.reserve(SLAB_SIZE);
+        }
+        slab.extend_from_slice(data);
+        slab.split().freeze()
+    } else if len <= COPY_LIMIT {
+        Bytes::copy_from_slice(data)
     } else {
         // `zmq::Message` is plain data (a 64-byte `zmq_msg_t`) and Send; a
         // large frame's payload lives on libzmq's heap and is released when
@@ -233,6 +269,8 @@ pub(crate) struct RawSocket {
     kind: SocketType,
     /// Reused by every receive (zmq_msg_recv releases the previous content).
     scratch: zmq::Message,
+    /// The shared receive buffer of small frames (see [`SLAB_FRAME_LIMIT`]).
+    slab: BytesMut,
 }
 
 impl std::fmt::Debug for RawSocket {
@@ -250,6 +288,7 @@ impl RawSocket {
             sock,
             kind,
             scratch: zmq::Message::new(),
+            slab: BytesMut::new(),
         })
     }
 
@@ -263,6 +302,30 @@ impl RawSocket {
         self.sock
             .set_rcvhwm(to_i32("recv_hwm", msgs)?)
             .map_err(op_err("set ZMQ_RCVHWM"))
+    }
+
+    pub(crate) fn set_sndbuf(&self, bytes: usize) -> Result<(), ZmqError> {
+        self.sock
+            .set_sndbuf(kernel_buffer("send_buffer", bytes)?)
+            .map_err(op_err("set ZMQ_SNDBUF"))
+    }
+
+    pub(crate) fn set_rcvbuf(&self, bytes: usize) -> Result<(), ZmqError> {
+        self.sock
+            .set_rcvbuf(kernel_buffer("recv_buffer", bytes)?)
+            .map_err(op_err("set ZMQ_RCVBUF"))
+    }
+
+    /// `ZMQ_SNDBUF`; `None` for the OS default (libzmq's -1, or 0 before 4.2).
+    pub(crate) fn sndbuf(&self) -> Result<Option<usize>, ZmqError> {
+        let v = self.sock.get_sndbuf().map_err(op_err("get ZMQ_SNDBUF"))?;
+        Ok(usize::try_from(v).ok().filter(|&b| b > 0))
+    }
+
+    /// `ZMQ_RCVBUF`; `None` for the OS default.
+    pub(crate) fn rcvbuf(&self) -> Result<Option<usize>, ZmqError> {
+        let v = self.sock.get_rcvbuf().map_err(op_err("get ZMQ_RCVBUF"))?;
+        Ok(usize::try_from(v).ok().filter(|&b| b > 0))
     }
 
     /// `None` = wait forever (libzmq's -1).
@@ -376,25 +439,48 @@ impl RawSocket {
 
     /// Sends every frame with `ZMQ_DONTWAIT`; `WouldBlock` if the first frame
     /// was refused (then nothing was sent).
-    pub(crate) fn try_send(&self, frames: &[Bytes]) -> Result<Sent, ZmqError> {
+    ///
+    /// Each frame goes through one `zmq_send` call, which copies it into a
+    /// libzmq message (the `zmq` crate's `send` takes five FFI calls for
+    /// the same: init, data, size, send, close).
+    #[allow(unsafe_code)]
+    pub(crate) fn try_send(&mut self, frames: &[Bytes]) -> Result<Sent, ZmqError> {
         let last = frames.len().saturating_sub(1);
+        let sock = self.sock.as_mut_ptr();
         for (i, frame) in frames.iter().enumerate() {
             let flags = if i < last {
-                zmq::DONTWAIT | zmq::SNDMORE
+                zmq_sys::ZMQ_DONTWAIT | zmq_sys::ZMQ_SNDMORE
             } else {
-                zmq::DONTWAIT
+                zmq_sys::ZMQ_DONTWAIT
             };
-            match self.sock.send(&frame[..], flags) {
-                Ok(()) => {}
-                Err(zmq::Error::EAGAIN) if i == 0 => return Ok(Sent::WouldBlock),
-                Err(zmq::Error::EHOSTUNREACH) => {
+            // SAFETY: `sock` is the live socket owned by `self.sock` (closed
+            // only when `self.sock` drops, after this call; `&mut self` makes
+            // this the only user). The buffer is `frame`'s, valid for reads of
+            // `frame.len()` bytes for the duration of the call; libzmq copies
+            // it before returning and keeps no pointer to it (zmq_send(3)).
+            let rc = unsafe {
+                zmq_sys::zmq_send(
+                    sock,
+                    frame.as_ptr().cast(),
+                    frame.len(),
+                    flags as libc::c_int,
+                )
+            };
+            if rc >= 0 {
+                continue;
+            }
+            let errno = zmq::Error::from_raw(
+                // SAFETY: zmq_errno(3) only reads the calling thread's errno.
+                unsafe { zmq_sys::zmq_errno() },
+            );
+            match errno {
+                zmq::Error::EAGAIN if i == 0 => return Ok(Sent::WouldBlock),
+                zmq::Error::EHOSTUNREACH => {
                     return Err(ZmqError::Unroutable {
                         routing_id: frames.first().cloned().unwrap_or_default(),
                     });
                 }
-                Err(e) => {
-                    return Err(op_err("send")(e));
-                }
+                e => return Err(op_err("send")(e)),
             }
         }
         Ok(Sent::Taken)
@@ -409,7 +495,7 @@ impl RawSocket {
         }
         let mut more = self.scratch.get_more();
         let mut frames = Vec::with_capacity(if more { 4 } else { 1 });
-        frames.push(take_bytes(&mut self.scratch));
+        frames.push(take_bytes(&mut self.scratch, &mut self.slab));
         while more {
             // Atomic delivery: the remaining frames are queued already, so
             // DONTWAIT never fails with EAGAIN here; if it did, it is an error.
@@ -417,7 +503,7 @@ impl RawSocket {
                 .recv(&mut self.scratch, zmq::DONTWAIT)
                 .map_err(op_err("recv (next frame)"))?;
             more = self.scratch.get_more();
-            frames.push(take_bytes(&mut self.scratch));
+            frames.push(take_bytes(&mut self.scratch, &mut self.slab));
         }
         Ok(Some(frames))
     }

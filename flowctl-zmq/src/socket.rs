@@ -117,7 +117,6 @@ struct Core {
     ctx: Option<RawContext>,
     kind: SocketType,
     linger: Option<Duration>,
-    endpoints: Vec<String>,
     waiting_in: AtomicBool,
     waiting_out: AtomicBool,
     notify_in: Notify,
@@ -230,10 +229,6 @@ impl Core {
         Ok(false)
     }
 
-    fn stats(&self) -> ZmqStats {
-        self.counters.snapshot()
-    }
-
     /// Takes everything out for closing. The fd leaves the reactor first.
     fn take_parts(&mut self) -> (Option<RawSocket>, Option<RawContext>) {
         drop(self.afd.take());
@@ -307,6 +302,8 @@ pub struct SocketBuilder {
     sndhwm: Option<usize>,
     rcvhwm: Option<usize>,
     linger: Option<Duration>,
+    sndbuf: Option<usize>,
+    rcvbuf: Option<usize>,
     fairness: Fairness,
     frames: Option<usize>,
     routing_id: Option<Bytes>,
@@ -326,6 +323,8 @@ impl SocketBuilder {
             sndhwm: None,
             rcvhwm: None,
             linger: Some(DEFAULT_LINGER),
+            sndbuf: None,
+            rcvbuf: None,
             fairness: Fairness::default(),
             frames: None,
             routing_id: None,
@@ -372,6 +371,40 @@ impl SocketBuilder {
         self
     }
 
+    /// Sets the kernel send buffer (`SO_SNDBUF`, through libzmq's
+    /// `ZMQ_SNDBUF`) of this socket's TCP/IPC connections, in bytes. Unset
+    /// (the default), the operating system's default applies (Linux:
+    /// `net.ipv4.tcp_wmem`, autotuned).
+    ///
+    /// The kernel buffers sit outside every HWM and watermark: bytes in them
+    /// are neither in libzmq's queues nor in ours, and with small messages
+    /// they can hold far more than the HWM (Linux autotunes TCP buffers up to
+    /// megabytes). That makes them the largest part of the latency of a
+    /// loaded zmq link; a smaller buffer bounds it, at some cost in
+    /// throughput. Linux doubles the value for its bookkeeping and caps it
+    /// at `net.core.wmem_max`; [`ZmqSocket::send_buffer`] reads back what
+    /// libzmq holds.
+    ///
+    /// # Errors
+    /// [`build`](Self::build) fails with [`ZmqError::InvalidOption`] for 0
+    /// (leave it unset for the default) or a value above `i32::MAX`.
+    pub fn send_buffer(mut self, bytes: usize) -> Self {
+        self.sndbuf = Some(bytes);
+        self
+    }
+
+    /// Sets the kernel receive buffer (`SO_RCVBUF`, through libzmq's
+    /// `ZMQ_RCVBUF`) of this socket's connections, in bytes; see
+    /// [`send_buffer`](Self::send_buffer). Unset, the operating system's
+    /// default applies (Linux: `net.ipv4.tcp_rmem`, autotuned).
+    ///
+    /// # Errors
+    /// As `send_buffer`.
+    pub fn recv_buffer(mut self, bytes: usize) -> Self {
+        self.rcvbuf = Some(bytes);
+        self
+    }
+
     /// The fairness budget of the receive and send paths.
     pub fn fairness(mut self, fairness: Fairness) -> Self {
         self.fairness = fairness;
@@ -413,7 +446,8 @@ impl SocketBuilder {
 
     /// Sets an option by name, for configuration files: `send_hwm`,
     /// `recv_hwm`, `expected_message_size`, `linger_ms` (`-1` = forever),
-    /// `expect_frames`, `routing_id`, `subscribe`, `bind`, `connect`.
+    /// `send_buffer`, `recv_buffer` (bytes), `expect_frames`, `routing_id`,
+    /// `subscribe`, `bind`, `connect`.
     ///
     /// # Errors
     /// [`ZmqError::InvalidOption`] for an unknown name or a value that does not parse.
@@ -432,6 +466,8 @@ impl SocketBuilder {
             "send_hwm" => self.send_hwm(num()?),
             "recv_hwm" => self.recv_hwm(num()?),
             "expected_message_size" => self.expected_message_size(num()?),
+            "send_buffer" => self.send_buffer(num()?),
+            "recv_buffer" => self.recv_buffer(num()?),
             "expect_frames" => self.expect_frames(num()?),
             "linger_ms" => {
                 if value == "-1" {
@@ -449,7 +485,7 @@ impl SocketBuilder {
             "connect" => self.connect(value),
             _ => {
                 return Err(bad(
-                    "unknown option (known: send_hwm, recv_hwm, expected_message_size, linger_ms, expect_frames, routing_id, subscribe, bind, connect)",
+                    "unknown option (known: send_hwm, recv_hwm, expected_message_size, linger_ms, send_buffer, recv_buffer, expect_frames, routing_id, subscribe, bind, connect)",
                 ));
             }
         })
@@ -477,6 +513,12 @@ impl SocketBuilder {
         sock.set_sndhwm(self.sndhwm.unwrap_or(hwm))?;
         sock.set_rcvhwm(self.rcvhwm.unwrap_or(hwm))?;
         sock.set_linger(self.linger)?;
+        if let Some(bytes) = self.sndbuf {
+            sock.set_sndbuf(bytes)?;
+        }
+        if let Some(bytes) = self.rcvbuf {
+            sock.set_rcvbuf(bytes)?;
+        }
         if let Some(id) = &self.routing_id {
             sock.set_routing_id(id)?;
         }
@@ -518,13 +560,13 @@ impl SocketBuilder {
             "zmq socket ready"
         );
         let counters = Arc::new(Counters::default());
+        let source_counters = counters.clone();
         let core = Arc::new(Core {
             afd: Some(afd),
             sock: Mutex::new(Some(sock)),
             ctx: Some(ctx),
             kind: self.kind,
             linger: self.linger,
-            endpoints,
             waiting_in: AtomicBool::new(false),
             waiting_out: AtomicBool::new(false),
             notify_in: Notify::new(),
@@ -545,7 +587,10 @@ impl SocketBuilder {
                 closed: false,
             },
             source: ZmqSource {
-                core,
+                core: Some(core),
+                kind: self.kind,
+                endpoints,
+                counters: source_counters,
                 budget: Budget::new(self.fairness),
                 yield_due: false,
                 frames: self.frames,
@@ -590,12 +635,31 @@ impl ZmqSocket {
     /// Bound endpoints as resolved by libzmq (with the port chosen for `:*`),
     /// then connected endpoints as given.
     pub fn endpoints(&self) -> &[String] {
-        &self.source.core.endpoints
+        &self.source.endpoints
     }
 
     /// The socket type.
     pub fn kind(&self) -> SocketType {
-        self.source.core.kind
+        self.source.kind
+    }
+
+    /// The kernel send buffer size libzmq applies to this socket's
+    /// connections (`ZMQ_SNDBUF`, read back with `getsockopt`); `None` = the
+    /// operating system's default. See [`SocketBuilder::send_buffer`].
+    ///
+    /// # Errors
+    /// A failed `getsockopt` ([`ZmqError::Socket`]).
+    pub fn send_buffer(&self) -> Result<Option<usize>, FlowError> {
+        self.sink.core()?.with_sock(|s| s.sndbuf())
+    }
+
+    /// The kernel receive buffer size (`ZMQ_RCVBUF`); `None` = the operating
+    /// system's default. See [`SocketBuilder::recv_buffer`].
+    ///
+    /// # Errors
+    /// A failed `getsockopt` ([`ZmqError::Socket`]).
+    pub fn recv_buffer(&self) -> Result<Option<usize>, FlowError> {
+        self.sink.core()?.with_sock(|s| s.rcvbuf())
     }
 }
 
@@ -734,9 +798,34 @@ impl ZmqSink {
 }
 
 impl ZmqSink {
+    /// Resolves when the sink accepts another message; see [`Sink::ready`].
+    /// An inherent method, so a call on a `ZmqSink` itself costs no boxed
+    /// future; the [`Sink`] impl calls it.
+    ///
+    /// # Errors
+    /// [`FlowError::Closed`] after `close`; a queued message libzmq rejected
+    /// for good ([`ZmqError::Unroutable`]).
+    pub async fn ready(&mut self) -> Result<(), FlowError> {
+        self.ready_inner().await
+    }
+
+    /// [`ready`](Self::ready), then [`Sink::start_send`]; see [`Sink::send`].
+    /// Inherent for the same reason as `ready`.
+    ///
+    /// # Errors
+    /// As `ready` and `start_send`.
+    pub async fn send(&mut self, item: Multipart) -> Result<(), FlowError> {
+        self.ready_inner().await?;
+        Sink::start_send(self, item)
+    }
+
     async fn ready_inner(&mut self) -> Result<(), FlowError> {
         self.core()?;
         poll_fn(|cx| self.budget.poll_proceed(cx)).await;
+        if self.queue.is_empty() {
+            // Nothing to push into libzmq, and an empty queue is never paused.
+            return Ok(());
+        }
         let mut waited = false;
         loop {
             // After a refusal, retry only every RETRY_EVERY calls until the
@@ -748,7 +837,7 @@ impl ZmqSink {
                 self.refused += 1;
             }
             // An empty queue is never paused (0 <= low); skip the gate's lock.
-            if self.queue.is_empty() || !self.gate.stats().paused {
+            if self.queue.is_empty() || !self.gate.is_paused() {
                 if waited {
                     self.budget.reset();
                 }
@@ -766,12 +855,11 @@ impl Sink for ZmqSink {
     type Item = Multipart;
 
     async fn ready(&mut self) -> Result<(), FlowError> {
-        self.ready_inner().await
+        ZmqSink::ready(self).await
     }
 
     async fn send(&mut self, item: Multipart) -> Result<(), FlowError> {
-        self.ready_inner().await?;
-        self.start_send(item)
+        ZmqSink::send(self, item).await
     }
 
     fn start_send(&mut self, item: Multipart) -> Result<(), FlowError> {
@@ -869,7 +957,20 @@ impl Sink for ZmqSink {
 /// # Backpressure
 /// Nothing is buffered here: a message leaves libzmq's queue only when
 /// `recv` returns it, so RCVHWM (and then the sender's SNDHWM) carries the
-/// pause to the peer.
+/// pause to the peer. [`stats`](Source::stats) therefore reports `buffered`
+/// (and `max_buffered`) 0: the messages waiting in libzmq's receive queue (up
+/// to RCVHWM) and in the kernel's socket buffer are not ours to count.
+///
+/// # Memory
+/// Frames of up to 512 bytes are copied into a shared 16 KiB receive buffer
+/// (one reference count per frame instead of one allocation): a received
+/// small frame that the application keeps alive keeps its 16 KiB buffer
+/// alive with it. Larger frames up to 4 KiB get an allocation of their own;
+/// above that, a frame keeps libzmq's own buffer (no copy).
+///
+/// # Closing
+/// [`close`](ZmqSource::close) ends this half: later `recv` calls return
+/// [`FlowError::Closed`]. Dropping the source does the same without waiting.
 ///
 /// # Fairness
 /// Every `recv` consumes one unit of tokio's coop budget and is charged to the
@@ -880,7 +981,11 @@ impl Sink for ZmqSink {
 /// A ZeroMQ socket has no end: `recv` never returns `Ok(None)`.
 #[derive(Debug)]
 pub struct ZmqSource {
-    core: Arc<Core>,
+    /// `None` once closed.
+    core: Option<Arc<Core>>,
+    kind: SocketType,
+    endpoints: Vec<String>,
+    counters: Arc<Counters>,
     budget: Budget,
     yield_due: bool,
     frames: Option<usize>,
@@ -901,14 +1006,15 @@ impl ZmqSource {
     }
 
     fn sub_op(&self, topic: &[u8], add: bool) -> Result<(), FlowError> {
-        if self.core.kind != SocketType::Sub {
+        if self.kind != SocketType::Sub {
             return Err(ZmqError::Unsupported {
                 op: if add { "subscribe" } else { "unsubscribe" },
-                socket: self.core.kind.name(),
+                socket: self.kind.name(),
             }
             .into());
         }
-        self.core.with_sock(|s| {
+        let core = self.core()?;
+        core.with_sock(|s| {
             if add {
                 s.subscribe(topic)
             } else {
@@ -916,31 +1022,70 @@ impl ZmqSource {
             }
         })?;
         // Subscribing processed commands: a waiting direction may need a look.
-        self.core.events(None)?;
+        core.events(None)?;
         Ok(())
     }
 
     /// Counters beyond [`FlowStats`].
     pub fn zmq_stats(&self) -> ZmqStats {
-        let mut s = self.core.stats();
+        let mut s = self.counters.snapshot();
         s.recv_yields = self.budget.yields();
         s
     }
 
     /// The socket's endpoints (see [`ZmqSocket::endpoints`]).
     pub fn endpoints(&self) -> &[String] {
-        &self.core.endpoints
+        &self.endpoints
+    }
+
+    /// True once [`close`](Self::close) has run.
+    pub fn is_closed(&self) -> bool {
+        self.core.is_none()
+    }
+
+    /// Closes the receiving half and releases its share of the socket.
+    /// Idempotent; later `recv` calls return [`FlowError::Closed`].
+    ///
+    /// If the sink half is gone (dropped or closed) too, the libzmq socket is
+    /// closed here: messages still in libzmq's receive queue (never returned
+    /// by `recv`, so never accepted) are discarded with it, and with a
+    /// private context this waits (off the async threads) until libzmq has
+    /// terminated, which for a socket with nothing left to send is at once.
+    /// If the sink half is still open, the socket stays open for it: incoming
+    /// messages then wait in libzmq's receive queue, bounded by RCVHWM (a
+    /// full queue pauses the peer, or drops for PUB/SUB), and are discarded
+    /// when the sink closes the socket. Every message `recv` returned before
+    /// `close` is the caller's and is unaffected.
+    ///
+    /// # Errors
+    /// [`FlowError::Transport`] if the task that closes the socket panicked.
+    pub async fn close(&mut self) -> Result<(), FlowError> {
+        let Some(core) = self.core.take() else {
+            return Ok(());
+        };
+        if let Ok(mut core) = Arc::try_unwrap(core) {
+            let (sock, ctx) = core.take_parts();
+            tokio::task::spawn_blocking(move || finish(sock, ctx))
+                .await
+                .map_err(|e| FlowError::transport(format!("linger task failed: {e}")))?;
+            tracing::info!(socket = self.kind.name(), "zmq socket closed");
+        }
+        Ok(())
     }
 }
 
 impl ZmqSource {
+    fn core(&self) -> Result<&Arc<Core>, FlowError> {
+        self.core.as_ref().ok_or(FlowError::Closed)
+    }
+
     fn unsupported(&self) -> Result<(), FlowError> {
-        if self.core.kind.can_recv() {
+        if self.kind.can_recv() {
             return Ok(());
         }
         Err(ZmqError::Unsupported {
             op: "recv",
-            socket: self.core.kind.name(),
+            socket: self.kind.name(),
         }
         .into())
     }
@@ -949,7 +1094,7 @@ impl ZmqSource {
     fn accept(&mut self, msg: Multipart) -> Result<Multipart, FlowError> {
         let weight = msg.weight();
         self.budget.charge(weight);
-        let counters = &self.core.counters;
+        let counters = &self.counters;
         counters.received.fetch_add(1, Ordering::Relaxed);
         if let Some(expected) = self.frames
             && msg.len() != expected
@@ -969,7 +1114,6 @@ impl ZmqSource {
 
     async fn recv_inner(&mut self) -> Result<Multipart, FlowError> {
         self.unsupported()?;
-        let core = self.core.clone();
         if std::mem::take(&mut self.yield_due) {
             // `recv_many` ended the previous slice without yielding: yield now,
             // or the slice's end would be lost.
@@ -979,7 +1123,7 @@ impl ZmqSource {
         let mut waited = false;
         let mut waited_at_once = false;
         loop {
-            if let Some(msg) = core.try_recv()? {
+            if let Some(msg) = self.core()?.try_recv()? {
                 if waited {
                     self.budget.reset();
                 }
@@ -990,8 +1134,48 @@ impl ZmqSource {
                 tokio::task::yield_now().await;
             }
             waited = true;
-            waited_at_once = core.wait(Dir::In).await?;
+            waited_at_once = self.core()?.wait(Dir::In).await?;
         }
+    }
+
+    /// Takes up to `max` messages that libzmq has ready, under one lock of
+    /// the socket, each through the budget; stops early (and marks the yield
+    /// as due) when the budget is spent.
+    fn take_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut Vec<Multipart>,
+        max: usize,
+    ) -> Result<usize, FlowError> {
+        let core = self.core()?.clone();
+        let mut n = 0;
+        let taken = {
+            let mut guard = core.lock()?;
+            let sock = guard.as_mut().ok_or(FlowError::Closed)?;
+            loop {
+                if n == max {
+                    break Ok(());
+                }
+                if self.budget.poll_proceed(cx).is_pending() {
+                    self.yield_due = true;
+                    break Ok(());
+                }
+                match sock.try_recv() {
+                    Ok(Some(msg)) => match self.accept(msg) {
+                        Ok(msg) => {
+                            buf.push(msg);
+                            n += 1;
+                        }
+                        Err(e) => break Err(e),
+                    },
+                    Ok(None) => break Ok(()),
+                    Err(e) => break Err(FlowError::from(e)),
+                }
+            }
+        };
+        // The receives processed libzmq's commands: re-check for the sender.
+        core.after_op(Dir::In)?;
+        taken.map(|()| n)
     }
 }
 
@@ -999,13 +1183,25 @@ impl ZmqSource {
 impl Source for ZmqSource {
     type Item = Multipart;
 
+    /// The next message. Never `Ok(None)`: a ZeroMQ socket has no end.
+    ///
+    /// # Errors
+    /// [`ZmqError::FrameCount`] for a message of the wrong frame count (it is
+    /// consumed, the next call returns the next message),
+    /// [`ZmqError::Unsupported`] on a socket type that cannot receive,
+    /// [`FlowError::Closed`] after [`close`](ZmqSource::close).
     async fn recv(&mut self) -> Result<Option<Multipart>, FlowError> {
         self.recv_inner().await.map(Some)
     }
 
     /// Waits for one message, then takes up to `max` in all that libzmq has
-    /// ready, each through the fairness budget (it stops early, without
-    /// waiting, when the budget is spent).
+    /// ready, under one lock of the socket, each through the fairness budget
+    /// (it stops early, without waiting, when the budget is spent, and the
+    /// next call yields first). The fast path for small messages: one boxed
+    /// future per batch instead of one per message.
+    ///
+    /// # Errors
+    /// As `recv`; messages appended before the error stay in `buf`.
     async fn recv_many(
         &mut self,
         buf: &mut Vec<Multipart>,
@@ -1015,22 +1211,11 @@ impl Source for ZmqSource {
             return Ok(0);
         }
         buf.push(self.recv_inner().await?);
-        let mut n = 1;
-        while n < max {
-            let go = poll_fn(|cx| Poll::Ready(self.budget.poll_proceed(cx).is_ready())).await;
-            if !go {
-                self.yield_due = true;
-                break;
-            }
-            match self.core.try_recv()? {
-                Some(msg) => {
-                    buf.push(self.accept(msg)?);
-                    n += 1;
-                }
-                None => break,
-            }
+        if max == 1 {
+            return Ok(1);
         }
-        Ok(n)
+        let more = poll_fn(|cx| Poll::Ready(self.take_ready(cx, buf, max - 1))).await?;
+        Ok(1 + more)
     }
 
     fn stats(&self) -> FlowStats {

@@ -176,3 +176,34 @@ async fn router_send_to_unknown_routing_id_is_a_clear_error() {
     assert_eq!(tx.stats().buffered, 0);
     tx.flush().await.unwrap();
 }
+
+#[tokio::test]
+async fn invalid_kernel_buffer_sizes_are_clear_errors() {
+    let err = ZmqSocket::builder(SocketType::Push)
+        .send_buffer(0)
+        .build()
+        .unwrap_err();
+    assert!(
+        matches!(zmq_err(&err), ZmqError::InvalidOption { option, .. } if option == "send_buffer"),
+        "{err}"
+    );
+    assert_eq!(
+        err.to_string(),
+        "transport error: invalid value \"0\" for socket option send_buffer: a kernel buffer must be at least 1 byte (leave it unset for the OS default)"
+    );
+    let err = ZmqSocket::builder(SocketType::Pull)
+        .recv_buffer(usize::MAX)
+        .build()
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("recv_buffer") && err.to_string().contains(&i32::MAX.to_string()),
+        "{err}"
+    );
+    let err = ZmqSocket::builder(SocketType::Pull)
+        .option("recv_buffer", "-1")
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("recv_buffer") && err.to_string().contains("non-negative integer"),
+        "{err}"
+    );
+}

@@ -8,10 +8,14 @@ mod patterns;
 mod fairness;
 // Bounded memory: slow pyzmq receiver vs fast PUSH; PUB drops counted.
 mod backpressure;
-// Close without loss: 100,000 messages then close at once.
+// Close without loss: 100,000 messages then close at once; closing a source.
 mod close;
 // Bad input: wrong frame counts, endpoint in use, unknown options and values.
 mod bad_input;
+// Options that reach the kernel: SNDBUF/RCVBUF read back from libzmq and the TCP socket.
+mod options;
+// Received frame sizes around the copy limits, kept intact while later ones arrive.
+mod frames;
 // Send/Sync of the public types.
 mod send_sync;
 // Lost wake-ups: both directions at once, halves in different tasks and threads.
