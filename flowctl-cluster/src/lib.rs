@@ -69,20 +69,30 @@
 //! consumer leader until their `expires` and deliver to the same inbox once
 //! the subscription is back. So the source keeps counting them as demand
 //! until it sees them end (last message, 408/409 status) or their `expires`
-//! (restarted at the reconnect, plus 1 s) has passed; only then does it ask
-//! again. The bound holds through failovers; the price is that demand lost
-//! with a dead consumer leader, or used up by deliveries lost in transit, is
-//! re-issued only after `expires` + 1 s (the resume times below were measured
-//! before this change; the recipe `examples/nats_failover.rs` resumed after
-//! 3.1-6.7 s with `expires` = 2 s).
+//! (restarted at the reconnect, plus 1 s) has passed, or until the leader
+//! says they are gone: after a reconnect or two missed heartbeats the source
+//! asks the consumer leader how many pull requests it holds (consumer info,
+//! `num_waiting`, sent on the connection after every pull it answers for)
+//! and stops counting the ones that are no longer there
+//! (`PullStats::voided`): the leader drops requests whose inbox lost
+//! interest, and a new leader never had them. The bound holds through
+//! failovers, and demand is re-issued as soon as the leader answers instead
+//! of after `expires` + 1 s. The one assumption: the leader has registered
+//! the pulls that reached it before the info request behind them (true of
+//! nats-server 2.9, which handles pulls in the route's read loop and API
+//! requests in a queue after it).
 //!
-//! Measured (`examples/bench_cluster.rs`, release, 2 shared cores): the
-//! consumer's node SIGKILLed while it leads nothing: first new message after
-//! 0.09-2.0 s (2.0 s when deliveries were lost and waited for `ack_wait` = 2 s);
-//! frozen (SIGSTOP): ~3.0 s (three 1 s pings to notice), where async-nats with
-//! its defaults (60 s pings) had not resumed after 60 s. The tests (debug)
-//! show the stream and consumer leader SIGKILLed at ~6-8 s: that is
-//! nats-server 2.9's raft election, not the client.
+//! Measured (`examples/bench_cluster.rs`, release, 2 shared cores, consumer
+//! `ack_wait` 2 s): the consumer's node SIGKILLed while it leads nothing:
+//! first new message after 0.10-0.13 s, or 2.0 s when deliveries were lost
+//! in transit and waited for `ack_wait` (order is kept, so later messages
+//! wait for the redelivery: the resume time is bounded by the consumer's
+//! `ack_wait`, not by this source); frozen (SIGSTOP): 3.0 s (three 1 s
+//! pings to notice), where async-nats with its defaults (60 s pings) had not
+//! resumed after 60 s. Before the probe the same runs took 2.0-6.1 s and
+//! 7-9 s. When the killed node leads the stream or the consumer, the resume
+//! waits for nats-server 2.9's raft election (4-9 s election timeout): the
+//! tests and `examples/nats_failover.rs` show 5-9 s there.
 //!
 //! # Leak-free lifecycle
 //!
@@ -90,8 +100,8 @@
 //! inbox subscription is owned before SUB leaves and the pull task before it
 //! is spawned; a cancel or timeout at any await releases them. Pull requests
 //! already sent cannot be withdrawn in NATS: they die with their `expires`
-//! (keep it short) and the server drops deliveries to an inbox without
-//! interest. Live resources are counted in [`ClusterConfig::ledger`] as
+//! or with the inbox's interest, and the server drops deliveries to an inbox
+//! without interest. Live resources are counted in [`ClusterConfig::ledger`] as
 //! `nats.connection`, `nats.subscription`, `nats.pull_task`,
 //! `nats.publisher`; dropping the [`Cluster`] and what was made from it
 //! brings them to zero (tests check this and the servers' `/subsz`, `/connz`

@@ -126,6 +126,8 @@ impl Weighted for JsMessage {
 /// One pull request that may still be open on the server.
 #[derive(Debug, Clone, Copy)]
 struct Req {
+    /// Issue order: a probe answers for the requests sent before it.
+    id: u64,
     msgs: usize,
     bytes: usize,
     delivered: usize,
@@ -143,7 +145,14 @@ const STRAGGLER_MARGIN: Duration = Duration::from_secs(1);
 enum Cmd {
     Pull(Bytes),
     Ack(Subject),
+    /// Ask the consumer leader how many pull requests it holds, on behalf of
+    /// the requests with an id below this one (all published before it).
+    Probe(u64),
 }
+
+/// A probe's answer: the id it was sent with and the leader's `num_waiting`
+/// (`None`: no answer, e.g. during a leader election).
+type ProbeReply = (u64, Option<usize>);
 
 /// Counters of a [`PullSource`] beyond [`FlowStats`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -162,6 +171,10 @@ pub struct PullStats {
     /// Held-back messages dropped unacked (the server redelivers them) to
     /// make room for the redeliveries that fill a gap within `high`.
     pub evicted: u64,
+    /// Open requests found gone from the consumer leader by a probe after a
+    /// reconnect or missed heartbeats (its consumer info showed fewer waiting
+    /// requests), and so no longer counted as demand before their deadline.
+    pub voided: u64,
 }
 
 /// A JetStream pull consumer as a flowctl [`Source`]; see [`Cluster::consume`].
@@ -191,6 +204,11 @@ pub struct PullSource {
     last_activity: Instant,
     generation: tokio::sync::watch::Receiver<u64>,
     cmd: mpsc::UnboundedSender<Cmd>,
+    probes: mpsc::UnboundedReceiver<ProbeReply>,
+    /// Probes awaiting an answer: one at a time, plus one per reconnect
+    /// (the one before may hang on the dead connection).
+    probing: usize,
+    next_req: u64,
     budget: Budget,
     stats: PullStats,
     failed: Option<ClusterError>,
@@ -290,11 +308,27 @@ impl Cluster {
         }
         // The sender task, counted in the ledger, ends when the source drops.
         let (cmd_tx, mut cmd_rx) = mpsc::unbounded_channel::<Cmd>();
+        let (probe_tx, probe_rx) = mpsc::unbounded_channel::<ProbeReply>();
         let next = format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}");
+        let info = format!("$JS.API.CONSUMER.INFO.{stream}.{consumer}");
         let task_client = client.clone();
         let task_inbox: Subject = inbox.clone().into();
         let handle = shared.ledger.spawn("nats.pull_task", async move {
-            while let Some(cmd) = cmd_rx.recv().await {
+            // Probes wait for an answer (up to the client's request timeout,
+            // longer than a hung connection takes to be noticed): beside the
+            // commands, so pulls and acks never queue behind one.
+            let mut probes = futures::stream::FuturesUnordered::new();
+            loop {
+                let cmd = tokio::select! {
+                    cmd = cmd_rx.recv() => match cmd {
+                        Some(cmd) => cmd,
+                        None => break,
+                    },
+                    Some(reply) = probes.next(), if !probes.is_empty() => {
+                        let _ = probe_tx.send(reply);
+                        continue;
+                    }
+                };
                 let r = match cmd {
                     Cmd::Pull(body) => {
                         task_client
@@ -302,6 +336,21 @@ impl Cluster {
                             .await
                     }
                     Cmd::Ack(reply) => task_client.publish(reply, Bytes::from_static(b"+ACK")).await,
+                    Cmd::Probe(id) => {
+                        // Queued on the connection after every pull sent
+                        // before it: the leader has them when it answers.
+                        let client = task_client.clone();
+                        let info = info.clone();
+                        probes.push(async move {
+                            let waiting = client
+                                .request(info, Bytes::new())
+                                .await
+                                .ok()
+                                .and_then(|m| num_waiting(&m.payload));
+                            (id, waiting)
+                        });
+                        Ok(())
+                    }
                 };
                 if let Err(e) = r {
                     tracing::debug!(error = %e, "pull source: publish failed (the connection is gone)");
@@ -342,6 +391,9 @@ impl Cluster {
             last_activity: Instant::now(),
             generation,
             cmd: cmd_tx,
+            probes: probe_rx,
+            probing: 0,
+            next_req: 0,
             stats: PullStats::default(),
             failed: None,
             _lease: lease,
@@ -364,6 +416,37 @@ fn parse_ack(reply: &str) -> Option<(u64, u64, u64)> {
     let sseq = t.get(base + 1)?.parse().ok()?;
     let cseq = t.get(base + 2)?.parse().ok()?;
     Some((delivered, sseq, cseq))
+}
+
+/// Forgets requests sent before a probe (`id < upto`) beyond the `waiting`
+/// ones the leader still holds, keeping those with the most bytes left.
+/// Returns how many were forgotten.
+fn void_gone(reqs: &mut VecDeque<Req>, upto: u64, waiting: usize) -> u64 {
+    let mut old: Vec<(usize, u64)> = reqs
+        .iter()
+        .filter(|r| r.id < upto)
+        .map(|r| (r.bytes, r.id))
+        .collect();
+    if old.len() <= waiting {
+        return 0;
+    }
+    old.sort_unstable();
+    let gone: Vec<u64> = old[..old.len() - waiting]
+        .iter()
+        .map(|&(_, id)| id)
+        .collect();
+    let before = reqs.len();
+    reqs.retain(|r| !gone.contains(&r.id));
+    (before - reqs.len()) as u64
+}
+
+/// `num_waiting` of a consumer info response; `None` for an error response.
+fn num_waiting(payload: &[u8]) -> Option<usize> {
+    let v: serde_json::Value = serde_json::from_slice(payload).ok()?;
+    if v.get("error").is_some() {
+        return None;
+    }
+    v.get("num_waiting")?.as_u64().map(|n| n as usize)
 }
 
 fn header_num(m: &async_nats::Message, name: &str) -> usize {
@@ -465,11 +548,13 @@ impl PullSource {
             return false;
         }
         self.reqs.push_back(Req {
+            id: self.next_req,
             msgs: batch,
             bytes: max_bytes,
             delivered: 0,
             deadline: Instant::now() + self.opts.expires + STRAGGLER_MARGIN,
         });
+        self.next_req += 1;
         self.oversize = false;
         self.stats.pulls += 1;
         self.last_activity = Instant::now();
@@ -501,6 +586,37 @@ impl PullSource {
             }
         }
         self.expire_requests();
+        if !self.reqs.is_empty()
+            && (self.probing == 0 || reconnected)
+            && self.cmd.send(Cmd::Probe(self.next_req)).is_ok()
+        {
+            self.probing += 1;
+        }
+        self.maybe_pull();
+    }
+
+    /// A probe's answer: the leader holds `waiting` pull requests. Requests
+    /// this source sent before the probe that the leader no longer holds
+    /// cannot deliver any more (the leader dropped them when their inbox lost
+    /// interest, or a new leader never had them): stop counting them. When
+    /// fewer are gone than were sent, the ones with the most bytes left are
+    /// kept (the estimate errs towards counting too much).
+    fn on_probe(&mut self, (upto, waiting): ProbeReply) {
+        self.probing = self.probing.saturating_sub(1);
+        let Some(waiting) = waiting else {
+            tracing::debug!(stream = %self.stream, consumer = %self.consumer, "probe unanswered; open requests count until their deadline");
+            return;
+        };
+        if self.reqs.iter().filter(|r| r.id < upto).count() <= waiting {
+            return;
+        }
+        // Take in what already arrived for them before forgetting them.
+        while let Some(Some(m)) = self.sub.next().now_or_never() {
+            self.on_message(m);
+        }
+        let voided = void_gone(&mut self.reqs, upto, waiting);
+        self.stats.voided += voided;
+        tracing::debug!(stream = %self.stream, consumer = %self.consumer, voided, waiting, "open requests gone from the consumer leader");
         self.maybe_pull();
     }
 
@@ -742,6 +858,7 @@ impl Source for PullSource {
                     Some(m) => self.on_message(m),
                     None => return Err(FlowError::Closed),
                 },
+                Some(p) = self.probes.recv() => self.on_probe(p),
                 r = self.generation.changed() => {
                     if r.is_ok() {
                         self.generation.borrow_and_update();
@@ -765,6 +882,50 @@ impl Source for PullSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn req(id: u64, bytes: usize) -> Req {
+        Req {
+            id,
+            msgs: 16,
+            bytes,
+            delivered: 0,
+            deadline: Instant::now(),
+        }
+    }
+
+    fn ids(reqs: &VecDeque<Req>) -> Vec<u64> {
+        reqs.iter().map(|r| r.id).collect()
+    }
+
+    #[test]
+    fn a_probe_voids_only_requests_sent_before_it_and_gone() {
+        // None left on the leader: every request older than the probe goes;
+        // one sent after it stays whatever the answer.
+        let mut reqs: VecDeque<Req> = [req(3, 100), req(4, 100), req(5, 100)].into();
+        assert_eq!(void_gone(&mut reqs, 5, 0), 2);
+        assert_eq!(ids(&reqs), [5]);
+        // One of two still waiting: the one with more bytes left is kept.
+        let mut reqs: VecDeque<Req> = [req(3, 10), req(4, 900)].into();
+        assert_eq!(void_gone(&mut reqs, 5, 1), 1);
+        assert_eq!(ids(&reqs), [4]);
+        // As many waiting as were sent: nothing is forgotten.
+        let mut reqs: VecDeque<Req> = [req(3, 10), req(4, 900)].into();
+        assert_eq!(void_gone(&mut reqs, 5, 2), 0);
+        assert_eq!(void_gone(&mut reqs, 5, 7), 0);
+        assert_eq!(ids(&reqs), [3, 4]);
+    }
+
+    #[test]
+    fn reads_num_waiting() {
+        assert_eq!(
+            num_waiting(
+                br#"{"type":"io.nats.jetstream.api.v1.consumer_info_response","num_waiting":2}"#
+            ),
+            Some(2)
+        );
+        assert_eq!(num_waiting(br#"{"error":{"code":503,"description":"JetStream system temporarily unavailable"}}"#), None);
+        assert_eq!(num_waiting(b"garbage"), None);
+    }
 
     #[test]
     fn parses_ack_subjects() {
