@@ -252,7 +252,7 @@ impl RemoteProcess {
         config.ledger.spawn(
             LEDGER_TASK,
             tracing::Instrument::instrument(
-                write_stdin(p.stdin, write, p.progress, p.done_rx, p.cancel),
+                write_stdin(Some(write), p.stdin, p.progress, p.done_rx, p.cancel),
                 span,
             ),
         );
@@ -402,39 +402,62 @@ pub(crate) struct StdinProgress {
     pub(crate) eof: bool,
 }
 
-/// The stdin writer: hands each chunk to russh, which waits for the peer's
-/// window, so at most high watermark + one chunk is held here.
-async fn write_stdin(
+/// Where a backend's stdin task writes: a russh channel, or the pipe into
+/// the `ssh` client of the OpenSSH backend.
+pub(crate) trait StdinWriter: Send {
+    /// Hands one chunk over, waiting for room (the peer's window or the pipe).
+    fn write(&mut self, chunk: Bytes) -> impl Future<Output = std::io::Result<()>> + Send;
+    /// Sends EOF; `true` if it went out.
+    fn eof(self) -> impl Future<Output = bool> + Send;
+}
+
+impl StdinWriter for Arc<ChannelWriteHalf<Msg>> {
+    async fn write(&mut self, chunk: Bytes) -> std::io::Result<()> {
+        self.data_bytes(chunk).await.map_err(std::io::Error::other)
+    }
+
+    async fn eof(self) -> bool {
+        ChannelWriteHalf::eof(&self).await.is_ok()
+    }
+}
+
+/// The stdin writer of both backends: hands each chunk to `writer`, which
+/// waits for room, so at most high watermark + one chunk is held here. Ends
+/// (sending EOF) when the pipe is closed, and stops without EOF when the
+/// process is done or the session is cancelled.
+pub(crate) async fn write_stdin<W: StdinWriter>(
+    writer: Option<W>,
     mut rx: PipeSource<Bytes>,
-    write: Arc<ChannelWriteHalf<Msg>>,
     progress: watch::Sender<StdinProgress>,
     mut done: watch::Receiver<bool>,
     mut cancel: watch::Receiver<()>,
 ) {
-    loop {
-        let item = tokio::select! {
-            _ = cancel.changed() => break,
-            _ = done.wait_for(|d| *d) => break,
-            item = rx.recv() => item,
-        };
-        match item {
-            Ok(Some(chunk)) => {
-                let len = chunk.len() as u64;
-                let sent = tokio::select! {
-                    _ = cancel.changed() => break,
-                    _ = done.wait_for(|d| *d) => break,
-                    r = write.data_bytes(chunk) => r,
-                };
-                if let Err(e) = sent {
-                    tracing::debug!(error = %e, "stdin write failed");
+    if let Some(mut w) = writer {
+        loop {
+            let item = tokio::select! {
+                _ = cancel.changed() => break,
+                _ = done.wait_for(|d| *d) => break,
+                item = rx.recv() => item,
+            };
+            match item {
+                Ok(Some(chunk)) => {
+                    let len = chunk.len() as u64;
+                    let sent = tokio::select! {
+                        _ = cancel.changed() => break,
+                        _ = done.wait_for(|d| *d) => break,
+                        r = w.write(chunk) => r,
+                    };
+                    if let Err(e) = sent {
+                        tracing::debug!(error = %e, "stdin write failed");
+                        break;
+                    }
+                    progress.send_modify(|p| p.written += len);
+                }
+                Ok(None) | Err(_) => {
+                    let eof = w.eof().await;
+                    progress.send_modify(|p| p.eof = eof);
                     break;
                 }
-                progress.send_modify(|p| p.written += len);
-            }
-            Ok(None) | Err(_) => {
-                let eof = write.eof().await.is_ok();
-                progress.send_modify(|p| p.eof = eof);
-                break;
             }
         }
     }

@@ -9,15 +9,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use flowctl_core::PipeSink;
 use flowctl_core::lifecycle::Lease;
-use flowctl_core::{PipeSink, PipeSource};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
 use crate::config::{Auth, HostKeyPolicy, SshConfig};
 use crate::error::SshError;
 use crate::process::{
-    ExitStatus, Outcome, Plumbing, RemoteProcess, StdinProgress, deliver, plumbing, room,
+    ExitStatus, Outcome, Plumbing, RemoteProcess, StdinWriter, deliver, plumbing, room, write_stdin,
 };
 use crate::session::{LEDGER_SESSION, LEDGER_TASK};
 
@@ -543,45 +543,16 @@ async fn read_outputs(t: ReadTask) {
     let _ = done.send(true);
 }
 
-/// Writes stdin chunks into the mux client's stdin pipe (which the master
-/// reads only as the server's window allows); closing the pipe is EOF.
-async fn write_stdin(
-    writer: Option<openssh::ChildStdin>,
-    mut rx: PipeSource<Bytes>,
-    progress: watch::Sender<StdinProgress>,
-    mut done: watch::Receiver<bool>,
-    mut cancel: watch::Receiver<()>,
-) {
-    if let Some(mut w) = writer {
-        loop {
-            let item = tokio::select! {
-                _ = cancel.changed() => break,
-                _ = done.wait_for(|d| *d) => break,
-                item = rx.recv() => item,
-            };
-            match item {
-                Ok(Some(chunk)) => {
-                    let len = chunk.len() as u64;
-                    let sent = tokio::select! {
-                        _ = cancel.changed() => break,
-                        _ = done.wait_for(|d| *d) => break,
-                        r = w.write_all(&chunk) => r,
-                    };
-                    if let Err(e) = sent {
-                        tracing::debug!(error = %e, "stdin write failed");
-                        break;
-                    }
-                    progress.send_modify(|p| p.written += len);
-                }
-                Ok(None) | Err(_) => {
-                    let eof = close_pipe(w).await;
-                    progress.send_modify(|p| p.eof = eof);
-                    break;
-                }
-            }
-        }
+/// The mux client's stdin pipe (which the master reads only as the server's
+/// window allows); closing the pipe is EOF.
+impl StdinWriter for openssh::ChildStdin {
+    async fn write(&mut self, chunk: Bytes) -> std::io::Result<()> {
+        self.write_all(&chunk).await
     }
-    progress.send_modify(|p| p.finished = true);
+
+    async fn eof(self) -> bool {
+        close_pipe(self).await
+    }
 }
 
 async fn close_pipe<W: AsyncWrite + Unpin>(mut w: W) -> bool {
