@@ -249,6 +249,8 @@
 //!   only its configuration and error types.
 //! - `server`: `server::EmbeddedServer`, an in-process SSH server that runs
 //!   commands with `sh -c` and respects backpressure both ways (tests, soak).
+//! - `testing`: [`testing::Sshd`], a real OpenSSH `sshd` on a free loopback
+//!   port, stopped by pid (this crate's tests, the soak's `--sshd`).
 //! - `rsa`: RSA user and host keys (russh's `rsa` feature; longer build).
 //! - `openssh`: [`Backend::OpenSsh`], the system `ssh` as a ControlMaster
 //!   through the `openssh` crate (process-mux). It enables `russh` too, for
@@ -272,6 +274,8 @@ pub mod server;
 mod session;
 #[cfg(feature = "openssh")]
 mod system;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 #[cfg(feature = "russh")]
 pub use process::{Exit, ExitStatus, Output, RemoteProcess, Stdin};

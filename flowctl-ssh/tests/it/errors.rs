@@ -124,6 +124,13 @@ async fn connection_dropped_mid_stream_counts_delivered_bytes() {
     dropped_mid_stream(Fixture::start(Kind::Embedded).await).await
 }
 
+/// The same against OpenSSH's sshd: the connection's sshd processes are
+/// SIGKILLed (what the soak's `--sshd` does to inject a drop).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sshd_connection_dropped_mid_stream_counts_delivered_bytes() {
+    dropped_mid_stream(Fixture::start(Kind::Sshd).await).await
+}
+
 /// The same with the openssh backend (the system ssh client as master)
 /// against the embedded server, which can cut connections on demand.
 #[cfg(feature = "openssh")]
@@ -142,7 +149,7 @@ async fn dropped_mid_stream(fx: Fixture) {
     while got < 1024 * 1024 {
         got += p.stdout.recv().await.unwrap().unwrap().len() as u64;
     }
-    fx.embedded.as_ref().unwrap().drop_connections();
+    fx.drop_connections();
     let err = loop {
         match p.stdout.recv().await {
             Ok(Some(chunk)) => got += chunk.len() as u64,

@@ -1,15 +1,13 @@
 //! Real peers for the tests: [`Fixture::embedded`] and [`Fixture::sshd`].
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use flowctl_core::Watermarks;
 use flowctl_core::lifecycle::Ledger;
 use flowctl_ssh::server::{EmbeddedServer, ServerConfig};
-use std::sync::{Arc, Mutex};
 
+use flowctl_ssh::testing::Sshd;
 use flowctl_ssh::{Auth, Backend, SshConfig};
 
 /// Which server a fixture runs.
@@ -39,20 +37,11 @@ pub(crate) struct Fixture {
 }
 
 pub(crate) fn ssh_keygen(path: &Path) {
-    let tool = std::env::var("FLOWCTL_SSH_KEYGEN").unwrap_or_else(|_| "ssh-keygen".into());
-    let st = Command::new(&tool)
-        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-        .arg(path)
-        .status()
-        .unwrap_or_else(|e| {
-            panic!("cannot run {tool} ({e}): run `cargo xtask setup` (installs openssh-client)")
-        });
-    assert!(st.success(), "ssh-keygen failed");
+    flowctl_ssh::testing::ssh_keygen(path).unwrap_or_else(|e| panic!("{e}"));
 }
 
 fn user() -> String {
-    let out = Command::new("id").arg("-un").output().expect("id -un");
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    flowctl_ssh::testing::current_user().unwrap_or_else(|e| panic!("{e}"))
 }
 
 impl Fixture {
@@ -99,17 +88,12 @@ impl Fixture {
         let dir = tempfile::tempdir().expect("tempdir");
         let key = dir.path().join("id");
         ssh_keygen(&key);
-        let sshd = Sshd::start(dir.path(), &key, extra);
+        let sshd = Sshd::start(dir.path(), &key, extra).unwrap_or_else(|e| panic!("{e}"));
         let known_hosts = dir.path().join("known_hosts");
-        let host_pub = std::fs::read_to_string(dir.path().join("host_key.pub")).unwrap();
-        std::fs::write(
-            &known_hosts,
-            format!("[127.0.0.1]:{} {}\n", sshd.port, host_pub.trim()),
-        )
-        .unwrap();
+        std::fs::write(&known_hosts, format!("{}\n", sshd.known_hosts_line())).unwrap();
         Fixture {
             kind: Kind::Sshd,
-            addr: format!("127.0.0.1:{}", sshd.port),
+            addr: sshd.addr(),
             key,
             known_hosts,
             user: user(),
@@ -140,64 +124,19 @@ impl Fixture {
         self
     }
 
+    /// Cuts every live connection from the server side.
+    pub(crate) fn drop_connections(&self) {
+        if let Some(e) = &self.embedded {
+            e.drop_connections();
+        }
+        if let Some(s) = &self.sshd {
+            assert!(s.drop_connections() > 0, "no connection to cut");
+        }
+    }
+
     pub(crate) fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
-}
-
-/// An OpenSSH sshd on a free loopback port, killed by pid on drop.
-pub(crate) struct Sshd {
-    child: Child,
-    pub(crate) port: u16,
-    /// Every line sshd logged so far.
-    pub(crate) log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Sshd {
-    /// How many lines sshd logged that contain `needle`.
-    #[allow(dead_code)]
-    pub(crate) fn count(&self, needle: &str) -> usize {
-        self.log
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .filter(|l| l.contains(needle))
-            .count()
-    }
-
-    /// Every line sshd logged that contains any of `needles`.
-    #[allow(dead_code)]
-    pub(crate) fn lines_with(&self, needles: &[&str]) -> Vec<String> {
-        self.log
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .filter(|l| needles.iter().any(|n| l.contains(n)))
-            .cloned()
-            .collect()
-    }
-
-    /// Whether sshd logged a line containing `needle`.
-    #[allow(dead_code)]
-    pub(crate) fn logged(&self, needle: &str) -> bool {
-        self.log
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .any(|l| l.contains(needle))
-    }
-}
-
-pub(crate) fn sshd_binary() -> PathBuf {
-    let path = std::env::var_os("FLOWCTL_SSHD")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/usr/sbin/sshd"));
-    assert!(
-        path.exists(),
-        "sshd not found at {}: run `cargo xtask setup` (installs openssh-server)",
-        path.display()
-    );
-    path
 }
 
 pub(crate) fn free_port() -> u16 {
@@ -205,101 +144,6 @@ pub(crate) fn free_port() -> u16 {
     l.local_addr().unwrap().port()
 }
 
-impl Sshd {
-    fn start(dir: &Path, client_key: &Path, extra: &str) -> Sshd {
-        let bin = sshd_binary();
-        // sshd insists on its privilege-separation directory when run as root.
-        let _ = std::fs::create_dir_all("/run/sshd");
-        let host_key = dir.join("host_key");
-        ssh_keygen(&host_key);
-        let mut pub_path = client_key.as_os_str().to_owned();
-        pub_path.push(".pub");
-        std::fs::copy(&pub_path, dir.join("authorized_keys")).unwrap();
-        // A port that was free a moment ago may be taken by then: retry a few.
-        let mut last_err = String::new();
-        for _ in 0..5 {
-            let port = free_port();
-            let config = dir.join("sshd_config");
-            std::fs::write(
-                &config,
-                format!(
-                    "ListenAddress 127.0.0.1:{port}\nHostKey {hk}\nAuthorizedKeysFile {ak}\n\
-                     UsePAM no\nStrictModes no\nPidFile none\nPasswordAuthentication no\n\
-                     KbdInteractiveAuthentication no\nPubkeyAuthentication yes\nPermitRootLogin yes\n\
-                     MaxStartups 100\nMaxSessions 100\nLogLevel INFO\nPrintMotd no\nUseDNS no\n{extra}",
-                    hk = host_key.display(),
-                    ak = dir.join("authorized_keys").display(),
-                ),
-            )
-            .unwrap();
-            let mut child = Command::new(&bin)
-                .arg("-D")
-                .arg("-e")
-                .arg("-f")
-                .arg(&config)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
-            let stderr = child.stderr.take().unwrap();
-            let (tx, rx) = std::sync::mpsc::channel();
-            let log = Arc::new(Mutex::new(Vec::new()));
-            let log2 = log.clone();
-            // Reads sshd's log: reports the first "Server listening" (or
-            // the end), then keeps draining so sshd never blocks on stderr.
-            std::thread::spawn(move || {
-                let mut told = false;
-                for line in BufReader::new(stderr).lines() {
-                    let Ok(line) = line else { break };
-                    log2.lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .push(line.clone());
-                    if !told && line.contains("Server listening") {
-                        let _ = tx.send(Ok(()));
-                        told = true;
-                    } else if !told {
-                        let _ = tx.send(Err(line));
-                    }
-                }
-                if !told {
-                    let _ = tx.send(Err("sshd exited".into()));
-                }
-            });
-            let deadline = Instant::now() + Duration::from_secs(20);
-            loop {
-                let left = deadline.saturating_duration_since(Instant::now());
-                match rx.recv_timeout(left) {
-                    Ok(Ok(())) => return Sshd { child, port, log },
-                    Ok(Err(line)) => {
-                        last_err.push_str(&line);
-                        last_err.push('\n');
-                        if line == "sshd exited" {
-                            let _ = child.wait();
-                            break;
-                        }
-                    }
-                    Err(_) => {
-                        let _ = child.kill();
-                        let _ = child.wait();
-                        panic!("sshd did not print \"Server listening\" within 20 s: {last_err}");
-                    }
-                }
-            }
-        }
-        panic!("sshd failed to start: {last_err}");
-    }
-}
-
-impl Drop for Sshd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Polls `cond` until it holds, failing after `limit` (not a timing
-/// assertion: a generous bound so a broken test ends).
 pub(crate) async fn until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !cond() {
