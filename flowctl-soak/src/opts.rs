@@ -6,6 +6,10 @@ use std::time::Duration;
 /// Every scenario the soak knows, in the order `all` runs them.
 pub(crate) const SCENARIOS: &[&str] = &["pipe", "ssh", "zmq", "cluster", "pipeline"];
 
+/// The `ssh` scenario against OpenSSH's sshd: not in `all`, added by `--sshd`
+/// (next to `ssh`) or named with `--scenario`.
+pub(crate) const SSH_SSHD: &str = "ssh-sshd";
+
 /// A deliberate bug, so that a test can prove the soak fails and names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Inject {
@@ -44,10 +48,13 @@ pub(crate) struct Nats {
 pub(crate) const TIMER_P99_BOUND_US: u64 = 50_000;
 
 pub(crate) const USAGE: &str = "\
-usage: flowctl-soak [--duration D] [--seed N] [--scenario NAME[,NAME...]] [--json FILE] [--plot DIR]
+usage: flowctl-soak [--duration D] [--seed N] [--scenario NAME[,NAME...]] [--sshd] [--json FILE] [--plot DIR]
   --duration D     total run time, split between scenarios: 90s, 10m, 1h (default 60s)
   --seed N         seed of the fault schedule and payloads (default: from the clock; printed)
-  --scenario NAME  all (default) or a comma-separated list of: pipe, ssh, zmq, cluster, pipeline
+  --scenario NAME  all (default) or a comma-separated list of: pipe, ssh, zmq, cluster, pipeline,
+                   ssh-sshd (the ssh scenario against OpenSSH's sshd)
+  --sshd           also run the ssh scenario against OpenSSH's sshd (ssh-sshd, after ssh), started
+                   on a free loopback port (installed by `cargo xtask setup`)
   --json FILE      write the report as JSON
   --plot DIR       write SVG charts of buffered bytes and RSS over time
   --timer-bound-ms N  p99 lateness allowed to the 1 ms timer on each scenario's thread (default 50)
@@ -90,6 +97,7 @@ impl Opts {
             timer_bound_us: TIMER_P99_BOUND_US,
             nats: None,
         };
+        let mut sshd = false;
         let mut args = args.into_iter();
         while let Some(flag) = args.next() {
             let mut value = || {
@@ -122,6 +130,7 @@ impl Opts {
                         .map_err(|_| format!("bad --timer-bound-ms {v:?}: expected an integer"))?;
                     opts.timer_bound_us = ms * 1000;
                 }
+                "--sshd" => sshd = true,
                 "--nats" => opts.nats.get_or_insert_with(Nats::default).urls = list(&value()?),
                 "--nats-monitor" => {
                     opts.nats.get_or_insert_with(Nats::default).monitor = list(&value()?);
@@ -129,6 +138,14 @@ impl Opts {
                 "-h" | "--help" => return Err(USAGE.to_string()),
                 other => return Err(format!("unknown option {other:?}\n{USAGE}")),
             }
+        }
+        if sshd && !opts.scenarios.contains(&SSH_SSHD) {
+            let at = opts
+                .scenarios
+                .iter()
+                .position(|s| *s == "ssh")
+                .map_or(opts.scenarios.len(), |i| i + 1);
+            opts.scenarios.insert(at, SSH_SSHD);
         }
         if let Some(n) = &opts.nats
             && n.urls.is_empty()
@@ -158,11 +175,12 @@ fn parse_scenarios(list: &str) -> Result<Vec<&'static str>, String> {
         .map(|name| {
             SCENARIOS
                 .iter()
+                .chain([&SSH_SSHD])
                 .find(|s| **s == name)
                 .copied()
                 .ok_or_else(|| {
                     format!(
-                        "unknown scenario {name:?}; available: {}",
+                        "unknown scenario {name:?}; available: {}, {SSH_SSHD}",
                         SCENARIOS.join(", ")
                     )
                 })
@@ -221,6 +239,20 @@ mod tests {
             vec!["pipeline"]
         );
         assert_eq!(parse(&["--scenario", "all"]).unwrap().scenarios, SCENARIOS);
+        assert_eq!(
+            parse(&["--sshd"]).unwrap().scenarios,
+            ["pipe", "ssh", "ssh-sshd", "zmq", "cluster", "pipeline"]
+        );
+        assert_eq!(
+            parse(&["--scenario", "zmq", "--sshd"]).unwrap().scenarios,
+            ["zmq", "ssh-sshd"]
+        );
+        assert_eq!(
+            parse(&["--scenario", "ssh-sshd", "--sshd"])
+                .unwrap()
+                .scenarios,
+            ["ssh-sshd"]
+        );
         assert_eq!(parse(&[]).unwrap().scenarios.last(), Some(&"pipeline"));
         assert!(
             parse(&["--scenario", "nope"])

@@ -76,7 +76,8 @@ pub(crate) struct Outcome {
 pub(crate) async fn run(name: &str, ctx: &Ctx<'_>) -> Outcome {
     match name {
         "pipe" => pipe::run(ctx).await,
-        "ssh" => ssh::run(ctx).await,
+        "ssh" => ssh::run(ctx, false).await,
+        "ssh-sshd" => ssh::run(ctx, true).await,
         "zmq" => zmq::run(ctx).await,
         "cluster" => cluster::run(ctx).await,
         "pipeline" => pipeline::run(ctx).await,

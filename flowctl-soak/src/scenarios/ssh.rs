@@ -64,6 +64,7 @@ use flowctl_core::lifecycle::Ledger;
 use flowctl_core::offload::{Offload, ordered};
 use flowctl_core::{FlowError, FlowStats, Sink, Source, Watermarks, pump};
 use flowctl_ssh::server::{EmbeddedServer, LEDGER_SERVER_TASK, ServerConfig, generate_key};
+use flowctl_ssh::testing::Sshd;
 use flowctl_ssh::{
     Auth, ExitStatus, LEDGER_SESSION, LEDGER_TASK, RemoteProcess, Session, SshConfig, SshError,
     Stdin,
@@ -766,7 +767,7 @@ fn schedule(ctx: &Ctx<'_>) -> Vec<(Instant, Fault)> {
 /// is always continued before this returns.
 async fn inject(
     plan: Vec<(Instant, Fault)>,
-    server: Arc<EmbeddedServer>,
+    server: Arc<Server>,
     child: Option<u32>,
     faults: Arc<Faults>,
     mut streaming: watch::Receiver<bool>,
@@ -830,6 +831,61 @@ async fn signal(pid: u32, sig: &str) -> Result<(), String> {
     }
 }
 
+/// The SSH server a run talks to.
+pub(crate) enum Server {
+    /// flowctl-ssh's in-process russh server (the default).
+    Embedded(EmbeddedServer),
+    /// OpenSSH's sshd on a free loopback port (`--sshd`).
+    Sshd(Sshd),
+}
+
+impl Server {
+    /// Cuts every live connection from the server side.
+    fn drop_connections(&self) {
+        match self {
+            Server::Embedded(s) => s.drop_connections(),
+            Server::Sshd(s) => {
+                s.drop_connections();
+            }
+        }
+    }
+}
+
+/// Starts OpenSSH's sshd with a throwaway host key, and a client
+/// configuration (as the current user) with a throwaway key that trusts
+/// exactly that server.
+fn sshd(dir: &std::path::Path, watermarks: Watermarks) -> Result<(Sshd, SshConfig), String> {
+    let key_path = dir.join("id_ed25519");
+    flowctl_ssh::testing::ssh_keygen(&key_path).map_err(|e| format!("ssh: {e}"))?;
+    let server = Sshd::start(dir, &key_path, "").map_err(|e| format!("ssh: {e}"))?;
+    let known_hosts = dir.join("known_hosts");
+    std::fs::write(&known_hosts, format!("{}\n", server.known_hosts_line()))
+        .map_err(|e| format!("ssh: cannot write {}: {e}", known_hosts.display()))?;
+    let user = flowctl_ssh::testing::current_user().map_err(|e| format!("ssh: {e}"))?;
+    let config = client_config(
+        SshConfig::new(user, server.addr()),
+        &key_path,
+        &known_hosts,
+        watermarks,
+    );
+    Ok((server, config))
+}
+
+/// The client knobs both servers get.
+fn client_config(
+    config: SshConfig,
+    key: &std::path::Path,
+    known_hosts: &std::path::Path,
+    watermarks: Watermarks,
+) -> SshConfig {
+    config
+        .auth(Auth::key_file(key))
+        .known_hosts(known_hosts)
+        .watermarks(watermarks)
+        .channel_buffer(2)
+        .connect_timeout(Duration::from_secs(10))
+}
+
 /// Starts the embedded server with a throwaway host key, and a client
 /// configuration with a throwaway key that trusts exactly that server.
 pub(crate) async fn embedded(
@@ -851,12 +907,12 @@ pub(crate) async fn embedded(
     let known_hosts = dir.join("known_hosts");
     std::fs::write(&known_hosts, format!("{}\n", server.known_hosts_line()))
         .map_err(|e| format!("ssh: cannot write {}: {e}", known_hosts.display()))?;
-    let config = SshConfig::new("flowctl", server.addr().to_string())
-        .auth(Auth::key_file(&key_path))
-        .known_hosts(&known_hosts)
-        .watermarks(watermarks)
-        .channel_buffer(2)
-        .connect_timeout(Duration::from_secs(10));
+    let config = client_config(
+        SshConfig::new("flowctl", server.addr().to_string()),
+        &key_path,
+        &known_hosts,
+        watermarks,
+    );
     Ok((server, config))
 }
 
@@ -872,14 +928,23 @@ fn failed(violation: String) -> Outcome {
     }
 }
 
-pub(crate) async fn run(ctx: &Ctx<'_>) -> Outcome {
+/// The scenario on the embedded server (`ssh`) or on OpenSSH's sshd
+/// (`ssh-sshd`, added by `--sshd`).
+pub(crate) async fn run(ctx: &Ctx<'_>, openssh: bool) -> Outcome {
     let ssh_wm = Watermarks::new(64 * 1024, 256 * 1024).expect("valid watermarks");
     let child_wm = Watermarks::new(64 * 1024, 256 * 1024).expect("valid watermarks");
     let dir = match tempfile::tempdir() {
         Ok(dir) => dir,
         Err(e) => return failed(format!("ssh: cannot make a temporary directory: {e}")),
     };
-    let (server, config) = match embedded(dir.path(), ssh_wm).await {
+    let started = if openssh {
+        sshd(dir.path(), ssh_wm).map(|(s, c)| (Server::Sshd(s), c))
+    } else {
+        embedded(dir.path(), ssh_wm)
+            .await
+            .map(|(s, c)| (Server::Embedded(s), c))
+    };
+    let (server, config) = match started {
         Ok(pair) => pair,
         Err(e) => return failed(e),
     };

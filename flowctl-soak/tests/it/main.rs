@@ -160,6 +160,13 @@ fn a_short_ssh_soak_passes_and_reports_its_cut_connections() {
     passing_run("ssh", "4s", 5, 2);
 }
 
+// The same against OpenSSH's sshd (`--sshd` adds this scenario): connections
+// are cut by SIGKILLing the connection's sshd processes.
+#[test]
+fn a_short_ssh_soak_against_sshd_passes_and_reports_its_cut_connections() {
+    passing_run("ssh-sshd", "4s", 5, 2);
+}
+
 // The cluster scenario on a local 3-node nats-server cluster it starts:
 // JetStream publish -> R3 stream -> pull consume, checked exactly once and in
 // order through consumer stalls and at least one node SIGKILLed and
