@@ -7,7 +7,6 @@ use std::future::poll_fn;
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::Poll;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -186,12 +185,6 @@ impl Core {
         let sent = self.with_sock(|s| s.try_send(msg))?;
         self.after_op(Dir::Out)?;
         Ok(sent)
-    }
-
-    fn try_recv(&self) -> Result<Option<Multipart>, FlowError> {
-        let msg = self.with_sock(|s| s.try_recv())?;
-        self.after_op(Dir::In)?;
-        Ok(msg)
     }
 
     /// Waits until `dir` may be ready. Never sleeps without a registered
@@ -592,7 +585,6 @@ impl SocketBuilder {
                 endpoints,
                 counters: source_counters,
                 budget: Budget::new(self.fairness),
-                yield_due: false,
                 frames: self.frames,
                 wm: self.wm,
                 items: 0,
@@ -987,7 +979,6 @@ pub struct ZmqSource {
     endpoints: Vec<String>,
     counters: Arc<Counters>,
     budget: Budget,
-    yield_due: bool,
     frames: Option<usize>,
     wm: Watermarks,
     items: u64,
@@ -1090,16 +1081,15 @@ impl ZmqSource {
         .into())
     }
 
-    /// Checks and counts a message libzmq handed over.
+    /// Checks and charges a message libzmq handed over (the caller counts
+    /// it in [`ZmqStats::received`]).
     fn accept(&mut self, msg: Multipart) -> Result<Multipart, FlowError> {
         let weight = msg.weight();
         self.budget.charge(weight);
-        let counters = &self.counters;
-        counters.received.fetch_add(1, Ordering::Relaxed);
         if let Some(expected) = self.frames
             && msg.len() != expected
         {
-            counters.frame_errors.fetch_add(1, Ordering::Relaxed);
+            self.counters.frame_errors.fetch_add(1, Ordering::Relaxed);
             return Err(ZmqError::FrameCount {
                 expected,
                 actual: msg.len(),
@@ -1112,22 +1102,22 @@ impl ZmqSource {
         Ok(msg)
     }
 
-    async fn recv_inner(&mut self) -> Result<Multipart, FlowError> {
+    /// Waits until libzmq has a message, then takes up to `max` (>= 1) under
+    /// one lock of the socket. Spends one unit of tokio's coop budget per
+    /// call; every message is charged to the [`Fairness`] budget, and the
+    /// batch ends early when that slice is spent (the next call then yields
+    /// before it takes anything).
+    async fn recv_batch(&mut self, buf: &mut impl Batch, max: usize) -> Result<usize, FlowError> {
         self.unsupported()?;
-        if std::mem::take(&mut self.yield_due) {
-            // `recv_many` ended the previous slice without yielding: yield now,
-            // or the slice's end would be lost.
-            tokio::task::yield_now().await;
-        }
+        // One coop unit for the whole batch (as tokio's own mpsc `recv_many`
+        // does), and a forced yield here if the previous batch spent the slice.
         poll_fn(|cx| self.budget.poll_proceed(cx)).await;
         let mut waited = false;
         let mut waited_at_once = false;
         loop {
-            if let Some(msg) = self.core()?.try_recv()? {
-                if waited {
-                    self.budget.reset();
-                }
-                return self.accept(msg);
+            let n = self.take_ready(buf, max, waited)?;
+            if n > 0 {
+                return Ok(n);
             }
             if waited_at_once {
                 // ZMQ_EVENTS said readable, yet nothing came: yield, do not spin.
@@ -1139,43 +1129,71 @@ impl ZmqSource {
     }
 
     /// Takes up to `max` messages that libzmq has ready, under one lock of
-    /// the socket, each through the budget; stops early (and marks the yield
-    /// as due) when the budget is spent.
+    /// the socket, while the fairness slice lasts (the first message is
+    /// always taken: the caller's `poll_proceed` found the slice open).
+    /// `waited`: the caller slept for the first message, which ended the
+    /// previous slice (a natural yield).
     fn take_ready(
         &mut self,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut Vec<Multipart>,
+        buf: &mut impl Batch,
         max: usize,
+        waited: bool,
     ) -> Result<usize, FlowError> {
         let core = self.core()?.clone();
         let mut n = 0;
+        let mut received = 0u64;
         let taken = {
             let mut guard = core.lock()?;
             let sock = guard.as_mut().ok_or(FlowError::Closed)?;
             loop {
-                if n == max {
-                    break Ok(());
-                }
-                if self.budget.poll_proceed(cx).is_pending() {
-                    self.yield_due = true;
+                if n == max || (n > 0 && self.budget.spent()) {
                     break Ok(());
                 }
                 match sock.try_recv() {
-                    Ok(Some(msg)) => match self.accept(msg) {
-                        Ok(msg) => {
-                            buf.push(msg);
-                            n += 1;
+                    Ok(Some(msg)) => {
+                        received += 1;
+                        if received == 1 && waited {
+                            self.budget.reset();
                         }
-                        Err(e) => break Err(e),
-                    },
+                        match self.accept(msg) {
+                            Ok(msg) => {
+                                buf.put(msg);
+                                n += 1;
+                            }
+                            Err(e) => break Err(e),
+                        }
+                    }
                     Ok(None) => break Ok(()),
                     Err(e) => break Err(FlowError::from(e)),
                 }
             }
         };
+        if received > 0 {
+            self.counters
+                .received
+                .fetch_add(received, Ordering::Relaxed);
+        }
         // The receives processed libzmq's commands: re-check for the sender.
         core.after_op(Dir::In)?;
         taken.map(|()| n)
+    }
+}
+
+/// Where a receive puts its messages: a caller's `Vec` (`recv_many`) or a
+/// single slot (`recv`, which so needs no allocation of its own).
+trait Batch: Send {
+    fn put(&mut self, msg: Multipart);
+}
+
+impl Batch for Vec<Multipart> {
+    fn put(&mut self, msg: Multipart) {
+        self.push(msg);
+    }
+}
+
+impl Batch for Option<Multipart> {
+    fn put(&mut self, msg: Multipart) {
+        *self = Some(msg);
     }
 }
 
@@ -1191,7 +1209,9 @@ impl Source for ZmqSource {
     /// [`ZmqError::Unsupported`] on a socket type that cannot receive,
     /// [`FlowError::Closed`] after [`close`](ZmqSource::close).
     async fn recv(&mut self) -> Result<Option<Multipart>, FlowError> {
-        self.recv_inner().await.map(Some)
+        let mut one = None;
+        self.recv_batch(&mut one, 1).await?;
+        Ok(one)
     }
 
     /// Waits for one message, then takes up to `max` in all that libzmq has
@@ -1210,12 +1230,7 @@ impl Source for ZmqSource {
         if max == 0 {
             return Ok(0);
         }
-        buf.push(self.recv_inner().await?);
-        if max == 1 {
-            return Ok(1);
-        }
-        let more = poll_fn(|cx| Poll::Ready(self.take_ready(cx, buf, max - 1))).await?;
-        Ok(1 + more)
+        self.recv_batch(buf, max).await
     }
 
     fn stats(&self) -> FlowStats {
