@@ -576,6 +576,10 @@ impl SocketBuilder {
                 bytes: 0,
                 queue: VecDeque::new(),
                 gate: Gate::new(self.wm, span),
+                wm: self.wm,
+                queued_bytes: 0,
+                paused: false,
+                uncharged: 0,
                 budget: Budget::new(self.fairness),
                 closed: false,
             },
@@ -697,6 +701,18 @@ pub struct ZmqSink {
     bytes: u64,
     queue: VecDeque<Multipart>,
     gate: Gate,
+    /// The queue's watermarks (also the gate's).
+    wm: Watermarks,
+    /// Bytes in `queue`: the gate's `buffered` plus `uncharged`.
+    queued_bytes: usize,
+    /// The gate's pause state, kept here so `ready` needs no lock of the
+    /// gate: set when `queued_bytes` goes above high, cleared at or below low.
+    paused: bool,
+    /// Bytes queued but not yet charged to the gate. The gate gets them in
+    /// one charge before any credit and when the queue goes above high, so
+    /// its `pauses`, `max_buffered` and debug events are what per-message
+    /// charges would give; `stats` adds them to `buffered`.
+    uncharged: usize,
     budget: Budget,
     closed: bool,
 }
@@ -710,13 +726,12 @@ impl ZmqSink {
     }
 
     /// Handles the outcome of a send attempt of `weight` bytes; true if the
-    /// message left our hands.
-    fn account(&self, core: &Core, sent: Sent, weight: usize) -> bool {
+    /// message left our hands (the caller counts it as sent if `sent` is
+    /// [`Sent::Taken`]).
+    #[inline]
+    fn account(core: &Core, sent: Sent, weight: usize) -> bool {
         match sent {
-            Sent::Taken => {
-                core.counters.sent.fetch_add(1, Ordering::Relaxed);
-                true
-            }
+            Sent::Taken => true,
             Sent::WouldBlock if core.kind == SocketType::Pub => {
                 core.counters.dropped.fetch_add(1, Ordering::Relaxed);
                 tracing::trace!(weight, "pub: subscriber at its HWM, message dropped");
@@ -726,42 +741,86 @@ impl ZmqSink {
         }
     }
 
-    /// Pushes queued messages into libzmq until it refuses one; returns how
-    /// many left the queue.
+    /// Charges a message of `weight` bytes put in the queue (see `uncharged`).
+    fn charge_queued(&mut self, weight: usize) {
+        self.queued_bytes += weight;
+        self.uncharged += weight;
+        if !self.paused && self.queued_bytes > self.wm.high() {
+            self.paused = true;
+            self.gate.charge(std::mem::take(&mut self.uncharged));
+            debug_assert!(self.gate.is_paused());
+        }
+    }
+
+    /// Credits `weight` bytes that left the queue.
+    fn credit_queued(&mut self, weight: usize) {
+        if self.uncharged > 0 {
+            self.gate.charge(std::mem::take(&mut self.uncharged));
+        }
+        self.queued_bytes -= weight;
+        self.gate.credit(weight);
+        if self.paused && self.queued_bytes <= self.wm.low() {
+            self.paused = false;
+        }
+        debug_assert_eq!(self.paused, self.gate.is_paused());
+        debug_assert_eq!(self.queued_bytes, self.gate.buffered());
+    }
+
+    /// Pushes queued messages into libzmq, under one lock of the socket,
+    /// until it refuses one; returns how many left the queue.
     fn drain(&mut self) -> Result<usize, FlowError> {
         if self.queue.is_empty() {
             return Ok(0);
         }
         let core = self.core()?.clone();
         let mut moved = 0;
+        let mut sent = 0u64;
         let mut credit = 0;
-        while let Some(front) = self.queue.front() {
-            let weight = front.weight();
-            let sent = match core.try_send(front) {
-                Ok(sent) => sent,
-                Err(e) => {
-                    // libzmq rejected this message for good (e.g. an unknown
-                    // routing id): drop it and report, or every later call
-                    // would fail on it again.
-                    self.queue.pop_front();
-                    self.gate.credit(credit + weight);
-                    return Err(e);
+        let mut failed = None;
+        {
+            let mut guard = core.lock()?;
+            let sock = guard.as_mut().ok_or(FlowError::Closed)?;
+            while let Some(front) = self.queue.front() {
+                let weight = front.weight();
+                match sock.try_send(front) {
+                    Ok(outcome) => {
+                        if !Self::account(&core, outcome, weight) {
+                            self.refused = 1;
+                            break;
+                        }
+                        if outcome == Sent::Taken {
+                            sent += 1;
+                        }
+                    }
+                    Err(e) => {
+                        // libzmq rejected this message for good (e.g. an
+                        // unknown routing id): drop it and report, or every
+                        // later call would fail on it again.
+                        self.queue.pop_front();
+                        credit += weight;
+                        failed = Some(FlowError::from(e));
+                        break;
+                    }
                 }
-            };
-            if !self.account(&core, sent, weight) {
-                self.refused = 1;
-                break;
+                self.queue.pop_front();
+                credit += weight;
+                moved += 1;
             }
-            self.queue.pop_front();
-            credit += weight;
-            moved += 1;
+        }
+        if sent > 0 {
+            core.counters.sent.fetch_add(sent, Ordering::Relaxed);
         }
         if self.queue.is_empty() {
             self.refused = 0;
         }
         if credit > 0 {
-            self.gate.credit(credit);
+            self.credit_queued(credit);
         }
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        // The sends processed libzmq's commands: re-check for the receiver.
+        core.after_op(Dir::Out)?;
         Ok(moved)
     }
 
@@ -829,7 +888,7 @@ impl ZmqSink {
                 self.refused += 1;
             }
             // An empty queue is never paused (0 <= low); skip the gate's lock.
-            if self.queue.is_empty() || !self.gate.is_paused() {
+            if self.queue.is_empty() || !self.paused {
                 if waited {
                     self.budget.reset();
                 }
@@ -873,7 +932,10 @@ impl Sink for ZmqSink {
         if self.queue.is_empty() {
             // Fast path: straight into libzmq, nothing buffered here.
             let sent = core.try_send(&item)?;
-            if self.account(core, sent, weight) {
+            if Self::account(core, sent, weight) {
+                if sent == Sent::Taken {
+                    core.counters.sent.fetch_add(1, Ordering::Relaxed);
+                }
                 self.items += 1;
                 self.bytes += weight as u64;
                 self.budget.charge(weight);
@@ -883,7 +945,7 @@ impl Sink for ZmqSink {
         if self.queue.is_empty() {
             self.refused = 1;
         }
-        self.gate.charge(weight);
+        self.charge_queued(weight);
         self.items += 1;
         self.bytes += weight as u64;
         self.budget.charge(weight);
@@ -937,6 +999,8 @@ impl Sink for ZmqSink {
     /// `bytes` count every message accepted.
     fn stats(&self) -> FlowStats {
         let mut s = self.gate.stats();
+        s.buffered += self.uncharged;
+        s.max_buffered = s.max_buffered.max(s.buffered);
         s.items = self.items;
         s.bytes = self.bytes;
         s
