@@ -767,7 +767,9 @@ impl ZmqSink {
     }
 
     /// Pushes queued messages into libzmq, under one lock of the socket,
-    /// until it refuses one; returns how many left the queue.
+    /// until it refuses one; returns how many left the queue. The messages
+    /// are dropped after the lock is released (a frame's owner may be
+    /// application code).
     fn drain(&mut self) -> Result<usize, FlowError> {
         if self.queue.is_empty() {
             return Ok(0);
@@ -780,9 +782,9 @@ impl ZmqSink {
         {
             let mut guard = core.lock()?;
             let sock = guard.as_mut().ok_or(FlowError::Closed)?;
-            while let Some(front) = self.queue.front() {
-                let weight = front.weight();
-                match sock.try_send(front) {
+            for msg in &self.queue {
+                let weight = msg.weight();
+                match sock.try_send(msg) {
                     Ok(outcome) => {
                         if !Self::account(&core, outcome, weight) {
                             self.refused = 1;
@@ -796,17 +798,17 @@ impl ZmqSink {
                         // libzmq rejected this message for good (e.g. an
                         // unknown routing id): drop it and report, or every
                         // later call would fail on it again.
-                        self.queue.pop_front();
-                        credit += weight;
                         failed = Some(FlowError::from(e));
-                        break;
                     }
                 }
-                self.queue.pop_front();
                 credit += weight;
                 moved += 1;
+                if failed.is_some() {
+                    break;
+                }
             }
         }
+        self.queue.drain(..moved);
         if sent > 0 {
             core.counters.sent.fetch_add(sent, Ordering::Relaxed);
         }
