@@ -665,7 +665,8 @@ impl ZmqSocket {
 /// `start_send` hands the message to libzmq at once when libzmq takes it
 /// (below SNDHWM); otherwise it is queued here, charged in bytes. `ready`
 /// pushes the queue into libzmq (after a refusal, on every 32nd call, so a
-/// sender at the HWM does not pay a refused send per message) and waits, while
+/// sender at the HWM does not pay a refused send per message; the queue goes
+/// into libzmq under one lock of the socket) and waits, while
 /// the queue is above the high watermark, until libzmq has room again and the
 /// queue is at the low watermark. So memory is bounded by SNDHWM messages in
 /// libzmq plus `high` plus one message here.
@@ -1031,8 +1032,11 @@ impl Sink for ZmqSink {
 /// [`FlowError::Closed`]. Dropping the source does the same without waiting.
 ///
 /// # Fairness
-/// Every `recv` consumes one unit of tokio's coop budget and is charged to the
-/// [`Fairness`] budget; when either is spent it yields once, even if libzmq has
+/// Every `recv` and every `recv_many` call consumes one unit of tokio's coop
+/// budget (a `recv_many` batch one unit in all, as tokio's own mpsc
+/// `recv_many` does), and every message is charged to the [`Fairness`]
+/// budget of items and bytes; a batch ends when that slice is spent, and
+/// when either budget is spent the next call yields once, even if libzmq has
 /// more messages (the PyZMQ asyncio starvation cannot happen).
 ///
 /// # End of stream
@@ -1281,10 +1285,13 @@ impl Source for ZmqSource {
     }
 
     /// Waits for one message, then takes up to `max` in all that libzmq has
-    /// ready, under one lock of the socket, each through the fairness budget
-    /// (it stops early, without waiting, when the budget is spent, and the
-    /// next call yields first). The fast path for small messages: one boxed
-    /// future per batch instead of one per message.
+    /// ready, under one lock of the socket. The batch spends one unit of
+    /// tokio's coop budget; each message is charged to the fairness budget,
+    /// and the batch stops early, without waiting, when that slice is spent
+    /// (the next call then yields first), so a batch never holds more than
+    /// `Fairness::max_items` messages or more than `max_bytes` plus one
+    /// message. The fast path for small messages: one boxed future, one
+    /// lock and one coop unit per batch instead of per message.
     ///
     /// # Errors
     /// As `recv`; messages appended before the error stay in `buf`.
