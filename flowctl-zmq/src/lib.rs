@@ -78,10 +78,12 @@
 //! libzmq's buffer. With `examples/bench_zmq.rs` (PUSH -> PULL over tcp
 //! loopback, 100-byte messages) callgrind counts 3746 instructions per
 //! message over all threads (raw blocking `zmq`: 2557; 4542 before the first
-//! round of this work, 3831 before the second), and the best-of-N wall
-//! ratio is 0.66x to 0.76x of raw on a shared 2-core machine. 0.9x is not
-//! reached; see the crate's reference page (`docs/src/reference/zmq.md`)
-//! for what the rest is. 64 KiB messages run at 0.9x and more.
+//! round of this work, 3831 before the second); the wall ratio, best of 15
+//! alternating runs on a shared 2-core machine at load 5 to 8, was 0.82x
+//! to 0.84x of raw (median 0.69x), too noisy there to show a 2% change.
+//! 0.9x is not reached; see the crate's reference page
+//! (`docs/src/reference/zmq.md`) for what the rest is. 64 KiB messages run
+//! at 0.9x and more.
 //!
 //! # Backpressure and memory
 //!
