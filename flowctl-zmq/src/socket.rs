@@ -819,11 +819,13 @@ impl ZmqSink {
         if credit > 0 {
             self.credit_queued(credit);
         }
+        // The sends processed libzmq's commands: re-check for the receiver
+        // (also when a later message failed: the earlier ones were sent).
+        let rechecked = core.after_op(Dir::Out);
         if let Some(e) = failed {
             return Err(e);
         }
-        // The sends processed libzmq's commands: re-check for the receiver.
-        core.after_op(Dir::Out)?;
+        rechecked?;
         Ok(moved)
     }
 
