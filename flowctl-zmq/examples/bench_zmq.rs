@@ -8,7 +8,7 @@
 //! `BENCH_MIXED=1` (also flowctl PUSH -> raw PULL and raw PUSH -> flowctl PULL),
 //! `BENCH_ONLY=both|raw|send|recv` (one 100 B run, for `perf`), `BENCH_HWM`
 //! (both sides' HWM, default 1000), `BENCH_FAIR_ITEMS` (fairness items per
-//! slice), `BENCH_TWO_CONTEXTS=1` (one libzmq context per side).
+//! slice), `BENCH_SINK_HIGH` (the sink's own high watermark in bytes), `BENCH_TWO_CONTEXTS=1` (one libzmq context per side).
 //!
 //! For `cargo xtask bench`: `--json` or `FLOWCTL_BENCH_JSON=1` also prints one
 //! `BENCH {json}` line per round and side (and repeats the timer-stall runs
@@ -41,6 +41,19 @@ fn hwm() -> i32 {
 
 type SendStats = Option<(flowctl_core::FlowStats, flowctl_zmq::ZmqStats)>;
 static SEND_STATS: std::sync::Mutex<SendStats> = std::sync::Mutex::new(None);
+
+/// `BENCH_SINK_HIGH=<bytes>` sets the flowctl sink's watermarks to
+/// (`high / 4`, `high`): how much the sink queues itself once libzmq is at
+/// its SNDHWM (default [`Watermarks::default`](flowctl_core::Watermarks)).
+fn sink_watermarks() -> flowctl_core::Watermarks {
+    match std::env::var("BENCH_SINK_HIGH")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        Some(high) => flowctl_core::Watermarks::new(high / 4, high).unwrap(),
+        None => flowctl_core::Watermarks::default(),
+    }
+}
 
 /// `BENCH_FAIR_ITEMS=<n>` overrides the fairness budget's item limit.
 fn fairness() -> flowctl_core::Fairness {
@@ -125,6 +138,7 @@ fn flowctl_push_pull(n: usize, size: usize) -> Duration {
         let mut tx = ZmqSocket::builder(SocketType::Push)
             .context(&ctx)
             .fairness(fairness())
+            .watermarks(sink_watermarks())
             .send_hwm(hwm() as usize)
             .connect(ep)
             .build()
@@ -162,6 +176,7 @@ fn mixed(n: usize, size: usize, flowctl_sends: bool) -> Duration {
         rt().block_on(async {
             let mut tx = ZmqSocket::builder(SocketType::Push)
                 .context(&ctx)
+                .watermarks(sink_watermarks())
                 .send_hwm(hwm() as usize)
                 .connect(ep)
                 .build()

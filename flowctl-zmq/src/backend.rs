@@ -231,19 +231,70 @@ pub(crate) const SLAB_FRAME_LIMIT: usize = 512;
 /// slab has been dropped, the slab is reused in place.
 pub(crate) const SLAB_SIZE: usize = 16 * 1024;
 
-struct MsgOwner(zmq::Message);
+/// A libzmq message (`zmq_msg_t`), used directly rather than through
+/// `zmq::Message` so that a receive costs no more FFI calls than it needs:
+/// `zmq_msg_recv` returns the size, so only `zmq_msg_data` and
+/// `zmq_msg_more` follow it.
+struct RawMsg(zmq_sys::zmq_msg_t);
 
-impl AsRef<[u8]> for MsgOwner {
-    fn as_ref(&self) -> &[u8] {
-        &self.0
+impl RawMsg {
+    #[allow(unsafe_code)]
+    fn new() -> Self {
+        let mut msg = zmq_sys::zmq_msg_t::default();
+        // SAFETY: zmq_msg_init(3) initialises the message it is given (ours,
+        // on the stack) and cannot fail. A `zmq_msg_t` is plain data that
+        // libzmq addresses only through the pointer of each call, so moving
+        // it afterwards is fine (the `zmq` crate's `Message` does the same).
+        unsafe { zmq_sys::zmq_msg_init(&mut msg) };
+        RawMsg(msg)
+    }
+
+    /// The content; `len` is its size as `zmq_msg_recv` returned it.
+    #[allow(unsafe_code)]
+    fn data(&self, len: usize) -> &[u8] {
+        // SAFETY: the message is initialised (`new`) and holds a frame of
+        // `len` bytes at zmq_msg_data (libzmq's own buffer, or inline for a
+        // short frame), valid until the message is closed or reused, which
+        // needs `&mut self`. zmq_msg_data only reads the message despite its
+        // `*mut` parameter (the `zmq` crate casts the same way).
+        unsafe {
+            let ptr = zmq_sys::zmq_msg_data(std::ptr::from_ref(&self.0).cast_mut());
+            std::slice::from_raw_parts(ptr.cast::<u8>(), len)
+        }
+    }
+
+    /// The size of the content.
+    #[allow(unsafe_code)]
+    fn size(&self) -> usize {
+        // SAFETY: the message is initialised; zmq_msg_size only reads it.
+        unsafe { zmq_sys::zmq_msg_size(&self.0) }
     }
 }
 
-/// Takes the frame out of the reusable `scratch` message.
-fn take_bytes(scratch: &mut zmq::Message, slab: &mut BytesMut) -> Bytes {
-    let data: &[u8] = scratch;
-    let len = data.len();
+impl Drop for RawMsg {
+    #[allow(unsafe_code)]
+    fn drop(&mut self) {
+        // SAFETY: the message was initialised by `new` (or filled by
+        // zmq_msg_recv) and is closed exactly once, here; zmq_msg_close(3)
+        // only fails for an invalid message.
+        unsafe { zmq_sys::zmq_msg_close(&mut self.0) };
+    }
+}
+
+/// A large received frame, kept in libzmq's buffer and released when its
+/// last `Bytes` drops.
+struct MsgOwner(RawMsg);
+
+impl AsRef<[u8]> for MsgOwner {
+    fn as_ref(&self) -> &[u8] {
+        self.0.data(self.0.size())
+    }
+}
+
+/// Takes the frame of `len` bytes out of the reusable `scratch` message.
+fn take_bytes(scratch: &mut RawMsg, len: usize, slab: &mut BytesMut) -> Bytes {
     if len <= SLAB_FRAME_LIMIT {
+        let data = scratch.data(len);
         if slab.capacity() - slab.len() < len {
             // Reuses the slab in place when no frame of it is alive any more,
             // else allocates a fresh one (the old one lives on in its frames).
@@ -253,12 +304,12 @@ fn take_bytes(scratch: &mut zmq::Message, slab: &mut BytesMut) -> Bytes {
         slab.extend_from_slice(data);
         slab.split().freeze()
     } else if len <= COPY_LIMIT {
-        Bytes::copy_from_slice(data)
+        Bytes::copy_from_slice(scratch.data(len))
     } else {
-        // `zmq::Message` is plain data (a 64-byte `zmq_msg_t`) and Send; a
-        // large frame's payload lives on libzmq's heap and is released when
-        // the last `Bytes` clone drops the owner.
-        Bytes::from_owner(MsgOwner(std::mem::replace(scratch, zmq::Message::new())))
+        // A `zmq_msg_t` is plain data (64 bytes) and Send; a large frame's
+        // payload lives on libzmq's heap and is released when the last
+        // `Bytes` clone drops the owner.
+        Bytes::from_owner(MsgOwner(std::mem::replace(scratch, RawMsg::new())))
     }
 }
 
@@ -268,7 +319,7 @@ pub(crate) struct RawSocket {
     sock: zmq::Socket,
     kind: SocketType,
     /// Reused by every receive (zmq_msg_recv releases the previous content).
-    scratch: zmq::Message,
+    scratch: RawMsg,
     /// The shared receive buffer of small frames (see [`SLAB_FRAME_LIMIT`]).
     slab: BytesMut,
 }
@@ -287,7 +338,7 @@ impl RawSocket {
         Ok(RawSocket {
             sock,
             kind,
-            scratch: zmq::Message::new(),
+            scratch: RawMsg::new(),
             slab: BytesMut::new(),
         })
     }
@@ -486,24 +537,55 @@ impl RawSocket {
         Ok(Sent::Taken)
     }
 
+    /// Receives one frame into `scratch` with `ZMQ_DONTWAIT`: its size and
+    /// whether more frames follow; `None` on EAGAIN.
+    #[allow(unsafe_code)]
+    fn recv_frame(&mut self) -> Result<Option<(usize, bool)>, zmq::Error> {
+        // SAFETY: `scratch` is an initialised message owned by `self` and the
+        // socket is the live one owned by `self.sock` (`&mut self` makes this
+        // the only user of both); zmq_msg_recv(3) releases the message's
+        // previous content and fills it.
+        let rc = unsafe {
+            zmq_sys::zmq_msg_recv(
+                &mut self.scratch.0,
+                self.sock.as_mut_ptr(),
+                zmq_sys::ZMQ_DONTWAIT as libc::c_int,
+            )
+        };
+        if rc < 0 {
+            // SAFETY: zmq_errno(3) only reads the calling thread's errno.
+            return match zmq::Error::from_raw(unsafe { zmq_sys::zmq_errno() }) {
+                zmq::Error::EAGAIN => Ok(None),
+                e => Err(e),
+            };
+        }
+        // zmq_msg_recv returns the size, capped at INT_MAX.
+        let len = if rc == libc::c_int::MAX {
+            self.scratch.size()
+        } else {
+            rc as usize
+        };
+        // SAFETY: as above; zmq_msg_more only reads the message.
+        let more = unsafe { zmq_sys::zmq_msg_more(&self.scratch.0) } != 0;
+        Ok(Some((len, more)))
+    }
+
     /// Receives one whole multipart message with `ZMQ_DONTWAIT`; `None` on EAGAIN.
     pub(crate) fn try_recv(&mut self) -> Result<Option<Vec<Bytes>>, ZmqError> {
-        match self.sock.recv(&mut self.scratch, zmq::DONTWAIT) {
-            Ok(()) => {}
-            Err(zmq::Error::EAGAIN) => return Ok(None),
-            Err(e) => return Err(op_err("recv")(e)),
-        }
-        let mut more = self.scratch.get_more();
+        let Some((len, mut more)) = self.recv_frame().map_err(op_err("recv"))? else {
+            return Ok(None);
+        };
         let mut frames = Vec::with_capacity(if more { 4 } else { 1 });
-        frames.push(take_bytes(&mut self.scratch, &mut self.slab));
+        frames.push(take_bytes(&mut self.scratch, len, &mut self.slab));
         while more {
             // Atomic delivery: the remaining frames are queued already, so
             // DONTWAIT never fails with EAGAIN here; if it did, it is an error.
-            self.sock
-                .recv(&mut self.scratch, zmq::DONTWAIT)
-                .map_err(op_err("recv (next frame)"))?;
-            more = self.scratch.get_more();
-            frames.push(take_bytes(&mut self.scratch, &mut self.slab));
+            let (len, next) = self
+                .recv_frame()
+                .map_err(op_err("recv (next frame)"))?
+                .ok_or_else(|| op_err("recv (next frame)")(zmq::Error::EAGAIN))?;
+            more = next;
+            frames.push(take_bytes(&mut self.scratch, len, &mut self.slab));
         }
         Ok(Some(frames))
     }

@@ -61,25 +61,29 @@
 //!
 //! [`ZmqSink::send`] and [`ZmqSink::ready`] are inherent methods as well as
 //! [`Sink`](flowctl_core::Sink) trait methods (which call them): a send on the
-//! concrete type costs no boxed future per message. On the receiving side,
+//! concrete type costs no boxed future per message. The sink pushes its queue
+//! into libzmq under one lock of the socket and keeps its pause state itself
+//! (no lock of its gate per message). On the receiving side,
 //! [`Source::recv_many`](flowctl_core::Source::recv_many) is the fast path:
-//! one boxed future per batch, and it takes what libzmq has ready under one
-//! lock of the socket, still charging every message to both budgets. (The
-//! source has no inherent `recv`: it would shadow the trait method and turn
-//! every `use flowctl_core::Source` of existing callers into an unused import.) A send is one
-//! `zmq_send` call per frame. Received frames of up to 512 bytes are copied
-//! into a shared 16 KiB buffer (one reference count per frame instead of an
-//! allocation; a frame kept alive keeps its 16 KiB buffer alive), frames up
-//! to 4 KiB get an allocation of their own and larger frames keep libzmq's
-//! buffer. Measured with `examples/bench_zmq.rs` (PUSH -> PULL over tcp
-//! loopback, 1,000,000 x 100 B, 15 alternating runs on a shared 2-core
-//! machine) this took flowctl-zmq from 0.57x to 0.66x of raw blocking `zmq`
-//! (best run of each; medians 0.60x to 0.70x), and callgrind's count from
-//! 4542 to 3831 instructions per message over all threads (raw: 2571). The
-//! rest is mostly per-message work the API asks for: the `Vec<Bytes>` of
-//! each message (allocated by the sender, by us on receipt, freed by the
-//! consumer) and the coop and fairness budget of every message on each side.
-//! 64 KiB messages run at 0.9x and more.
+//! one boxed future, one lock of the socket and one unit of tokio's coop
+//! budget per batch, every message still charged to the fairness budget
+//! (a batch ends when the slice is spent). (The source has no inherent
+//! `recv`: it would shadow the trait method and turn every
+//! `use flowctl_core::Source` of existing callers into an unused import.) A
+//! send is one `zmq_send` call per frame, a receive one `zmq_msg_recv` plus
+//! `zmq_msg_data` and `zmq_msg_more`. Received frames of up to 512 bytes are
+//! copied into a shared 16 KiB buffer (one reference count per frame instead
+//! of an allocation; a frame kept alive keeps its 16 KiB buffer alive),
+//! frames up to 4 KiB get an allocation of their own and larger frames keep
+//! libzmq's buffer. With `examples/bench_zmq.rs` (PUSH -> PULL over tcp
+//! loopback, 100-byte messages) callgrind counts 3746 instructions per
+//! message over all threads (raw blocking `zmq`: 2557; 4542 before the first
+//! round of this work, 3831 before the second); the wall ratio, best of 15
+//! alternating runs on a shared 2-core machine at load 5 to 8, was 0.82x
+//! to 0.84x of raw (median 0.69x), too noisy there to show a 2% change.
+//! 0.9x is not reached; see the crate's reference page
+//! (`docs/src/reference/zmq.md`) for what the rest is. 64 KiB messages run
+//! at 0.9x and more.
 //!
 //! # Backpressure and memory
 //!

@@ -7,7 +7,6 @@ use std::future::poll_fn;
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::Poll;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -186,12 +185,6 @@ impl Core {
         let sent = self.with_sock(|s| s.try_send(msg))?;
         self.after_op(Dir::Out)?;
         Ok(sent)
-    }
-
-    fn try_recv(&self) -> Result<Option<Multipart>, FlowError> {
-        let msg = self.with_sock(|s| s.try_recv())?;
-        self.after_op(Dir::In)?;
-        Ok(msg)
     }
 
     /// Waits until `dir` may be ready. Never sleeps without a registered
@@ -583,6 +576,10 @@ impl SocketBuilder {
                 bytes: 0,
                 queue: VecDeque::new(),
                 gate: Gate::new(self.wm, span),
+                wm: self.wm,
+                queued_bytes: 0,
+                paused: false,
+                uncharged: 0,
                 budget: Budget::new(self.fairness),
                 closed: false,
             },
@@ -592,7 +589,6 @@ impl SocketBuilder {
                 endpoints,
                 counters: source_counters,
                 budget: Budget::new(self.fairness),
-                yield_due: false,
                 frames: self.frames,
                 wm: self.wm,
                 items: 0,
@@ -669,7 +665,8 @@ impl ZmqSocket {
 /// `start_send` hands the message to libzmq at once when libzmq takes it
 /// (below SNDHWM); otherwise it is queued here, charged in bytes. `ready`
 /// pushes the queue into libzmq (after a refusal, on every 32nd call, so a
-/// sender at the HWM does not pay a refused send per message) and waits, while
+/// sender at the HWM does not pay a refused send per message; the queue goes
+/// into libzmq under one lock of the socket) and waits, while
 /// the queue is above the high watermark, until libzmq has room again and the
 /// queue is at the low watermark. So memory is bounded by SNDHWM messages in
 /// libzmq plus `high` plus one message here.
@@ -705,6 +702,18 @@ pub struct ZmqSink {
     bytes: u64,
     queue: VecDeque<Multipart>,
     gate: Gate,
+    /// The queue's watermarks (also the gate's).
+    wm: Watermarks,
+    /// Bytes in `queue`: the gate's `buffered` plus `uncharged`.
+    queued_bytes: usize,
+    /// The gate's pause state, kept here so `ready` needs no lock of the
+    /// gate: set when `queued_bytes` goes above high, cleared at or below low.
+    paused: bool,
+    /// Bytes queued but not yet charged to the gate. The gate gets them in
+    /// one charge before any credit and when the queue goes above high, so
+    /// its `pauses`, `max_buffered` and debug events are what per-message
+    /// charges would give; `stats` adds them to `buffered`.
+    uncharged: usize,
     budget: Budget,
     closed: bool,
 }
@@ -718,13 +727,12 @@ impl ZmqSink {
     }
 
     /// Handles the outcome of a send attempt of `weight` bytes; true if the
-    /// message left our hands.
-    fn account(&self, core: &Core, sent: Sent, weight: usize) -> bool {
+    /// message left our hands (the caller counts it as sent if `sent` is
+    /// [`Sent::Taken`]).
+    #[inline]
+    fn account(core: &Core, sent: Sent, weight: usize) -> bool {
         match sent {
-            Sent::Taken => {
-                core.counters.sent.fetch_add(1, Ordering::Relaxed);
-                true
-            }
+            Sent::Taken => true,
             Sent::WouldBlock if core.kind == SocketType::Pub => {
                 core.counters.dropped.fetch_add(1, Ordering::Relaxed);
                 tracing::trace!(weight, "pub: subscriber at its HWM, message dropped");
@@ -734,42 +742,90 @@ impl ZmqSink {
         }
     }
 
-    /// Pushes queued messages into libzmq until it refuses one; returns how
-    /// many left the queue.
+    /// Charges a message of `weight` bytes put in the queue (see `uncharged`).
+    fn charge_queued(&mut self, weight: usize) {
+        self.queued_bytes += weight;
+        self.uncharged += weight;
+        if !self.paused && self.queued_bytes > self.wm.high() {
+            self.paused = true;
+            self.gate.charge(std::mem::take(&mut self.uncharged));
+            debug_assert!(self.gate.is_paused());
+        }
+    }
+
+    /// Credits `weight` bytes that left the queue.
+    fn credit_queued(&mut self, weight: usize) {
+        if self.uncharged > 0 {
+            self.gate.charge(std::mem::take(&mut self.uncharged));
+        }
+        self.queued_bytes -= weight;
+        self.gate.credit(weight);
+        if self.paused && self.queued_bytes <= self.wm.low() {
+            self.paused = false;
+        }
+        debug_assert_eq!(self.paused, self.gate.is_paused());
+        debug_assert_eq!(self.queued_bytes, self.gate.buffered());
+    }
+
+    /// Pushes queued messages into libzmq, under one lock of the socket,
+    /// until it refuses one; returns how many left the queue. The messages
+    /// are dropped after the lock is released (a frame's owner may be
+    /// application code).
     fn drain(&mut self) -> Result<usize, FlowError> {
         if self.queue.is_empty() {
             return Ok(0);
         }
         let core = self.core()?.clone();
         let mut moved = 0;
+        let mut sent = 0u64;
         let mut credit = 0;
-        while let Some(front) = self.queue.front() {
-            let weight = front.weight();
-            let sent = match core.try_send(front) {
-                Ok(sent) => sent,
-                Err(e) => {
-                    // libzmq rejected this message for good (e.g. an unknown
-                    // routing id): drop it and report, or every later call
-                    // would fail on it again.
-                    self.queue.pop_front();
-                    self.gate.credit(credit + weight);
-                    return Err(e);
+        let mut failed = None;
+        {
+            let mut guard = core.lock()?;
+            let sock = guard.as_mut().ok_or(FlowError::Closed)?;
+            for msg in &self.queue {
+                let weight = msg.weight();
+                match sock.try_send(msg) {
+                    Ok(outcome) => {
+                        if !Self::account(&core, outcome, weight) {
+                            self.refused = 1;
+                            break;
+                        }
+                        if outcome == Sent::Taken {
+                            sent += 1;
+                        }
+                    }
+                    Err(e) => {
+                        // libzmq rejected this message for good (e.g. an
+                        // unknown routing id): drop it and report, or every
+                        // later call would fail on it again.
+                        failed = Some(FlowError::from(e));
+                    }
                 }
-            };
-            if !self.account(&core, sent, weight) {
-                self.refused = 1;
-                break;
+                credit += weight;
+                moved += 1;
+                if failed.is_some() {
+                    break;
+                }
             }
-            self.queue.pop_front();
-            credit += weight;
-            moved += 1;
+        }
+        self.queue.drain(..moved);
+        if sent > 0 {
+            core.counters.sent.fetch_add(sent, Ordering::Relaxed);
         }
         if self.queue.is_empty() {
             self.refused = 0;
         }
         if credit > 0 {
-            self.gate.credit(credit);
+            self.credit_queued(credit);
         }
+        // The sends processed libzmq's commands: re-check for the receiver
+        // (also when a later message failed: the earlier ones were sent).
+        let rechecked = core.after_op(Dir::Out);
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        rechecked?;
         Ok(moved)
     }
 
@@ -837,7 +893,7 @@ impl ZmqSink {
                 self.refused += 1;
             }
             // An empty queue is never paused (0 <= low); skip the gate's lock.
-            if self.queue.is_empty() || !self.gate.is_paused() {
+            if self.queue.is_empty() || !self.paused {
                 if waited {
                     self.budget.reset();
                 }
@@ -881,7 +937,10 @@ impl Sink for ZmqSink {
         if self.queue.is_empty() {
             // Fast path: straight into libzmq, nothing buffered here.
             let sent = core.try_send(&item)?;
-            if self.account(core, sent, weight) {
+            if Self::account(core, sent, weight) {
+                if sent == Sent::Taken {
+                    core.counters.sent.fetch_add(1, Ordering::Relaxed);
+                }
                 self.items += 1;
                 self.bytes += weight as u64;
                 self.budget.charge(weight);
@@ -891,7 +950,7 @@ impl Sink for ZmqSink {
         if self.queue.is_empty() {
             self.refused = 1;
         }
-        self.gate.charge(weight);
+        self.charge_queued(weight);
         self.items += 1;
         self.bytes += weight as u64;
         self.budget.charge(weight);
@@ -945,6 +1004,8 @@ impl Sink for ZmqSink {
     /// `bytes` count every message accepted.
     fn stats(&self) -> FlowStats {
         let mut s = self.gate.stats();
+        s.buffered += self.uncharged;
+        s.max_buffered = s.max_buffered.max(s.buffered);
         s.items = self.items;
         s.bytes = self.bytes;
         s
@@ -973,8 +1034,11 @@ impl Sink for ZmqSink {
 /// [`FlowError::Closed`]. Dropping the source does the same without waiting.
 ///
 /// # Fairness
-/// Every `recv` consumes one unit of tokio's coop budget and is charged to the
-/// [`Fairness`] budget; when either is spent it yields once, even if libzmq has
+/// Every `recv` and every `recv_many` call consumes one unit of tokio's coop
+/// budget (a `recv_many` batch one unit in all, as tokio's own mpsc
+/// `recv_many` does), and every message is charged to the [`Fairness`]
+/// budget of items and bytes; a batch ends when that slice is spent, and
+/// when either budget is spent the next call yields once, even if libzmq has
 /// more messages (the PyZMQ asyncio starvation cannot happen).
 ///
 /// # End of stream
@@ -987,7 +1051,6 @@ pub struct ZmqSource {
     endpoints: Vec<String>,
     counters: Arc<Counters>,
     budget: Budget,
-    yield_due: bool,
     frames: Option<usize>,
     wm: Watermarks,
     items: u64,
@@ -1090,16 +1153,15 @@ impl ZmqSource {
         .into())
     }
 
-    /// Checks and counts a message libzmq handed over.
+    /// Checks and charges a message libzmq handed over (the caller counts
+    /// it in [`ZmqStats::received`]).
     fn accept(&mut self, msg: Multipart) -> Result<Multipart, FlowError> {
         let weight = msg.weight();
         self.budget.charge(weight);
-        let counters = &self.counters;
-        counters.received.fetch_add(1, Ordering::Relaxed);
         if let Some(expected) = self.frames
             && msg.len() != expected
         {
-            counters.frame_errors.fetch_add(1, Ordering::Relaxed);
+            self.counters.frame_errors.fetch_add(1, Ordering::Relaxed);
             return Err(ZmqError::FrameCount {
                 expected,
                 actual: msg.len(),
@@ -1112,22 +1174,22 @@ impl ZmqSource {
         Ok(msg)
     }
 
-    async fn recv_inner(&mut self) -> Result<Multipart, FlowError> {
+    /// Waits until libzmq has a message, then takes up to `max` (>= 1) under
+    /// one lock of the socket. Spends one unit of tokio's coop budget per
+    /// call; every message is charged to the [`Fairness`] budget, and the
+    /// batch ends early when that slice is spent (the next call then yields
+    /// before it takes anything).
+    async fn recv_batch(&mut self, buf: &mut impl Batch, max: usize) -> Result<usize, FlowError> {
         self.unsupported()?;
-        if std::mem::take(&mut self.yield_due) {
-            // `recv_many` ended the previous slice without yielding: yield now,
-            // or the slice's end would be lost.
-            tokio::task::yield_now().await;
-        }
+        // One coop unit for the whole batch (as tokio's own mpsc `recv_many`
+        // does), and a forced yield here if the previous batch spent the slice.
         poll_fn(|cx| self.budget.poll_proceed(cx)).await;
         let mut waited = false;
         let mut waited_at_once = false;
         loop {
-            if let Some(msg) = self.core()?.try_recv()? {
-                if waited {
-                    self.budget.reset();
-                }
-                return self.accept(msg);
+            let n = self.take_ready(buf, max, waited)?;
+            if n > 0 {
+                return Ok(n);
             }
             if waited_at_once {
                 // ZMQ_EVENTS said readable, yet nothing came: yield, do not spin.
@@ -1139,43 +1201,71 @@ impl ZmqSource {
     }
 
     /// Takes up to `max` messages that libzmq has ready, under one lock of
-    /// the socket, each through the budget; stops early (and marks the yield
-    /// as due) when the budget is spent.
+    /// the socket, while the fairness slice lasts (the first message is
+    /// always taken: the caller's `poll_proceed` found the slice open).
+    /// `waited`: the caller slept for the first message, which ended the
+    /// previous slice (a natural yield).
     fn take_ready(
         &mut self,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut Vec<Multipart>,
+        buf: &mut impl Batch,
         max: usize,
+        waited: bool,
     ) -> Result<usize, FlowError> {
         let core = self.core()?.clone();
         let mut n = 0;
+        let mut received = 0u64;
         let taken = {
             let mut guard = core.lock()?;
             let sock = guard.as_mut().ok_or(FlowError::Closed)?;
             loop {
-                if n == max {
-                    break Ok(());
-                }
-                if self.budget.poll_proceed(cx).is_pending() {
-                    self.yield_due = true;
+                if n == max || (n > 0 && self.budget.spent()) {
                     break Ok(());
                 }
                 match sock.try_recv() {
-                    Ok(Some(msg)) => match self.accept(msg) {
-                        Ok(msg) => {
-                            buf.push(msg);
-                            n += 1;
+                    Ok(Some(msg)) => {
+                        received += 1;
+                        if received == 1 && waited {
+                            self.budget.reset();
                         }
-                        Err(e) => break Err(e),
-                    },
+                        match self.accept(msg) {
+                            Ok(msg) => {
+                                buf.put(msg);
+                                n += 1;
+                            }
+                            Err(e) => break Err(e),
+                        }
+                    }
                     Ok(None) => break Ok(()),
                     Err(e) => break Err(FlowError::from(e)),
                 }
             }
         };
+        if received > 0 {
+            self.counters
+                .received
+                .fetch_add(received, Ordering::Relaxed);
+        }
         // The receives processed libzmq's commands: re-check for the sender.
         core.after_op(Dir::In)?;
         taken.map(|()| n)
+    }
+}
+
+/// Where a receive puts its messages: a caller's `Vec` (`recv_many`) or a
+/// single slot (`recv`, which so needs no allocation of its own).
+trait Batch: Send {
+    fn put(&mut self, msg: Multipart);
+}
+
+impl Batch for Vec<Multipart> {
+    fn put(&mut self, msg: Multipart) {
+        self.push(msg);
+    }
+}
+
+impl Batch for Option<Multipart> {
+    fn put(&mut self, msg: Multipart) {
+        *self = Some(msg);
     }
 }
 
@@ -1191,14 +1281,19 @@ impl Source for ZmqSource {
     /// [`ZmqError::Unsupported`] on a socket type that cannot receive,
     /// [`FlowError::Closed`] after [`close`](ZmqSource::close).
     async fn recv(&mut self) -> Result<Option<Multipart>, FlowError> {
-        self.recv_inner().await.map(Some)
+        let mut one = None;
+        self.recv_batch(&mut one, 1).await?;
+        Ok(one)
     }
 
     /// Waits for one message, then takes up to `max` in all that libzmq has
-    /// ready, under one lock of the socket, each through the fairness budget
-    /// (it stops early, without waiting, when the budget is spent, and the
-    /// next call yields first). The fast path for small messages: one boxed
-    /// future per batch instead of one per message.
+    /// ready, under one lock of the socket. The batch spends one unit of
+    /// tokio's coop budget; each message is charged to the fairness budget,
+    /// and the batch stops early, without waiting, when that slice is spent
+    /// (the next call then yields first), so a batch never holds more than
+    /// `Fairness::max_items` messages or more than `max_bytes` plus one
+    /// message. The fast path for small messages: one boxed future, one
+    /// lock and one coop unit per batch instead of per message.
     ///
     /// # Errors
     /// As `recv`; messages appended before the error stay in `buf`.
@@ -1210,12 +1305,7 @@ impl Source for ZmqSource {
         if max == 0 {
             return Ok(0);
         }
-        buf.push(self.recv_inner().await?);
-        if max == 1 {
-            return Ok(1);
-        }
-        let more = poll_fn(|cx| Poll::Ready(self.take_ready(cx, buf, max - 1))).await?;
-        Ok(1 + more)
+        self.recv_batch(buf, max).await
     }
 
     fn stats(&self) -> FlowStats {

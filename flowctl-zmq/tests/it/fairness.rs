@@ -262,3 +262,71 @@ fn timer_keeps_ticking_next_to_always_writable_push() {
         outcome.expected
     );
 }
+
+/// `recv_many` spends one coop unit per call but still charges every message
+/// to the `Fairness` budget: no batch is larger than the slice allows (items,
+/// or bytes with the crossing message last), the next call yields first, and
+/// every message arrives once, in order.
+#[tokio::test(flavor = "current_thread")]
+async fn recv_many_batches_never_exceed_the_slice() {
+    const N: usize = 1000;
+    const SIZE: usize = 100;
+    for (fairness, cap) in [
+        // 10 items per slice.
+        (flowctl_core::Fairness::new(10, 1 << 20).unwrap(), 10),
+        // 250 bytes per slice: 100 + 100 + 100 crosses it, so 3 messages.
+        (flowctl_core::Fairness::new(1000, 250).unwrap(), 3),
+    ] {
+        let ctx = Context::new();
+        let mut tx = ZmqSocket::builder(SocketType::Push)
+            .context(&ctx)
+            .send_hwm(0)
+            .bind("inproc://batch-cap")
+            .build()
+            .unwrap()
+            .into_sink();
+        let mut rx = ZmqSocket::builder(SocketType::Pull)
+            .context(&ctx)
+            .recv_hwm(0)
+            .fairness(fairness)
+            .connect("inproc://batch-cap")
+            .build()
+            .unwrap()
+            .into_source();
+        for i in 0..N {
+            let mut m = vec![0u8; SIZE];
+            m[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            tx.send(vec![Bytes::from(m)]).await.unwrap();
+        }
+        tx.flush().await.unwrap();
+        let mut next = 0u64;
+        let mut largest = 0;
+        let mut buf = Vec::new();
+        while next < N as u64 {
+            buf.clear();
+            let n = rx.recv_many(&mut buf, 10 * N).await.unwrap();
+            assert_eq!(n, buf.len());
+            largest = largest.max(n);
+            assert!(
+                n <= cap,
+                "a batch of {n} messages exceeds the slice of {cap}"
+            );
+            for m in &buf {
+                assert_eq!(m.len(), 1);
+                assert_eq!(m[0].len(), SIZE);
+                assert_eq!(m[0][..8], next.to_le_bytes()[..], "order kept");
+                next += 1;
+            }
+        }
+        assert_eq!(largest, cap, "the flood filled whole slices");
+        assert_eq!(rx.stats().items, N as u64, "every message counted once");
+        assert_eq!(rx.zmq_stats().received, N as u64);
+        // Each full slice ended in a forced yield (the last one may not have).
+        assert!(
+            rx.zmq_stats().recv_yields >= (N / cap - 1) as u64,
+            "{} forced yields for {} slices",
+            rx.zmq_stats().recv_yields,
+            N / cap
+        );
+    }
+}

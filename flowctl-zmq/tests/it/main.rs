@@ -4,7 +4,8 @@
 mod peer;
 // Every socket pattern against pyzmq in both directions, content and order checked.
 mod patterns;
-// Starvation: a flooded PULL next to a 1 ms timer, flowctl vs a raw AsyncFd loop.
+// Starvation: a flooded PULL next to a 1 ms timer, flowctl vs a raw AsyncFd loop;
+// recv_many batches capped by the fairness slice.
 mod fairness;
 // Bounded memory: slow pyzmq receiver vs fast PUSH; PUB drops counted.
 mod backpressure;
