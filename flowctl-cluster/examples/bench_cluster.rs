@@ -29,11 +29,7 @@ use flowctl_core::{Fairness, FlowError, Sink, Source};
 use futures::StreamExt;
 use tokio::sync::{Notify, oneshot};
 
-#[path = "../tests/it/fixture.rs"]
-#[allow(dead_code, unreachable_pub)]
-mod fixture;
-
-use fixture::NatsCluster;
+use flowctl_cluster::testing::{NatsCluster, READY_LIMIT};
 
 type BoxResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
@@ -396,10 +392,13 @@ async fn resume(nats: &mut NatsCluster, raw: bool, freeze: bool, tag: &str) -> B
         seen += 1;
         seen_c.store(seen, std::sync::atomic::Ordering::Relaxed);
         if seen == n / 4 {
-            if freeze {
-                nats.freeze(node);
+            let faulted = if freeze {
+                nats.freeze(node)
             } else {
-                nats.kill(node);
+                nats.kill_blocking(node)
+            };
+            if let Err(e) = faulted {
+                eprintln!("  could not fault n{node}: {e}");
             }
             killed_at = Some(Instant::now());
             if let Some(tx) = tx.take() {
@@ -470,7 +469,9 @@ async fn resume(nats: &mut NatsCluster, raw: bool, freeze: bool, tag: &str) -> B
     if let Ok(Err(e)) = prod.await {
         eprintln!("  producer failed: {e}");
     }
-    nats.restart(node);
+    nats.kill(node).await?;
+    nats.restart(node)?;
+    nats.wait_ready(READY_LIMIT).await?;
     result
 }
 
@@ -511,7 +512,7 @@ async fn main() -> BoxResult<()> {
     if size == 0 {
         return Err("size must be at least 1 byte (empty messages are the core probes)".into());
     }
-    let mut nats = NatsCluster::start();
+    let mut nats = NatsCluster::start().await?;
     let admin = connect(nats.urls()).await?;
     make_stream(&admin, "BENCH", "bench.x").await?;
     let t = Instant::now();
