@@ -13,7 +13,8 @@
 //! connections) goes through their HTTP monitoring port with a tiny async
 //! HTTP/1.0 client ([`json`], [`subscriptions`], [`connections`]; also usable
 //! on the monitoring address of an external cluster). Nothing here blocks a
-//! tokio worker except the `*_blocking` methods, for sync callers.
+//! tokio worker except, for sync callers, [`NatsCluster::kill_blocking`] and
+//! [`NatsCluster::freeze`] (which runs `kill -STOP`).
 //!
 //! The `nats-server` binary is `FLOWCTL_NATS_SERVER`, else
 //! `/usr/sbin/nats-server` (Debian's package), else `nats-server` on `PATH`;
@@ -155,15 +156,6 @@ impl NatsCluster {
         }
     }
 
-    /// [`NatsCluster::start`] for sync callers (also inside a runtime: it
-    /// runs on a thread of its own).
-    ///
-    /// # Errors
-    /// See [`NatsCluster::start_with`].
-    pub fn start_blocking() -> Result<NatsCluster, FixtureError> {
-        blocking(Self::start())
-    }
-
     /// Writes the configs of three nodes on fresh ports and spawns them.
     fn launch(bin: PathBuf, extra: &str) -> Result<NatsCluster, FixtureError> {
         let dir = std::env::temp_dir().join(format!(
@@ -172,6 +164,12 @@ impl NatsCluster {
             fastrand::u64(..)
         ));
         fs::create_dir_all(&dir).map_err(|e| FixtureError::io("create", &dir, e))?;
+        // From here on, Drop removes the directory if a step fails.
+        let mut cluster = NatsCluster {
+            bin,
+            nodes: Vec::new(),
+            dir: Some(dir.clone()),
+        };
         // Bind all nine ports at once, then release them, so they are distinct.
         let mut held = Vec::new();
         let mut ports = Vec::new();
@@ -180,12 +178,13 @@ impl NatsCluster {
                 let port = l.local_addr()?.port();
                 Ok((l, port))
             });
-            let (l, port) = free.map_err(|e| FixtureError::io("bind a free port on", &dir, e))?;
+            let (l, port) = free.map_err(|e| {
+                FixtureError::Start(format!("cannot bind a free port on 127.0.0.1: {e}"))
+            })?;
             held.push(l);
             ports.push(port);
         }
         drop(held);
-        let mut nodes = Vec::new();
         for i in 0..NODES {
             let (client, route, http) = (ports[i * 3], ports[i * 3 + 1], ports[i * 3 + 2]);
             let routes: Vec<String> = (0..NODES)
@@ -202,7 +201,7 @@ impl NatsCluster {
                 routes.join(", "),
             );
             fs::write(&config, text).map_err(|e| FixtureError::io("write", &config, e))?;
-            nodes.push(Node {
+            cluster.nodes.push(Node {
                 client,
                 route,
                 http,
@@ -211,11 +210,6 @@ impl NatsCluster {
                 child: None,
             });
         }
-        let mut cluster = NatsCluster {
-            bin,
-            nodes,
-            dir: Some(dir),
-        };
         for i in 0..NODES {
             cluster.spawn(i)?;
         }
@@ -561,26 +555,6 @@ impl Drop for NatsCluster {
     }
 }
 
-/// Runs `fut` to completion on a current-thread runtime of a thread of its
-/// own, so that sync code inside or outside a runtime can wait for it.
-fn blocking<F>(fut: F) -> F::Output
-where
-    F: std::future::Future + Send,
-    F::Output: Send,
-{
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map(|rt| rt.block_on(fut))
-        })
-        .join()
-    })
-    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-    .unwrap_or_else(|e| panic!("cannot build a tokio runtime for the nats fixture: {e}"))
-}
-
 /// One client connection of a node (`/connz?subs=1`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Connection {
@@ -704,5 +678,15 @@ mod tests {
     fn monitor_urls() {
         assert_eq!(monitor_addr("http://10.0.0.1:8222/"), "10.0.0.1:8222");
         assert_eq!(monitor_addr("127.0.0.1:8222"), "127.0.0.1:8222");
+    }
+
+    #[test]
+    fn a_missing_server_names_the_package_and_the_override() {
+        let e = FixtureError::ServerNotFound {
+            tried: "FLOWCTL_NATS_SERVER unset, not in /usr/sbin nor on PATH".into(),
+        };
+        let text = e.to_string();
+        assert!(text.contains("nats-server package"), "{text}");
+        assert!(text.contains("FLOWCTL_NATS_SERVER"), "{text}");
     }
 }
