@@ -1,23 +1,35 @@
 //! Side-by-side harness: JetStream pull-consumer throughput of flowctl's
-//! `PullSource` against raw async-nats, and the time to resume after the
-//! SIGKILL of the consumer's node. Starts its own 3-node cluster on 127.0.0.1.
+//! `PullSource` against raw async-nats, core subscription throughput of
+//! flowctl's `CoreSource` against a raw `async_nats::Client::subscribe`, and
+//! the time to resume after the SIGKILL or SIGSTOP of the consumer's node.
+//! Starts its own 3-node cluster on 127.0.0.1.
 //!
-//! `cargo run --release -p flowctl-cluster --example bench_cluster [messages] [size]`
+//! `cargo run --release -p flowctl-cluster --example bench_cluster [messages] [size] [--json] [--no-failover]`
+//!
+//! - Core subscriptions are at most once: a publisher faster than the
+//!   subscriber overruns its channel and async-nats drops messages. Both sides
+//!   therefore read from the same flow-controlled publisher (a raw client on
+//!   another node, at most 2048 messages ahead of what the subscriber has
+//!   received, flushed every 256), and a round counts only if every message
+//!   arrived; lost messages are printed.
+//! - `--json` or `FLOWCTL_BENCH_JSON=1`: also one `BENCH {json}` line per
+//!   throughput round and side, for `cargo xtask bench`.
+//! - `--no-failover` or `BENCH_NO_FAILOVER=1`: stop after the throughput
+//!   rounds (the 8 failover rounds take minutes).
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{consumer, stream};
 use bytes::Bytes;
 use flowctl_cluster::{Cluster, ClusterConfig, ConsumeOptions, PublishOptions};
 use flowctl_core::lifecycle::Ledger;
-use flowctl_core::{FlowError, Sink, Source};
+use flowctl_core::{Fairness, FlowError, Sink, Source};
 use futures::StreamExt;
+use tokio::sync::{Notify, oneshot};
 
-#[path = "../tests/it/fixture.rs"]
-#[allow(dead_code, unreachable_pub)]
-mod fixture;
-
-use fixture::NatsCluster;
+use flowctl_cluster::testing::{NatsCluster, READY_LIMIT};
 
 type BoxResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
@@ -103,6 +115,224 @@ async fn flow_read(c: &Cluster, stream: &str, durable: &str, n: u64) -> BoxResul
     Ok(t.elapsed())
 }
 
+/// Messages per publisher batch (one flush each) in the core subscription runs.
+const CORE_BATCH: u64 = 256;
+/// `subscription_capacity` of both subscribers (flowctl's default).
+const CORE_CAPACITY: usize = 4096;
+/// Messages the core publisher may be ahead of the subscriber: half the
+/// subscription channel, so a flow-controlled run drops nothing.
+const CORE_WINDOW: u64 = 2048;
+/// The publisher gives up waiting for the subscriber after this long without
+/// progress (messages were lost: core NATS is at most once).
+const CORE_STALL: Duration = Duration::from_secs(3);
+
+/// What the subscriber tells the publisher.
+#[derive(Debug, Default)]
+struct Flow {
+    /// Measured messages received so far.
+    received: AtomicU64,
+    /// A probe arrived: the subscription's interest reached the publisher's node.
+    warm: AtomicBool,
+    /// Woken on every received message.
+    notify: Notify,
+}
+
+/// How one core subscription round ended.
+#[derive(Debug)]
+struct CoreRun {
+    received: u64,
+    /// From the first measured publish to the last message received.
+    elapsed: Duration,
+    /// Drops the client reported (a lower bound: async-nats's event channel
+    /// drops reports too): flowctl's `CoreSource::dropped`, or the raw
+    /// client's `Event::SlowConsumer` count.
+    reported: u64,
+}
+
+/// The one publisher of both sides: a raw async-nats client on node 0 that
+/// publishes empty probes until the subscriber (on node 1) sees one, then `n`
+/// messages of `size` bytes in flushed batches of [`CORE_BATCH`], never more
+/// than [`CORE_WINDOW`] ahead of what the subscriber received. Returns the
+/// instant the measured publishing started; `give_up` fires if the subscriber stalls (lost messages).
+async fn core_publish(
+    client: async_nats::Client,
+    subject: String,
+    n: u64,
+    size: usize,
+    flow: Arc<Flow>,
+    give_up: oneshot::Sender<()>,
+) -> BoxResult<Instant> {
+    let subject = async_nats::Subject::from(subject);
+    let probe_until = Instant::now() + Duration::from_secs(30);
+    while !flow.warm.load(Ordering::Acquire) {
+        if Instant::now() > probe_until {
+            return Err("the subscription's interest did not reach node 0 within 30 s".into());
+        }
+        client.publish(subject.clone(), Bytes::new()).await?;
+        client.flush().await?;
+        // Probe pace; the loop ends on the subscriber's signal, not on time.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let payload = Bytes::from(vec![0xa5u8; size]);
+    let start = Instant::now();
+    let mut flow_controlled = true;
+    let mut sent = 0;
+    while sent < n {
+        let batch = CORE_BATCH.min(n - sent);
+        while flow_controlled {
+            let notified = flow.notify.notified();
+            if sent + batch <= flow.received.load(Ordering::Acquire) + CORE_WINDOW {
+                break;
+            }
+            if tokio::time::timeout(CORE_STALL, notified).await.is_err() {
+                flow_controlled = false; // messages were lost; publish the rest
+            }
+        }
+        for _ in 0..batch {
+            client.publish(subject.clone(), payload.clone()).await?;
+        }
+        client.flush().await?;
+        sent += batch;
+    }
+    // Wait for the last messages; give up after CORE_STALL without progress.
+    loop {
+        let notified = flow.notify.notified();
+        let before = flow.received.load(Ordering::Acquire);
+        if before >= n {
+            break;
+        }
+        if tokio::time::timeout(CORE_STALL, notified).await.is_err()
+            && flow.received.load(Ordering::Acquire) == before
+        {
+            let _ = give_up.send(());
+            break;
+        }
+    }
+    Ok(start)
+}
+
+/// Counts one received message of the subscriber; true when all `n` are in.
+fn core_count(flow: &Flow, payload: &Bytes, got: &mut u64, n: u64) -> bool {
+    if payload.is_empty() {
+        flow.warm.store(true, Ordering::Release);
+        return false;
+    }
+    *got += 1;
+    flow.received.store(*got, Ordering::Release);
+    flow.notify.notify_one();
+    *got == n
+}
+
+/// One round of core subscription throughput: `raw` subscribes with
+/// `async_nats::Client::subscribe` (same `subscription_capacity` as flowctl),
+/// else with flowctl's `Cluster::subscribe` read by `recv_many(256)`.
+async fn core_round(
+    nats: &NatsCluster,
+    raw: bool,
+    tag: &str,
+    n: u64,
+    size: usize,
+) -> BoxResult<CoreRun> {
+    let subject = format!("core.{tag}");
+    let flow = Arc::new(Flow::default());
+    let (give_up_tx, mut give_up) = oneshot::channel::<()>();
+    let publisher = async_nats::connect(nats.url(0)).await?;
+    let mut got = 0u64;
+    let reported;
+    let mut end = None;
+    // Subscribe first, then start the publisher: its probes wait for the
+    // interest to cross the route from node 1 to node 0.
+    let start_publisher = |flow: Arc<Flow>| {
+        tokio::spawn(core_publish(
+            publisher.clone(),
+            subject.clone(),
+            n,
+            size,
+            flow,
+            give_up_tx,
+        ))
+    };
+    let publishing = if raw {
+        let slow = Arc::new(AtomicU64::new(0));
+        let slow_cb = slow.clone();
+        let client = async_nats::ConnectOptions::new()
+            .subscription_capacity(CORE_CAPACITY)
+            .event_callback(move |event| {
+                if let async_nats::Event::SlowConsumer(_) = event {
+                    slow_cb.fetch_add(1, Ordering::Relaxed);
+                }
+                async {}
+            })
+            .connect(nats.url(1))
+            .await?;
+        let mut sub = client.subscribe(subject.clone()).await?;
+        client.flush().await?;
+        let publishing = start_publisher(flow.clone());
+        loop {
+            tokio::select! {
+                biased;
+                m = sub.next() => {
+                    let m = m.ok_or("raw subscription ended")?;
+                    if core_count(&flow, &m.payload, &mut got, n) {
+                        end = Some(Instant::now());
+                        break;
+                    }
+                }
+                _ = &mut give_up => break,
+            }
+        }
+        reported = slow.load(Ordering::Relaxed);
+        publishing
+    } else {
+        let mut cfg = ClusterConfig::new([nats.url(1)]);
+        cfg.ledger = Ledger::new();
+        cfg.subscription_capacity = CORE_CAPACITY;
+        let cluster = Cluster::connect(cfg).await?;
+        let mut src = cluster.subscribe(&subject, Fairness::default()).await?;
+        cluster.client().flush().await?;
+        let publishing = start_publisher(flow.clone());
+        let mut buf = Vec::with_capacity(256);
+        'outer: loop {
+            buf.clear();
+            tokio::select! {
+                biased;
+                r = src.recv_many(&mut buf, 256) => match r {
+                    Ok(0) => return Err("flowctl subscription ended".into()),
+                    Ok(_) => {
+                        for m in &buf {
+                            if core_count(&flow, &m.payload, &mut got, n) {
+                                end = Some(Instant::now());
+                                break 'outer;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        // `recv_many` may have put messages in `buf` before the error.
+                        for m in &buf {
+                            if core_count(&flow, &m.payload, &mut got, n) {
+                                end = Some(Instant::now());
+                                break 'outer;
+                            }
+                        }
+                        // SlowConsumer: not terminal, the next call goes on.
+                        tracing::debug!("flowctl subscription error (continuing): {e}");
+                    }
+                },
+                _ = &mut give_up => break,
+            }
+        }
+        reported = src.dropped();
+        publishing
+    };
+    let start = publishing.await??;
+    let elapsed = end.unwrap_or_else(Instant::now) - start;
+    Ok(CoreRun {
+        received: got,
+        elapsed,
+        reported,
+    })
+}
+
 /// Consumer on a node that leads nothing; SIGKILL it after `n/4` messages;
 /// the time until the first message published after the kill arrives.
 async fn resume(nats: &mut NatsCluster, raw: bool, freeze: bool, tag: &str) -> BoxResult<Duration> {
@@ -162,10 +392,13 @@ async fn resume(nats: &mut NatsCluster, raw: bool, freeze: bool, tag: &str) -> B
         seen += 1;
         seen_c.store(seen, std::sync::atomic::Ordering::Relaxed);
         if seen == n / 4 {
-            if freeze {
-                nats.freeze(node);
+            let faulted = if freeze {
+                nats.freeze(node)
             } else {
-                nats.kill(node);
+                nats.kill_blocking(node)
+            };
+            if let Err(e) = faulted {
+                eprintln!("  could not fault n{node}: {e}");
             }
             killed_at = Some(Instant::now());
             if let Some(tx) = tx.take() {
@@ -236,16 +469,50 @@ async fn resume(nats: &mut NatsCluster, raw: bool, freeze: bool, tag: &str) -> B
     if let Ok(Err(e)) = prod.await {
         eprintln!("  producer failed: {e}");
     }
-    nats.restart(node);
+    nats.kill(node).await?;
+    nats.restart(node)?;
+    nats.wait_ready(READY_LIMIT).await?;
     result
+}
+
+/// Throughput rounds per side: pull, core subscription.
+const PULL_ROUNDS: usize = 2;
+const CORE_ROUNDS: usize = 5;
+
+/// `--json` or `FLOWCTL_BENCH_JSON=1`: print `BENCH` lines for `cargo xtask bench`.
+fn json_lines() -> bool {
+    std::env::args().any(|a| a == "--json") || std::env::var_os("FLOWCTL_BENCH_JSON").is_some()
+}
+
+/// `--no-failover` or `BENCH_NO_FAILOVER=1`: throughput rounds only.
+fn no_failover() -> bool {
+    std::env::args().any(|a| a == "--no-failover")
+        || std::env::var_os("BENCH_NO_FAILOVER").is_some_and(|v| v != "0")
+}
+
+/// One machine-readable figure (see flowctl-bench's bench-report).
+fn bench_line(name: &str, raw: bool, round: usize, value: f64) {
+    if json_lines() {
+        let side = if raw { "anchor" } else { "flowctl" };
+        println!(
+            "BENCH {{\"name\":\"{name}\",\"side\":\"{side}\",\"round\":{round},\"value\":{value:.1},\"unit\":\"msg/s\"}}"
+        );
+    }
+}
+
+fn side(raw: bool) -> &'static str {
+    if raw { "async-nats" } else { "flowctl" }
 }
 
 #[tokio::main]
 async fn main() -> BoxResult<()> {
-    let mut args = std::env::args().skip(1);
+    let mut args = std::env::args().skip(1).filter(|a| !a.starts_with("--"));
     let n: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(100_000);
     let size: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(128);
-    let mut nats = NatsCluster::start();
+    if size == 0 {
+        return Err("size must be at least 1 byte (empty messages are the core probes)".into());
+    }
+    let mut nats = NatsCluster::start().await?;
     let admin = connect(nats.urls()).await?;
     make_stream(&admin, "BENCH", "bench.x").await?;
     let t = Instant::now();
@@ -255,7 +522,7 @@ async fn main() -> BoxResult<()> {
         "publish (flowctl Publisher, R3, {size} B): {n} msgs in {p:.2?} = {:.0} msg/s",
         n as f64 / p.as_secs_f64()
     );
-    for round in 0..2 {
+    for round in 0..PULL_ROUNDS {
         for raw in [true, false] {
             let durable = format!("{}{round}", if raw { "raw" } else { "flow" });
             make_consumer(&admin, "BENCH", &durable, Duration::from_secs(30)).await?;
@@ -265,14 +532,41 @@ async fn main() -> BoxResult<()> {
             } else {
                 flow_read(&reader, "BENCH", &durable, n).await?
             };
+            let rate = n as f64 / d.as_secs_f64();
             println!(
-                "pull R3 {size} B, round {round}, {:8}: {:>9.0} msg/s ({n} in {d:.2?})",
-                if raw { "async-nats" } else { "flowctl" },
-                n as f64 / d.as_secs_f64()
+                "pull R3 {size} B, round {round}, {:8}: {rate:>9.0} msg/s ({n} in {d:.2?})",
+                side(raw)
             );
+            bench_line(&format!("cluster.pull.r3_{size}b"), raw, round, rate);
         }
     }
     drop(admin);
+    for round in 0..CORE_ROUNDS {
+        for raw in [true, false] {
+            let tag = format!("{}{round}", if raw { "raw" } else { "flow" });
+            let run = core_round(&nats, raw, &tag, n, size).await?;
+            let rate = n as f64 / run.elapsed.as_secs_f64();
+            let lost = n - run.received;
+            if lost == 0 {
+                println!(
+                    "core sub {size} B, round {round}, {:8}: {rate:>9.0} msg/s ({n} in {:.2?}, 0 lost)",
+                    side(raw),
+                    run.elapsed,
+                );
+                bench_line(&format!("cluster.core_sub.{size}b"), raw, round, rate);
+            } else {
+                println!(
+                    "core sub {size} B, round {round}, {:8}: not counted: {lost} of {n} messages lost \
+                     ({} drops reported by the client)",
+                    side(raw),
+                    run.reported
+                );
+            }
+        }
+    }
+    if no_failover() {
+        return Ok(());
+    }
     let mut i = 0;
     for freeze in [false, true] {
         for _ in 0..2 {

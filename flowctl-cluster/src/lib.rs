@@ -147,6 +147,10 @@
 //!
 //! - `nkeys` (off): NATS credentials files and nkey seeds
 //!   (`Credentials::CredentialsFile`), via `async-nats/nkeys`.
+//! - `testing` (off): the `testing` module, a real 3-node `nats-server`
+//!   cluster with JetStream on 127.0.0.1 (`testing::NatsCluster`: free ports,
+//!   stopped by pid, monitoring reads). Used by this crate's tests and
+//!   examples and by flowctl-soak; needs the `nats-server` binary at run time.
 //!
 //! async-nats is used with `default-features = false` and only `jetstream` +
 //! `ring`: its defaults add websockets, kv/object-store, the service API and
@@ -160,6 +164,8 @@ mod core_sub;
 mod error;
 mod publish;
 mod pull;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use cluster::{Cluster, ClusterConfig, Credentials, Tls};
 pub use core_sub::{CoreMessage, CoreSource};

@@ -11,7 +11,6 @@
 
 mod check;
 mod monitor;
-mod nats;
 mod opts;
 mod plot;
 mod report;

@@ -7,7 +7,7 @@ use flowctl_core::lifecycle::Ledger;
 use flowctl_core::{Fairness, Sink, Source};
 
 use crate::connect::config;
-use crate::fixture::{Extra, NatsCluster};
+use flowctl_cluster::testing::{NatsCluster, READY_LIMIT};
 
 const AUTH: &str = r#"
 authorization {
@@ -22,7 +22,9 @@ authorization {
 
 #[tokio::test]
 async fn wrong_password_is_auth_rejected_and_not_retried() {
-    let nats = NatsCluster::start_with(Extra(AUTH.into()));
+    let nats = NatsCluster::start_with(AUTH, READY_LIMIT)
+        .await
+        .expect("nats cluster");
     let ledger = Ledger::new();
     let mut cfg = config(nats.urls(), &ledger);
     cfg.credentials = Credentials::UserPassword("flow".into(), "wrong".into());
@@ -45,7 +47,9 @@ async fn wrong_password_is_auth_rejected_and_not_retried() {
 
 #[tokio::test]
 async fn denied_subscribe_and_publish_are_permission_denied() {
-    let nats = NatsCluster::start_with(Extra(AUTH.into()));
+    let nats = NatsCluster::start_with(AUTH, READY_LIMIT)
+        .await
+        .expect("nats cluster");
     let ledger = Ledger::new();
     let mut cfg = config(nats.urls(), &ledger);
     cfg.credentials = Credentials::UserPassword("flow".into(), "s3cret".into());

@@ -3,7 +3,7 @@ use std::time::Duration;
 use flowctl_cluster::{Cluster, ClusterConfig, ClusterError};
 use flowctl_core::lifecycle::Ledger;
 
-use crate::fixture::NatsCluster;
+use flowctl_cluster::testing::NatsCluster;
 
 fn dead_url() -> String {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -49,7 +49,7 @@ async fn no_seed_reachable_lists_each_seed() {
 
 #[tokio::test]
 async fn connects_through_a_live_seed_and_drop_releases() {
-    let nats = NatsCluster::start();
+    let nats = NatsCluster::start().await.expect("nats cluster");
     let ledger = Ledger::new();
     let cfg = config(vec![dead_url(), nats.url(1)], &ledger);
     let cluster = Cluster::connect(cfg).await.unwrap();

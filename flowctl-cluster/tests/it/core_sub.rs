@@ -6,7 +6,7 @@ use flowctl_core::lifecycle::Ledger;
 use flowctl_core::{Fairness, Source};
 
 use crate::connect::config;
-use crate::fixture::NatsCluster;
+use flowctl_cluster::testing::NatsCluster;
 
 /// async-nats drops silently when a subscription's channel is full; the core
 /// source reports every drop it learns of as an error, and what it kept is intact.
@@ -14,7 +14,7 @@ use crate::fixture::NatsCluster;
 async fn core_slow_consumer_is_reported_with_the_drop_count() {
     const CAP: usize = 64;
     const N: u64 = 2000;
-    let nats = NatsCluster::start();
+    let nats = NatsCluster::start().await.expect("nats cluster");
     let ledger = Ledger::new();
     let mut cfg = config(vec![nats.url(0)], &ledger);
     cfg.subscription_capacity = CAP;

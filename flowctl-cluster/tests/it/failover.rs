@@ -6,8 +6,8 @@ use flowctl_core::lifecycle::Ledger;
 use flowctl_core::{Sink, Source, Watermarks};
 
 use crate::connect::config;
-use crate::fixture::NatsCluster;
 use crate::pull::stream_and_consumer;
+use flowctl_cluster::testing::NatsCluster;
 
 #[derive(Debug, Clone, Copy)]
 enum Victim {
@@ -38,7 +38,7 @@ async fn failover(victim: Victim) {
     // Large enough that `max_bytes`, not `batch`, limits each pull.
     const SIZE: usize = 1024;
     const HIGH: usize = 32 * 1024;
-    let mut nats = NatsCluster::start();
+    let mut nats = NatsCluster::start().await.expect("nats cluster");
     let ledger = Ledger::new();
     let admin = Cluster::connect(config(nats.urls(), &ledger))
         .await
@@ -165,8 +165,8 @@ async fn failover(victim: Victim) {
         if expect == KILL_AT {
             let reconnects = consumer.reconnects();
             match victim {
-                Victim::HungConsumerNode => nats.freeze(victim_node),
-                _ => nats.kill(victim_node),
+                Victim::HungConsumerNode => nats.freeze(victim_node).expect("SIGSTOP"),
+                _ => nats.kill(victim_node).await.expect("SIGKILL"),
             }
             killed_at = Some(Instant::now());
             if !matches!(victim, Victim::StreamLeader) {

@@ -6,8 +6,8 @@ use flowctl_core::lifecycle::Ledger;
 use flowctl_core::{FlowError, Source};
 
 use crate::connect::config;
-use crate::fixture::NatsCluster;
 use crate::pull::stream_and_consumer;
+use flowctl_cluster::testing::NatsCluster;
 
 /// The Aeron scenario: connect + consume cancelled by timeouts at random
 /// points, over and over; afterwards the servers' own accounting shows no
@@ -16,7 +16,7 @@ use crate::pull::stream_and_consumer;
 async fn cancelled_connects_and_consumes_leave_nothing_behind() {
     const MAX_CYCLES: usize = 1000;
     const BUDGET: Duration = Duration::from_secs(35);
-    let nats = NatsCluster::start();
+    let nats = NatsCluster::start().await.expect("nats cluster");
     let tag = format!("{:08x}", fastrand::u32(..));
     let prefix = format!("_LEAK_{tag}");
     let name = format!("leak-{tag}");
@@ -86,10 +86,12 @@ async fn cancelled_connects_and_consumes_leave_nothing_behind() {
     tokio::time::timeout(Duration::from_secs(20), ledger.until_zero(None))
         .await
         .unwrap_or_else(|_| panic!("ledger not back to zero: {ledger:?}"));
-    nats.eventually(Duration::from_secs(20), |n| {
+    nats.eventually(Duration::from_secs(20), async |n| {
         for i in 0..3 {
             let subs: Vec<String> = n
                 .subscriptions(i)
+                .await
+                .map_err(|e| e.to_string())?
                 .into_iter()
                 .filter(|s| s.starts_with(&prefix))
                 .collect();
@@ -102,8 +104,10 @@ async fn cancelled_connects_and_consumes_leave_nothing_behind() {
             }
             let conns = n
                 .connections(i)
+                .await
+                .map_err(|e| e.to_string())?
                 .into_iter()
-                .filter(|(c, _)| c == &name)
+                .filter(|c| c.name == name)
                 .count();
             if conns > 0 {
                 return Err(format!(
@@ -116,7 +120,10 @@ async fn cancelled_connects_and_consumes_leave_nothing_behind() {
     .await
     .unwrap();
     // The check can fail: our admin connection is still visible on some node.
-    let admin_seen = (0..3).any(|i| !nats.connections(i).is_empty());
+    let mut admin_seen = false;
+    for i in 0..3 {
+        admin_seen |= !nats.connections(i).await.expect("connz").is_empty();
+    }
     assert!(admin_seen, "connz readers see live connections");
     drop(admin);
 }

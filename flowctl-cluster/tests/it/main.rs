@@ -1,8 +1,6 @@
 //! Integration tests of flowctl-cluster against a real 3-node nats-server cluster.
 
-// The 3-node cluster fixture and its monitoring readers.
-#[allow(dead_code)] // not every test uses every helper (restart, route port)
-mod fixture;
+// The 3-node cluster fixture is `flowctl_cluster::testing` (feature `testing`).
 // Cluster::connect: seeds, retries, per-seed errors.
 mod connect;
 // JetStream pull Source: watermark-driven demand, slow consumer, order.

@@ -6,12 +6,12 @@ use flowctl_core::lifecycle::Ledger;
 use flowctl_core::{Sink, Source, Watermarks};
 
 use crate::connect::config;
-use crate::fixture::NatsCluster;
 use crate::pull::stream_and_consumer;
+use flowctl_cluster::testing::NatsCluster;
 
 #[tokio::test]
 async fn publisher_bounds_unacked_bytes_keeps_order_and_rejects_oversize() {
-    let nats = NatsCluster::start();
+    let nats = NatsCluster::start().await.expect("nats cluster");
     let ledger = Ledger::new();
     let cluster = Cluster::connect(config(nats.urls(), &ledger))
         .await
@@ -85,7 +85,7 @@ async fn publisher_bounds_unacked_bytes_keeps_order_and_rejects_oversize() {
 
 #[tokio::test]
 async fn missing_stream_consumer_and_subject_are_named() {
-    let nats = NatsCluster::start();
+    let nats = NatsCluster::start().await.expect("nats cluster");
     let ledger = Ledger::new();
     let cluster = Cluster::connect(config(nats.urls(), &ledger))
         .await

@@ -7,7 +7,7 @@ use flowctl_core::lifecycle::Ledger;
 use flowctl_core::{Source, Watermarks};
 
 use crate::connect::config;
-use crate::fixture::NatsCluster;
+use flowctl_cluster::testing::NatsCluster;
 
 /// Creates an R3 stream `name` on `subject` and a durable pull consumer `durable`.
 pub(crate) async fn stream_and_consumer(
@@ -42,7 +42,7 @@ pub(crate) async fn stream_and_consumer(
 
 #[tokio::test]
 async fn stalled_consumer_stays_within_watermarks_and_loses_nothing() {
-    let nats = NatsCluster::start();
+    let nats = NatsCluster::start().await.expect("nats cluster");
     let ledger = Ledger::new();
     let cluster = Cluster::connect(config(nats.urls(), &ledger))
         .await
@@ -116,7 +116,7 @@ async fn stalled_consumer_stays_within_watermarks_and_loses_nothing() {
 #[tokio::test]
 async fn manual_ack_redeliveries_are_deduplicated() {
     use flowctl_cluster::AckMode;
-    let nats = NatsCluster::start();
+    let nats = NatsCluster::start().await.expect("nats cluster");
     let ledger = Ledger::new();
     let cluster = Cluster::connect(config(nats.urls(), &ledger))
         .await
@@ -178,7 +178,7 @@ async fn manual_ack_redeliveries_are_deduplicated() {
 /// never deadlocked.
 #[tokio::test]
 async fn message_larger_than_high_is_admitted_alone() {
-    let nats = NatsCluster::start();
+    let nats = NatsCluster::start().await.expect("nats cluster");
     let ledger = Ledger::new();
     let cluster = Cluster::connect(config(nats.urls(), &ledger))
         .await

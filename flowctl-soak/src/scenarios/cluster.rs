@@ -51,8 +51,8 @@ use tokio::time::Instant;
 
 use super::{Ctx, Faults, Outcome};
 use crate::check::{Checker, MIN_MESSAGE, encode};
-use crate::nats::{self, LocalCluster, NODES};
 use crate::opts::Inject;
+use flowctl_cluster::testing::{self as nats, FixtureError, NODES, NatsCluster};
 
 /// Largest message published (the smallest is [`MIN_MESSAGE`]).
 pub(crate) const MAX_MESSAGE: usize = 1024;
@@ -170,7 +170,7 @@ impl Baseline {
     pub(crate) async fn start(
         ctx: &Ctx<'_>,
         label: &'static str,
-    ) -> Result<(Baseline, Option<LocalCluster>, Vec<String>, Option<String>), String> {
+    ) -> Result<(Baseline, Option<NatsCluster>, Vec<String>, Option<String>), String> {
         let tasks_before = alive_tasks();
         let ledger_before = Ledger::global().total();
         let t0 = Instant::now();
@@ -181,7 +181,14 @@ impl Baseline {
                 n.monitor.iter().map(|u| nats::monitor_addr(u)).collect(),
             ),
             None => {
-                let c = LocalCluster::start(READY_LIMIT).await?;
+                let c = NatsCluster::start_with("", READY_LIMIT)
+                    .await
+                    .map_err(|e| match e {
+                        FixtureError::ServerNotFound { .. } => {
+                            format!("{e}, or pass --nats URL,... to use a running cluster")
+                        }
+                        e => e.to_string(),
+                    })?;
                 let (urls, monitors) = (c.urls(), c.monitors());
                 (Some(c), urls, monitors)
             }
@@ -208,7 +215,7 @@ impl Baseline {
     pub(crate) async fn finish(
         self,
         names: &Names,
-        local: Option<LocalCluster>,
+        local: Option<NatsCluster>,
         outcome: &mut Outcome,
         notes: &mut Vec<String>,
     ) {
@@ -290,12 +297,13 @@ async fn leftovers(monitors: &[String], names: &Names, strict: bool) -> Result<(
                         ));
                     }
                 }
-                Err(e) => problems.push(e),
+                Err(e) => problems.push(e.to_string()),
             }
             match nats::connections(addr).await {
                 Ok(conns) => {
                     let ours: Vec<&String> = conns
                         .iter()
+                        .map(|c| &c.name)
                         .filter(|c| strict || c.starts_with(&names.conn))
                         .collect();
                     if !ours.is_empty() {
@@ -305,7 +313,7 @@ async fn leftovers(monitors: &[String], names: &Names, strict: bool) -> Result<(
                         ));
                     }
                 }
-                Err(e) => problems.push(e),
+                Err(e) => problems.push(e.to_string()),
             }
         }
         if problems.is_empty() {
@@ -371,7 +379,7 @@ impl<'c, 'm> Soak<'c, 'm> {
     /// Connects, creates the stream and its consumer, and runs the traffic
     /// and the faults until the deadline and the drain. Gives the local
     /// cluster back (all its nodes up unless a restart failed).
-    async fn run(&mut self, local: Option<LocalCluster>) -> (Option<LocalCluster>, Outcome) {
+    async fn run(&mut self, local: Option<NatsCluster>) -> (Option<NatsCluster>, Outcome) {
         let ctx = self.ctx;
         let wm = Watermarks::new(LOW, HIGH).expect("valid watermarks");
         let bound = HIGH + MAX_MESSAGE;
@@ -788,12 +796,12 @@ async fn produce(
 /// every 3-8 s while time remains. Always returns the cluster with every
 /// node up (unless a restart failed, which is reported).
 pub(crate) async fn inject(
-    mut nats: LocalCluster,
+    mut nats: NatsCluster,
     deadline: Instant,
     seed: u64,
     faults: Arc<Faults>,
     mut stop: watch::Receiver<bool>,
-) -> (LocalCluster, Vec<String>, Vec<String>) {
+) -> (NatsCluster, Vec<String>, Vec<String>) {
     let mut rng = fastrand::Rng::with_seed(seed ^ 0x4b49_4c4c);
     let (mut log, mut problems) = (Vec::new(), Vec::new());
     let start = Instant::now();

@@ -67,7 +67,7 @@ use super::ssh::{
     self, MAX_PACKET, PREFIX, Published, Remote, Samplers, Stage, Verified, lock, max_chunk,
 };
 use super::{Ctx, Outcome};
-use crate::nats::LocalCluster;
+use flowctl_cluster::testing::NatsCluster;
 
 /// Largest message: the `cluster` scenario's, which its consumer's
 /// `max_ack_pending` is sized for.
@@ -419,8 +419,8 @@ async fn join<T: Default>(
 /// down again. Gives the local cluster back.
 async fn chain(
     soak: &mut Soak<'_, '_>,
-    local: Option<LocalCluster>,
-) -> (Option<LocalCluster>, Outcome) {
+    local: Option<NatsCluster>,
+) -> (Option<NatsCluster>, Outcome) {
     let ctx = soak.ctx;
     let failed = |e: String| cluster::failed(format!("pipeline: {e}"));
 

@@ -105,17 +105,12 @@ pub(crate) struct Invocation<'a> {
     pub(crate) env: Vec<(&'static str, String)>,
     /// Killed (with everything it started) and reported as failed after this.
     pub(crate) timeout: Duration,
-    /// Stop the harness (kill it and its children) once this returns true:
-    /// for a harness that goes on measuring things the report does not use.
-    pub(crate) enough: Option<fn(&[Sample], bool) -> bool>,
-    /// Reads figures from a human line, for a harness without `BENCH` lines.
-    pub(crate) fallback: Option<fn(&str) -> Option<Sample>>,
     /// Temporary directories `<tmp>/<prefix><pid>-*` the harness leaves
     /// behind when it is killed (removed afterwards).
     pub(crate) temp_prefix: Option<&'static str>,
 }
 
-/// Runs a harness to its end (or until it has printed enough) and returns
+/// Runs a harness to its end (killed after `timeout`) and returns
 /// its samples; its human output is echoed, indented.
 pub(crate) fn run(inv: &Invocation<'_>) -> Result<Vec<Sample>, String> {
     println!("$ {} {}", inv.program.display(), inv.args.join(" "));
@@ -142,8 +137,6 @@ pub(crate) fn run(inv: &Invocation<'_>) -> Result<Vec<Sample>, String> {
     });
     let deadline = Instant::now() + inv.timeout;
     let mut samples = Vec::new();
-    let mut saw_bench_line = false;
-    let mut stopped = false;
     let result = loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
@@ -153,17 +146,8 @@ pub(crate) fn run(inv: &Invocation<'_>) -> Result<Vec<Sample>, String> {
                         Ok(s) => samples.push(s),
                         Err(e) => break Err(e),
                     }
-                    saw_bench_line = true;
                 } else {
                     println!("    {line}");
-                    if let Some(s) = inv.fallback.and_then(|f| f(&line)) {
-                        samples.push(s);
-                    }
-                }
-                if inv.enough.is_some_and(|f| f(&samples, saw_bench_line)) {
-                    println!("    ({}: all figures in; stopping it)", inv.label);
-                    kill_tree(&mut child);
-                    stopped = true;
                 }
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break Ok(()),
@@ -185,7 +169,7 @@ pub(crate) fn run(inv: &Invocation<'_>) -> Result<Vec<Sample>, String> {
     }
     result?;
     let status = status?;
-    if !stopped && !status.success() {
+    if !status.success() {
         return Err(format!("{} exited with {status}", inv.label));
     }
     Ok(samples)
@@ -240,51 +224,6 @@ fn remove_temp_dirs(prefix: &str, pid: u32) {
     }
 }
 
-/// Reads the pull figures of `flowctl-cluster/examples/bench_cluster.rs` from
-/// its human output, for as long as it prints no `BENCH` lines:
-/// `pull R3 128 B, round 0, async-nats:     71234 msg/s (20000 in 280.77ms)`.
-pub(crate) fn cluster_pull_line(line: &str) -> Option<Sample> {
-    let rest = line.strip_prefix("pull R3 ")?;
-    let (size, rest) = rest.split_once(" B, round ")?;
-    let (round, rest) = rest.split_once(", ")?;
-    let (label, rest) = rest.split_once(':')?;
-    let side = match label.trim() {
-        "flowctl" => "flowctl",
-        "async-nats" => "anchor",
-        _ => return None,
-    };
-    let mut words = rest.split_whitespace();
-    let value: f64 = words.next()?.parse().ok()?;
-    if words.next()? != "msg/s" {
-        return None;
-    }
-    Some(Sample {
-        name: format!("cluster.pull.r3_{}b", size.trim()),
-        side: side.to_owned(),
-        round: round.trim().parse().ok()?,
-        value,
-        unit: "msg/s".to_owned(),
-        bytes: None,
-    })
-}
-
-/// `bench_cluster` goes on to time failovers after its throughput rounds;
-/// the report needs only the throughput, so it is stopped once both pull
-/// rounds of both sides are in (and, if it prints `BENCH` lines, the core
-/// subscription rounds too).
-pub(crate) fn cluster_enough(samples: &[Sample], bench_lines: bool) -> bool {
-    let count = |prefix: &str, side: &str| {
-        samples
-            .iter()
-            .filter(|s| s.name.starts_with(prefix) && s.side == side)
-            .count()
-    };
-    let pull = count("cluster.pull.", "flowctl") >= 2 && count("cluster.pull.", "anchor") >= 2;
-    let core =
-        count("cluster.core_sub.", "flowctl") >= 2 && count("cluster.core_sub.", "anchor") >= 2;
-    pull && (core || !bench_lines)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -313,36 +252,6 @@ mod tests {
                 .expect("a bench line")
                 .is_err()
         );
-    }
-
-    #[test]
-    fn parses_cluster_pull_lines() {
-        let s = cluster_pull_line(
-            "pull R3 128 B, round 1, async-nats:     71234 msg/s (20000 in 280.77ms)",
-        )
-        .expect("a pull line");
-        assert_eq!(
-            (s.name.as_str(), s.side.as_str(), s.round, s.value),
-            ("cluster.pull.r3_128b", "anchor", 1, 71234.0)
-        );
-        let s =
-            cluster_pull_line("pull R3 128 B, round 0, flowctl :     65000 msg/s (20000 in 1s)")
-                .expect("flowctl");
-        assert_eq!(s.side, "flowctl");
-        assert!(cluster_pull_line("publish (flowctl Publisher, R3, 128 B): 1 msgs").is_none());
-    }
-
-    #[test]
-    fn cluster_stops_after_two_rounds_per_side() {
-        let line = |round, side| format!("pull R3 128 B, round {round}, {side}: 1 msg/s");
-        let mut s = Vec::new();
-        for (round, side) in [(0, "async-nats"), (0, "flowctl"), (1, "async-nats")] {
-            s.push(cluster_pull_line(&line(round, side)).expect("line"));
-        }
-        assert!(!cluster_enough(&s, false));
-        s.push(cluster_pull_line(&line(1, "flowctl")).expect("line"));
-        assert!(cluster_enough(&s, false));
-        assert!(!cluster_enough(&s, true));
     }
 
     #[test]

@@ -143,7 +143,10 @@ impl Plan {
                 Harness::ZmqMem => {
                     format!("mem.zmq: {} MiB of 64 KiB messages", mib(self.mem_bytes))
                 }
-                Harness::Cluster => format!("cluster: {} x 128 B, 2 rounds", self.cluster_msgs),
+                Harness::Cluster => format!(
+                    "cluster: {} x 128 B, 2 pull and 5 core subscription rounds",
+                    self.cluster_msgs
+                ),
             })
             .collect();
         parts.join("; ")
@@ -254,8 +257,6 @@ fn invocation<'a>(
         args,
         env: Vec::new(),
         timeout: plan.timeout,
-        enough: None,
-        fallback: None,
         temp_prefix: None,
     }
 }
@@ -306,10 +307,13 @@ fn run_harness(
             }
             env.example("flowctl-cluster", "bench_cluster")
                 .and_then(|p| {
-                    let args = vec![plan.cluster_msgs.to_string(), "128".to_owned()];
+                    // Throughput rounds only: the failover timings are not rows.
+                    let args = vec![
+                        plan.cluster_msgs.to_string(),
+                        "128".to_owned(),
+                        "--no-failover".to_owned(),
+                    ];
                     let mut inv = invocation("bench_cluster", p, args, plan);
-                    inv.enough = Some(harness::cluster_enough);
-                    inv.fallback = Some(harness::cluster_pull_line);
                     inv.temp_prefix = Some("flowctl-nats-");
                     harness::run(&inv)
                 })
