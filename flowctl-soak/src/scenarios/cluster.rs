@@ -551,27 +551,29 @@ impl<'c, 'm> Soak<'c, 'm> {
         wm: Watermarks,
     ) -> Result<(Publisher, PullSource), String> {
         let js = publisher_cluster.jetstream();
-        js.create_stream(stream::Config {
+        // An R3 stream or consumer is a raft group: on a loaded machine its
+        // creation can outlast the request timeout and still complete.
+        // Creating again with the same config is idempotent, so retry.
+        let stream_config = stream::Config {
             name: self.names.stream.clone(),
             subjects: vec![self.names.subject.clone()],
             num_replicas: NODES,
             max_bytes: STREAM_MAX_BYTES,
             ..Default::default()
-        })
-        .await
-        .map_err(|e| format!("cannot create the R3 stream {}: {e}", self.names.stream))?;
-        js.create_consumer_on_stream(
-            consumer::pull::Config {
-                durable_name: Some("verify".into()),
-                ack_policy: consumer::AckPolicy::Explicit,
-                ack_wait: ACK_WAIT,
-                max_ack_pending: MAX_ACK_PENDING,
-                ..Default::default()
-            },
-            &self.names.stream,
-        )
-        .await
-        .map_err(|e| format!("cannot create the consumer: {e}"))?;
+        };
+        retry_create(|| js.create_stream(stream_config.clone()))
+            .await
+            .map_err(|e| format!("cannot create the R3 stream {}: {e}", self.names.stream))?;
+        let consumer_config = consumer::pull::Config {
+            durable_name: Some("verify".into()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: ACK_WAIT,
+            max_ack_pending: MAX_ACK_PENDING,
+            ..Default::default()
+        };
+        retry_create(|| js.create_consumer_on_stream(consumer_config.clone(), &self.names.stream))
+            .await
+            .map_err(|e| format!("cannot create the consumer: {e}"))?;
         let sink = publisher_cluster
             .publisher(
                 &self.names.subject,
@@ -848,4 +850,22 @@ pub(crate) async fn inject(
         }
     }
     (nats, log, problems)
+}
+
+/// Runs a JetStream create request up to three times while it times out.
+async fn retry_create<T, E, F, Fut>(mut create: F) -> Result<T, E>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let mut tries = 1;
+    loop {
+        match create().await {
+            Err(e) if tries < 3 && e.to_string().to_lowercase().contains("timed out") => {
+                tries += 1;
+            }
+            r => return r,
+        }
+    }
 }

@@ -174,7 +174,9 @@ fn a_short_ssh_soak_against_sshd_passes_and_reports_its_cut_connections() {
 // servers' /subsz and /connz (a violation otherwise), every node stopped.
 #[test]
 fn a_short_cluster_soak_survives_a_node_kill_exactly_once_in_order() {
-    let (_, stderr) = passing_run("cluster", "8s", 11, 2);
+    // One fault at least: the node kill, which the scenario itself requires
+    // (a violation otherwise); consumer stalls depend on the seed and load.
+    let (_, stderr) = passing_run("cluster", "8s", 11, 1);
     assert!(stderr.contains("SIGKILLed"), "a node was killed: {stderr}");
 }
 
