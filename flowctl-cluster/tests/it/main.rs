@@ -15,3 +15,5 @@ mod failover;
 mod core_sub;
 // Auth rejected and permission denied, against a cluster with users and permissions.
 mod auth;
+// TLS: a cluster that requires it, reached with the test CA as root; refused without it.
+mod tls;
