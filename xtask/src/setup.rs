@@ -25,7 +25,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("python3-venv", "the venv holding pyzmq and asyncssh"),
     ("libzmq3-dev", "libzmq that the `zmq` crate links to"),
     ("pkg-config", "how the `zmq` crate finds libzmq"),
-    ("openssl", "the throwaway CA and certificates of the flowctl-cluster TLS tests"),
+    (
+        "openssl",
+        "the throwaway CA of the flowctl-cluster TLS tests",
+    ),
     ("chromium", "the headless browser check of `xtask docs`"),
 ];
 
