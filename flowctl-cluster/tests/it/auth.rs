@@ -6,7 +6,7 @@ use flowctl_cluster::{Cluster, ClusterError, Credentials, PublishOptions};
 use flowctl_core::lifecycle::Ledger;
 use flowctl_core::{Fairness, Sink, Source};
 
-use crate::connect::config;
+use crate::connect::{config, released};
 use flowctl_cluster::testing::{NatsCluster, READY_LIMIT};
 
 const AUTH: &str = r#"
@@ -94,7 +94,5 @@ async fn denied_subscribe_and_publish_are_permission_denied() {
     drop(sink);
     drop(sub);
     drop(cluster);
-    tokio::time::timeout(Duration::from_secs(10), ledger.until_zero(None))
-        .await
-        .unwrap_or_else(|_| panic!("ledger not back to zero: {ledger:?}"));
+    released(&ledger, Duration::from_secs(10)).await;
 }

@@ -21,6 +21,13 @@ pub(crate) fn config(seeds: Vec<String>, ledger: &Ledger) -> ClusterConfig {
     c
 }
 
+/// Waits until every ledger entry is released, or fails naming what is left.
+pub(crate) async fn released(ledger: &Ledger, within: Duration) {
+    tokio::time::timeout(within, ledger.until_zero(None))
+        .await
+        .unwrap_or_else(|_| panic!("ledger not back to zero: {ledger:?}"));
+}
+
 #[tokio::test]
 async fn no_seed_reachable_lists_each_seed() {
     let ledger = Ledger::new();

@@ -5,7 +5,7 @@ use flowctl_cluster::{Cluster, ConsumeOptions, PublishOptions};
 use flowctl_core::lifecycle::Ledger;
 use flowctl_core::{Sink, Source, Watermarks};
 
-use crate::connect::config;
+use crate::connect::{config, released};
 use crate::pull::stream_and_consumer;
 use flowctl_cluster::testing::NatsCluster;
 
@@ -218,9 +218,7 @@ async fn failover(victim: Victim) {
     drop(src);
     drop(consumer);
     drop(producer);
-    tokio::time::timeout(Duration::from_secs(20), ledger.until_zero(None))
-        .await
-        .unwrap_or_else(|_| panic!("ledger not back to zero: {ledger:?}"));
+    released(&ledger, Duration::from_secs(20)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

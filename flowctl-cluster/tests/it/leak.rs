@@ -5,7 +5,7 @@ use flowctl_cluster::{Cluster, ConsumeOptions};
 use flowctl_core::lifecycle::Ledger;
 use flowctl_core::{FlowError, Source};
 
-use crate::connect::config;
+use crate::connect::{config, released};
 use crate::pull::stream_and_consumer;
 use flowctl_cluster::testing::NatsCluster;
 
@@ -83,9 +83,7 @@ async fn cancelled_connects_and_consumes_leave_nothing_behind() {
         started.elapsed()
     );
 
-    tokio::time::timeout(Duration::from_secs(20), ledger.until_zero(None))
-        .await
-        .unwrap_or_else(|_| panic!("ledger not back to zero: {ledger:?}"));
+    released(&ledger, Duration::from_secs(20)).await;
     nats.eventually(Duration::from_secs(20), async |n| {
         for i in 0..3 {
             let subs: Vec<String> = n

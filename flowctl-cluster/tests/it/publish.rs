@@ -5,7 +5,7 @@ use flowctl_cluster::{Cluster, ClusterError, ConsumeOptions, PublishOptions};
 use flowctl_core::lifecycle::Ledger;
 use flowctl_core::{Sink, Source, Watermarks};
 
-use crate::connect::config;
+use crate::connect::{config, released};
 use crate::pull::stream_and_consumer;
 use flowctl_cluster::testing::NatsCluster;
 
@@ -78,9 +78,7 @@ async fn publisher_bounds_unacked_bytes_keeps_order_and_rejects_oversize() {
     drop(src);
     drop(sink);
     drop(cluster);
-    tokio::time::timeout(Duration::from_secs(10), ledger.until_zero(None))
-        .await
-        .unwrap_or_else(|_| panic!("ledger not back to zero: {ledger:?}"));
+    released(&ledger, Duration::from_secs(10)).await;
 }
 
 #[tokio::test]

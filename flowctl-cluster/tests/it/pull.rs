@@ -6,7 +6,7 @@ use flowctl_cluster::{Cluster, ConsumeOptions};
 use flowctl_core::lifecycle::Ledger;
 use flowctl_core::{Source, Watermarks};
 
-use crate::connect::config;
+use crate::connect::{config, released};
 use flowctl_cluster::testing::NatsCluster;
 
 /// Creates an R3 stream `name` on `subject` and a durable pull consumer `durable`.
@@ -106,9 +106,7 @@ async fn stalled_consumer_stays_within_watermarks_and_loses_nothing() {
     assert_eq!(src.pull_stats().duplicates, 0);
     drop(src);
     drop(cluster);
-    tokio::time::timeout(Duration::from_secs(10), ledger.until_zero(None))
-        .await
-        .unwrap_or_else(|_| panic!("ledger not back to zero: {ledger:?}"));
+    released(&ledger, Duration::from_secs(10)).await;
 }
 
 /// Manual acks: unacked messages come back after `ack_wait`; the source drops
@@ -169,9 +167,7 @@ async fn manual_ack_redeliveries_are_deduplicated() {
     cluster.client().flush().await.unwrap();
     drop(src);
     drop(cluster);
-    tokio::time::timeout(Duration::from_secs(10), ledger.until_zero(None))
-        .await
-        .unwrap_or_else(|_| panic!("ledger not back to zero: {ledger:?}"));
+    released(&ledger, Duration::from_secs(10)).await;
 }
 
 /// A message larger than `high` is admitted alone (the one-item overshoot),

@@ -5,14 +5,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use async_nats::jetstream::{consumer, stream};
 use bytes::Bytes;
 use flowctl_cluster::testing::{NatsCluster, READY_LIMIT};
 use flowctl_cluster::{Cluster, ConsumeOptions, PublishOptions, Tls};
 use flowctl_core::lifecycle::Ledger;
 use flowctl_core::{Sink, Source};
 
-use crate::connect::config;
+use crate::connect::{config, released};
+use crate::pull::stream_and_consumer;
 
 fn openssl(dir: &Path, args: &[&str]) {
     let status = Command::new("openssl")
@@ -114,25 +114,7 @@ async fn a_cluster_that_requires_tls_is_reached_with_the_ca_as_root() {
         client_cert: None,
     };
     let cluster = Cluster::connect(cfg).await.unwrap();
-    let js = cluster.jetstream();
-    js.create_stream(stream::Config {
-        name: "TLS".into(),
-        subjects: vec!["tls.>".into()],
-        num_replicas: 3,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    js.create_consumer_on_stream(
-        consumer::pull::Config {
-            durable_name: Some("c".into()),
-            ack_policy: consumer::AckPolicy::Explicit,
-            ..Default::default()
-        },
-        "TLS",
-    )
-    .await
-    .unwrap();
+    stream_and_consumer(&cluster, "TLS", "tls.>", "c", Duration::from_secs(30)).await;
     let mut sink = cluster
         .publisher("tls.x", PublishOptions::default())
         .await
@@ -158,9 +140,7 @@ async fn a_cluster_that_requires_tls_is_reached_with_the_ca_as_root() {
     drop(src);
     drop(sink);
     drop(cluster);
-    tokio::time::timeout(Duration::from_secs(10), ledger.until_zero(None))
-        .await
-        .unwrap_or_else(|_| panic!("ledger not back to zero: {ledger:?}"));
+    released(&ledger, Duration::from_secs(10)).await;
 }
 
 /// Without the CA the server's certificate is not trusted: every seed fails

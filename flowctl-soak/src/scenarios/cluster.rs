@@ -407,20 +407,7 @@ impl<'c, 'm> Soak<'c, 'm> {
             consumer_cluster.client().server_info().server_name
         ));
 
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let injector = local.map(|c| {
-            tokio::spawn(inject(
-                c,
-                ctx.deadline,
-                ctx.seed,
-                self.faults.clone(),
-                stop_rx,
-            ))
-        });
-        if injector.is_none() {
-            self.notes
-                .push("external cluster: no node is killed, only the consumer stalls".into());
-        }
+        let killer = Killer::start(local, ctx, self.faults.clone(), &mut self.notes);
 
         let pub_snap = Snapshot::new(wm);
         let src_snap = Snapshot::new(wm);
@@ -476,27 +463,14 @@ impl<'c, 'm> Soak<'c, 'm> {
             self.violations.push(e);
         }
 
-        // The faults stop; a node that is down comes back first.
-        let _ = stop_tx.send(true);
-        let local = match injector {
-            Some(task) => match task.await {
-                Ok((c, log, problems)) => {
-                    self.notes.extend(log);
-                    self.violations.extend(problems);
-                    Some(c)
-                }
-                Err(e) => {
-                    self.violations
-                        .push(format!("cluster: the fault injector panicked: {e}"));
-                    None
-                }
-            },
-            None => None,
-        };
-        if local.is_some() && self.faults.drops.load(Relaxed) == 0 {
-            self.violations
-                .push("cluster: no node was killed: the fault schedule did not run".into());
-        }
+        let local = killer
+            .finish(
+                "cluster",
+                &self.faults,
+                &mut self.notes,
+                &mut self.violations,
+            )
+            .await;
 
         let src_stats = src.stats();
         src_snap.set(src_stats);
@@ -797,13 +771,69 @@ async fn produce(
 /// it after 0.3-1.5 s, waits until the cluster is healthy again, and repeats
 /// every 3-8 s while time remains. Always returns the cluster with every
 /// node up (unless a restart failed, which is reported).
-pub(crate) async fn inject(
+/// What the injector hands back: the cluster, its log and its problems.
+type Injected = (NatsCluster, Vec<String>, Vec<String>);
+
+/// The node-kill fault injector of a local cluster; with an external cluster
+/// (`--nats`) there is none and no node is killed.
+pub(crate) struct Killer {
+    task: Option<tokio::task::JoinHandle<Injected>>,
+    stop: watch::Sender<bool>,
+}
+
+impl Killer {
+    /// Starts killing and restarting nodes of `local` on the seeded schedule.
+    pub(crate) fn start(
+        local: Option<NatsCluster>,
+        ctx: &Ctx<'_>,
+        faults: Arc<Faults>,
+        notes: &mut Vec<String>,
+    ) -> Killer {
+        let (stop, stop_rx) = watch::channel(false);
+        let task = local.map(|c| tokio::spawn(inject(c, ctx.deadline, ctx.seed, faults, stop_rx)));
+        if task.is_none() {
+            notes.push("external cluster: no node is killed".into());
+        }
+        Killer { task, stop }
+    }
+
+    /// Stops the faults (a node that is down comes back first) and returns
+    /// the local cluster. A panicked injector, or one that never killed a
+    /// node, is a violation of `scenario`.
+    pub(crate) async fn finish(
+        self,
+        scenario: &str,
+        faults: &Faults,
+        notes: &mut Vec<String>,
+        violations: &mut Vec<String>,
+    ) -> Option<NatsCluster> {
+        let _ = self.stop.send(true);
+        match self.task?.await {
+            Ok((c, log, problems)) => {
+                notes.extend(log);
+                violations.extend(problems);
+                if faults.drops.load(Relaxed) == 0 {
+                    violations.push(format!(
+                        "{scenario}: no node was killed: the fault schedule did not run"
+                    ));
+                }
+                Some(c)
+            }
+            Err(e) => {
+                violations.push(format!("{scenario}: the fault injector panicked: {e}"));
+                None
+            }
+        }
+    }
+}
+
+async fn inject(
     mut nats: NatsCluster,
     deadline: Instant,
     seed: u64,
     faults: Arc<Faults>,
     mut stop: watch::Receiver<bool>,
-) -> (NatsCluster, Vec<String>, Vec<String>) {
+) -> Injected {
     let mut rng = fastrand::Rng::with_seed(seed ^ 0x4b49_4c4c);
     let (mut log, mut problems) = (Vec::new(), Vec::new());
     let start = Instant::now();

@@ -511,20 +511,7 @@ async fn chain(
     let samplers: Samplers = Arc::default();
     let sampler = tokio::spawn(ssh::sample(samplers.clone()));
 
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let injector = local.map(|c| {
-        tokio::spawn(cluster::inject(
-            c,
-            ctx.deadline,
-            ctx.seed,
-            soak.faults.clone(),
-            stop_rx,
-        ))
-    });
-    if injector.is_none() {
-        soak.notes
-            .push("external cluster: no node is killed".into());
-    }
+    let killer = cluster::Killer::start(local, ctx, soak.faults.clone(), &mut soak.notes);
 
     // The chain, from the producer to the consumer.
     let drain_deadline = ctx.deadline + cluster::DRAIN_GRACE;
@@ -633,27 +620,9 @@ async fn chain(
             .push("pipeline: no PUSH socket was restarted: the fault schedule did not run".into());
     }
 
-    // The faults stop; a node that is down comes back first.
-    let _ = stop_tx.send(true);
-    let local = match injector {
-        Some(task) => match task.await {
-            Ok((c, log, problems)) => {
-                soak.notes.extend(log);
-                violations.extend(problems);
-                if soak.faults.drops.load(Relaxed) == 0 {
-                    violations.push(
-                        "pipeline: no node was killed: the fault schedule did not run".into(),
-                    );
-                }
-                Some(c)
-            }
-            Err(e) => {
-                violations.push(format!("pipeline: the fault injector panicked: {e}"));
-                None
-            }
-        },
-        None => None,
-    };
+    let local = killer
+        .finish("pipeline", &soak.faults, &mut soak.notes, &mut violations)
+        .await;
 
     let ps = src.pull_stats();
     soak.notes.push(format!(
