@@ -32,7 +32,7 @@
 //!   order per connection, not across two, and the message ids come from
 //!   the SSH producer.
 //! - **NATS node SIGKILL + restart** (local cluster only), as in the
-//!   `cluster` scenario ([`cluster::inject`]): at least one per run.
+//!   `cluster` scenario ([`cluster::Killer`]): at least one per run.
 //!
 //! The SSH connection is not cut here (that loses a tail by design: the
 //! `ssh` scenario covers it), so any message missing at the end is `lost`.
