@@ -147,7 +147,7 @@ fn flowctl_push_pull(n: usize, size: usize) -> Duration {
         let payload = Bytes::from(vec![7u8; size]);
         go_tx.send(Instant::now()).unwrap();
         for _ in 0..n {
-            tx.send(vec![payload.clone()]).await.unwrap();
+            tx.send(payload.clone()).await.unwrap();
         }
         tx.flush().await.unwrap();
         let elapsed = recv.join().unwrap();
@@ -184,7 +184,7 @@ fn mixed(n: usize, size: usize, flowctl_sends: bool) -> Duration {
                 .into_sink();
             let payload = Bytes::from(payload);
             for _ in 0..n {
-                tx.send(vec![payload.clone()]).await.unwrap();
+                tx.send(payload.clone()).await.unwrap();
             }
             tx.flush().await.unwrap();
             recv.join().unwrap();
@@ -292,9 +292,7 @@ fn stalled_consumer(total: usize) -> (f64, f64, usize) {
             .unwrap()
             .into_sink();
         for i in 0..n {
-            tx.send(vec![Bytes::from(vec![i as u8; SIZE])])
-                .await
-                .unwrap();
+            tx.send(Bytes::from(vec![i as u8; SIZE])).await.unwrap();
         }
         tx.flush().await.unwrap();
         // Close only once everything arrived: the linger must not cut it short.
@@ -374,7 +372,7 @@ fn stall_flowctl(n: usize) -> (Duration, u64, Duration) {
             .into_source();
         let m = Bytes::from_static(&[1u8; 100]);
         for _ in 0..n {
-            tx.send(vec![m.clone()]).await.unwrap();
+            tx.send(m.clone()).await.unwrap();
         }
         worst_stall(async move {
             for _ in 0..n {

@@ -31,6 +31,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 
 use crate::error::ZmqError;
+use crate::multipart::Multipart;
 
 /// A libzmq context (its I/O thread and its inproc namespace).
 #[derive(Clone)]
@@ -571,12 +572,17 @@ impl RawSocket {
     }
 
     /// Receives one whole multipart message with `ZMQ_DONTWAIT`; `None` on EAGAIN.
-    pub(crate) fn try_recv(&mut self) -> Result<Option<Vec<Bytes>>, ZmqError> {
+    pub(crate) fn try_recv(&mut self) -> Result<Option<Multipart>, ZmqError> {
         let Some((len, mut more)) = self.recv_frame().map_err(op_err("recv"))? else {
             return Ok(None);
         };
-        let mut frames = Vec::with_capacity(if more { 4 } else { 1 });
-        frames.push(take_bytes(&mut self.scratch, len, &mut self.slab));
+        let first = take_bytes(&mut self.scratch, len, &mut self.slab);
+        if !more {
+            // The common case: a single frame, held inline (no allocation).
+            return Ok(Some(Multipart::from(first)));
+        }
+        let mut frames = Vec::with_capacity(4);
+        frames.push(first);
         while more {
             // Atomic delivery: the remaining frames are queued already, so
             // DONTWAIT never fails with EAGAIN here; if it did, it is an error.
@@ -587,6 +593,6 @@ impl RawSocket {
             more = next;
             frames.push(take_bytes(&mut self.scratch, len, &mut self.slab));
         }
-        Ok(Some(frames))
+        Ok(Some(Multipart::from(frames)))
     }
 }

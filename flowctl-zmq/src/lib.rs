@@ -204,13 +204,15 @@
 
 mod backend;
 mod error;
+pub mod multipart;
 mod socket;
 
 pub use backend::SocketType;
 pub use error::ZmqError;
+pub use multipart::Multipart;
 pub use socket::{
-    Context, DEFAULT_EXPECTED_MESSAGE_SIZE, DEFAULT_LINGER, Multipart, SocketBuilder, ZmqSink,
-    ZmqSocket, ZmqSource, ZmqStats,
+    Context, DEFAULT_EXPECTED_MESSAGE_SIZE, DEFAULT_LINGER, SocketBuilder, ZmqSink, ZmqSocket,
+    ZmqSource, ZmqStats,
 };
 
 /// The libzmq version this binary is linked to, as (major, minor, patch).

@@ -19,10 +19,7 @@ use tokio::sync::Notify;
 
 use crate::backend::{Events, NotifyFd, RawContext, RawSocket, Sent, SocketType};
 use crate::error::ZmqError;
-
-/// A multipart ZeroMQ message: one [`Bytes`] per frame. Weighs the sum of its
-/// frames ([`Weighted`] is implemented by flowctl-core for `Vec<T: Weighted>`).
-pub type Multipart = Vec<Bytes>;
+use crate::multipart::Multipart;
 
 /// The default expected message size used to turn watermarks into HWMs: 1 KiB.
 pub const DEFAULT_EXPECTED_MESSAGE_SIZE: usize = 1024;
@@ -866,11 +863,21 @@ impl ZmqSink {
     }
 
     /// [`ready`](Self::ready), then [`Sink::start_send`]; see [`Sink::send`].
-    /// Inherent for the same reason as `ready`.
+    /// Inherent for the same reason as `ready`, and it takes anything that
+    /// converts into a [`Multipart`]: a `Bytes` (one frame), a `Vec<Bytes>`
+    /// or an array of them.
     ///
     /// # Errors
     /// As `ready` and `start_send`.
-    pub async fn send(&mut self, item: Multipart) -> Result<(), FlowError> {
+    pub fn send(
+        &mut self,
+        item: impl Into<Multipart>,
+    ) -> impl Future<Output = Result<(), FlowError>> + Send + '_ {
+        // Converted here, so that the future is one type for every `item`.
+        self.send_inner(item.into())
+    }
+
+    async fn send_inner(&mut self, item: Multipart) -> Result<(), FlowError> {
         self.ready_inner().await?;
         Sink::start_send(self, item)
     }
@@ -900,7 +907,10 @@ impl ZmqSink {
                 return Ok(());
             }
             waited = true;
-            self.wait_writable().await?;
+            // Boxed: the wait's futures (a `Notified`, the fd's readiness)
+            // would otherwise make every `send` future, moved once per
+            // message, several times larger. A wait is not per message.
+            Box::pin(self.wait_writable()).await?;
             self.refused = 0;
         }
     }
@@ -915,7 +925,7 @@ impl Sink for ZmqSink {
     }
 
     async fn send(&mut self, item: Multipart) -> Result<(), FlowError> {
-        ZmqSink::send(self, item).await
+        self.send_inner(item).await
     }
 
     fn start_send(&mut self, item: Multipart) -> Result<(), FlowError> {

@@ -360,14 +360,16 @@ async fn nats_hop(
         };
         hop.pulled += 1;
         pulled.send_replace(hop.pulled);
-        let [frame] = <[bytes::Bytes; 1]>::try_from(msg).unwrap_or_else(|m| {
+        let frame = if let [frame] = &msg[..] {
+            frame.clone()
+        } else {
             // Not ours: counted corrupt at the consumer, and said here.
             hop.violations.push(format!(
                 "pipeline: the PULL got a message of {} frames",
-                m.len()
+                msg.len()
             ));
-            [m.concat().into()]
-        });
+            msg.concat().into()
+        };
         if let Err(e) = sink.send(frame).await {
             hop.violations.push(format!(
                 "pipeline: publishing message {} failed: {e}",
