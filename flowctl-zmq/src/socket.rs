@@ -191,7 +191,14 @@ impl Core {
     ///
     /// Returns `Ok(true)` if `ZMQ_EVENTS` said ready at once (no sleep): a
     /// caller whose next attempt still fails must yield rather than spin.
-    async fn wait(&self, dir: Dir) -> Result<bool, FlowError> {
+    ///
+    /// `check: false` skips that `ZMQ_EVENTS` read (a getsockopt that costs
+    /// libzmq a `poll` syscall). Only for a caller whose last operation in
+    /// this direction just failed with `EAGAIN` (which processed libzmq's
+    /// commands, as the read would) and whose socket has no other half that
+    /// could have run since and consumed the edge: the read is what makes
+    /// the cross-wake of the flag above safe, and nobody else can need it.
+    async fn wait(&self, dir: Dir, check: bool) -> Result<bool, FlowError> {
         let (flag, notify) = match dir {
             Dir::In => (&self.waiting_in, &self.notify_in),
             Dir::Out => (&self.waiting_out, &self.notify_out),
@@ -200,13 +207,15 @@ impl Core {
         notified.as_mut().enable();
         flag.store(true, Ordering::SeqCst);
         let _lower = LowerOnDrop(flag);
-        let ev = self.events(Some(dir))?;
-        let ready = match dir {
-            Dir::In => ev.readable,
-            Dir::Out => ev.writable,
-        };
-        if ready {
-            return Ok(true);
+        if check {
+            let ev = self.events(Some(dir))?;
+            let ready = match dir {
+                Dir::In => ev.readable,
+                Dir::Out => ev.writable,
+            };
+            if ready {
+                return Ok(true);
+            }
         }
         let afd = self.afd()?;
         tokio::select! {
@@ -831,7 +840,7 @@ impl ZmqSink {
     /// `ZMQ_ROUTER_MANDATORY`): then this yields instead of spinning.
     async fn wait_writable(&mut self) -> Result<(), FlowError> {
         let core = self.core()?.clone();
-        if core.wait(Dir::Out).await? && self.drain()? == 0 {
+        if core.wait(Dir::Out, true).await? && self.drain()? == 0 {
             tokio::task::yield_now().await;
         }
         Ok(())
@@ -1206,7 +1215,11 @@ impl ZmqSource {
                 tokio::task::yield_now().await;
             }
             waited = true;
-            waited_at_once = self.core()?.wait(Dir::In).await?;
+            // `take_ready` just got EAGAIN; a source alone on its socket
+            // (no sink half) skips the check that would repeat it.
+            let core = self.core()?;
+            let alone = Arc::strong_count(core) == 1;
+            waited_at_once = core.wait(Dir::In, !alone).await?;
         }
     }
 
