@@ -1,12 +1,15 @@
 //! Side-by-side figures: flowctl-zmq vs raw blocking `zmq` PUSH->PULL over tcp
 //! loopback, and the worst timer stall next to an always-ready PULL (flowctl vs
-//! a raw `AsyncFd` loop).
+//! a raw `AsyncFd` loop). flowctl sends with `send_many` and receives with
+//! `recv_many` (batches of 256); for 100 B it also runs with one `send` per
+//! message.
 //!
 //! `cargo run --release -p flowctl-zmq --example bench_zmq [-- <100B count> <64KiB count> [<stall count>]]`
 //!
 //! Knobs: `BENCH_ROUNDS` (best of N interleaved rounds, default 3),
 //! `BENCH_MIXED=1` (also flowctl PUSH -> raw PULL and raw PUSH -> flowctl PULL),
-//! `BENCH_ONLY=both|raw|send|recv` (one 100 B run, for `perf`), `BENCH_HWM`
+//! `BENCH_ONLY=both|both1|raw|send|recv` (one 100 B run, for `perf`; `both1`
+//! sends one message per `send`), `BENCH_HWM`
 //! (both sides' HWM, default 1000), `BENCH_FAIR_ITEMS` (fairness items per
 //! slice), `BENCH_SINK_HIGH` (the sink's own high watermark in bytes), `BENCH_TWO_CONTEXTS=1` (one libzmq context per side).
 //!
@@ -28,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use flowctl_core::{Sink, Source};
-use flowctl_zmq::{Context, SocketType, ZmqSocket};
+use flowctl_zmq::{Context, Multipart, SocketType, ZmqSocket};
 use tokio::io::unix::AsyncFd;
 
 /// Both sides' HWM in messages (`BENCH_HWM`, default 1000 = libzmq's default).
@@ -99,9 +102,14 @@ fn raw_push_pull(n: usize, size: usize) -> Duration {
     start.elapsed()
 }
 
+/// Messages per `send_many` / `recv_many` call.
+const BATCH: usize = 256;
+
 /// flowctl: a PUSH sink and a PULL source, each on its own current_thread
 /// runtime, sharing one libzmq context (one I/O thread, as the raw run).
-fn flowctl_push_pull(n: usize, size: usize) -> Duration {
+/// `batched`: the sender uses `send_many`, else `send` per message (the
+/// receiver always uses `recv_many`).
+fn flowctl_push_pull(n: usize, size: usize, batched: bool) -> Duration {
     let ctx = Context::new();
     // `BENCH_TWO_CONTEXTS=1`: one context (one I/O thread) per side.
     let ctx2 = if std::env::var_os("BENCH_TWO_CONTEXTS").is_some() {
@@ -123,11 +131,11 @@ fn flowctl_push_pull(n: usize, size: usize) -> Duration {
                 .into_source();
             ep_tx.send(rx.endpoints()[0].clone()).unwrap();
             let start = go_rx.recv().unwrap();
-            let mut buf = Vec::with_capacity(256);
+            let mut buf = Vec::with_capacity(BATCH);
             let mut got = 0;
             while got < n {
                 buf.clear();
-                got += rx.recv_many(&mut buf, 256).await.unwrap();
+                got += rx.recv_many(&mut buf, BATCH).await.unwrap();
                 assert_eq!(buf[0][0].len(), size);
             }
             start.elapsed()
@@ -146,8 +154,20 @@ fn flowctl_push_pull(n: usize, size: usize) -> Duration {
             .into_sink();
         let payload = Bytes::from(vec![7u8; size]);
         go_tx.send(Instant::now()).unwrap();
-        for _ in 0..n {
-            tx.send(payload.clone()).await.unwrap();
+        if batched {
+            // The batch API of both sides: `send_many` here, `recv_many` there.
+            let mut batch = std::collections::VecDeque::with_capacity(BATCH);
+            let mut left = n;
+            while left > 0 {
+                let k = left.min(BATCH);
+                batch.extend((0..k).map(|_| Multipart::from(payload.clone())));
+                tx.send_many(&mut batch).await.unwrap();
+                left -= k;
+            }
+        } else {
+            for _ in 0..n {
+                tx.send(payload.clone()).await.unwrap();
+            }
         }
         tx.flush().await.unwrap();
         let elapsed = recv.join().unwrap();
@@ -461,7 +481,8 @@ fn main() {
     if let Ok(only) = std::env::var("BENCH_ONLY") {
         // Profiling aid: one side only, e.g. `BENCH_ONLY=send perf record ...`.
         let d = match only.as_str() {
-            "both" => flowctl_push_pull(small, 100),
+            "both" => flowctl_push_pull(small, 100, true),
+            "both1" => flowctl_push_pull(small, 100, false),
             "raw" => raw_push_pull(small, 100),
             other => mixed(small, 100, other == "send"),
         };
@@ -480,8 +501,19 @@ fn main() {
         let mut raw = Duration::MAX;
         let mut ours = Duration::MAX;
         let rate = |d: Duration| n as f64 / d.as_secs_f64();
+        let mut one = Duration::MAX;
         for round in 0..rounds {
-            let (r, o) = (raw_push_pull(n, size), flowctl_push_pull(n, size));
+            let (r, o) = (raw_push_pull(n, size), flowctl_push_pull(n, size, true));
+            if size == 100 {
+                // One `send` per message: the per-call cost the batch saves.
+                let o1 = flowctl_push_pull(n, size, false);
+                one = one.min(o1);
+                if json {
+                    let name = "zmq.push_pull.100b.send";
+                    bench_line(name, "flowctl", round, rate(o1), "msg/s");
+                    bench_line(name, "anchor", round, rate(r), "msg/s");
+                }
+            }
             if json {
                 let (name, unit, scale) = if size == 100 {
                     ("zmq.push_pull.100b", "msg/s", 1.0)
@@ -502,6 +534,13 @@ fn main() {
             rate(ours) * size as f64 / 1e6,
             raw.as_secs_f64() / ours.as_secs_f64()
         );
+        if size == 100 {
+            println!(
+                "  with one `send` per message instead of `send_many`: flowctl-zmq {:.0} msg/s | ratio {:.2}",
+                rate(one),
+                raw.as_secs_f64() / one.as_secs_f64()
+            );
+        }
     }
     if std::env::var_os("BENCH_MIXED").is_some() {
         let rate = |d: Duration| small as f64 / d.as_secs_f64();

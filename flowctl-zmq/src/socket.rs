@@ -891,6 +891,126 @@ impl ZmqSink {
         Sink::start_send(self, item)
     }
 
+    /// Sends every message of `batch`, in order, taking them out of it: the
+    /// batch counterpart of [`send`](Self::send), as
+    /// [`Source::recv_many`](flowctl_core::Source::recv_many) is of `recv`.
+    ///
+    /// Each round waits in [`ready`](Self::ready) (one unit of tokio's coop
+    /// budget, and the wait while the sink's queue is above its high
+    /// watermark), then accepts messages under one lock of the socket until
+    /// the queue goes above `high` or the [`Fairness`] slice is spent; the
+    /// next round then waits or yields first. So the bound is the one of
+    /// `send`: SNDHWM messages in libzmq plus `high` plus one message here,
+    /// and every message is charged to the fairness budget.
+    ///
+    /// Returns how many messages were accepted (all of them, on `Ok`). A
+    /// `VecDeque`, because every round takes its messages off the front
+    /// (`VecDeque::from(vec)` reuses a `Vec`'s buffer). Accepted is not yet
+    /// sent: as after `send`, [`flush`](Sink::flush) or `close` pushes what
+    /// the sink still queues into libzmq.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe: if the future is dropped, the messages not yet accepted
+    /// are still in `batch`, in order, and nothing else was taken.
+    ///
+    /// # Errors
+    /// As [`send`](Self::send). A message that fails on its own (an empty
+    /// one, an unroutable ROUTER message) is taken out of `batch` and
+    /// dropped, as `start_send` would; the messages before it were accepted
+    /// and the ones after it stay in `batch`. On a closed sink or a socket
+    /// type that cannot send, `batch` is left as it was.
+    pub async fn send_many(&mut self, batch: &mut VecDeque<Multipart>) -> Result<usize, FlowError> {
+        let mut accepted = 0;
+        while !batch.is_empty() {
+            self.ready_inner().await?;
+            accepted += self.accept_many(batch)?;
+        }
+        Ok(accepted)
+    }
+
+    /// One round of [`send_many`](Self::send_many): accepts messages from
+    /// the front of `batch` until the queue is paused or the fairness slice
+    /// is spent (at least one), and removes them from `batch`.
+    fn accept_many(&mut self, batch: &mut VecDeque<Multipart>) -> Result<usize, FlowError> {
+        let core = self.core()?.clone();
+        if !core.kind.can_send() {
+            return Err(ZmqError::Unsupported {
+                op: "send",
+                socket: core.kind.name(),
+            }
+            .into());
+        }
+        // Whatever is queued goes first (once per round, not per message).
+        self.drain()?;
+        let mut taken = 0;
+        // Where the messages that go into the queue start (all after it do).
+        let mut queued_from = usize::MAX;
+        let mut direct = 0u64;
+        let mut failed = None;
+        {
+            // Straight into libzmq while nothing is queued here, under one lock.
+            let mut guard = if self.queue.is_empty() {
+                Some(core.lock()?)
+            } else {
+                queued_from = 0;
+                None
+            };
+            for item in batch.iter() {
+                if taken > 0 && (self.paused || self.budget.spent()) {
+                    break;
+                }
+                if item.is_empty() {
+                    failed = Some(ZmqError::EmptyMessage.into());
+                    break;
+                }
+                let weight = item.weight();
+                if let Some(sock) = guard.as_mut().and_then(|g| g.as_mut()) {
+                    match sock.try_send(item) {
+                        Ok(outcome) if Self::account(&core, outcome, weight) => {
+                            if outcome == Sent::Taken {
+                                direct += 1;
+                            }
+                        }
+                        Ok(_) => {
+                            // Refused at the HWM: this one and the rest queue.
+                            guard = None;
+                            self.refused = 1;
+                            queued_from = taken;
+                        }
+                        Err(e) => {
+                            failed = Some(FlowError::from(e));
+                            break;
+                        }
+                    }
+                }
+                if queued_from <= taken {
+                    self.charge_queued(weight);
+                }
+                self.items += 1;
+                self.bytes += weight as u64;
+                self.budget.charge(weight);
+                taken += 1;
+            }
+        }
+        // The failed message leaves `batch` too, and is dropped.
+        let removed = taken + usize::from(failed.is_some());
+        for (i, item) in batch.drain(..removed).enumerate() {
+            if i >= queued_from && i < taken {
+                self.queue.push_back(item);
+            }
+        }
+        if direct > 0 {
+            core.counters.sent.fetch_add(direct, Ordering::Relaxed);
+        }
+        // The sends processed libzmq's commands: re-check for the receiver.
+        let rechecked = core.after_op(Dir::Out);
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        rechecked?;
+        Ok(taken)
+    }
+
     async fn ready_inner(&mut self) -> Result<(), FlowError> {
         self.core()?;
         poll_fn(|cx| self.budget.poll_proceed(cx)).await;

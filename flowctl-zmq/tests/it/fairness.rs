@@ -221,9 +221,9 @@ fn raw_asyncfd_loop_starves_the_timer() {
 }
 
 /// The send side too: a PUSH that libzmq always accepts (unlimited HWM,
-/// inproc) must not stop the timer either.
-#[test]
-fn timer_keeps_ticking_next_to_always_writable_push() {
+/// inproc) must not stop the timer either, whether it sends one message per
+/// call or whole batches (`send_many`).
+fn always_writable_push(batched: bool) {
     let rt = runtime();
     let local = tokio::task::LocalSet::new();
     let outcome = local.block_on(&rt, async {
@@ -242,12 +242,22 @@ fn timer_keeps_ticking_next_to_always_writable_push() {
             .build()
             .unwrap()
             .into_sink();
+        let msg = |i: u64| Bytes::copy_from_slice(&i.to_le_bytes());
+        // Built before the timer runs: building it does not yield either.
+        let mut batch: std::collections::VecDeque<_> = if batched {
+            (0..FLOOD as u64).map(|i| msg(i).into()).collect()
+        } else {
+            std::collections::VecDeque::new()
+        };
         let drain = async move {
             let task = tokio::task::spawn_local(async move {
-                for i in 0..FLOOD as u64 {
-                    tx.send(vec![Bytes::copy_from_slice(&i.to_le_bytes())])
-                        .await
-                        .unwrap();
+                if batched {
+                    let sent = tx.send_many(&mut batch).await.unwrap();
+                    assert_eq!(sent, FLOOD);
+                } else {
+                    for i in 0..FLOOD as u64 {
+                        tx.send(msg(i)).await.unwrap();
+                    }
                 }
                 tx
             });
@@ -258,7 +268,7 @@ fn timer_keeps_ticking_next_to_always_writable_push() {
         ticks_during(drain).await
     });
     eprintln!(
-        "flowctl PUSH: {} ticks of {} expected, max gap {:?}",
+        "flowctl PUSH (batched: {batched}): {} ticks of {} expected, max gap {:?}",
         outcome.ticks, outcome.expected, outcome.max_gap
     );
     assert!(outcome.expected >= 10, "flood too short to measure");
@@ -268,6 +278,16 @@ fn timer_keeps_ticking_next_to_always_writable_push() {
         outcome.ticks,
         outcome.expected
     );
+}
+
+#[test]
+fn timer_keeps_ticking_next_to_always_writable_push() {
+    always_writable_push(false);
+}
+
+#[test]
+fn timer_keeps_ticking_next_to_always_writable_push_send_many() {
+    always_writable_push(true);
 }
 
 /// `recv_many` spends one coop unit per call but still charges every message

@@ -9,6 +9,8 @@ mod patterns;
 mod fairness;
 // Bounded memory: slow pyzmq receiver vs fast PUSH; PUB drops counted.
 mod backpressure;
+// send_many: the same bound, order kept, cancel-safe, a bad message reported mid-batch.
+mod batch_send;
 // Close without loss: 100,000 messages then close at once; closing a source.
 mod close;
 // Bad input: wrong frame counts, endpoint in use, unknown options and values.
