@@ -895,13 +895,16 @@ impl ZmqSink {
     /// batch counterpart of [`send`](Self::send), as
     /// [`Source::recv_many`](flowctl_core::Source::recv_many) is of `recv`.
     ///
-    /// Each round waits in [`ready`](Self::ready) (one unit of tokio's coop
-    /// budget, and the wait while the sink's queue is above its high
-    /// watermark), then accepts messages under one lock of the socket until
-    /// the queue goes above `high` or the [`Fairness`] slice is spent; the
-    /// next round then waits or yields first. So the bound is the one of
-    /// `send`: SNDHWM messages in libzmq plus `high` plus one message here,
-    /// and every message is charged to the fairness budget.
+    /// Each round passes [`ready`](Self::ready) (one unit of tokio's coop
+    /// budget; a forced yield when the [`Fairness`] slice is spent), then
+    /// hands messages straight to libzmq under one lock of the socket until
+    /// libzmq refuses one (its SNDHWM) or the slice is spent. After a
+    /// refusal it waits for room, as a blocking `zmq_send` would: the
+    /// caller's `batch` is the queue, and the sink keeps nothing of its own
+    /// (`stats().buffered` stays 0). Only if the sink's queue already holds
+    /// messages from `send` do the batch's go in behind them, within the
+    /// bound of `send`: SNDHWM messages in libzmq plus `high` plus one
+    /// message. Every message is charged to the fairness budget.
     ///
     /// Returns how many messages were accepted (all of them, on `Ok`). A
     /// `VecDeque`, because every round takes its messages off the front
@@ -923,15 +926,23 @@ impl ZmqSink {
         let mut accepted = 0;
         while !batch.is_empty() {
             self.ready_inner().await?;
-            accepted += self.accept_many(batch)?;
+            let (taken, refused) = self.accept_many(batch)?;
+            accepted += taken;
+            if refused {
+                // libzmq is at its SNDHWM: wait for room, as a blocking
+                // `zmq_send` would, instead of moving the rest of `batch`
+                // into the sink's own queue.
+                Box::pin(self.wait_writable()).await?;
+            }
         }
         Ok(accepted)
     }
 
     /// One round of [`send_many`](Self::send_many): accepts messages from
-    /// the front of `batch` until the queue is paused or the fairness slice
-    /// is spent (at least one), and removes them from `batch`.
-    fn accept_many(&mut self, batch: &mut VecDeque<Multipart>) -> Result<usize, FlowError> {
+    /// the front of `batch` until libzmq refuses one, the queue is paused or
+    /// the fairness slice is spent, and removes them from `batch`. Returns
+    /// how many, and whether libzmq refused one (that one stays in `batch`).
+    fn accept_many(&mut self, batch: &mut VecDeque<Multipart>) -> Result<(usize, bool), FlowError> {
         let core = self.core()?.clone();
         if !core.kind.can_send() {
             return Err(ZmqError::Unsupported {
@@ -942,19 +953,15 @@ impl ZmqSink {
         }
         // Whatever is queued goes first (once per round, not per message).
         self.drain()?;
+        // Messages still queued (from `send`) keep the rest behind them, in
+        // the queue; otherwise every message goes straight into libzmq.
+        let queueing = !self.queue.is_empty();
         let mut taken = 0;
-        // Where the messages that go into the queue start (all after it do).
-        let mut queued_from = usize::MAX;
         let mut direct = 0u64;
         let mut failed = None;
+        let mut refused = false;
         {
-            // Straight into libzmq while nothing is queued here, under one lock.
-            let mut guard = if self.queue.is_empty() {
-                Some(core.lock()?)
-            } else {
-                queued_from = 0;
-                None
-            };
+            let mut guard = if queueing { None } else { Some(core.lock()?) };
             for item in batch.iter() {
                 if taken > 0 && (self.paused || self.budget.spent()) {
                     break;
@@ -972,18 +979,17 @@ impl ZmqSink {
                             }
                         }
                         Ok(_) => {
-                            // Refused at the HWM: this one and the rest queue.
-                            guard = None;
-                            self.refused = 1;
-                            queued_from = taken;
+                            // Refused at the HWM: the round ends, and this
+                            // one stays in `batch` for the next.
+                            refused = true;
+                            break;
                         }
                         Err(e) => {
                             failed = Some(FlowError::from(e));
                             break;
                         }
                     }
-                }
-                if queued_from <= taken {
+                } else {
                     self.charge_queued(weight);
                 }
                 self.items += 1;
@@ -994,10 +1000,11 @@ impl ZmqSink {
         }
         // The failed message leaves `batch` too, and is dropped.
         let removed = taken + usize::from(failed.is_some());
-        for (i, item) in batch.drain(..removed).enumerate() {
-            if i >= queued_from && i < taken {
-                self.queue.push_back(item);
-            }
+        if queueing {
+            self.queue.extend(batch.drain(..taken));
+            batch.drain(..removed - taken);
+        } else {
+            batch.drain(..removed);
         }
         if direct > 0 {
             core.counters.sent.fetch_add(direct, Ordering::Relaxed);
@@ -1008,7 +1015,7 @@ impl ZmqSink {
             return Err(e);
         }
         rechecked?;
-        Ok(taken)
+        Ok((taken, refused))
     }
 
     async fn ready_inner(&mut self) -> Result<(), FlowError> {

@@ -12,10 +12,15 @@ use crate::peer::{Peer, message};
 
 const SIZE: usize = 64 * 1024;
 
-#[tokio::test]
-async fn send_many_into_slow_pyzmq_pull_stays_within_watermark() {
-    // As backpressure.rs: 500 x 64 KiB, far more than libzmq's queues and the
-    // socket buffers hold, so the sink must pause; here in batches of 64.
+fn wm() -> Watermarks {
+    Watermarks::new(256 * 1024, 1024 * 1024).unwrap()
+}
+
+/// 500 x 64 KiB into a slow pyzmq PULL: far more than libzmq's queues and the
+/// socket buffers hold (as in backpressure.rs), sent in batches of 64. With
+/// `send_first`, single `send`s run first until the sink queues one itself,
+/// so that the batches go in behind the queued messages.
+async fn slow_pyzmq_pull(send_first: bool) -> flowctl_core::FlowStats {
     let n = 500;
     let peer = Peer::start(&[
         "pull",
@@ -30,36 +35,59 @@ async fn send_many_into_slow_pyzmq_pull_stays_within_watermark() {
         "--delay-ms",
         "1",
     ]);
-    let wm = Watermarks::new(256 * 1024, 1024 * 1024).unwrap();
     let mut tx = ZmqSocket::builder(SocketType::Push)
-        .watermarks(wm)
+        .watermarks(wm())
         .expected_message_size(SIZE)
         .connect(&peer.endpoint)
         .build()
         .unwrap()
         .into_sink();
+    let mut next = 0;
+    while send_first && tx.queued() == 0 {
+        tx.send(message(next, SIZE)).await.unwrap();
+        next += 1;
+    }
     let mut batch = VecDeque::new();
-    for start in (0..n).step_by(64) {
-        batch.extend((start..n.min(start + 64)).map(|i| Multipart::from(message(i, SIZE))));
+    while next < n {
+        let end = n.min(next + 64);
+        batch.extend((next..end).map(|i| Multipart::from(message(i, SIZE))));
         let k = batch.len();
         assert_eq!(tx.send_many(&mut batch).await.unwrap(), k);
         assert!(batch.is_empty(), "an Ok send_many takes every message");
+        next = end;
     }
     tx.close().await.unwrap();
     let stats = tx.stats();
-    let one = message(0, SIZE).iter().map(Bytes::len).sum::<usize>();
-    assert!(
-        stats.max_buffered <= wm.high() + one,
-        "sink held {} bytes, bound is high {} + one message {}",
-        stats.max_buffered,
-        wm.high(),
-        one
-    );
-    assert!(stats.pauses > 0, "the slow receiver never pushed back");
     assert_eq!(stats.buffered, 0, "everything handed to libzmq at close");
     assert_eq!(stats.items, n as u64);
     // The peer checks every message's content and order.
     peer.expect_ok(n);
+    stats
+}
+
+#[tokio::test]
+async fn send_many_into_slow_pyzmq_pull_waits_and_holds_nothing() {
+    let stats = slow_pyzmq_pull(false).await;
+    // The batch is the queue: at libzmq's HWM the call waits for room.
+    assert_eq!(
+        stats.max_buffered, 0,
+        "send_many queued {} bytes",
+        stats.max_buffered
+    );
+}
+
+#[tokio::test]
+async fn send_many_behind_queued_messages_stays_within_watermark() {
+    let stats = slow_pyzmq_pull(true).await;
+    let one = message(0, SIZE).iter().map(Bytes::len).sum::<usize>();
+    assert!(stats.max_buffered > 0, "the sink never queued");
+    assert!(
+        stats.max_buffered <= wm().high() + one,
+        "sink held {} bytes, bound is high {} + one message {}",
+        stats.max_buffered,
+        wm().high(),
+        one
+    );
 }
 
 /// A PUSH and a PULL over inproc that hold at most 8 + 8 messages in libzmq.
@@ -103,21 +131,28 @@ async fn expect_in_order(rx: &mut ZmqSource, next: &mut u64, count: u64) {
     }
 }
 
-#[tokio::test(flavor = "current_thread")]
-async fn send_many_cancelled_midway_keeps_the_rest_in_order() {
+/// Cancels `send_many` at every point it gives way (a fairness yield, the
+/// wait for room) until it makes no more progress because nobody receives,
+/// checking after each cancel that exactly the accepted messages left the
+/// batch; then receives them and sends the rest. With `send_first`, single
+/// `send`s fill the sink's own queue first, so the batch goes in behind it.
+async fn cancelled_midway(name: &str, send_first: bool) -> flowctl_core::FlowStats {
     const N: u64 = 1000;
     const ONE: usize = 8;
     // At most 16 messages fit in libzmq and high / 8 B = 32 in the queue, so
     // the batch cannot all go while nobody receives.
     let wm = Watermarks::new(8 * ONE, 32 * ONE).unwrap();
     let ctx = Context::new();
-    let (mut tx, mut rx) = small_pair(&ctx, "batch-cancel", wm);
-    let mut batch: VecDeque<Multipart> = (0..N).map(numbered).collect();
-    // Cancel the call at every point it gives way (a fairness yield or the
-    // wait for room) until the sink is paused, and once more while it waits.
+    let (mut tx, mut rx) = small_pair(&ctx, name, wm);
+    let mut first = 0;
+    while send_first && tx.queued() == 0 {
+        tx.send(numbered(first)).await.unwrap();
+        first += 1;
+    }
+    let mut batch: VecDeque<Multipart> = (first..N).map(numbered).collect();
     let mut cancels = 0;
+    let mut before = tx.stats().items;
     loop {
-        let paused = tx.stats().paused;
         tokio::select! {
             biased;
             r = tx.send_many(&mut batch) => panic!("send_many finished while nobody receives: {r:?}"),
@@ -127,9 +162,10 @@ async fn send_many_cancelled_midway_keeps_the_rest_in_order() {
         let accepted = tx.stats().items;
         assert_eq!(accepted + batch.len() as u64, N);
         assert_eq!(batch[0], numbered(accepted));
-        if paused {
-            break;
+        if accepted == before {
+            break; // waiting for room, and cancelled there
         }
+        before = accepted;
     }
     let accepted = tx.stats().items;
     assert!(accepted < N, "nothing held the batch back");
@@ -160,7 +196,21 @@ async fn send_many_cancelled_midway_keeps_the_rest_in_order() {
     assert_eq!(next, N);
     assert_eq!(tx.stats().items, N);
     assert!(cancels >= 2, "cancelled only {cancels} times");
-    assert!(tx.stats().max_buffered <= wm.high() + ONE);
+    let stats = tx.stats();
+    assert!(stats.max_buffered <= wm.high() + ONE);
+    stats
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn send_many_cancelled_midway_keeps_the_rest_in_order() {
+    let stats = cancelled_midway("batch-cancel", false).await;
+    assert_eq!(stats.max_buffered, 0, "send_many alone queues nothing");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn send_many_behind_queued_messages_cancelled_midway_keeps_the_rest_in_order() {
+    let stats = cancelled_midway("batch-cancel-queued", true).await;
+    assert!(stats.max_buffered > 0, "the sink never queued");
 }
 
 #[tokio::test(flavor = "current_thread")]
