@@ -314,6 +314,24 @@ fn take_bytes(scratch: &mut RawMsg, len: usize, slab: &mut BytesMut) -> Bytes {
     }
 }
 
+/// What a failed `zmq_send` of frame `i` of `frames` means: `WouldBlock`
+/// for a refused first frame (nothing was sent), else an error.
+#[allow(unsafe_code)]
+#[cold]
+fn send_error(frames: &[Bytes], i: usize) -> Result<Sent, ZmqError> {
+    let errno = zmq::Error::from_raw(
+        // SAFETY: zmq_errno(3) only reads the calling thread's errno.
+        unsafe { zmq_sys::zmq_errno() },
+    );
+    match errno {
+        zmq::Error::EAGAIN if i == 0 => Ok(Sent::WouldBlock),
+        zmq::Error::EHOSTUNREACH => Err(ZmqError::Unroutable {
+            routing_id: frames.first().cloned().unwrap_or_default(),
+        }),
+        e => Err(op_err("send")(e)),
+    }
+}
+
 /// A libzmq socket (and the context it keeps alive). Send, not Sync: callers
 /// keep it behind a mutex.
 pub(crate) struct RawSocket {
@@ -497,8 +515,24 @@ impl RawSocket {
     /// the same: init, data, size, send, close).
     #[allow(unsafe_code)]
     pub(crate) fn try_send(&mut self, frames: &[Bytes]) -> Result<Sent, ZmqError> {
-        let last = frames.len().saturating_sub(1);
         let sock = self.sock.as_mut_ptr();
+        if let [frame] = frames {
+            // The common case, without the loop's bookkeeping.
+            // SAFETY: as in the loop below.
+            let rc = unsafe {
+                zmq_sys::zmq_send(
+                    sock,
+                    frame.as_ptr().cast(),
+                    frame.len(),
+                    zmq_sys::ZMQ_DONTWAIT as libc::c_int,
+                )
+            };
+            if rc >= 0 {
+                return Ok(Sent::Taken);
+            }
+            return send_error(frames, 0);
+        }
+        let last = frames.len().saturating_sub(1);
         for (i, frame) in frames.iter().enumerate() {
             let flags = if i < last {
                 zmq_sys::ZMQ_DONTWAIT | zmq_sys::ZMQ_SNDMORE
@@ -518,21 +552,8 @@ impl RawSocket {
                     flags as libc::c_int,
                 )
             };
-            if rc >= 0 {
-                continue;
-            }
-            let errno = zmq::Error::from_raw(
-                // SAFETY: zmq_errno(3) only reads the calling thread's errno.
-                unsafe { zmq_sys::zmq_errno() },
-            );
-            match errno {
-                zmq::Error::EAGAIN if i == 0 => return Ok(Sent::WouldBlock),
-                zmq::Error::EHOSTUNREACH => {
-                    return Err(ZmqError::Unroutable {
-                        routing_id: frames.first().cloned().unwrap_or_default(),
-                    });
-                }
-                e => return Err(op_err("send")(e)),
+            if rc < 0 {
+                return send_error(frames, i);
             }
         }
         Ok(Sent::Taken)

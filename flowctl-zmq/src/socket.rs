@@ -1301,23 +1301,25 @@ impl ZmqSource {
 
     /// Checks and charges a message libzmq handed over (the caller counts
     /// it in [`ZmqStats::received`]).
-    fn accept(&mut self, msg: Multipart) -> Result<Multipart, FlowError> {
+    #[inline]
+    fn accept(&mut self, msg: &Multipart) -> Result<(), FlowError> {
         let weight = msg.weight();
         self.budget.charge(weight);
         if let Some(expected) = self.frames
             && msg.len() != expected
         {
-            self.counters.frame_errors.fetch_add(1, Ordering::Relaxed);
-            return Err(ZmqError::FrameCount {
-                expected,
-                actual: msg.len(),
-            }
-            .into());
+            return Err(self.frame_error(expected, msg.len()));
         }
         self.items += 1;
         self.bytes += weight as u64;
-        tracing::trace!(frames = msg.len(), weight, "zmq recv");
-        Ok(msg)
+        Ok(())
+    }
+
+    #[cold]
+    fn frame_error(&self, expected: usize, actual: usize) -> FlowError {
+        self.counters.frame_errors.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(expected, actual, "zmq recv: wrong frame count");
+        ZmqError::FrameCount { expected, actual }.into()
     }
 
     /// Waits until libzmq has a message, then takes up to `max` (>= 1) under
@@ -1377,13 +1379,11 @@ impl ZmqSource {
                         if received == 1 && waited {
                             self.budget.reset();
                         }
-                        match self.accept(msg) {
-                            Ok(msg) => {
-                                buf.put(msg);
-                                n += 1;
-                            }
-                            Err(e) => break Err(e),
+                        if let Err(e) = self.accept(&msg) {
+                            break Err(e);
                         }
+                        buf.put(msg);
+                        n += 1;
                     }
                     Ok(None) => break Ok(()),
                     Err(e) => break Err(FlowError::from(e)),
