@@ -57,33 +57,38 @@
 //! that only yields (the scheduler's own floor), and no tick at all during
 //! the raw loop's drain.
 //!
-//! # Throughput: inherent methods, one lock per batch, no allocation per small frame
+//! # Throughput: batches on both sides, no allocation per message
 //!
-//! [`ZmqSink::send`] and [`ZmqSink::ready`] are inherent methods as well as
-//! [`Sink`](flowctl_core::Sink) trait methods (which call them): a send on the
-//! concrete type costs no boxed future per message. The sink pushes its queue
-//! into libzmq under one lock of the socket and keeps its pause state itself
-//! (no lock of its gate per message). On the receiving side,
-//! [`Source::recv_many`](flowctl_core::Source::recv_many) is the fast path:
-//! one boxed future, one lock of the socket and one unit of tokio's coop
-//! budget per batch, every message still charged to the fairness budget
-//! (a batch ends when the slice is spent). (The source has no inherent
-//! `recv`: it would shadow the trait method and turn every
-//! `use flowctl_core::Source` of existing callers into an unused import.) A
-//! send is one `zmq_send` call per frame, a receive one `zmq_msg_recv` plus
-//! `zmq_msg_data` and `zmq_msg_more`. Received frames of up to 512 bytes are
-//! copied into a shared 16 KiB buffer (one reference count per frame instead
-//! of an allocation; a frame kept alive keeps its 16 KiB buffer alive),
-//! frames up to 4 KiB get an allocation of their own and larger frames keep
-//! libzmq's buffer. With `examples/bench_zmq.rs` (PUSH -> PULL over tcp
-//! loopback, 100-byte messages) callgrind counts 3746 instructions per
-//! message over all threads (raw blocking `zmq`: 2557; 4542 before the first
-//! round of this work, 3831 before the second); the wall ratio, best of 15
-//! alternating runs on a shared 2-core machine at load 5 to 8, was 0.82x
-//! to 0.84x of raw (median 0.69x), too noisy there to show a 2% change.
-//! 0.9x is not reached; see the crate's reference page
-//! (`docs/src/reference/zmq.md`) for what the rest is. 64 KiB messages run
-//! at 0.9x and more.
+//! The fast path is a batch call on each side:
+//! [`ZmqSink::send_many`] and
+//! [`Source::recv_many`](flowctl_core::Source::recv_many). Each takes the
+//! socket's lock and spends one unit of tokio's coop budget once per round,
+//! and still charges every message to the fairness budget (a round ends when
+//! the slice is spent). `send_many` hands messages straight to libzmq and,
+//! when libzmq refuses one at its SNDHWM, waits for room as a blocking
+//! `zmq_send` would: the caller's batch is the queue. [`ZmqSink::send`] and
+//! [`ZmqSink::ready`] are inherent methods as well as
+//! [`Sink`](flowctl_core::Sink) trait methods (which call them), so a send
+//! per message on the concrete type costs no boxed future. (The source has
+//! no inherent `recv`: it would shadow the trait method and turn every
+//! `use flowctl_core::Source` of existing callers into an unused import.)
+//!
+//! A [`Multipart`] holds a single frame inline, so neither side allocates per
+//! message. A send is one `zmq_send` call per frame, a receive one
+//! `zmq_msg_recv` plus `zmq_msg_data` and `zmq_msg_more`. Received frames of
+//! up to 512 bytes are copied into a shared 16 KiB buffer (one reference
+//! count per frame instead of an allocation; a frame kept alive keeps its
+//! 16 KiB buffer alive), frames up to 4 KiB get an allocation of their own
+//! and larger frames keep libzmq's buffer.
+//!
+//! With `examples/bench_zmq.rs` (PUSH -> PULL over tcp loopback, 100-byte
+//! messages, `send_many`/`recv_many`) callgrind counts 2953 instructions per
+//! message over all threads, against 2571 for raw blocking `zmq` (3746 at the
+//! start of 2026-11-22, with `Vec<Bytes>` items and `send`), and
+//! `cargo xtask bench --only zmq.push_pull` measured 0.89x to 1.00x of raw
+//! blocking libzmq's throughput (0.83x to 0.93x with one `send` per
+//! message); 64 KiB messages 0.92x to 0.93x. The crate's reference page
+//! (`docs/src/reference/zmq.md`) has the tables and what the rest is.
 //!
 //! # Backpressure and memory
 //!
