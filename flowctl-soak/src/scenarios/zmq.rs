@@ -26,7 +26,9 @@
 //!   and stalled (20-300 ms) phases. A stalled PULL fills libzmq's RCVHWM,
 //!   the tcp buffers and every PUSH's SNDHWM, so the flowctl sinks must queue
 //!   and then pause at their high watermark (each stage is checked against
-//!   `high + one message`); the raw thread blocks in `zmq_send`.
+//!   `high + one message`); the raw thread blocks in `zmq_send`. Each
+//!   flowctl PUSH mixes single `send`s with `send_many` batches of 1 to 64
+//!   (which wait for libzmq's room instead of queueing).
 //! - **Peer restarts**: on the schedule, one flowctl PUSH socket is closed
 //!   mid-run and replaced by a new socket with a NEW producer id (the first
 //!   at 20-50% of the run, then every 2-5 s). `close` lingers: the messages
@@ -59,7 +61,7 @@
 //! send, and a SUB whose PUB is gone keeps its subscriptions queued for a
 //! reconnection, which would hold `zmq_ctx_term` for the whole linger.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -288,15 +290,34 @@ async fn pusher(
         };
         let mut seq = 0u64;
         let mut failed = None;
+        let mut batch = VecDeque::new();
         while Instant::now() < end {
-            let len = rng.usize(MIN_MESSAGE..=PUSH_MAX);
-            let msg = encode(id, seq, start.elapsed().as_micros() as u64, len);
-            if let Err(e) = sink.send(vec![msg]).await {
-                failed = Some(e);
-                break;
+            let before = seq;
+            if rng.bool() {
+                // One message per `send`.
+                let len = rng.usize(MIN_MESSAGE..=PUSH_MAX);
+                let msg = encode(id, seq, start.elapsed().as_micros() as u64, len);
+                if let Err(e) = sink.send(msg).await {
+                    failed = Some(e);
+                    break;
+                }
+                seq += 1;
+            } else {
+                // A batch of 1 to 64 through `send_many`.
+                let now = start.elapsed().as_micros() as u64;
+                for i in 0..rng.u64(1..=64) {
+                    let len = rng.usize(MIN_MESSAGE..=PUSH_MAX);
+                    batch.push_back(encode(id, seq + i, now, len).into());
+                }
+                match sink.send_many(&mut batch).await {
+                    Ok(n) => seq += n as u64,
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                }
             }
-            seq += 1;
-            if seq.is_multiple_of(32) {
+            if seq / 32 != before / 32 {
                 stage.record(sink.stats());
             }
         }
