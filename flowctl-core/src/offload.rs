@@ -362,12 +362,12 @@ where
 fn poll_head<Out>(shared: &Shared<Out>, cx: &mut Context<'_>) -> Poll<Done<Out>> {
     let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
     let mut st = shared.lock();
-    if let Some(Some(_)) = st.results.front() {
-        let done = st.results.pop_front().flatten();
+    if let Some(done) = st.results.front_mut().and_then(Option::take) {
+        st.results.pop_front();
         st.head += 1;
         drop(st);
         coop.made_progress();
-        return Poll::Ready(done.unwrap_or_else(|| Err("job result lost".to_owned())));
+        return Poll::Ready(done);
     }
     if st.cancelled && st.workers == 0 && st.queue.front().is_some_and(|(seq, _)| *seq == st.head) {
         // No worker will run the head job: the runtime is shutting down.

@@ -356,3 +356,32 @@ async fn works_on_a_current_thread_runtime() {
     producer.await.unwrap();
     assert_eq!(out.stats().buffered, 0);
 }
+
+#[test]
+fn a_job_no_worker_will_run_is_an_error_in_its_place() {
+    use flowctl_core::compat::StreamSource;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let handle = rt.handle().clone();
+    // The blocking pool drops whatever is spawned on it from here on.
+    rt.shutdown_background();
+    let src = StreamSource::new(futures::stream::iter(vec![1u32, 2, 3]));
+    let mut out = ordered(src, Offload::default(), |x: u32| x * 10);
+    let driver = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    driver.block_on(async {
+        // The stage spawns its workers on the runtime that was shut down.
+        let _ctx = handle.enter();
+        for _ in 0..3 {
+            let err = out.recv().await.unwrap_err();
+            assert!(
+                matches!(&err, FlowError::Panicked(m) if m.contains("cancelled")),
+                "{err}"
+            );
+        }
+        assert_eq!(out.recv().await.unwrap(), None);
+        assert_eq!(out.stats().buffered, 0);
+    });
+}
