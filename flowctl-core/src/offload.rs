@@ -7,7 +7,7 @@
 //!
 //! # How it runs
 //! The stage reads items from its source when `recv` is polled and queues them
-//! as jobs, holding up to `4 * concurrency` items (running, queued, or finished
+//! as jobs, holding up to `32 * concurrency` items (running, queued, or finished
 //! and not yet emitted) within `max_inflight_bytes`, so that a worker that
 //! finishes a job takes the next one at once instead of waiting for the
 //! consumer to come back. Before `recv` returns a result it takes what the
@@ -39,7 +39,7 @@ use crate::{FlowError, FlowStats, Source, Watermarks, Weighted};
 /// Limits of an [`ordered`] stage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Offload {
-    /// Jobs running at once, at most (at least 1). The stage holds at most four
+    /// Jobs running at once, at most (at least 1). The stage holds at most 32
     /// times as many items: running, queued for a worker, or finished and not
     /// yet emitted.
     pub concurrency: usize,
@@ -63,7 +63,7 @@ impl Default for Offload {
 /// # Backpressure
 /// An item's input weight is charged when the stage takes it from `src` and
 /// credited when its result is emitted. The stage takes no new item while it
-/// holds `4 * concurrency` items (running, queued for a worker, or finished and
+/// holds `32 * concurrency` items (running, queued for a worker, or finished and
 /// not yet emitted) or more than `max_inflight_bytes`, so a slow consumer stops
 /// the stage from taking more input; at most `concurrency` jobs run at once.
 /// Queued jobs keep running while the consumer is away: a worker that finishes
@@ -136,13 +136,16 @@ where
     }
 }
 
-/// Items the stage holds per allowed job: `concurrency` run while up to three
-/// times as many wait, queued or finished. A worker idles only once the queue is
-/// empty, so the queue must outlast the consumer's wake-up: with one job's worth
-/// queued per worker (2x), the `core.offload` bench still saw workers run dry
-/// and return to the pool about every 10 frames on a busy 2-core machine; with
-/// 4x, about every 30. `max_inflight_bytes` still bounds their bytes.
-const HELD_PER_JOB: usize = 4;
+/// Items the stage holds per allowed job: `concurrency` run while the others
+/// wait, queued or finished. A worker idles only once the queue is empty, so the
+/// queue must outlast the consumer's wait for a CPU: while the workers keep
+/// every core busy, the woken consumer may wait for a scheduler time slice
+/// (milliseconds), i.e. for tens of 100 µs jobs. Per iteration of 64 frames of
+/// the `core.offload` bench on 2 cores, workers ran dry and went back to the
+/// pool 5.3 times with 4 items per job held, 3.5 with 8, 1.5 with 16, 0 with
+/// 32 (then the 4 MiB byte limit is what binds). `max_inflight_bytes` bounds
+/// their bytes; this bounds the count of light items.
+const HELD_PER_JOB: usize = 32;
 
 /// A job: `f` applied to one item, boxed so the shared state does not name the
 /// source's item type.

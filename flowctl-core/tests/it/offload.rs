@@ -108,8 +108,8 @@ async fn dropping_the_stage_stops_feeding_work() {
         assert_eq!(out.recv().await.unwrap(), Some(i));
     }
     drop(out);
-    // The stage took at most 5 emitted + `4 * concurrency` held from the source.
-    assert!(calls.load(Ordering::SeqCst) <= 5 + 4 * 2);
+    // The stage took at most 5 emitted + `32 * concurrency` held from the source.
+    assert!(calls.load(Ordering::SeqCst) <= 5 + 32 * 2);
     // Its source went with it: the producer learns at once.
     assert!(matches!(
         tx.send(payload(100, 8)).await,
@@ -145,30 +145,67 @@ async fn a_source_error_comes_after_every_result_before_it() {
     assert_eq!(out.recv().await.unwrap(), None);
 }
 
+/// The pipe's items, counted in `taken`, opening `latch` once the item with
+/// sequence number `open_at` has been taken.
+struct OpenAt {
+    inner: flowctl_core::PipeSource<Bytes>,
+    open_at: u32,
+    latch: Arc<Latch>,
+    taken: Arc<AtomicUsize>,
+}
+
+#[async_trait::async_trait]
+impl Source for OpenAt {
+    type Item = Bytes;
+    async fn recv(&mut self) -> Result<Option<Bytes>, FlowError> {
+        let item = self.inner.recv().await?;
+        if item.is_some() {
+            self.taken.fetch_add(1, Ordering::SeqCst);
+        }
+        if item.as_ref().is_some_and(|b| seq_of(b) == self.open_at) {
+            self.latch.open();
+        }
+        Ok(item)
+    }
+    fn stats(&self) -> flowctl_core::FlowStats {
+        self.inner.stats()
+    }
+}
+
 /// Runs the stage until its first result, then stops polling it and waits for
-/// `expected` jobs in all to finish: they can only have run while the consumer
-/// was away. Returns the stage, the count of jobs started and the peak of jobs
-/// running at once.
+/// jobs 1..=`open_at` to finish: they can only have run while the consumer was
+/// away. Job 0 waits until item `open_at` has been taken, so the stage has
+/// taken items 0..=`open_at` before its first `recv` returns. Returns the
+/// stage, the count of items it took and the peak of jobs running at once.
 async fn run_ahead(
     limits: Offload,
     item: usize,
-    expected: usize,
+    open_at: u32,
 ) -> (impl Source<Item = u32>, Arc<AtomicUsize>, Arc<AtomicUsize>) {
-    let (mut tx, src) = pipe::<Bytes>(Watermarks::new(0, 1 << 20).unwrap());
+    let (mut tx, inner) = pipe::<Bytes>(Watermarks::new(0, 1 << 20).unwrap());
     for i in 0..100 {
         tx.send(payload(i, item)).await.unwrap();
     }
     drop(tx);
+    let latch = Arc::new(Latch::default());
+    let taken = Arc::new(AtomicUsize::new(0));
+    let src = OpenAt {
+        inner,
+        open_at,
+        latch: latch.clone(),
+        taken: taken.clone(),
+    };
     let (done_tx, mut done_rx) = mpsc::unbounded_channel();
-    let calls = Arc::new(AtomicUsize::new(0));
     let running = Arc::new(AtomicUsize::new(0));
     let peak = Arc::new(AtomicUsize::new(0));
-    let (c, r, p) = (calls.clone(), running.clone(), peak.clone());
+    let (r, p) = (running.clone(), peak.clone());
     let mut out = ordered(src, limits, move |b: Bytes| {
-        c.fetch_add(1, Ordering::SeqCst);
+        let seq = seq_of(&b);
+        if seq == 0 {
+            latch.wait();
+        }
         let now = r.fetch_add(1, Ordering::SeqCst) + 1;
         p.fetch_max(now, Ordering::SeqCst);
-        let seq = seq_of(&b);
         std::hint::black_box(spin_hash(&b, 2));
         r.fetch_sub(1, Ordering::SeqCst);
         // The receiver is gone once `run_ahead` returns; later jobs need not report.
@@ -177,30 +214,32 @@ async fn run_ahead(
     });
     assert_eq!(out.recv().await.unwrap(), Some(0));
     // `out` is not polled from here on.
-    let mut finished: Vec<u32> = Vec::new();
-    while finished.len() < expected {
-        finished.push(done_rx.recv().await.unwrap());
+    let mut finished = std::collections::BTreeSet::new();
+    while !(0..=open_at).all(|i| finished.contains(&i)) {
+        finished.insert(done_rx.recv().await.unwrap());
     }
-    finished.sort_unstable();
-    assert_eq!(finished, (0..expected as u32).collect::<Vec<_>>());
-    (out, calls, peak)
+    (out, taken, peak)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn jobs_keep_running_while_the_consumer_is_away_up_to_four_per_allowed_job() {
+async fn jobs_keep_running_while_the_consumer_is_away_up_to_32_per_allowed_job() {
     let limits = Offload {
         concurrency: 2,
         max_inflight_bytes: 1 << 20,
     };
-    // Item 0 was emitted; 4 * concurrency = 8 more were taken and have run.
-    let (mut out, calls, peak) = run_ahead(limits, 8, 1 + 8).await;
-    assert_eq!(calls.load(Ordering::SeqCst), 9, "no item beyond the 8 held");
+    // Items 0..=63 were taken (32 * concurrency held), item 0 was emitted, and
+    // jobs 1..=63 ran while nobody polled the stage.
+    let (mut out, taken, peak) = run_ahead(limits, 8, 63).await;
+    // Before `recv` returned, the stage may have taken item 64 into the freed
+    // place, and no more: it holds at most 64.
+    let taken = taken.load(Ordering::SeqCst);
+    assert!((64..=65).contains(&taken), "{taken} items taken");
     assert!(
         peak.load(Ordering::SeqCst) <= 2,
         "at most `concurrency` ran at once"
     );
     let s = out.stats();
-    assert_eq!(s.buffered, 8 * 8, "the 8 results held are charged");
+    assert_eq!(s.buffered, (taken - 1) * 8, "the results held are charged");
     // Every item comes out once, in order, and the charge goes back to zero.
     for i in 1..100 {
         assert_eq!(out.recv().await.unwrap(), Some(i));
@@ -217,13 +256,16 @@ async fn jobs_running_ahead_stop_at_max_inflight_bytes_plus_one_item() {
         concurrency: 2,
         max_inflight_bytes: 3 * ITEM,
     };
-    // Item 0 was emitted; then items 1..=4 were taken: the fourth crossed the
-    // 3-item limit, so the stage took no fifth.
-    let (mut out, calls, peak) = run_ahead(limits, ITEM, 1 + 4).await;
-    assert_eq!(calls.load(Ordering::SeqCst), 5);
+    // Items 0..=3 were taken: the fourth crossed the 3-item limit, so the stage
+    // took no fifth before item 0 was emitted; jobs 1..=3 ran while nobody
+    // polled the stage.
+    let (mut out, taken, peak) = run_ahead(limits, ITEM, 3).await;
+    // Emitting item 0 freed one item's bytes: item 4 may have been taken too.
+    let taken = taken.load(Ordering::SeqCst);
+    assert!((4..=5).contains(&taken), "{taken} items taken");
     assert!(peak.load(Ordering::SeqCst) <= 2);
     let s = out.stats();
-    assert_eq!(s.buffered, 4 * ITEM);
+    assert_eq!(s.buffered, (taken - 1) * ITEM);
     assert!(s.max_buffered <= 3 * ITEM + ITEM, "{s:?}");
     for i in 1..100 {
         assert_eq!(out.recv().await.unwrap(), Some(i));
@@ -293,7 +335,7 @@ async fn dropping_the_stage_mid_flight_drops_every_item_and_result() {
     let latch = Arc::new(Latch::default());
     let (entered_tx, mut entered_rx) = mpsc::unbounded_channel();
     let (mut tx, src) = pipe::<Tracked>(Watermarks::new(0, 1 << 20).unwrap());
-    for i in 0..20 {
+    for i in 0..100 {
         tx.send(Tracked::new(i, &live, &dropped)).await.unwrap();
     }
     let limits = Offload {
@@ -311,14 +353,15 @@ async fn dropping_the_stage_mid_flight_drops_every_item_and_result() {
     let first = out.recv().await.unwrap().unwrap();
     assert_eq!(first.seq, 1000);
     drop(first);
-    // Both workers are inside jobs 1 and 2; 3..=8 are queued, 9..=19 in the pipe.
+    // Both workers are inside jobs 1 and 2; items 3..=99 are queued in the stage
+    // or still in the pipe.
     let mut entered = [
         entered_rx.recv().await.unwrap(),
         entered_rx.recv().await.unwrap(),
     ];
     entered.sort_unstable();
     assert_eq!(entered, [1, 2]);
-    assert_eq!(live.load(Ordering::SeqCst), 19);
+    assert_eq!(live.load(Ordering::SeqCst), 99);
     drop(out);
     drop(tx);
     // The queued items and the pipe's went at once; only the two inputs inside
