@@ -297,7 +297,7 @@ where
     fn can_take(&self) -> bool {
         !self.src_done
             && self.src_error.is_none()
-            && self.held() < HELD_PER_JOB * self.concurrency
+            && self.held() < HELD_PER_JOB.saturating_mul(self.concurrency)
             && (self.held() == 0 || self.gate.buffered() <= self.gate.stats().watermarks.high())
     }
 
