@@ -142,9 +142,10 @@ where
 /// every core busy, the woken consumer may wait for a scheduler time slice
 /// (milliseconds), i.e. for tens of 100 µs jobs. Per iteration of 64 frames of
 /// the `core.offload` bench on 2 cores, workers ran dry and went back to the
-/// pool 5.3 times with 4 items per job held, 3.5 with 8, 1.5 with 16, 0 with
-/// 32 (then the 4 MiB byte limit is what binds). `max_inflight_bytes` bounds
-/// their bytes; this bounds the count of light items.
+/// pool about 5.5 times with 4 items per job held, 3.5 with 8, 1.5 with 16
+/// and 0.1 with 32, where the bench's 4 MiB byte limit binds as well.
+/// `max_inflight_bytes` bounds their bytes; this bounds the count of light
+/// items.
 const HELD_PER_JOB: usize = 32;
 
 /// A job: `f` applied to one item, boxed so the shared state does not name the
