@@ -3,7 +3,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use flowctl_core::offload::{Offload, ordered};
-use flowctl_core::{FlowError, Source, Watermarks, pipe};
+use flowctl_core::{FlowError, Source, Watermarks, Weighted, pipe};
+use tokio::sync::{Notify, mpsc};
 
 use crate::{payload, seq_of};
 
@@ -107,8 +108,8 @@ async fn dropping_the_stage_stops_feeding_work() {
         assert_eq!(out.recv().await.unwrap(), Some(i));
     }
     drop(out);
-    // The stage took at most 5 emitted + `concurrency` in flight from the source.
-    assert!(calls.load(Ordering::SeqCst) <= 7);
+    // The stage took at most 5 emitted + `32 * concurrency` held from the source.
+    assert!(calls.load(Ordering::SeqCst) <= 5 + 32 * 2);
     // Its source went with it: the producer learns at once.
     assert!(matches!(
         tx.send(payload(100, 8)).await,
@@ -142,4 +143,288 @@ async fn a_source_error_comes_after_every_result_before_it() {
     assert_eq!(out.recv().await.unwrap(), Some(30));
     assert!(matches!(out.recv().await, Err(FlowError::Transport(_))));
     assert_eq!(out.recv().await.unwrap(), None);
+}
+
+/// The pipe's items, counted in `taken`, opening `latch` once the item with
+/// sequence number `open_at` has been taken.
+struct OpenAt {
+    inner: flowctl_core::PipeSource<Bytes>,
+    open_at: u32,
+    latch: Arc<Latch>,
+    taken: Arc<AtomicUsize>,
+}
+
+#[async_trait::async_trait]
+impl Source for OpenAt {
+    type Item = Bytes;
+    async fn recv(&mut self) -> Result<Option<Bytes>, FlowError> {
+        let item = self.inner.recv().await?;
+        if item.is_some() {
+            self.taken.fetch_add(1, Ordering::SeqCst);
+        }
+        if item.as_ref().is_some_and(|b| seq_of(b) == self.open_at) {
+            self.latch.open();
+        }
+        Ok(item)
+    }
+    fn stats(&self) -> flowctl_core::FlowStats {
+        self.inner.stats()
+    }
+}
+
+/// Runs the stage until its first result, then stops polling it and waits for
+/// jobs 1..=`open_at` to finish: they can only have run while the consumer was
+/// away. Job 0 waits until item `open_at` has been taken, so the stage has
+/// taken items 0..=`open_at` before its first `recv` returns. Returns the
+/// stage, the count of items it took and the peak of jobs running at once.
+async fn run_ahead(
+    limits: Offload,
+    item: usize,
+    open_at: u32,
+) -> (impl Source<Item = u32>, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+    let (mut tx, inner) = pipe::<Bytes>(Watermarks::new(0, 1 << 20).unwrap());
+    for i in 0..100 {
+        tx.send(payload(i, item)).await.unwrap();
+    }
+    drop(tx);
+    let latch = Arc::new(Latch::default());
+    let taken = Arc::new(AtomicUsize::new(0));
+    let src = OpenAt {
+        inner,
+        open_at,
+        latch: latch.clone(),
+        taken: taken.clone(),
+    };
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel();
+    let running = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let (r, p) = (running.clone(), peak.clone());
+    let mut out = ordered(src, limits, move |b: Bytes| {
+        let seq = seq_of(&b);
+        if seq == 0 {
+            latch.wait();
+        }
+        let now = r.fetch_add(1, Ordering::SeqCst) + 1;
+        p.fetch_max(now, Ordering::SeqCst);
+        std::hint::black_box(spin_hash(&b, 2));
+        r.fetch_sub(1, Ordering::SeqCst);
+        // The receiver is gone once `run_ahead` returns; later jobs need not report.
+        let _ = done_tx.send(seq);
+        seq
+    });
+    assert_eq!(out.recv().await.unwrap(), Some(0));
+    // `out` is not polled from here on.
+    let mut finished = std::collections::BTreeSet::new();
+    while !(0..=open_at).all(|i| finished.contains(&i)) {
+        finished.insert(done_rx.recv().await.unwrap());
+    }
+    (out, taken, peak)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_keep_running_while_the_consumer_is_away_up_to_32_per_allowed_job() {
+    let limits = Offload {
+        concurrency: 2,
+        max_inflight_bytes: 1 << 20,
+    };
+    // Items 0..=63 were taken (32 * concurrency held), item 0 was emitted, and
+    // jobs 1..=63 ran while nobody polled the stage.
+    let (mut out, taken, peak) = run_ahead(limits, 8, 63).await;
+    // Before `recv` returned, the stage may have taken item 64 into the freed
+    // place, and no more: it holds at most 64.
+    let taken = taken.load(Ordering::SeqCst);
+    assert!((64..=65).contains(&taken), "{taken} items taken");
+    assert!(
+        peak.load(Ordering::SeqCst) <= 2,
+        "at most `concurrency` ran at once"
+    );
+    let s = out.stats();
+    assert_eq!(s.buffered, (taken - 1) * 8, "the results held are charged");
+    // Every item comes out once, in order, and the charge goes back to zero.
+    for i in 1..100 {
+        assert_eq!(out.recv().await.unwrap(), Some(i));
+    }
+    assert_eq!(out.recv().await.unwrap(), None);
+    assert_eq!(out.stats().buffered, 0);
+    assert!(peak.load(Ordering::SeqCst) <= 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_running_ahead_stop_at_max_inflight_bytes_plus_one_item() {
+    const ITEM: usize = 4096;
+    let limits = Offload {
+        concurrency: 2,
+        max_inflight_bytes: 3 * ITEM,
+    };
+    // Items 0..=3 were taken: the fourth crossed the 3-item limit, so the stage
+    // took no fifth before item 0 was emitted; jobs 1..=3 ran while nobody
+    // polled the stage.
+    let (mut out, taken, peak) = run_ahead(limits, ITEM, 3).await;
+    // Emitting item 0 freed one item's bytes: item 4 may have been taken too.
+    let taken = taken.load(Ordering::SeqCst);
+    assert!((4..=5).contains(&taken), "{taken} items taken");
+    assert!(peak.load(Ordering::SeqCst) <= 2);
+    let s = out.stats();
+    assert_eq!(s.buffered, (taken - 1) * ITEM);
+    assert!(s.max_buffered <= 3 * ITEM + ITEM, "{s:?}");
+    for i in 1..100 {
+        assert_eq!(out.recv().await.unwrap(), Some(i));
+    }
+    assert_eq!(out.recv().await.unwrap(), None);
+    let s = out.stats();
+    assert_eq!(s.buffered, 0);
+    assert!(s.max_buffered <= 3 * ITEM + ITEM, "{s:?}");
+}
+
+/// An item or result that counts itself while alive.
+struct Tracked {
+    seq: u32,
+    live: Arc<AtomicUsize>,
+    dropped: Arc<Notify>,
+}
+
+impl Tracked {
+    fn new(seq: u32, live: &Arc<AtomicUsize>, dropped: &Arc<Notify>) -> Self {
+        live.fetch_add(1, Ordering::SeqCst);
+        Tracked {
+            seq,
+            live: live.clone(),
+            dropped: dropped.clone(),
+        }
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.live.fetch_sub(1, Ordering::SeqCst);
+        self.dropped.notify_one();
+    }
+}
+
+impl Weighted for Tracked {
+    fn weight(&self) -> usize {
+        8
+    }
+}
+
+/// Jobs wait here until the test opens it.
+#[derive(Default)]
+struct Latch {
+    open: std::sync::Mutex<bool>,
+    cv: std::sync::Condvar,
+}
+
+impl Latch {
+    fn wait(&self) {
+        let mut open = self.open.lock().unwrap();
+        while !*open {
+            open = self.cv.wait(open).unwrap();
+        }
+    }
+
+    fn open(&self) {
+        *self.open.lock().unwrap() = true;
+        self.cv.notify_all();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_stage_mid_flight_drops_every_item_and_result() {
+    let live = Arc::new(AtomicUsize::new(0));
+    let dropped = Arc::new(Notify::new());
+    let latch = Arc::new(Latch::default());
+    let (entered_tx, mut entered_rx) = mpsc::unbounded_channel();
+    let (mut tx, src) = pipe::<Tracked>(Watermarks::new(0, 1 << 20).unwrap());
+    for i in 0..100 {
+        tx.send(Tracked::new(i, &live, &dropped)).await.unwrap();
+    }
+    let limits = Offload {
+        concurrency: 2,
+        max_inflight_bytes: 1 << 20,
+    };
+    let (l, lv, d) = (latch.clone(), live.clone(), dropped.clone());
+    let mut out = ordered(src, limits, move |t: Tracked| {
+        if t.seq > 0 {
+            entered_tx.send(t.seq).unwrap();
+            l.wait();
+        }
+        Tracked::new(t.seq + 1000, &lv, &d)
+    });
+    let first = out.recv().await.unwrap().unwrap();
+    assert_eq!(first.seq, 1000);
+    drop(first);
+    // Both workers are inside jobs 1 and 2; items 3..=99 are queued in the stage
+    // or still in the pipe.
+    let mut entered = [
+        entered_rx.recv().await.unwrap(),
+        entered_rx.recv().await.unwrap(),
+    ];
+    entered.sort_unstable();
+    assert_eq!(entered, [1, 2]);
+    assert_eq!(live.load(Ordering::SeqCst), 99);
+    drop(out);
+    drop(tx);
+    // The queued items and the pipe's went at once; only the two inputs inside
+    // the blocked jobs are left.
+    assert_eq!(live.load(Ordering::SeqCst), 2);
+    latch.open();
+    // The two running jobs finish; their workers drop the results.
+    loop {
+        let notified = dropped.notified();
+        if live.load(Ordering::SeqCst) == 0 {
+            break;
+        }
+        notified.await;
+    }
+    // No queued job started after the drop: nothing else entered `f`.
+    assert!(
+        entered_rx.recv().await.is_none(),
+        "a worker started a job after the drop"
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn works_on_a_current_thread_runtime() {
+    let (mut tx, src) = pipe::<Bytes>(Watermarks::default());
+    let producer = tokio::spawn(async move {
+        for i in 0..200 {
+            tx.send(payload(i, 64)).await.unwrap();
+        }
+    });
+    let mut out = ordered(src, Offload::default(), |b: Bytes| seq_of(&b));
+    for i in 0..200 {
+        assert_eq!(out.recv().await.unwrap(), Some(i));
+    }
+    assert_eq!(out.recv().await.unwrap(), None);
+    producer.await.unwrap();
+    assert_eq!(out.stats().buffered, 0);
+}
+
+#[test]
+fn a_job_no_worker_will_run_is_an_error_in_its_place() {
+    use flowctl_core::compat::StreamSource;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let handle = rt.handle().clone();
+    // The blocking pool drops whatever is spawned on it from here on.
+    rt.shutdown_background();
+    let src = StreamSource::new(futures::stream::iter(vec![1u32, 2, 3]));
+    let mut out = ordered(src, Offload::default(), |x: u32| x * 10);
+    let driver = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    driver.block_on(async {
+        // The stage spawns its workers on the runtime that was shut down.
+        let _ctx = handle.enter();
+        for _ in 0..3 {
+            let err = out.recv().await.unwrap_err();
+            assert!(
+                matches!(&err, FlowError::Panicked(m) if m.contains("cancelled")),
+                "{err}"
+            );
+        }
+        assert_eq!(out.recv().await.unwrap(), None);
+        assert_eq!(out.stats().buffered, 0);
+    });
 }
