@@ -18,19 +18,7 @@ async fn fast_push_into_slow_pyzmq_pull_stays_within_watermark() {
     // Linux; the peer's receive buffer fixed at 128 KiB, since autotuning may
     // grow it to tcp_rmem's max, 32 MiB here) can hold: the sink must pause.
     let n = 500;
-    let peer = Peer::start(&[
-        "pull",
-        "--bind",
-        "tcp://127.0.0.1:*",
-        "--count",
-        &n.to_string(),
-        "--size",
-        &SIZE.to_string(),
-        "--hwm",
-        "4",
-        "--delay-ms",
-        "1",
-    ]);
+    let peer = Peer::slow_pull(n, SIZE);
     let wm = Watermarks::new(256 * 1024, 1024 * 1024).unwrap();
     let mut tx = ZmqSocket::builder(SocketType::Push)
         .watermarks(wm)

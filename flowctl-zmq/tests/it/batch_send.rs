@@ -22,19 +22,7 @@ fn wm() -> Watermarks {
 /// so that the batches go in behind the queued messages.
 async fn slow_pyzmq_pull(send_first: bool) -> flowctl_core::FlowStats {
     let n = 500;
-    let peer = Peer::start(&[
-        "pull",
-        "--bind",
-        "tcp://127.0.0.1:*",
-        "--count",
-        &n.to_string(),
-        "--size",
-        &SIZE.to_string(),
-        "--hwm",
-        "4",
-        "--delay-ms",
-        "1",
-    ]);
+    let peer = Peer::slow_pull(n, SIZE);
     let mut tx = ZmqSocket::builder(SocketType::Push)
         .watermarks(wm())
         .expected_message_size(SIZE)

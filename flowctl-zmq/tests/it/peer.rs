@@ -51,6 +51,25 @@ pub(crate) struct Peer {
 }
 
 impl Peer {
+    /// A pyzmq PULL bound to a free tcp port that expects `n` checked
+    /// messages of `size` bytes and reads them slowly: RCVHWM 4, 1 ms
+    /// between messages.
+    pub(crate) fn slow_pull(n: usize, size: usize) -> Peer {
+        Peer::start(&[
+            "pull",
+            "--bind",
+            "tcp://127.0.0.1:*",
+            "--count",
+            &n.to_string(),
+            "--size",
+            &size.to_string(),
+            "--hwm",
+            "4",
+            "--delay-ms",
+            "1",
+        ])
+    }
+
     /// Starts `peer.py <args>` and waits for its READY line.
     pub(crate) fn start(args: &[&str]) -> Peer {
         let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/peers/peer.py");
