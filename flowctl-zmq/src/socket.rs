@@ -195,9 +195,9 @@ impl Core {
     /// `check: false` skips that `ZMQ_EVENTS` read (a getsockopt that costs
     /// libzmq a `poll` syscall). Only for a caller whose last operation in
     /// this direction just failed with `EAGAIN` (which processed libzmq's
-    /// commands, as the read would) and whose socket has no other half that
-    /// could have run since and consumed the edge: the read is what makes
-    /// the cross-wake of the flag above safe, and nobody else can need it.
+    /// commands, as the read would) and whose socket never had another half
+    /// in use, which could have consumed the edge before the flag above was
+    /// raised: the read is what makes that cross-wake safe.
     async fn wait(&self, dir: Dir, check: bool) -> Result<bool, FlowError> {
         let (flag, notify) = match dir {
             Dir::In => (&self.waiting_in, &self.notify_in),
@@ -599,6 +599,7 @@ impl SocketBuilder {
                 wm: self.wm,
                 items: 0,
                 bytes: 0,
+                alone: false,
             },
         })
     }
@@ -631,7 +632,11 @@ impl ZmqSocket {
 
     /// Only the receiving half (for PULL, SUB ...).
     pub fn into_source(self) -> ZmqSource {
-        self.source
+        let mut source = self.source;
+        // The sink half is dropped unused: nothing else will ever operate
+        // on the socket (see `ZmqSource::alone`).
+        source.alone = true;
+        source
     }
 
     /// Bound endpoints as resolved by libzmq (with the port chosen for `:*`),
@@ -1201,6 +1206,12 @@ pub struct ZmqSource {
     wm: Watermarks,
     items: u64,
     bytes: u64,
+    /// Built by `into_source`: no sink half ever existed, so no other
+    /// operation can consume this half's wake-up edge. (A source from
+    /// `split` never is, even once the sink is gone: the sink's last
+    /// operation may have consumed the edge before this half raised its
+    /// waiting flag, and only the `ZMQ_EVENTS` check would see it.)
+    alone: bool,
 }
 
 impl ZmqSource {
@@ -1345,10 +1356,8 @@ impl ZmqSource {
             }
             waited = true;
             // `take_ready` just got EAGAIN; a source alone on its socket
-            // (no sink half) skips the check that would repeat it.
-            let core = self.core()?;
-            let alone = Arc::strong_count(core) == 1;
-            waited_at_once = core.wait(Dir::In, !alone).await?;
+            // (no sink half ever) skips the check that would repeat it.
+            waited_at_once = self.core()?.wait(Dir::In, !self.alone).await?;
         }
     }
 
