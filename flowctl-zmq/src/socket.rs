@@ -967,6 +967,9 @@ impl ZmqSink {
         let mut refused = false;
         {
             let mut guard = if queueing { None } else { Some(core.lock()?) };
+            // `lock` fails on a closed socket, so `sock` is `None` exactly
+            // when queueing.
+            let mut sock = guard.as_mut().and_then(|g| g.as_mut());
             for item in batch.iter() {
                 if taken > 0 && (self.paused || self.budget.spent()) {
                     break;
@@ -976,7 +979,7 @@ impl ZmqSink {
                     break;
                 }
                 let weight = item.weight();
-                if let Some(sock) = guard.as_mut().and_then(|g| g.as_mut()) {
+                if let Some(sock) = sock.as_deref_mut() {
                     match sock.try_send(item) {
                         Ok(outcome) if Self::account(&core, outcome, weight) => {
                             if outcome == Sent::Taken {

@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use flowctl_core::{Sink, Source};
-use flowctl_zmq::{Context, SocketType, ZmqSocket};
+use flowctl_core::{Fairness, Sink, Source};
+use flowctl_zmq::{Context, SocketType, ZmqSink, ZmqSocket, ZmqSource};
 use tokio::io::unix::AsyncFd;
 use tokio::time::MissedTickBehavior;
 
@@ -27,6 +27,28 @@ fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .unwrap()
+}
+
+/// A PUSH bound to `inproc://<name>` and a PULL connected to it, both with
+/// unlimited HWMs (a flood never blocks), the PULL with `fairness`.
+fn unlimited_pair(ctx: &Context, name: &str, fairness: Fairness) -> (ZmqSink, ZmqSource) {
+    let endpoint = format!("inproc://{name}");
+    let tx = ZmqSocket::builder(SocketType::Push)
+        .context(ctx)
+        .send_hwm(0)
+        .bind(&endpoint)
+        .build()
+        .unwrap()
+        .into_sink();
+    let rx = ZmqSocket::builder(SocketType::Pull)
+        .context(ctx)
+        .recv_hwm(0)
+        .fairness(fairness)
+        .connect(&endpoint)
+        .build()
+        .unwrap()
+        .into_source();
+    (tx, rx)
 }
 
 /// Runs a 1 ms interval (burst catch-up) next to `drain`, counting the ticks
@@ -80,20 +102,7 @@ fn flowctl_flood(batched: bool) {
     let local = tokio::task::LocalSet::new();
     let outcome = local.block_on(&rt, async {
         let ctx = Context::new();
-        let mut tx = ZmqSocket::builder(SocketType::Push)
-            .context(&ctx)
-            .send_hwm(0)
-            .bind("inproc://flood-fair")
-            .build()
-            .unwrap()
-            .into_sink();
-        let mut rx = ZmqSocket::builder(SocketType::Pull)
-            .context(&ctx)
-            .recv_hwm(0)
-            .connect("inproc://flood-fair")
-            .build()
-            .unwrap()
-            .into_source();
+        let (mut tx, mut rx) = unlimited_pair(&ctx, "flood-fair", Fairness::default());
         for i in 0..FLOOD {
             tx.send(vec![Bytes::from((i as u64).to_le_bytes().to_vec())])
                 .await
@@ -228,20 +237,7 @@ fn always_writable_push(batched: bool) {
     let local = tokio::task::LocalSet::new();
     let outcome = local.block_on(&rt, async {
         let ctx = Context::new();
-        let _rx = ZmqSocket::builder(SocketType::Pull)
-            .context(&ctx)
-            .recv_hwm(0)
-            .bind("inproc://flood-send")
-            .build()
-            .unwrap()
-            .into_source();
-        let mut tx = ZmqSocket::builder(SocketType::Push)
-            .context(&ctx)
-            .send_hwm(0)
-            .connect("inproc://flood-send")
-            .build()
-            .unwrap()
-            .into_sink();
+        let (mut tx, _rx) = unlimited_pair(&ctx, "flood-send", Fairness::default());
         let msg = |i: u64| Bytes::copy_from_slice(&i.to_le_bytes());
         // Built before the timer runs: building it does not yield either.
         let mut batch: std::collections::VecDeque<_> = if batched {
@@ -300,26 +296,12 @@ async fn recv_many_batches_never_exceed_the_slice() {
     const SIZE: usize = 100;
     for (fairness, cap) in [
         // 10 items per slice.
-        (flowctl_core::Fairness::new(10, 1 << 20).unwrap(), 10),
+        (Fairness::new(10, 1 << 20).unwrap(), 10),
         // 250 bytes per slice: 100 + 100 + 100 crosses it, so 3 messages.
-        (flowctl_core::Fairness::new(1000, 250).unwrap(), 3),
+        (Fairness::new(1000, 250).unwrap(), 3),
     ] {
         let ctx = Context::new();
-        let mut tx = ZmqSocket::builder(SocketType::Push)
-            .context(&ctx)
-            .send_hwm(0)
-            .bind("inproc://batch-cap")
-            .build()
-            .unwrap()
-            .into_sink();
-        let mut rx = ZmqSocket::builder(SocketType::Pull)
-            .context(&ctx)
-            .recv_hwm(0)
-            .fairness(fairness)
-            .connect("inproc://batch-cap")
-            .build()
-            .unwrap()
-            .into_source();
+        let (mut tx, mut rx) = unlimited_pair(&ctx, "batch-cap", fairness);
         for i in 0..N {
             let mut m = vec![0u8; SIZE];
             m[..8].copy_from_slice(&(i as u64).to_le_bytes());
