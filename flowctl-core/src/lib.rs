@@ -64,7 +64,7 @@ mod stats;
 mod sync;
 mod traits;
 mod watermarks;
-mod weighted;
+pub mod weighted;
 
 pub mod compat;
 pub mod fair;

@@ -13,6 +13,34 @@ pub trait Weighted {
     fn weight(&self) -> usize;
 }
 
+/// The least number of bytes one item is charged against the watermarks,
+/// whatever its [`weight`](Weighted::weight): the memory a queued item costs
+/// beyond its payload (its handle in the queue and the queue slot; a `Bytes`
+/// alone is 32 bytes), rounded up.
+///
+/// Without a floor an item of weight 0 (`()`, an empty `Bytes`, an empty
+/// frame) would pass every watermark: a million of them would be queued
+/// without a pause. Items of at least this many bytes are charged exactly
+/// their weight.
+pub const MIN_CHARGE: usize = 64;
+
+/// The bytes `item` is charged against the watermarks while it is buffered:
+/// its [`weight`](Weighted::weight), and at least [`MIN_CHARGE`].
+///
+/// Every stage charges and credits an item through this function, so a
+/// charge and its credit always agree.
+///
+/// ```
+/// use bytes::Bytes;
+/// use flowctl_core::weighted::{MIN_CHARGE, charge_of};
+///
+/// assert_eq!(charge_of(&Bytes::new()), MIN_CHARGE);
+/// assert_eq!(charge_of(&Bytes::from(vec![0u8; 1000])), 1000);
+/// ```
+pub fn charge_of<T: Weighted + ?Sized>(item: &T) -> usize {
+    item.weight().max(MIN_CHARGE)
+}
+
 impl Weighted for Bytes {
     fn weight(&self) -> usize {
         self.len()
