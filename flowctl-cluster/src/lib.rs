@@ -45,7 +45,9 @@
 //! - [`Cluster::publisher`] → [`Publisher`]: un-acked bytes bounded by the
 //!   sink's watermarks and `max_inflight`; `Nats-Msg-Id` for server dedupe and
 //!   `Nats-Expected-Last-Msg-Id` chaining so retries through elections neither
-//!   duplicate nor reorder.
+//!   duplicate nor reorder. Its fatal errors are sticky: every later call,
+//!   `flush` and `close` included, returns them at once, and
+//!   [`Publisher::outcome`] counts what was stored, not stored, or unknown.
 //! - [`Cluster::subscribe`] → [`CoreSource`]: core NATS, at most once;
 //!   drops are reported as [`ClusterError::SlowConsumer`], permission
 //!   violations as [`ClusterError::PermissionDenied`].
@@ -170,5 +172,5 @@ pub mod testing;
 pub use cluster::{Cluster, ClusterConfig, Credentials, Tls};
 pub use core_sub::{CoreMessage, CoreSource};
 pub use error::ClusterError;
-pub use publish::{PublishOptions, Publisher};
+pub use publish::{PublishOptions, PublishOutcome, Publisher};
 pub use pull::{AckHandle, AckMode, ConsumeOptions, JsMessage, PullSource, PullStats};
