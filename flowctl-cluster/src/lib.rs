@@ -33,7 +33,9 @@
 //!   [`ClusterConfig::connect_timeout`], whole rounds retried by
 //!   [`flowctl_core::lifecycle::retry`]; 1 s pings. Errors:
 //!   [`ClusterError::NoSeedReachable`] (every seed with its reason),
-//!   [`ClusterError::AuthRejected`] (never retried).
+//!   [`ClusterError::AuthRejected`] (never retried). A password or token is
+//!   only sent over TLS unless
+//!   [`ClusterConfig::allow_plaintext_credentials`] says otherwise.
 //! - [`Cluster::consume`] → [`PullSource`]: a durable JetStream pull consumer.
 //!   **Demand follows the watermarks**: a pull goes out only while buffered
 //!   bytes are at or below `low`, and only if buffered plus requested bytes
