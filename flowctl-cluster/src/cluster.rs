@@ -29,6 +29,19 @@ pub enum Credentials {
     CredentialsFile(PathBuf),
 }
 
+impl Credentials {
+    /// What secret these credentials send in the CONNECT message, if any:
+    /// a credentials file sends a JWT and a signature of the server's nonce,
+    /// never its seed.
+    fn secret(&self) -> Option<&'static str> {
+        match self {
+            Credentials::UserPassword(..) => Some("a user and password"),
+            Credentials::Token(_) => Some("a token"),
+            _ => None,
+        }
+    }
+}
+
 impl std::fmt::Debug for Credentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never print secrets.
@@ -78,6 +91,15 @@ pub struct ClusterConfig {
     pub credentials: Credentials,
     /// TLS.
     pub tls: Tls,
+    /// Send a password or a token over connections that are not TLS. Off by
+    /// default: with [`Credentials::UserPassword`] or [`Credentials::Token`],
+    /// [`Cluster::connect`] refuses to run unless TLS is required
+    /// ([`Tls::required`] or `tls://` seeds), because a NATS server, or a man
+    /// in the middle posing as one, that answers "TLS not required" would
+    /// otherwise receive them in clear. Turn it on only where nobody can
+    /// intercept the connection (loopback, a trusted private network): every
+    /// hop can read and replay the secret.
+    pub allow_plaintext_credentials: bool,
     /// Messages buffered per subscription inside async-nats before it drops
     /// (see [`crate::CoreSource`]). Pull sources never exceed their batch size.
     pub subscription_capacity: usize,
@@ -108,9 +130,17 @@ impl ClusterConfig {
             inbox_prefix: None,
             credentials: Credentials::None,
             tls: Tls::default(),
+            allow_plaintext_credentials: false,
             subscription_capacity: 4096,
             ledger: Ledger::global().clone(),
         }
+    }
+
+    /// Sets [`ClusterConfig::allow_plaintext_credentials`]: whether a password
+    /// or a token may be sent without TLS. Read the risk there first.
+    pub fn allow_plaintext_credentials(mut self, allow: bool) -> Self {
+        self.allow_plaintext_credentials = allow;
+        self
     }
 }
 
@@ -192,7 +222,8 @@ impl Cluster {
     /// # Errors
     /// [`ClusterError::NoSeedReachable`] (each seed with its reason),
     /// [`ClusterError::AuthRejected`] (not retried), `FlowError::Config` for an
-    /// unparsable seed.
+    /// unparsable seed, or for a password or token that TLS would not protect
+    /// (see [`ClusterConfig::allow_plaintext_credentials`]); nothing is sent then.
     pub async fn connect(config: ClusterConfig) -> Result<Cluster, FlowError> {
         if config.seeds.is_empty() {
             return Err(FlowError::Config("no seed urls given".into()));
@@ -203,6 +234,24 @@ impl Cluster {
                 .parse()
                 .map_err(|e| FlowError::Config(format!("seed {s}: {e}")))?;
             addrs.push(a);
+        }
+        if let Some(secret) = config.credentials.secret() {
+            let plain: Vec<&str> = config
+                .seeds
+                .iter()
+                .zip(&addrs)
+                .filter(|(_, a)| !config.tls.required && !a.tls_required())
+                .map(|(s, _)| s.as_str())
+                .collect();
+            if !plain.is_empty() && !config.allow_plaintext_credentials {
+                return Err(FlowError::Config(format!(
+                    "credentials ({secret}) would be sent in clear to {}: tls is not required; \
+                     set tls.required (with the server's ca in tls.root_certificates) or use \
+                     tls:// seeds, or set allow_plaintext_credentials to accept sending them \
+                     without tls",
+                    plain.join(", ")
+                )));
+            }
         }
         let policy = RetryPolicy {
             retry_if,
@@ -362,7 +411,12 @@ async fn connect_seed(
             .await
             .map_err(|e| SeedError::Other(format!("credentials file {}: {e}", path.display())))?,
     };
-    if config.tls.required {
+    // With a secret to send and no opt-out, every connection must be TLS:
+    // `tls://` seeds alone would not cover reconnects to the servers the
+    // cluster announces (async-nats dials those as `nats://`).
+    if config.tls.required
+        || (config.credentials.secret().is_some() && !config.allow_plaintext_credentials)
+    {
         opts = opts.require_tls(true);
     }
     for r in &config.tls.root_certificates {

@@ -116,6 +116,64 @@ impl ClusterError {
         }
     }
 
+    /// A copy, for an error that must be returned more than once (a
+    /// publisher's fatal error). async-nats's error keeps its text only.
+    pub(crate) fn duplicate(&self) -> ClusterError {
+        match self {
+            ClusterError::NoSeedReachable { attempts, seeds } => ClusterError::NoSeedReachable {
+                attempts: *attempts,
+                seeds: seeds.clone(),
+            },
+            ClusterError::AuthRejected { seed, reason } => ClusterError::AuthRejected {
+                seed: seed.clone(),
+                reason: reason.clone(),
+            },
+            ClusterError::PermissionDenied(t) => ClusterError::PermissionDenied(t.clone()),
+            ClusterError::StreamNotFound { stream } => ClusterError::StreamNotFound {
+                stream: stream.clone(),
+            },
+            ClusterError::NoStreamForSubject { subject } => ClusterError::NoStreamForSubject {
+                subject: subject.clone(),
+            },
+            ClusterError::ConsumerNotFound { stream, consumer } => ClusterError::ConsumerNotFound {
+                stream: stream.clone(),
+                consumer: consumer.clone(),
+            },
+            ClusterError::MessageTooLarge { size, limit } => ClusterError::MessageTooLarge {
+                size: *size,
+                limit: *limit,
+            },
+            ClusterError::SlowConsumer {
+                subject,
+                dropped,
+                capacity,
+            } => ClusterError::SlowConsumer {
+                subject: subject.clone(),
+                dropped: *dropped,
+                capacity: *capacity,
+            },
+            ClusterError::PublishFailed {
+                msg_id,
+                attempts,
+                reason,
+            } => ClusterError::PublishFailed {
+                msg_id: msg_id.clone(),
+                attempts: *attempts,
+                reason: reason.clone(),
+            },
+            ClusterError::ConcurrentPublisher { msg_id, reason } => {
+                ClusterError::ConcurrentPublisher {
+                    msg_id: msg_id.clone(),
+                    reason: reason.clone(),
+                }
+            }
+            ClusterError::Nats { what, source } => ClusterError::Nats {
+                what,
+                source: source.to_string().into(),
+            },
+        }
+    }
+
     /// The `ClusterError` inside a [`FlowError::Transport`] (also inside
     /// [`FlowError::RetriesExhausted`]), if there is one.
     pub fn from_flow(err: &FlowError) -> Option<&ClusterError> {

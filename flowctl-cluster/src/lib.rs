@@ -33,7 +33,9 @@
 //!   [`ClusterConfig::connect_timeout`], whole rounds retried by
 //!   [`flowctl_core::lifecycle::retry`]; 1 s pings. Errors:
 //!   [`ClusterError::NoSeedReachable`] (every seed with its reason),
-//!   [`ClusterError::AuthRejected`] (never retried).
+//!   [`ClusterError::AuthRejected`] (never retried). A password or token is
+//!   only sent over TLS unless
+//!   [`ClusterConfig::allow_plaintext_credentials`] says otherwise.
 //! - [`Cluster::consume`] → [`PullSource`]: a durable JetStream pull consumer.
 //!   **Demand follows the watermarks**: a pull goes out only while buffered
 //!   bytes are at or below `low`, and only if buffered plus requested bytes
@@ -45,7 +47,9 @@
 //! - [`Cluster::publisher`] → [`Publisher`]: un-acked bytes bounded by the
 //!   sink's watermarks and `max_inflight`; `Nats-Msg-Id` for server dedupe and
 //!   `Nats-Expected-Last-Msg-Id` chaining so retries through elections neither
-//!   duplicate nor reorder.
+//!   duplicate nor reorder. Its fatal errors are sticky: every later call,
+//!   `flush` and `close` included, returns them at once, and
+//!   [`Publisher::outcome`] counts what was stored, not stored, or unknown.
 //! - [`Cluster::subscribe`] → [`CoreSource`]: core NATS, at most once;
 //!   drops are reported as [`ClusterError::SlowConsumer`], permission
 //!   violations as [`ClusterError::PermissionDenied`].
@@ -170,5 +174,5 @@ pub mod testing;
 pub use cluster::{Cluster, ClusterConfig, Credentials, Tls};
 pub use core_sub::{CoreMessage, CoreSource};
 pub use error::ClusterError;
-pub use publish::{PublishOptions, Publisher};
+pub use publish::{PublishOptions, PublishOutcome, Publisher};
 pub use pull::{AckHandle, AckMode, ConsumeOptions, JsMessage, PullSource, PullStats};

@@ -60,11 +60,39 @@ impl Default for PublishOptions {
     }
 }
 
+/// What became of the messages a [`Publisher`] accepted; see
+/// [`Publisher::outcome`]. `accepted = acked + pending + not_stored + unknown`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PublishOutcome {
+    /// Messages accepted by `start_send`.
+    pub accepted: u64,
+    /// Acknowledged by the stream: stored, once.
+    pub acked: u64,
+    /// Accepted and not settled yet: the publisher is still working on them
+    /// (0 once it has failed).
+    pub pending: u64,
+    /// After a fatal error: certainly not stored (refused by the stream,
+    /// chained behind a refused message in strict order, or never sent).
+    pub not_stored: u64,
+    /// After a fatal error: sent, but neither acknowledged nor refused when
+    /// the publisher stopped, so the stream may or may not hold them.
+    pub unknown: u64,
+}
+
+/// A fatal error, kept for every later call, and what it left unsettled.
+#[derive(Debug)]
+struct Fatal {
+    error: ClusterError,
+    not_stored: u64,
+    unknown: u64,
+}
+
 #[derive(Debug)]
 struct State {
-    acked: watch::Sender<u64>,
     error: Mutex<Option<String>>,
-    fatal: Mutex<Option<ClusterError>>,
+    /// Set once by the publishing task, never taken: the error is sticky.
+    fatal: Mutex<Option<Fatal>>,
 }
 
 /// Publishes every item to one subject of a stream; see [`Cluster::publisher`].
@@ -80,6 +108,24 @@ struct State {
 /// only writer of the stream (another writer is reported as
 /// [`ClusterError::ConcurrentPublisher`]) unless
 /// [`PublishOptions::strict_order`] is off.
+///
+/// # Errors
+/// [`ClusterError::ConcurrentPublisher`], [`ClusterError::PermissionDenied`],
+/// [`ClusterError::MessageTooLarge`] (from the server) and
+/// [`ClusterError::PublishFailed`] are fatal: the publisher stops, and every
+/// later `ready`, `start_send`, `send`, `flush` and `close` returns the same
+/// error at once (none of them waits for acks that can no longer come).
+/// [`Publisher::outcome`] then tells what became of the accepted messages:
+/// `acked` ones are stored; `not_stored` ones are not (refused, chained in
+/// strict order behind a refused one, or never sent); `unknown` ones were sent
+/// and neither acknowledged nor refused (after `PublishFailed`, or in flight
+/// behind a refused one without strict order), so the stream may hold them.
+/// An oversized payload refused by `start_send` itself is not fatal.
+///
+/// # Cancel safety
+/// `ready`, `flush` and `close` may be dropped while they wait: nothing
+/// accepted is lost, and a later `close` still waits for every ack and for
+/// the publishing task to end.
 #[derive(Debug)]
 pub struct Publisher {
     gate: Gate,
@@ -117,9 +163,10 @@ impl Cluster {
             }
         })?;
         let gate = Gate::new(opts.watermarks, tracing::debug_span!("publisher", subject));
+        // The sender lives in the task: when the task ends for any reason,
+        // a waiting flush wakes up instead of waiting for acks forever.
         let (acked_tx, acked_rx) = watch::channel(0u64);
         let state = Arc::new(State {
-            acked: acked_tx,
             error: Mutex::new(None),
             fatal: Mutex::new(None),
         });
@@ -137,6 +184,7 @@ impl Cluster {
                 rx,
                 gate.clone(),
                 state.clone(),
+                acked_tx,
             ),
         );
         Ok(Publisher {
@@ -169,9 +217,39 @@ impl Publisher {
         self.state.error.lock().ok().and_then(|e| e.clone())
     }
 
+    /// What became of the accepted messages: all `pending` while the
+    /// publisher works, split into `not_stored` and `unknown` by a fatal error.
+    pub fn outcome(&self) -> PublishOutcome {
+        let acked = self.acked();
+        let (not_stored, unknown) = self
+            .state
+            .fatal
+            .lock()
+            .ok()
+            .and_then(|f| f.as_ref().map(|f| (f.not_stored, f.unknown)))
+            .unwrap_or((0, 0));
+        PublishOutcome {
+            accepted: self.sent,
+            acked,
+            pending: self.sent.saturating_sub(acked + not_stored + unknown),
+            not_stored,
+            unknown,
+        }
+    }
+
+    /// A copy of the fatal error, if there was one; it stays for every call.
     fn fatal(&self) -> Option<FlowError> {
-        let mut f = self.state.fatal.lock().ok()?;
-        f.take().map(Into::into)
+        let f = self.state.fatal.lock().ok()?;
+        f.as_ref().map(|f| f.error.duplicate().into())
+    }
+
+    /// Waits for the publishing task to end. Cancel-safe: the handle stays
+    /// until the task has ended.
+    async fn join(&mut self) {
+        if let Some(t) = self.task.as_mut() {
+            let _ = t.await;
+            self.task = None;
+        }
     }
 }
 
@@ -203,10 +281,21 @@ impl Sink for Publisher {
             .into());
         }
         let tx = self.tx.as_ref().ok_or(FlowError::Closed)?;
-        self.sent += 1;
-        let id = format!("{}-{}", self.id, self.sent);
-        self.gate.charge(item.len());
-        tx.send((id, item)).map_err(|_| FlowError::Closed)
+        let id = format!("{}-{}", self.id, self.sent + 1);
+        let len = item.len();
+        // Charged before it is queued, so the task never credits more than
+        // was charged; taken back if the task is gone.
+        self.gate.charge(len);
+        match tx.send((id, item)) {
+            Ok(()) => {
+                self.sent += 1;
+                Ok(())
+            }
+            Err(_) => {
+                self.gate.credit(len);
+                Err(self.fatal().unwrap_or(FlowError::Closed))
+            }
+        }
     }
 
     async fn flush(&mut self) -> Result<(), FlowError> {
@@ -218,22 +307,28 @@ impl Sink for Publisher {
             if *self.acked.borrow_and_update() >= target {
                 return Ok(());
             }
+            // Ends when the task ends (its sender drops), whatever the reason.
             if self.acked.changed().await.is_err() {
+                if *self.acked.borrow() >= target {
+                    return Ok(());
+                }
                 return Err(self.fatal().unwrap_or(FlowError::Closed));
             }
         }
     }
 
     async fn close(&mut self) -> Result<(), FlowError> {
-        if self.tx.is_none() {
-            return Ok(());
-        }
-        let r = self.flush().await;
+        let flushed = if self.tx.is_some() && self.fatal().is_none() {
+            self.flush().await
+        } else {
+            Ok(())
+        };
         self.tx = None;
-        if let Some(t) = self.task.take() {
-            let _ = t.await;
+        self.join().await;
+        match self.fatal() {
+            Some(e) => Err(e),
+            None => flushed,
         }
-        r
     }
 
     fn stats(&self) -> FlowStats {
@@ -255,6 +350,8 @@ struct Entry {
     id: String,
     prev: Option<String>,
     payload: Bytes,
+    /// Left this client at least once (the stream may hold it).
+    sent: bool,
     ack: Option<
         BoxFuture<
             'static,
@@ -281,6 +378,7 @@ async fn send(
         Ok(f) => {
             let f: PublishAckFuture = f;
             e.ack = Some(f.into_future());
+            e.sent = true;
             Ok(())
         }
         Err(err) => {
@@ -290,6 +388,68 @@ async fn send(
     }
 }
 
+/// Closes the gate when the publishing task ends, however it ends, so that
+/// no `ready` waits for credits that will never come.
+struct CloseOnExit(Gate);
+
+impl Drop for CloseOnExit {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
+/// Records a fatal error and settles every message the task still holds:
+/// `window` (sent or about to be) and whatever is queued in `rx`.
+fn fail(
+    e: ClusterError,
+    window: &VecDeque<Entry>,
+    rx: &mut mpsc::UnboundedReceiver<(String, Bytes)>,
+    strict_order: bool,
+    gate: &Gate,
+    state: &State,
+) {
+    // The front message was refused (not stored) for these; for
+    // `PublishFailed` its last ack simply never came.
+    let refused = matches!(
+        e,
+        ClusterError::ConcurrentPublisher { .. }
+            | ClusterError::PermissionDenied(_)
+            | ClusterError::MessageTooLarge { .. }
+    );
+    let (mut not_stored, mut unknown, mut bytes) = (0u64, 0u64, 0usize);
+    for (i, entry) in window.iter().enumerate() {
+        bytes += entry.payload.len();
+        // In strict order each message expects its predecessor as the
+        // stream's last: nothing behind a refused front can be stored.
+        let chained = i > 0 && strict_order;
+        if (refused && (i == 0 || chained)) || !entry.sent {
+            not_stored += 1;
+        } else {
+            unknown += 1;
+        }
+    }
+    // Accepted but never taken from the queue: never sent. Closing the
+    // queue first makes a racing `start_send` fail (and take its charge back).
+    rx.close();
+    while let Ok((_, payload)) = rx.try_recv() {
+        bytes += payload.len();
+        not_stored += 1;
+    }
+    tracing::debug!(error = %e, not_stored, unknown, "publisher failed");
+    if let Ok(mut f) = state.fatal.lock() {
+        *f = Some(Fatal {
+            error: e,
+            not_stored,
+            unknown,
+        });
+    }
+    // Nothing is held any more.
+    gate.credit(bytes);
+    gate.close();
+}
+
+// One task's whole context, passed once at spawn; a struct would only rename it.
+#[allow(clippy::too_many_arguments)]
 async fn run(
     js: async_nats::jetstream::Context,
     shared: Arc<Shared>,
@@ -298,20 +458,22 @@ async fn run(
     mut rx: mpsc::UnboundedReceiver<(String, Bytes)>,
     gate: Gate,
     state: Arc<State>,
+    acked: watch::Sender<u64>,
 ) {
+    let _close = CloseOnExit(gate.clone());
     let mut window: VecDeque<Entry> = VecDeque::new();
     let mut prev: Option<String> = None;
     let mut closed = false;
     let mut failing_since: Option<Instant> = None;
     let mut attempts = 0u32;
-    let fail = |e: ClusterError| {
-        if let Ok(mut f) = state.fatal.lock() {
-            *f = Some(e);
-        }
-        gate.close();
-        // Wake a waiting flush so that it sees the error.
-        state.acked.send_modify(|_| {});
-    };
+    let strict = opts.strict_order;
+    // Returning drops `acked`, which wakes a waiting flush.
+    macro_rules! fail {
+        ($e:expr) => {{
+            fail($e, &window, &mut rx, strict, &gate, &state);
+            return;
+        }};
+    }
     loop {
         // Fill the window without waiting.
         while !closed && window.len() < opts.max_inflight {
@@ -321,6 +483,7 @@ async fn run(
                         prev: prev.replace(id.clone()).filter(|_| opts.strict_order),
                         id,
                         payload,
+                        sent: false,
                         ack: None,
                     };
                     // Safe even while an earlier one is failing: the
@@ -342,6 +505,7 @@ async fn run(
                         prev: prev.replace(id.clone()).filter(|_| opts.strict_order),
                         id,
                         payload,
+                        sent: false,
                         ack: None,
                     };
                     let _ = send(&js, &subject, &mut e).await;
@@ -365,30 +529,27 @@ async fn run(
                 if let Ok(mut err) = state.error.lock() {
                     *err = None;
                 }
-                state.acked.send_modify(|n| *n += 1);
+                acked.send_modify(|n| *n += 1);
             }
             Err((PublishErrorKind::MaxPayloadExceeded, _)) => {
                 let limit = shared.client.server_info().max_payload;
-                fail(ClusterError::MessageTooLarge {
+                fail!(ClusterError::MessageTooLarge {
                     size: front.payload.len(),
                     limit,
                 });
-                return;
             }
             Err((PublishErrorKind::WrongLastMessageId, reason)) if attempts == 0 => {
-                fail(ClusterError::ConcurrentPublisher {
+                fail!(ClusterError::ConcurrentPublisher {
                     msg_id: front.id.clone(),
                     reason,
                 });
-                return;
             }
             Err((_, _)) if shared.events.denied("publish", &subject).is_some() => {
                 let text = shared
                     .events
                     .denied("publish", &subject)
                     .unwrap_or_default();
-                fail(ClusterError::PermissionDenied(text));
-                return;
+                fail!(ClusterError::PermissionDenied(text));
             }
             Err((kind, reason)) => {
                 let since = *failing_since.get_or_insert_with(Instant::now);
@@ -398,12 +559,11 @@ async fn run(
                     *err = Some(reason.clone());
                 }
                 if since.elapsed() >= opts.retry_for {
-                    fail(ClusterError::PublishFailed {
+                    fail!(ClusterError::PublishFailed {
                         msg_id: front.id.clone(),
                         attempts,
                         reason,
                     });
-                    return;
                 }
                 let pause = opts
                     .initial_backoff
@@ -421,5 +581,107 @@ async fn run(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(n: u32, sent: bool) -> Entry {
+        Entry {
+            id: format!("p-{n}"),
+            prev: None,
+            payload: Bytes::from(vec![0u8; 10]),
+            sent,
+            ack: None,
+        }
+    }
+
+    /// Runs `fail` on a window of `sent` flags plus `queued` messages still in
+    /// the channel; returns (not_stored, unknown, buffered after).
+    fn settle(e: ClusterError, sent: &[bool], queued: u32, strict: bool) -> (u64, u64, usize) {
+        let gate = Gate::new(Watermarks::default(), tracing::Span::none());
+        let state = State {
+            error: Mutex::new(None),
+            fatal: Mutex::new(None),
+        };
+        let window: VecDeque<Entry> = sent
+            .iter()
+            .enumerate()
+            .map(|(i, s)| entry(i as u32, *s))
+            .collect();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        for i in 0..queued {
+            tx.send((format!("q-{i}"), Bytes::from(vec![0u8; 10])))
+                .unwrap();
+        }
+        gate.charge(10 * (sent.len() + queued as usize));
+        fail(e, &window, &mut rx, strict, &gate, &state);
+        assert!(gate.is_closed());
+        assert!(
+            tx.send((String::new(), Bytes::new())).is_err(),
+            "queue closed"
+        );
+        let f = state.fatal.lock().unwrap();
+        let f = f.as_ref().unwrap();
+        (f.not_stored, f.unknown, gate.buffered())
+    }
+
+    fn concurrent() -> ClusterError {
+        ClusterError::ConcurrentPublisher {
+            msg_id: "p-0".into(),
+            reason: "wrong last msg id".into(),
+        }
+    }
+
+    fn failed() -> ClusterError {
+        ClusterError::PublishFailed {
+            msg_id: "p-0".into(),
+            attempts: 3,
+            reason: "timed out".into(),
+        }
+    }
+
+    #[test]
+    fn strict_order_refusal_settles_everything_as_not_stored() {
+        assert_eq!(
+            settle(concurrent(), &[true, true, false], 2, true),
+            (5, 0, 0)
+        );
+    }
+
+    #[test]
+    fn without_strict_order_sent_followers_are_unknown() {
+        assert_eq!(
+            settle(concurrent(), &[true, true, false], 2, false),
+            (4, 1, 0)
+        );
+    }
+
+    #[test]
+    fn publish_failed_leaves_sent_messages_unknown() {
+        for strict in [true, false] {
+            assert_eq!(settle(failed(), &[true, true, false], 1, strict), (2, 2, 0));
+        }
+    }
+
+    #[test]
+    fn the_fatal_error_is_copied_not_taken() {
+        let e = failed();
+        let copy = e.duplicate();
+        assert_eq!(e.to_string(), copy.to_string());
+        assert!(matches!(
+            copy,
+            ClusterError::PublishFailed { attempts: 3, .. }
+        ));
+    }
+
+    #[test]
+    fn public_types_are_send_and_sync() {
+        fn is<T: Send + Sync>() {}
+        is::<Publisher>();
+        is::<PublishOutcome>();
+        is::<PublishOptions>();
     }
 }

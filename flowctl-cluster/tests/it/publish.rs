@@ -119,3 +119,239 @@ async fn missing_stream_consumer_and_subject_are_named() {
     drop(cluster);
     assert_eq!(ledger.total(), 0, "{ledger:?}");
 }
+
+/// An R3 stream capturing `subject` (no consumer: these tests only publish).
+async fn stream(cluster: &Cluster, name: &str, subject: &str) {
+    cluster
+        .jetstream()
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: name.into(),
+            subjects: vec![subject.into()],
+            num_replicas: 3,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}
+
+/// Only a hang detector: a regression fails here instead of hanging the suite.
+const HANG: Duration = Duration::from_secs(60);
+
+/// A second writer breaks the strict-order chain: the publisher's fatal
+/// `ConcurrentPublisher` comes back from every later call, and `flush` and
+/// `close` return it instead of waiting for acks that can never come.
+#[tokio::test]
+async fn a_fatal_error_is_sticky_and_close_returns_it() {
+    let nats = NatsCluster::start().await.expect("nats cluster");
+    let ledger = Ledger::new();
+    let cluster = Cluster::connect(config(nats.urls(), &ledger))
+        .await
+        .unwrap();
+    stream(&cluster, "STICKY", "sticky.>").await;
+    let mut sink = cluster
+        .publisher("sticky.x", PublishOptions::default())
+        .await
+        .unwrap();
+    sink.send(Bytes::from_static(b"first")).await.unwrap();
+    sink.flush().await.unwrap();
+    // Another writer appends: our next message's expected last id is stale.
+    cluster
+        .jetstream()
+        .publish("sticky.x", Bytes::from_static(b"intruder"))
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    sink.send(Bytes::from_static(b"second")).await.unwrap();
+    let is_concurrent = |e: &flowctl_core::FlowError| {
+        matches!(
+            ClusterError::from_flow(e),
+            Some(ClusterError::ConcurrentPublisher { .. })
+        )
+    };
+    let err = tokio::time::timeout(HANG, sink.flush())
+        .await
+        .expect("flush hung after the fatal error")
+        .unwrap_err();
+    assert!(is_concurrent(&err), "{err}");
+    let err = tokio::time::timeout(HANG, sink.flush())
+        .await
+        .expect("a second flush hung after the fatal error")
+        .unwrap_err();
+    assert!(is_concurrent(&err), "second flush: {err}");
+    let err = tokio::time::timeout(HANG, sink.ready())
+        .await
+        .expect("ready hung after the fatal error")
+        .unwrap_err();
+    assert!(is_concurrent(&err), "ready: {err}");
+    let err = sink.start_send(Bytes::from_static(b"third")).unwrap_err();
+    assert!(is_concurrent(&err), "start_send: {err}");
+    let err = tokio::time::timeout(HANG, sink.close())
+        .await
+        .expect("close hung after the fatal error")
+        .unwrap_err();
+    assert!(is_concurrent(&err), "close: {err}");
+    let err = tokio::time::timeout(HANG, sink.close())
+        .await
+        .expect("a second close hung")
+        .unwrap_err();
+    assert!(is_concurrent(&err), "second close: {err}");
+    assert_eq!(sink.acked(), 1);
+    // `second` was refused: known not stored; nothing is held any more.
+    let o = sink.outcome();
+    assert_eq!(
+        (o.accepted, o.acked, o.pending, o.not_stored, o.unknown),
+        (2, 1, 0, 1, 0),
+        "{o:?}"
+    );
+    assert_eq!(sink.stats().buffered, 0);
+    let info = cluster
+        .jetstream()
+        .get_stream("STICKY")
+        .await
+        .unwrap()
+        .cached_info()
+        .clone();
+    assert_eq!(info.state.messages, 2, "first + intruder, not second");
+    drop(sink);
+    drop(cluster);
+    released(&ledger, Duration::from_secs(10)).await;
+}
+
+/// Every node SIGKILLed while messages wait for their acks: after
+/// `retry_for` the publisher fails with `PublishFailed`, and every later
+/// `flush` and `close` returns that error at once.
+#[tokio::test]
+async fn a_dead_cluster_fails_flush_and_close_instead_of_hanging() {
+    let mut nats = NatsCluster::start().await.expect("nats cluster");
+    let ledger = Ledger::new();
+    let cluster = Cluster::connect(config(nats.urls(), &ledger))
+        .await
+        .unwrap();
+    stream(&cluster, "DEAD", "dead.>").await;
+    let mut sink = cluster
+        .publisher(
+            "dead.x",
+            PublishOptions {
+                retry_for: Duration::from_secs(2),
+                ack_timeout: Duration::from_millis(500),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    sink.send(Bytes::from_static(b"stored")).await.unwrap();
+    sink.flush().await.unwrap();
+    for i in 0..3 {
+        nats.kill(i).await.unwrap();
+    }
+    for i in 0..10u64 {
+        sink.send(Bytes::from(i.to_be_bytes().to_vec()))
+            .await
+            .unwrap();
+    }
+    let is_failed = |e: &flowctl_core::FlowError| {
+        matches!(
+            ClusterError::from_flow(e),
+            Some(ClusterError::PublishFailed { .. })
+        )
+    };
+    let err = tokio::time::timeout(HANG, sink.flush())
+        .await
+        .expect("flush hung with every node dead")
+        .unwrap_err();
+    assert!(is_failed(&err), "{err}");
+    let err = tokio::time::timeout(HANG, sink.close())
+        .await
+        .expect("close hung after PublishFailed")
+        .unwrap_err();
+    assert!(is_failed(&err), "close: {err}");
+    assert_eq!(sink.acked(), 1);
+    // Every later message is settled as unknown or not stored, none pending.
+    let o = sink.outcome();
+    assert_eq!(o.accepted, 11, "{o:?}");
+    assert_eq!(o.pending, 0, "{o:?}");
+    assert_eq!(o.acked + o.not_stored + o.unknown, 11, "{o:?}");
+    assert!(o.unknown >= 1, "the failed message was sent: {o:?}");
+    assert_eq!(sink.stats().buffered, 0);
+    drop(sink);
+    drop(cluster);
+    released(&ledger, Duration::from_secs(10)).await;
+}
+
+/// `ready`, `flush` and `close` dropped while they wait for acks lose
+/// nothing: a later `close` waits for every ack, the stream holds every
+/// message once, and the publishing task ends.
+#[tokio::test]
+async fn ready_dropped_mid_wait_then_close_stores_everything() {
+    let nats = NatsCluster::start().await.expect("nats cluster");
+    let ledger = Ledger::new();
+    let cluster = Cluster::connect(config(nats.urls(), &ledger))
+        .await
+        .unwrap();
+    stream(&cluster, "DROPRDY", "droprdy.>").await;
+    const SIZE: usize = 256;
+    let mut sink = cluster
+        .publisher(
+            "droprdy.x",
+            PublishOptions {
+                watermarks: Watermarks::new(SIZE, 4 * SIZE).unwrap(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let mut sent = 0u64;
+    for round in 0..20 {
+        // Fill past `high` without waiting (start_send may overshoot).
+        while sink.stats().buffered <= 4 * SIZE {
+            sink.start_send(Bytes::from(vec![round as u8; SIZE]))
+                .unwrap();
+            sent += 1;
+        }
+        // One poll of ready with this task's waker: pending (above high);
+        // then the future is dropped mid-wait.
+        let mut ready = sink.ready();
+        let polled = futures::poll!(&mut ready);
+        drop(ready);
+        assert!(
+            polled.is_pending(),
+            "round {round}: ready was not pending above high: {polled:?}, {:?}",
+            sink.stats()
+        );
+        // Let the publishing task take acks before the next round.
+        tokio::task::yield_now().await;
+    }
+    // flush and close dropped mid-wait too (one poll each, acks pending).
+    sink.start_send(Bytes::from(vec![0xff; SIZE])).unwrap();
+    sent += 1;
+    let mut flush = sink.flush();
+    assert!(
+        futures::poll!(&mut flush).is_pending(),
+        "flush waits for acks"
+    );
+    drop(flush);
+    let mut close = sink.close();
+    assert!(
+        futures::poll!(&mut close).is_pending(),
+        "close waits for acks"
+    );
+    drop(close);
+    tokio::time::timeout(HANG, sink.close())
+        .await
+        .expect("close hung after dropped ready, flush and close")
+        .unwrap();
+    assert_eq!(sink.acked(), sent);
+    assert_eq!(sink.stats().buffered, 0);
+    let info = cluster
+        .jetstream()
+        .get_stream("DROPRDY")
+        .await
+        .unwrap()
+        .cached_info()
+        .clone();
+    assert_eq!(info.state.messages, sent, "every message stored once");
+    drop(sink);
+    drop(cluster);
+    released(&ledger, Duration::from_secs(10)).await;
+}

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use flowctl_cluster::testing::{NatsCluster, READY_LIMIT};
-use flowctl_cluster::{Cluster, ConsumeOptions, PublishOptions, Tls};
+use flowctl_cluster::{Cluster, ConsumeOptions, Credentials, PublishOptions, Tls};
 use flowctl_core::lifecycle::Ledger;
 use flowctl_core::{Sink, Source};
 
@@ -88,10 +88,15 @@ fn certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
 }
 
 async fn tls_cluster() -> (tempfile::TempDir, PathBuf, NatsCluster) {
+    tls_cluster_with("").await
+}
+
+/// [`tls_cluster`] with `more` configuration lines on every node.
+async fn tls_cluster_with(more: &str) -> (tempfile::TempDir, PathBuf, NatsCluster) {
     let dir = tempfile::tempdir().unwrap();
     let (ca, cert, key) = certificates(dir.path());
     let extra = format!(
-        "tls {{ cert_file: \"{}\", key_file: \"{}\", timeout: 5 }}\n",
+        "tls {{ cert_file: \"{}\", key_file: \"{}\", timeout: 5 }}\n{more}",
         cert.display(),
         key.display()
     );
@@ -165,4 +170,42 @@ async fn an_untrusted_server_certificate_is_a_clear_error() {
         "the reason names the certificate: {err}"
     );
     assert_eq!(ledger.total(), 0);
+}
+
+/// A password needs no opt-out when TLS protects it: `tls://` seeds (here
+/// without `Tls::required`) make flowctl require TLS on every connection,
+/// and the user publishes and flushes over it.
+#[tokio::test]
+async fn credentials_over_tls_seeds_need_no_opt_out() {
+    let (_dir, ca, nats) =
+        tls_cluster_with("authorization { users: [ { user: flow, password: s3cret } ] }\n").await;
+    let ledger = Ledger::new();
+    let seeds = nats
+        .urls()
+        .iter()
+        .map(|u| u.replacen("nats://", "tls://", 1))
+        .collect();
+    let mut cfg = config(seeds, &ledger);
+    cfg.tls.root_certificates = vec![ca];
+    cfg.credentials = Credentials::UserPassword("flow".into(), "s3cret".into());
+    assert!(!cfg.allow_plaintext_credentials && !cfg.tls.required);
+    let cluster = Cluster::connect(cfg).await.unwrap();
+    stream_and_consumer(
+        &cluster,
+        "TLSAUTH",
+        "tlsauth.>",
+        "c",
+        Duration::from_secs(30),
+    )
+    .await;
+    let mut sink = cluster
+        .publisher("tlsauth.x", PublishOptions::default())
+        .await
+        .unwrap();
+    sink.send(Bytes::from_static(b"over tls")).await.unwrap();
+    sink.close().await.unwrap();
+    assert_eq!(sink.acked(), 1);
+    drop(sink);
+    drop(cluster);
+    released(&ledger, Duration::from_secs(10)).await;
 }
