@@ -232,7 +232,16 @@ impl Cluster {
         for s in &config.seeds {
             let a: ServerAddr = s
                 .parse()
-                .map_err(|e| FlowError::Config(format!("seed {s}: {e}")))?;
+                .map_err(|e| FlowError::Config(format!("seed {}: {e}", redact_seed(s))))?;
+            if a.has_user_pass() || a.password().is_some() {
+                // async-nats never reads them: the connection would go out
+                // without the credentials the user meant to send.
+                return Err(FlowError::Config(format!(
+                    "seed {}: a user or password in a seed url is not used; \
+                     set ClusterConfig::credentials instead",
+                    redact_seed(s)
+                )));
+            }
             addrs.push(a);
         }
         if let Some(secret) = config.credentials.secret() {
@@ -336,6 +345,18 @@ async fn round(config: &ClusterConfig, addrs: &[ServerAddr]) -> Result<Cluster, 
 enum SeedError {
     Auth(String),
     Other(String),
+}
+
+/// `s` with anything between the scheme and an `@` (a user and password)
+/// replaced by `***`, for error messages.
+fn redact_seed(s: &str) -> String {
+    match s.rfind('@') {
+        Some(at) => {
+            let start = s.find("://").map_or(0, |i| i + 3).min(at);
+            format!("{}***{}", &s[..start], &s[at..])
+        }
+        None => s.to_owned(),
+    }
 }
 
 async fn connect_seed(

@@ -65,3 +65,23 @@ async fn connects_through_a_live_seed_and_drop_releases() {
     drop(cluster);
     assert_eq!(ledger.total(), 0);
 }
+
+#[tokio::test]
+async fn a_password_in_a_seed_url_is_refused_not_ignored() {
+    // async-nats does not read a user and password written into a seed url;
+    // without this check the connection would go out without them, and the
+    // error for an unparsable seed would print the password.
+    let ledger = Ledger::new();
+    let seed = dead_url().replace("nats://", "nats://flow:s3cret@");
+    let err = Cluster::connect(config(vec![seed], &ledger))
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        matches!(err, flowctl_core::FlowError::Config(_)),
+        "expected a Config error, got {err:?}"
+    );
+    assert!(text.contains("ClusterConfig::credentials"), "{text}");
+    assert!(!text.contains("s3cret"), "the password leaked: {text}");
+    assert_eq!(ledger.total(), 0);
+}
