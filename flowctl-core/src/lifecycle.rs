@@ -507,6 +507,10 @@ fn run_detached(entries: Vec<(Release, Lease)>) -> oneshot::Receiver<()> {
 }
 
 /// How [`retry`] paces and bounds its attempts.
+///
+/// Build it with struct update syntax from [`RetryPolicy::default`], then
+/// [`validate`](RetryPolicy::validate) it where it is configured; [`retry`]
+/// validates it again before its first attempt.
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {
     /// Attempts in all, the first included (at least 1).
@@ -517,7 +521,8 @@ pub struct RetryPolicy {
     pub initial_backoff: Duration,
     /// The pause never exceeds this.
     pub max_backoff: Duration,
-    /// Fraction of each pause drawn at random (0.0 = none, 1.0 = anywhere in 0..=pause).
+    /// Fraction of each pause drawn at random (0.0 = none, 1.0 = anywhere in
+    /// 0..=pause): a number from 0.0 to 1.0 (NaN and infinities are refused).
     pub jitter: f64,
     /// How long the release of a failed attempt may take before its in-flight
     /// requests are aborted.
@@ -545,15 +550,52 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
-    /// The pause after failed attempt number `attempt` (1-based), jitter included.
+    /// Checks the policy's values: every duration is valid (the arithmetic on
+    /// them saturates), `jitter` must be a number from 0.0 to 1.0.
+    ///
+    /// # Errors
+    /// [`FlowError::Config`] naming the field, the value and the limit.
+    pub fn validate(&self) -> Result<(), FlowError> {
+        if !(0.0..=1.0).contains(&self.jitter) {
+            return Err(FlowError::Config(format!(
+                "retry policy jitter {} must be a number from 0.0 to 1.0",
+                self.jitter
+            )));
+        }
+        Ok(())
+    }
+
+    /// The pause after failed attempt number `attempt` (1-based), jitter
+    /// included: `initial_backoff` doubled per failure, capped at
+    /// `max_backoff`, minus up to `jitter` of it.
+    ///
+    /// Never panics: the doubling saturates, any duration up to
+    /// `Duration::MAX` works, and a `jitter` that
+    /// [`validate`](RetryPolicy::validate) refuses is clamped to 0.0..=1.0
+    /// (NaN counts as 0.0).
     pub fn backoff(&self, attempt: u32) -> Duration {
         let exp = self
             .initial_backoff
             .saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1)));
         let base = exp.min(self.max_backoff);
-        let jitter = self.jitter.clamp(0.0, 1.0);
-        base.mul_f64(1.0 - jitter * fastrand::f64())
+        let jitter = if self.jitter.is_nan() {
+            0.0
+        } else {
+            self.jitter.clamp(0.0, 1.0)
+        };
+        scale_down(base, 1.0 - jitter * fastrand::f64())
     }
+}
+
+/// `d` times `factor` (a fraction from 0.0 to 1.0), never more than `d`.
+///
+/// `Duration::mul_f64` panics where the product, rounded to an `f64`, does not
+/// fit a `Duration`, which happens for `Duration::MAX` even times 1.0.
+fn scale_down(d: Duration, factor: f64) -> Duration {
+    if factor >= 1.0 || factor.is_nan() {
+        return d;
+    }
+    Duration::try_from_secs_f64(d.as_secs_f64() * factor.max(0.0)).map_or(d, |scaled| scaled.min(d))
 }
 
 /// Runs `op` until it succeeds, each attempt bounded by
@@ -564,8 +606,10 @@ impl RetryPolicy {
 /// attempt starts only once that release is complete**.
 ///
 /// # Errors
-/// An error that `policy.retry_if` rejects is returned at once; otherwise,
-/// after `max_attempts`, [`FlowError::RetriesExhausted`] with the last error.
+/// [`FlowError::Config`] before any attempt if `policy` is invalid (see
+/// [`RetryPolicy::validate`]). An error that `policy.retry_if` rejects is
+/// returned at once; otherwise, after `max_attempts`,
+/// [`FlowError::RetriesExhausted`] with the last error.
 ///
 /// ```
 /// use std::time::Duration;
@@ -596,6 +640,7 @@ where
     F: FnMut(Attempt) -> Fut,
     Fut: Future<Output = Result<T, FlowError>>,
 {
+    policy.validate()?;
     let max = policy.max_attempts.max(1);
     let mut n = 0;
     loop {

@@ -390,3 +390,119 @@ async fn release_within_aborts_a_waiting_request_but_not_a_late_release() {
         .await
         .expect("the late release finished: nothing is live");
 }
+
+/// Issue 15, also fix: a jitter that is not a fraction from 0.0 to 1.0 is a
+/// configuration error naming the field and the limit, and `retry` refuses
+/// it before its first attempt.
+#[tokio::test]
+async fn retry_policy_rejects_a_jitter_outside_zero_to_one() {
+    for jitter in [
+        f64::NAN,
+        -0.5,
+        -0.0001,
+        1.5,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+    ] {
+        let policy = RetryPolicy {
+            jitter,
+            ledger: Ledger::new(),
+            ..RetryPolicy::default()
+        };
+        let err = policy.validate().unwrap_err();
+        assert!(matches!(err, FlowError::Config(_)), "{jitter}: {err:?}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("jitter") && msg.contains("0.0 to 1.0"),
+            "{jitter}: {msg}"
+        );
+        let mut calls = 0;
+        let refused = retry(&policy, |_| {
+            calls += 1;
+            async { Ok(()) }
+        })
+        .await
+        .unwrap_err();
+        assert_eq!(refused.to_string(), msg);
+        assert_eq!(calls, 0, "no attempt runs under an invalid policy");
+    }
+    for jitter in [0.0, 0.5, 1.0] {
+        let policy = RetryPolicy {
+            jitter,
+            ..RetryPolicy::default()
+        };
+        policy.validate().unwrap();
+    }
+}
+
+/// Issue 15, also fix: `backoff` is total: a NaN, negative or infinite jitter
+/// (a policy `validate` would refuse) and pauses near `Duration::MAX` give a
+/// pause within `0..=max_backoff` instead of a panic.
+#[test]
+fn backoff_never_panics_and_stays_within_max_backoff() {
+    for jitter in [
+        f64::NAN,
+        -1.0,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+        0.0,
+        0.5,
+        1.0,
+    ] {
+        for (initial, max) in [
+            (Duration::MAX, Duration::MAX),
+            (Duration::from_secs(1), Duration::MAX),
+            (Duration::MAX, Duration::from_secs(u64::MAX / 2)),
+            (Duration::from_millis(100), Duration::from_secs(5)),
+        ] {
+            let policy = RetryPolicy {
+                initial_backoff: initial,
+                max_backoff: max,
+                jitter,
+                ..RetryPolicy::default()
+            };
+            for attempt in [0, 1, 2, 63, 64, 65, u32::MAX] {
+                let pause = policy.backoff(attempt);
+                assert!(
+                    pause <= max,
+                    "{jitter} {initial:?} {max:?} {attempt}: {pause:?}"
+                );
+            }
+        }
+    }
+    // Without jitter the capped pause is exact, even at `Duration::MAX`.
+    let policy = RetryPolicy {
+        initial_backoff: Duration::MAX,
+        max_backoff: Duration::MAX,
+        jitter: 0.0,
+        ..RetryPolicy::default()
+    };
+    assert_eq!(policy.backoff(1), Duration::MAX);
+    assert_eq!(policy.backoff(u32::MAX), Duration::MAX);
+    // A NaN jitter counts as none.
+    let policy = RetryPolicy {
+        initial_backoff: Duration::from_secs(3),
+        max_backoff: Duration::from_secs(3),
+        jitter: f64::NAN,
+        ..RetryPolicy::default()
+    };
+    assert_eq!(policy.backoff(1), Duration::from_secs(3));
+}
+
+/// A policy whose pauses and timeouts are `Duration::MAX` is valid, and
+/// `retry` runs under it (its timers saturate instead of overflowing).
+#[tokio::test]
+async fn retry_runs_under_duration_max_limits() {
+    let policy = RetryPolicy {
+        max_attempts: 1,
+        attempt_timeout: Duration::MAX,
+        initial_backoff: Duration::MAX,
+        max_backoff: Duration::MAX,
+        release_timeout: Duration::MAX,
+        ledger: Ledger::new(),
+        ..RetryPolicy::default()
+    };
+    policy.validate().unwrap();
+    let value = retry(&policy, |_| async { Ok(5) }).await.unwrap();
+    assert_eq!(value, 5);
+}
