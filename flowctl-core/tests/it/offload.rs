@@ -547,3 +547,80 @@ async fn offload_never_strands_a_queued_job_without_a_worker() {
         }
     }
 }
+
+/// An item of the property test: its position, its weight and how much work
+/// its job does.
+#[derive(Debug, Clone, Copy)]
+struct Sized {
+    seq: u32,
+    size: usize,
+    rounds: u32,
+}
+
+impl Weighted for Sized {
+    fn weight(&self) -> usize {
+        self.size
+    }
+}
+
+/// One runtime for every case: a fresh runtime per case would start new
+/// blocking-pool threads each time.
+fn prop_runtime() -> &'static tokio::runtime::Runtime {
+    static RT: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .unwrap()
+    })
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(10_000))]
+
+    /// For any job costs, item sizes (empty ones included), limits and
+    /// consumer pace: every result comes out once, in input order, and the
+    /// bytes charged never exceed `max_inflight_bytes` plus one item's charge.
+    #[test]
+    fn offload_keeps_input_order_and_the_inflight_bound(
+        concurrency in 1..=4usize,
+        max_inflight in 1..2_000usize,
+        items in proptest::collection::vec((0..600usize, 0..40u32, proptest::bool::ANY), 0..40),
+    ) {
+        let jobs: Vec<Sized> = items
+            .iter()
+            .enumerate()
+            .map(|(i, &(size, rounds, _))| Sized { seq: u32::try_from(i).unwrap(), size, rounds })
+            .collect();
+        let largest = jobs.iter().map(charge_of).max().unwrap_or(0);
+        let pauses: Vec<bool> = items.iter().map(|&(_, _, pause)| pause).collect();
+        let limits = Offload { concurrency, max_inflight_bytes: max_inflight };
+        let (got, stats) = prop_runtime().block_on(async move {
+            let src = flowctl_core::compat::StreamSource::new(futures::stream::iter(jobs));
+            let mut out = ordered(src, limits, |j: Sized| {
+                std::hint::black_box(spin_hash(&j.seq.to_be_bytes(), j.rounds));
+                j.seq
+            });
+            let mut got = Vec::new();
+            for pause in pauses {
+                got.push(out.recv().await.unwrap());
+                if pause {
+                    // The consumer goes away for a moment; jobs run ahead.
+                    tokio::task::yield_now().await;
+                }
+            }
+            assert_eq!(out.recv().await.unwrap(), None);
+            (got, out.stats())
+        });
+        let want: Vec<Option<u32>> = (0..u32::try_from(items.len()).unwrap()).map(Some).collect();
+        proptest::prop_assert_eq!(got, want);
+        proptest::prop_assert_eq!(stats.buffered, 0);
+        proptest::prop_assert!(
+            stats.max_buffered <= max_inflight + largest,
+            "{} charged at most, limit {} + one item {}",
+            stats.max_buffered,
+            max_inflight,
+            largest
+        );
+    }
+}
