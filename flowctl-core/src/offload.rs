@@ -69,10 +69,11 @@ impl Default for Offload {
 /// # Backpressure
 /// An item's charge (its input weight, and at least
 /// [`MIN_CHARGE`](crate::weighted::MIN_CHARGE), see [`charge_of`]) is charged
-/// when the stage takes it from `src` and credited when its result is emitted. The stage takes no new item while it
-/// holds `32 * concurrency` items (running, queued for a worker, or finished and
-/// not yet emitted) or more than `max_inflight_bytes`, so a slow consumer stops
-/// the stage from taking more input; at most `concurrency` jobs run at once.
+/// when the stage takes it from `src` and credited when its result is
+/// emitted. The stage takes no new item while it holds `32 * concurrency`
+/// items (running, queued for a worker, or finished and not yet emitted) or
+/// more than `max_inflight_bytes`, so a slow consumer stops the stage from
+/// taking more input; at most `concurrency` jobs run at once.
 /// Queued jobs keep running while the consumer is away: a worker that finishes
 /// one takes the next without waiting for `recv`.
 ///
@@ -285,10 +286,10 @@ fn work<Out>(mut guard: WorkerGuard<Out>) {
         let done = catch_unwind(AssertUnwindSafe(job)).map_err(|p| panic_message(&*p));
         st = guard.shared.lock();
         if st.closed {
-            // Dropped outside the lock: a result's drop may be slow.
             st.workers -= 1;
             guard.counted = false;
             drop(st);
+            // Dropped outside the lock: a result's drop may be slow.
             drop(done);
             return;
         }
