@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use futures::FutureExt;
-use futures::future::BoxFuture;
+use futures::future::{AbortHandle, Abortable, BoxFuture};
 use tokio::sync::{Notify, oneshot};
 use tokio::task::JoinHandle;
 
@@ -184,13 +184,20 @@ enum State {
     Released,
 }
 
+/// A request started by [`Attempt::inflight`]: its task, and a handle that
+/// aborts the request (not the release of a value it already produced).
+struct Request {
+    task: JoinHandle<()>,
+    abort: AbortHandle,
+}
+
 struct AttemptInner {
     label: String,
     ledger: Ledger,
     state: State,
     next_id: u64,
     entries: Vec<Entry>,
-    inflight: Vec<JoinHandle<()>>,
+    inflight: Vec<Request>,
 }
 
 /// One try at acquiring something made of several sub-resources (a connection,
@@ -289,7 +296,7 @@ impl Attempt {
         let lease = inner.ledger.acquire(kind);
         if inner.state != State::Open {
             drop(inner);
-            run_detached(vec![(release, lease)]);
+            drop(run_detached(vec![(release, lease)]));
             return Err(FlowError::Closed);
         }
         let id = inner.next_id;
@@ -330,10 +337,17 @@ impl Attempt {
         RFut: Future<Output = ()> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel();
+        let (abort, registration) = AbortHandle::new_pair();
         let mut inner = lock(&self.inner);
         let lease = inner.ledger.acquire(kind);
         let task = tokio::spawn(async move {
-            let result = request.await;
+            // Aborted by `release_within` while it waits: there is no value to
+            // release. Once the value is there, its release runs to the end.
+            let Ok(result) = Abortable::new(request, registration).await else {
+                tracing::debug!(kind, "in-flight request aborted");
+                drop(lease);
+                return;
+            };
             if let Err(Ok(value)) = tx.send(result) {
                 tracing::debug!(
                     kind,
@@ -343,14 +357,19 @@ impl Attempt {
             }
             drop(lease);
         });
-        inner.inflight.push(task);
+        inner.inflight.push(Request { task, abort });
         Inflight { rx }
     }
 
     /// Resources owned now, in flight included.
     pub fn live(&self) -> usize {
         let inner = lock(&self.inner);
-        inner.entries.len() + inner.inflight.iter().filter(|t| !t.is_finished()).count()
+        inner.entries.len()
+            + inner
+                .inflight
+                .iter()
+                .filter(|r| !r.task.is_finished())
+                .count()
     }
 
     /// The acquisition succeeded: everything owned now belongs to the value it
@@ -364,6 +383,12 @@ impl Attempt {
 
     /// Releases everything owned, waiting for each release action and for every
     /// in-flight request (whose late value is released too). Idempotent.
+    ///
+    /// # Cancel safety
+    /// The release actions run on a task of their own, last owned first, each
+    /// resource counted in the [`Ledger`] until its action has finished. If
+    /// this future is dropped (a timeout, a cancelled [`retry`]), they still
+    /// run to the end; only the waiting stops.
     pub async fn release(&self) {
         let (entries, inflight, label) = {
             let mut inner = lock(&self.inner);
@@ -379,25 +404,38 @@ impl Attempt {
         if !entries.is_empty() || !inflight.is_empty() {
             tracing::debug!(attempt = %label, owned = entries.len(), inflight = inflight.len(), "releasing attempt");
         }
-        for entry in entries.into_iter().rev() {
-            (entry.release)().await;
+        if !entries.is_empty() {
+            let pending = entries
+                .into_iter()
+                .rev()
+                .map(|e| (e.release, e._lease))
+                .collect();
+            // An error means the task was dropped unrun: the runtime is
+            // shutting down and there is nothing left to wait for.
+            let _ = run_detached(pending).await;
         }
-        for task in inflight {
+        for request in inflight {
             // A panicking request has nothing left to release.
-            let _ = task.await;
+            let _ = request.task.await;
         }
     }
 
     /// [`release`](Attempt::release), giving up after `limit`: in-flight
-    /// requests still running then are aborted (a warning names the attempt).
+    /// requests still waiting for their value then are aborted (a warning
+    /// names the attempt).
+    ///
+    /// Giving up stops the waiting, not the releasing: release actions not
+    /// finished by then keep running on their own task, each still counted in
+    /// the [`Ledger`] until it has finished, and so does the release of a late
+    /// value an in-flight request already produced.
     pub async fn release_within(&self, limit: Duration) {
         let aborts: Vec<_> = lock(&self.inner)
             .inflight
             .iter()
-            .map(JoinHandle::abort_handle)
+            .map(|r| r.abort.clone())
             .collect();
         if tokio::time::timeout(limit, self.release()).await.is_err() {
-            tracing::warn!(attempt = %lock(&self.inner).label, ?limit, "release did not finish in time; aborting in-flight requests");
+            tracing::warn!(attempt = %lock(&self.inner).label, ?limit, "release did not finish in time; aborting in-flight requests, release actions go on detached");
             for a in aborts {
                 a.abort();
             }
@@ -418,17 +456,32 @@ impl Drop for AttemptInner {
             .rev()
             .map(|e| (e.release, e._lease))
             .collect();
-        run_detached(entries);
+        // Nobody waits for a destructor's releases.
+        drop(run_detached(entries));
     }
 }
 
-/// Runs release actions without waiting for them; each keeps its lease until done.
-fn run_detached(entries: Vec<(Release, Lease)>) {
+/// Runs release actions in order on a task of their own; each keeps its lease
+/// until its action has finished. The receiver hears when all have finished
+/// (an error: the task was dropped unrun); dropping it does not stop them.
+fn run_detached(entries: Vec<(Release, Lease)>) -> oneshot::Receiver<()> {
+    let (done_tx, done_rx) = oneshot::channel();
     let work = async move {
         for (release, lease) in entries {
-            release().await;
+            // A release action that panics loses its own resource, not the
+            // releases after it.
+            let kind = lease.kind();
+            if std::panic::AssertUnwindSafe(async move { release().await })
+                .catch_unwind()
+                .await
+                .is_err()
+            {
+                tracing::warn!(kind, "a release action panicked");
+            }
             drop(lease);
         }
+        // Nobody may be waiting any more.
+        let _ = done_tx.send(());
     };
     match tokio::runtime::Handle::try_current() {
         Ok(handle) => {
@@ -450,9 +503,14 @@ fn run_detached(entries: Vec<(Release, Lease)>) {
             }
         }
     }
+    done_rx
 }
 
 /// How [`retry`] paces and bounds its attempts.
+///
+/// Build it with struct update syntax from [`RetryPolicy::default`], then
+/// [`validate`](RetryPolicy::validate) it where it is configured; [`retry`]
+/// validates it again before its first attempt.
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {
     /// Attempts in all, the first included (at least 1).
@@ -463,7 +521,8 @@ pub struct RetryPolicy {
     pub initial_backoff: Duration,
     /// The pause never exceeds this.
     pub max_backoff: Duration,
-    /// Fraction of each pause drawn at random (0.0 = none, 1.0 = anywhere in 0..=pause).
+    /// Fraction of each pause drawn at random (0.0 = none, 1.0 = anywhere in
+    /// 0..=pause): a number from 0.0 to 1.0 (NaN and infinities are refused).
     pub jitter: f64,
     /// How long the release of a failed attempt may take before its in-flight
     /// requests are aborted.
@@ -491,15 +550,52 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
-    /// The pause after failed attempt number `attempt` (1-based), jitter included.
+    /// Checks the policy's values: every duration is valid (the arithmetic on
+    /// them saturates), `jitter` must be a number from 0.0 to 1.0.
+    ///
+    /// # Errors
+    /// [`FlowError::Config`] naming the field, the value and the limit.
+    pub fn validate(&self) -> Result<(), FlowError> {
+        if !(0.0..=1.0).contains(&self.jitter) {
+            return Err(FlowError::Config(format!(
+                "retry policy jitter {} must be a number from 0.0 to 1.0",
+                self.jitter
+            )));
+        }
+        Ok(())
+    }
+
+    /// The pause after failed attempt number `attempt` (1-based), jitter
+    /// included: `initial_backoff` doubled per failure, capped at
+    /// `max_backoff`, minus up to `jitter` of it.
+    ///
+    /// Never panics: the doubling saturates, any duration up to
+    /// `Duration::MAX` works, and a `jitter` that
+    /// [`validate`](RetryPolicy::validate) refuses is clamped to 0.0..=1.0
+    /// (NaN counts as 0.0).
     pub fn backoff(&self, attempt: u32) -> Duration {
         let exp = self
             .initial_backoff
             .saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1)));
         let base = exp.min(self.max_backoff);
-        let jitter = self.jitter.clamp(0.0, 1.0);
-        base.mul_f64(1.0 - jitter * fastrand::f64())
+        let jitter = if self.jitter.is_nan() {
+            0.0
+        } else {
+            self.jitter.clamp(0.0, 1.0)
+        };
+        scale_down(base, 1.0 - jitter * fastrand::f64())
     }
+}
+
+/// `d` times `factor` (a fraction from 0.0 to 1.0), never more than `d`.
+///
+/// `Duration::mul_f64` panics where the product, rounded to an `f64`, does not
+/// fit a `Duration`, which happens for `Duration::MAX` even times 1.0.
+fn scale_down(d: Duration, factor: f64) -> Duration {
+    if factor >= 1.0 || factor.is_nan() {
+        return d;
+    }
+    Duration::try_from_secs_f64(d.as_secs_f64() * factor.max(0.0)).map_or(d, |scaled| scaled.min(d))
 }
 
 /// Runs `op` until it succeeds, each attempt bounded by
@@ -510,8 +606,10 @@ impl RetryPolicy {
 /// attempt starts only once that release is complete**.
 ///
 /// # Errors
-/// An error that `policy.retry_if` rejects is returned at once; otherwise,
-/// after `max_attempts`, [`FlowError::RetriesExhausted`] with the last error.
+/// [`FlowError::Config`] before any attempt if `policy` is invalid (see
+/// [`RetryPolicy::validate`]). An error that `policy.retry_if` rejects is
+/// returned at once; otherwise, after `max_attempts`,
+/// [`FlowError::RetriesExhausted`] with the last error.
 ///
 /// ```
 /// use std::time::Duration;
@@ -542,6 +640,7 @@ where
     F: FnMut(Attempt) -> Fut,
     Fut: Future<Output = Result<T, FlowError>>,
 {
+    policy.validate()?;
     let max = policy.max_attempts.max(1);
     let mut n = 0;
     loop {

@@ -14,7 +14,10 @@
 //! source has ready into the freed places, so jobs keep running while the
 //! consumer is away. The workers are at most `concurrency` long-lived
 //! tasks on tokio's blocking pool: each takes jobs from the queue until it is
-//! empty, then returns its thread to the pool. A finished job wakes the
+//! empty, then returns its thread to the pool. A worker finds the queue empty
+//! and counts itself out in one critical section, so a job queued at that
+//! moment either is taken by it or finds one worker fewer and spawns another
+//! (`tests/loom_offload.rs` models this hand-off). A finished job wakes the
 //! consumer only when its result is the next one to emit.
 //!
 //! The `core.offload` bench measured the former design (one `spawn_blocking`
@@ -27,13 +30,14 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 
 use async_trait::async_trait;
 use futures::FutureExt;
 
 use crate::gate::GateState;
+use crate::sync::{self, Mutex, MutexGuard};
+use crate::weighted::charge_of;
 use crate::{FlowError, FlowStats, Source, Watermarks, Weighted};
 
 /// Limits of an [`ordered`] stage.
@@ -43,7 +47,9 @@ pub struct Offload {
     /// times as many items: running, queued for a worker, or finished and not
     /// yet emitted.
     pub concurrency: usize,
-    /// Input bytes in flight, at most (one item may overshoot it).
+    /// Input bytes in flight, at most (one item may overshoot it). Each item
+    /// is charged [`charge_of`] it: its weight, and at least
+    /// [`MIN_CHARGE`](crate::weighted::MIN_CHARGE).
     pub max_inflight_bytes: usize,
 }
 
@@ -61,11 +67,13 @@ impl Default for Offload {
 /// input order.
 ///
 /// # Backpressure
-/// An item's input weight is charged when the stage takes it from `src` and
-/// credited when its result is emitted. The stage takes no new item while it
-/// holds `32 * concurrency` items (running, queued for a worker, or finished and
-/// not yet emitted) or more than `max_inflight_bytes`, so a slow consumer stops
-/// the stage from taking more input; at most `concurrency` jobs run at once.
+/// An item's charge (its input weight, and at least
+/// [`MIN_CHARGE`](crate::weighted::MIN_CHARGE), see [`charge_of`]) is charged
+/// when the stage takes it from `src` and credited when its result is
+/// emitted. The stage takes no new item while it holds `32 * concurrency`
+/// items (running, queued for a worker, or finished and not yet emitted) or
+/// more than `max_inflight_bytes`, so a slow consumer stops the stage from
+/// taking more input; at most `concurrency` jobs run at once.
 /// Queued jobs keep running while the consumer is away: a worker that finishes
 /// one takes the next without waiting for `recv`.
 ///
@@ -115,9 +123,9 @@ where
     );
     Ordered {
         src,
-        f: Arc::new(f),
+        f: std::sync::Arc::new(f),
         concurrency: limits.concurrency.max(1),
-        shared: Arc::new(Shared {
+        shared: sync::Arc::new(Shared {
             state: Mutex::new(State {
                 queue: VecDeque::new(),
                 results: VecDeque::new(),
@@ -182,7 +190,7 @@ impl<Out> Shared<Out> {
     /// The state; a panic while it was locked left it consistent (no user code
     /// runs under the lock), so a poisoned lock is used as is.
     fn lock(&self) -> MutexGuard<'_, State<Out>> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        sync::lock(&self.state)
     }
 }
 
@@ -203,10 +211,10 @@ impl<Out> fmt::Debug for Shared<Out> {
 #[derive(Debug)]
 pub struct Ordered<S, F, Out> {
     src: S,
-    f: Arc<F>,
+    f: std::sync::Arc<F>,
     concurrency: usize,
-    shared: Arc<Shared<Out>>,
-    /// Input weight of every item held, from the head on.
+    shared: sync::Arc<Shared<Out>>,
+    /// The charge of every item held, from the head on.
     weights: VecDeque<usize>,
     /// Sequence number of the next item taken from `src`.
     next_seq: u64,
@@ -223,25 +231,30 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "non-string panic payload".to_owned())
 }
 
-/// Counts a worker out when it returns, or when it is dropped unrun.
+/// Counts a worker out if it is dropped unrun (the pool is shutting down).
+///
+/// A worker that ran counts itself out in [`work`], in the same critical
+/// section in which it finds no job left: were it counted out later, under a
+/// second lock, a job queued in between would find `concurrency` workers
+/// counted, spawn none, and wait forever for a worker that is gone.
 struct WorkerGuard<Out> {
-    shared: Arc<Shared<Out>>,
-    ran: bool,
+    shared: sync::Arc<Shared<Out>>,
+    /// Still counted in `workers`.
+    counted: bool,
 }
 
 impl<Out> Drop for WorkerGuard<Out> {
     fn drop(&mut self) {
+        if !self.counted {
+            return;
+        }
         let waker = {
             let mut st = self.shared.lock();
             st.workers -= 1;
-            if self.ran {
-                None
-            } else {
-                // The pool dropped this worker unrun: tell the consumer, who
-                // would otherwise wait for queued jobs no worker will take.
-                st.cancelled = true;
-                st.waker.take()
-            }
+            // The pool dropped this worker unrun: tell the consumer, who
+            // would otherwise wait for queued jobs no worker will take.
+            st.cancelled = true;
+            st.waker.take()
         };
         if let Some(w) = waker {
             w.wake();
@@ -250,23 +263,33 @@ impl<Out> Drop for WorkerGuard<Out> {
 }
 
 /// A worker: runs queued jobs until the queue is empty or the stage is gone.
+///
+/// It decides to return and counts itself out of `workers` under one lock, so
+/// [`Ordered::start`] either sees it counted and its job is taken by it, or
+/// sees it gone and spawns another worker.
 fn work<Out>(mut guard: WorkerGuard<Out>) {
-    guard.ran = true;
+    // Every way out counts the worker out under the lock in which it decided
+    // to leave; `f` runs outside the lock, inside `catch_unwind`.
+    let mut st = guard.shared.lock();
     loop {
-        let (seq, job) = {
-            let mut st = guard.shared.lock();
-            if st.closed {
-                return;
-            }
-            match st.queue.pop_front() {
-                Some(next) => next,
-                None => return,
-            }
+        let next = if st.closed {
+            None
+        } else {
+            st.queue.pop_front()
         };
+        let Some((seq, job)) = next else {
+            st.workers -= 1;
+            guard.counted = false;
+            return;
+        };
+        drop(st);
         let done = catch_unwind(AssertUnwindSafe(job)).map_err(|p| panic_message(&*p));
-        let mut st = guard.shared.lock();
+        st = guard.shared.lock();
         if st.closed {
+            st.workers -= 1;
+            guard.counted = false;
             drop(st);
+            // Dropped outside the lock: a result's drop may be slow.
             drop(done);
             return;
         }
@@ -275,10 +298,13 @@ fn work<Out>(mut guard: WorkerGuard<Out>) {
         if let Some(slot) = st.results.get_mut(at) {
             *slot = Some(done);
         }
-        let waker = if at == 0 { st.waker.take() } else { None };
-        drop(st);
-        if let Some(w) = waker {
+        if at == 0
+            && let Some(w) = st.waker.take()
+        {
+            // Woken outside the lock, which is taken again for the next job.
+            drop(st);
             w.wake();
+            st = guard.shared.lock();
         }
     }
 }
@@ -304,9 +330,9 @@ where
 
     /// Queues `item`'s job and spawns a worker if fewer than `concurrency` run.
     fn start(&mut self, item: S::Item) {
-        let weight = item.weight();
-        self.gate.charge(weight);
-        self.weights.push_back(weight);
+        let charge = charge_of(&item);
+        self.gate.charge(charge);
+        self.weights.push_back(charge);
         let seq = self.next_seq;
         self.next_seq += 1;
         let f = self.f.clone();
@@ -325,10 +351,9 @@ where
         if spawn {
             let guard = WorkerGuard {
                 shared: self.shared.clone(),
-                ran: false,
+                counted: true,
             };
-            // The handle is not needed: the worker reports through `shared`.
-            drop(tokio::task::spawn_blocking(move || work(guard)));
+            spawn_worker(move || work(guard));
         }
     }
 
@@ -353,13 +378,27 @@ where
         }
     }
 
-    /// Credits the head's input weight once its result is emitted.
+    /// Credits the head's charge once its result is emitted.
     fn emitted(&mut self, done: Done<Out>) -> Result<Option<Out>, FlowError> {
-        if let Some(weight) = self.weights.pop_front() {
-            drop(self.gate.credit(weight));
+        if let Some(charge) = self.weights.pop_front() {
+            drop(self.gate.credit(charge));
         }
         done.map(Some).map_err(FlowError::Panicked)
     }
+}
+
+/// Runs a worker on tokio's blocking pool. The handle is not needed: the
+/// worker reports through the shared state.
+#[cfg(not(flowctl_loom))]
+fn spawn_worker(worker: impl FnOnce() + Send + 'static) {
+    drop(tokio::task::spawn_blocking(worker));
+}
+
+/// Runs a worker on a loom thread, so the loom models explore every
+/// interleaving of the workers and the stage.
+#[cfg(flowctl_loom)]
+fn spawn_worker(worker: impl FnOnce() + Send + 'static) {
+    drop(loom::thread::spawn(worker));
 }
 
 /// The head result if it is there; otherwise registers `cx` for it.

@@ -249,3 +249,260 @@ async fn ledger_spawn_counts_a_task_until_it_ends() {
     assert_eq!(ledger.live("task"), 0);
     assert!(ledger.snapshot().is_empty());
 }
+
+/// A release action that reports `name` when it starts and finishes only once
+/// `gate` opens (or its sender is dropped).
+fn gated(
+    name: &'static str,
+    entered: &tokio::sync::mpsc::UnboundedSender<&'static str>,
+    gate: oneshot::Receiver<()>,
+) -> impl FnOnce() -> futures::future::BoxFuture<'static, ()> + Send + 'static {
+    let entered = entered.clone();
+    move || {
+        Box::pin(async move {
+            let _ = entered.send(name);
+            let _ = gate.await;
+        })
+    }
+}
+
+/// Waits for the next release action to start. A hang detector only: under
+/// paused time it fires as soon as nothing else can run.
+async fn next_entered(
+    entered: &mut tokio::sync::mpsc::UnboundedReceiver<&'static str>,
+) -> Option<&'static str> {
+    tokio::time::timeout(Duration::from_secs(3600), entered.recv())
+        .await
+        .expect("no release action started, and none can")
+}
+
+/// The ledger counts `sub` twice while "b" runs and "a" waits, once while "a"
+/// runs, and zero only after both have finished.
+async fn both_releases_run_and_stay_counted(
+    ledger: &Ledger,
+    entered: &mut tokio::sync::mpsc::UnboundedReceiver<&'static str>,
+    open_a: oneshot::Sender<()>,
+    open_b: oneshot::Sender<()>,
+) {
+    assert_eq!(
+        ledger.live("sub"),
+        2,
+        "the ledger must count both resources while their releases are pending"
+    );
+    open_b.send(()).unwrap();
+    assert_eq!(
+        next_entered(entered).await,
+        Some("a"),
+        "the second release never ran"
+    );
+    assert_eq!(ledger.live("sub"), 1, "\"b\" finished, \"a\" is running");
+    open_a.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(3600), ledger.until_zero(Some("sub")))
+        .await
+        .expect("both releases finished: nothing is live");
+}
+
+/// Issue 15 item 2: `release_within` gives up on a slow release action; the
+/// actions not finished by then still run, and each resource stays counted
+/// until its action has finished.
+#[tokio::test(start_paused = true)]
+async fn release_within_timeout_still_runs_and_counts_every_release() {
+    let ledger = Ledger::new();
+    let attempt = Attempt::new("connect", &ledger);
+    let (entered_tx, mut entered) = tokio::sync::mpsc::unbounded_channel();
+    let (open_a, a_gate) = oneshot::channel();
+    let (open_b, b_gate) = oneshot::channel();
+    // Released last owned first: "b" (slow) before "a".
+    attempt.own("sub", gated("a", &entered_tx, a_gate)).unwrap();
+    attempt.own("sub", gated("b", &entered_tx, b_gate)).unwrap();
+    drop(entered_tx);
+    // "b" cannot finish before its gate opens: the limit always passes first.
+    attempt.release_within(Duration::from_secs(1)).await;
+    assert_eq!(next_entered(&mut entered).await, Some("b"));
+    both_releases_run_and_stay_counted(&ledger, &mut entered, open_a, open_b).await;
+    // Releasing again finds nothing left to release.
+    attempt.release().await;
+    assert_eq!(ledger.total(), 0);
+}
+
+/// Issue 15 item 2: a `retry` dropped while it releases a failed attempt: the
+/// release actions still run, each counted until it has finished.
+#[tokio::test(start_paused = true)]
+async fn a_retry_dropped_mid_release_still_runs_and_counts_every_release() {
+    let ledger = Ledger::new();
+    let policy = RetryPolicy {
+        ledger: ledger.clone(),
+        release_timeout: Duration::from_secs(60),
+        ..RetryPolicy::default()
+    };
+    let (entered_tx, mut entered) = tokio::sync::mpsc::unbounded_channel();
+    let (open_a, a_gate) = oneshot::channel();
+    let (open_b, b_gate) = oneshot::channel();
+    let mut gates = Some((a_gate, b_gate));
+    let retrying = retry(&policy, |attempt| {
+        let gates = gates.take();
+        let entered_tx = entered_tx.clone();
+        async move {
+            let (a_gate, b_gate) = gates.expect("one attempt only: it is dropped mid-release");
+            attempt.own("sub", gated("a", &entered_tx, a_gate))?;
+            attempt.own("sub", gated("b", &entered_tx, b_gate))?;
+            Err::<(), _>(FlowError::Timeout(Duration::from_millis(1)))
+        }
+    });
+    tokio::select! {
+        r = retrying => panic!("retry ended while a release action was blocked: {r:?}"),
+        first = entered.recv() => assert_eq!(first, Some("b")),
+    }
+    // The retry future is gone, mid-release.
+    drop(entered_tx);
+    both_releases_run_and_stay_counted(&ledger, &mut entered, open_a, open_b).await;
+}
+
+/// An in-flight request aborted by `release_within` drops its lease; a value
+/// it already produced is released to the end even though the limit passed.
+#[tokio::test(start_paused = true)]
+async fn release_within_aborts_a_waiting_request_but_not_a_late_release() {
+    let ledger = Ledger::new();
+    let attempt = Attempt::new("connect", &ledger);
+    // A request that never answers.
+    let never = attempt.inflight(
+        "sub",
+        std::future::pending::<Result<u32, FlowError>>(),
+        |_| async {},
+    );
+    // A request that answers at once; its value's release blocks until opened.
+    let (open, gate) = oneshot::channel::<()>();
+    let (released_tx, released_rx) = oneshot::channel();
+    let answered = attempt.inflight("sub", async { Ok(7u32) }, move |v| async move {
+        let _ = gate.await;
+        let _ = released_tx.send(v);
+    });
+    // Dropped before its request has run: its value will come late.
+    drop(answered);
+    attempt.release_within(Duration::from_secs(1)).await;
+    // The waiting request was aborted (its lease goes before its reply
+    // channel); the late value is still being released.
+    assert!(matches!(never.await, Err(FlowError::Closed)));
+    assert_eq!(ledger.live("sub"), 1);
+    open.send(()).unwrap();
+    assert_eq!(released_rx.await.unwrap(), 7);
+    tokio::time::timeout(Duration::from_secs(3600), ledger.until_zero(Some("sub")))
+        .await
+        .expect("the late release finished: nothing is live");
+}
+
+/// Issue 15, also fix: a jitter that is not a fraction from 0.0 to 1.0 is a
+/// configuration error naming the field and the limit, and `retry` refuses
+/// it before its first attempt.
+#[tokio::test]
+async fn retry_policy_rejects_a_jitter_outside_zero_to_one() {
+    for jitter in [
+        f64::NAN,
+        -0.5,
+        -0.0001,
+        1.5,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+    ] {
+        let policy = RetryPolicy {
+            jitter,
+            ledger: Ledger::new(),
+            ..RetryPolicy::default()
+        };
+        let err = policy.validate().unwrap_err();
+        assert!(matches!(err, FlowError::Config(_)), "{jitter}: {err:?}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("jitter") && msg.contains("0.0 to 1.0"),
+            "{jitter}: {msg}"
+        );
+        let mut calls = 0;
+        let refused = retry(&policy, |_| {
+            calls += 1;
+            async { Ok(()) }
+        })
+        .await
+        .unwrap_err();
+        assert_eq!(refused.to_string(), msg);
+        assert_eq!(calls, 0, "no attempt runs under an invalid policy");
+    }
+    for jitter in [0.0, 0.5, 1.0] {
+        let policy = RetryPolicy {
+            jitter,
+            ..RetryPolicy::default()
+        };
+        policy.validate().unwrap();
+    }
+}
+
+/// Issue 15, also fix: `backoff` is total: a NaN, negative or infinite jitter
+/// (a policy `validate` would refuse) and pauses near `Duration::MAX` give a
+/// pause within `0..=max_backoff` instead of a panic.
+#[test]
+fn backoff_never_panics_and_stays_within_max_backoff() {
+    for jitter in [
+        f64::NAN,
+        -1.0,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+        0.0,
+        0.5,
+        1.0,
+    ] {
+        for (initial, max) in [
+            (Duration::MAX, Duration::MAX),
+            (Duration::from_secs(1), Duration::MAX),
+            (Duration::MAX, Duration::from_secs(u64::MAX / 2)),
+            (Duration::from_millis(100), Duration::from_secs(5)),
+        ] {
+            let policy = RetryPolicy {
+                initial_backoff: initial,
+                max_backoff: max,
+                jitter,
+                ..RetryPolicy::default()
+            };
+            for attempt in [0, 1, 2, 63, 64, 65, u32::MAX] {
+                let pause = policy.backoff(attempt);
+                assert!(
+                    pause <= max,
+                    "{jitter} {initial:?} {max:?} {attempt}: {pause:?}"
+                );
+            }
+        }
+    }
+    // Without jitter the capped pause is exact, even at `Duration::MAX`.
+    let policy = RetryPolicy {
+        initial_backoff: Duration::MAX,
+        max_backoff: Duration::MAX,
+        jitter: 0.0,
+        ..RetryPolicy::default()
+    };
+    assert_eq!(policy.backoff(1), Duration::MAX);
+    assert_eq!(policy.backoff(u32::MAX), Duration::MAX);
+    // A NaN jitter counts as none.
+    let policy = RetryPolicy {
+        initial_backoff: Duration::from_secs(3),
+        max_backoff: Duration::from_secs(3),
+        jitter: f64::NAN,
+        ..RetryPolicy::default()
+    };
+    assert_eq!(policy.backoff(1), Duration::from_secs(3));
+}
+
+/// A policy whose pauses and timeouts are `Duration::MAX` is valid, and
+/// `retry` runs under it (its timers saturate instead of overflowing).
+#[tokio::test]
+async fn retry_runs_under_duration_max_limits() {
+    let policy = RetryPolicy {
+        max_attempts: 1,
+        attempt_timeout: Duration::MAX,
+        initial_backoff: Duration::MAX,
+        max_backoff: Duration::MAX,
+        release_timeout: Duration::MAX,
+        ledger: Ledger::new(),
+        ..RetryPolicy::default()
+    };
+    policy.validate().unwrap();
+    let value = retry(&policy, |_| async { Ok(5) }).await.unwrap();
+    assert_eq!(value, 5);
+}

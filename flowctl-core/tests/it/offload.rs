@@ -3,6 +3,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use flowctl_core::offload::{Offload, ordered};
+use flowctl_core::weighted::{MIN_CHARGE, charge_of};
 use flowctl_core::{FlowError, Source, Watermarks, Weighted, pipe};
 use tokio::sync::{Notify, mpsc};
 
@@ -239,7 +240,13 @@ async fn jobs_keep_running_while_the_consumer_is_away_up_to_32_per_allowed_job()
         "at most `concurrency` ran at once"
     );
     let s = out.stats();
-    assert_eq!(s.buffered, (taken - 1) * 8, "the results held are charged");
+    // Each 8-byte item is charged `MIN_CHARGE` (64 bytes), its charge floor.
+    assert_eq!(
+        s.buffered,
+        (taken - 1) * charge_of(&payload(0, 8)),
+        "the results held are charged"
+    );
+    assert_eq!(charge_of(&payload(0, 8)), MIN_CHARGE);
     // Every item comes out once, in order, and the charge goes back to zero.
     for i in 1..100 {
         assert_eq!(out.recv().await.unwrap(), Some(i));
@@ -274,6 +281,29 @@ async fn jobs_running_ahead_stop_at_max_inflight_bytes_plus_one_item() {
     let s = out.stats();
     assert_eq!(s.buffered, 0);
     assert!(s.max_buffered <= 3 * ITEM + ITEM, "{s:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offload_charges_light_items_at_least_min_charge() {
+    // 8-byte items against a limit of three minimum charges: charged by weight
+    // the stage would take 25 of them before stopping; charged `MIN_CHARGE`
+    // each it stops after the fourth, as it does for heavy items.
+    let limits = Offload {
+        concurrency: 2,
+        max_inflight_bytes: 3 * MIN_CHARGE,
+    };
+    let (mut out, taken, _peak) = run_ahead(limits, 8, 3).await;
+    let taken = taken.load(Ordering::SeqCst);
+    assert!((4..=5).contains(&taken), "{taken} items taken");
+    let s = out.stats();
+    assert_eq!(s.buffered, (taken - 1) * MIN_CHARGE);
+    assert!(s.max_buffered <= 3 * MIN_CHARGE + MIN_CHARGE, "{s:?}");
+    for i in 1..100 {
+        assert_eq!(out.recv().await.unwrap(), Some(i));
+    }
+    assert_eq!(out.recv().await.unwrap(), None);
+    // Every charge was credited back.
+    assert_eq!(out.stats().buffered, 0);
 }
 
 /// An item or result that counts itself while alive.
@@ -427,4 +457,170 @@ fn a_job_no_worker_will_run_is_an_error_in_its_place() {
         assert_eq!(out.recv().await.unwrap(), None);
         assert_eq!(out.stats().buffered, 0);
     });
+}
+
+/// Items 0..`n` of which the next one becomes available only once the job of
+/// the previous one has finished: each job releases one permit on its way out.
+struct Trickle {
+    next: u32,
+    n: u32,
+    permits: Arc<tokio::sync::Semaphore>,
+}
+
+#[async_trait::async_trait]
+impl Source for Trickle {
+    type Item = Bytes;
+    async fn recv(&mut self) -> Result<Option<Bytes>, FlowError> {
+        if self.next == self.n {
+            return Ok(None);
+        }
+        self.permits
+            .acquire()
+            .await
+            .map_err(|_| FlowError::Closed)?
+            .forget();
+        self.next += 1;
+        Ok(Some(payload(self.next - 1, 8)))
+    }
+    fn stats(&self) -> flowctl_core::FlowStats {
+        flowctl_core::FlowStats::empty(Watermarks::default())
+    }
+}
+
+/// One stage of one allowed job over a [`Trickle`] of `n` items: every
+/// result arrives, in order. Panics naming the stranded item if the stage
+/// stalls.
+async fn trickle_through_one_worker(n: u32) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(1));
+    let started = Arc::new(AtomicUsize::new(0));
+    let src = Trickle {
+        next: 0,
+        n,
+        permits: permits.clone(),
+    };
+    let limits = Offload {
+        concurrency: 1,
+        max_inflight_bytes: 1 << 20,
+    };
+    let s = started.clone();
+    let mut out = ordered(src, limits, move |b: Bytes| {
+        s.fetch_add(1, Ordering::SeqCst);
+        permits.add_permits(1);
+        seq_of(&b)
+    });
+    for k in 0..n {
+        // A hang detector only: a correct stage returns each result as soon as
+        // its job has run, and no job waits for anything but the previous one.
+        match tokio::time::timeout(std::time::Duration::from_secs(10), out.recv()).await {
+            Ok(got) => assert_eq!(got.unwrap(), Some(k)),
+            Err(_) => {
+                let ran = started.load(Ordering::SeqCst);
+                if ran == k as usize {
+                    panic!(
+                        "stalled: {k} of {n} results after 10s: item {k} was queued but no worker ran it"
+                    );
+                }
+                panic!("stalled: {k} of {n} results after 10s ({ran} jobs started)");
+            }
+        }
+    }
+    assert_eq!(out.recv().await.unwrap(), None);
+    assert_eq!(out.stats().buffered, 0);
+}
+
+/// Issue 15 item 1: a worker that found the queue empty must not be counted as
+/// running once it has decided to return, or a job queued in between is
+/// stranded with no worker. With one allowed job and a source that yields the
+/// next item only when the previous job is done, every job is queued while
+/// the last worker may be on its way out; several stages at once on two
+/// runtime threads make the workers lose their CPU at any point.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offload_never_strands_a_queued_job_without_a_worker() {
+    const STAGES: usize = 8;
+    const N: u32 = 10_000;
+    let stages: Vec<_> = (0..STAGES)
+        .map(|_| tokio::spawn(trickle_through_one_worker(N)))
+        .collect();
+    for stage in stages {
+        if let Err(e) = stage.await {
+            std::panic::resume_unwind(e.into_panic());
+        }
+    }
+}
+
+/// An item of the property test: its position, its weight and how much work
+/// its job does.
+#[derive(Debug, Clone, Copy)]
+struct Sized {
+    seq: u32,
+    size: usize,
+    rounds: u32,
+}
+
+impl Weighted for Sized {
+    fn weight(&self) -> usize {
+        self.size
+    }
+}
+
+/// One runtime for every case: a fresh runtime per case would start new
+/// blocking-pool threads each time.
+fn prop_runtime() -> &'static tokio::runtime::Runtime {
+    static RT: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .unwrap()
+    })
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(10_000))]
+
+    /// For any job costs, item sizes (empty ones included), limits and
+    /// consumer pace: every result comes out once, in input order, and the
+    /// bytes charged never exceed `max_inflight_bytes` plus one item's charge.
+    #[test]
+    fn offload_keeps_input_order_and_the_inflight_bound(
+        concurrency in 1..=4usize,
+        max_inflight in 1..2_000usize,
+        items in proptest::collection::vec((0..600usize, 0..40u32, proptest::bool::ANY), 0..40),
+    ) {
+        let jobs: Vec<Sized> = items
+            .iter()
+            .enumerate()
+            .map(|(i, &(size, rounds, _))| Sized { seq: u32::try_from(i).unwrap(), size, rounds })
+            .collect();
+        let largest = jobs.iter().map(charge_of).max().unwrap_or(0);
+        let pauses: Vec<bool> = items.iter().map(|&(_, _, pause)| pause).collect();
+        let limits = Offload { concurrency, max_inflight_bytes: max_inflight };
+        let (got, stats) = prop_runtime().block_on(async move {
+            let src = flowctl_core::compat::StreamSource::new(futures::stream::iter(jobs));
+            let mut out = ordered(src, limits, |j: Sized| {
+                std::hint::black_box(spin_hash(&j.seq.to_be_bytes(), j.rounds));
+                j.seq
+            });
+            let mut got = Vec::new();
+            for pause in pauses {
+                got.push(out.recv().await.unwrap());
+                if pause {
+                    // The consumer goes away for a moment; jobs run ahead.
+                    tokio::task::yield_now().await;
+                }
+            }
+            assert_eq!(out.recv().await.unwrap(), None);
+            (got, out.stats())
+        });
+        let want: Vec<Option<u32>> = (0..u32::try_from(items.len()).unwrap()).map(Some).collect();
+        proptest::prop_assert_eq!(got, want);
+        proptest::prop_assert_eq!(stats.buffered, 0);
+        proptest::prop_assert!(
+            stats.max_buffered <= max_inflight + largest,
+            "{} charged at most, limit {} + one item {}",
+            stats.max_buffered,
+            max_inflight,
+            largest
+        );
+    }
 }
