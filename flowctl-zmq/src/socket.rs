@@ -13,6 +13,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use flowctl_core::fair::Budget;
 use flowctl_core::gate::Gate;
+use flowctl_core::weighted::charge_of;
 use flowctl_core::{Fairness, FlowError, FlowStats, Sink, Source, Watermarks, Weighted};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::Notify;
@@ -291,7 +292,8 @@ impl Drop for LowerOnDrop<'_> {
 /// [`DEFAULT_EXPECTED_MESSAGE_SIZE`]). So libzmq's queue on each side holds
 /// about `high` bytes of messages of the expected size; larger messages make
 /// it hold proportionally more. The sink's own queue is charged in bytes to a
-/// [`Gate`] with the same watermarks.
+/// [`Gate`] with the same watermarks, each message at least
+/// [`MIN_CHARGE`](flowctl_core::weighted::MIN_CHARGE) bytes.
 #[derive(Debug, Clone)]
 pub struct SocketBuilder {
     kind: SocketType,
@@ -674,7 +676,10 @@ impl ZmqSocket {
 ///
 /// # Backpressure
 /// `start_send` hands the message to libzmq at once when libzmq takes it
-/// (below SNDHWM); otherwise it is queued here, charged in bytes. `ready`
+/// (below SNDHWM); otherwise it is queued here, charged in bytes: its
+/// [`weight`](Weighted::weight), and at least
+/// [`MIN_CHARGE`](flowctl_core::weighted::MIN_CHARGE) (64 bytes), so a queue
+/// of empty frames pauses too (at most `high / 64` + 1 of them). `ready`
 /// pushes the queue into libzmq (after a refusal, on every 32nd call, so a
 /// sender at the HWM does not pay a refused send per message; the queue goes
 /// into libzmq under one lock of the socket) and waits, while
@@ -737,26 +742,28 @@ impl ZmqSink {
         }
     }
 
-    /// Handles the outcome of a send attempt of `weight` bytes; true if the
-    /// message left our hands (the caller counts it as sent if `sent` is
-    /// [`Sent::Taken`]).
+    /// Handles the outcome of a send attempt; true if the message left our
+    /// hands (the caller counts it as sent if `sent` is [`Sent::Taken`]).
     #[inline]
-    fn account(core: &Core, sent: Sent, weight: usize) -> bool {
+    fn account(core: &Core, sent: Sent) -> bool {
         match sent {
             Sent::Taken => true,
             Sent::WouldBlock if core.kind == SocketType::Pub => {
                 core.counters.dropped.fetch_add(1, Ordering::Relaxed);
-                tracing::trace!(weight, "pub: subscriber at its HWM, message dropped");
+                tracing::trace!("pub: subscriber at its HWM, message dropped");
                 true
             }
             Sent::WouldBlock => false,
         }
     }
 
-    /// Charges a message of `weight` bytes put in the queue (see `uncharged`).
-    fn charge_queued(&mut self, weight: usize) {
-        self.queued_bytes += weight;
-        self.uncharged += weight;
+    /// Charges a message put in the queue: `charge` is its
+    /// [`charge_of`], at least `MIN_CHARGE` bytes even for empty frames, so
+    /// that the watermarks bound the number of queued messages too (see
+    /// `uncharged`).
+    fn charge_queued(&mut self, charge: usize) {
+        self.queued_bytes += charge;
+        self.uncharged += charge;
         if !self.paused && self.queued_bytes > self.wm.high() {
             self.paused = true;
             self.gate.charge(std::mem::take(&mut self.uncharged));
@@ -764,13 +771,14 @@ impl ZmqSink {
         }
     }
 
-    /// Credits `weight` bytes that left the queue.
-    fn credit_queued(&mut self, weight: usize) {
+    /// Credits `charge` bytes (the sum of [`charge_of`] of the messages)
+    /// that left the queue.
+    fn credit_queued(&mut self, charge: usize) {
         if self.uncharged > 0 {
             self.gate.charge(std::mem::take(&mut self.uncharged));
         }
-        self.queued_bytes -= weight;
-        self.gate.credit(weight);
+        self.queued_bytes -= charge;
+        self.gate.credit(charge);
         if self.paused && self.queued_bytes <= self.wm.low() {
             self.paused = false;
         }
@@ -795,10 +803,9 @@ impl ZmqSink {
             let mut guard = core.lock()?;
             let sock = guard.as_mut().ok_or(FlowError::Closed)?;
             for msg in &self.queue {
-                let weight = msg.weight();
                 match sock.try_send(msg) {
                     Ok(outcome) => {
-                        if !Self::account(&core, outcome, weight) {
+                        if !Self::account(&core, outcome) {
                             self.refused = 1;
                             break;
                         }
@@ -813,7 +820,7 @@ impl ZmqSink {
                         failed = Some(FlowError::from(e));
                     }
                 }
-                credit += weight;
+                credit += charge_of(msg);
                 moved += 1;
                 if failed.is_some() {
                     break;
@@ -979,9 +986,10 @@ impl ZmqSink {
                     break;
                 }
                 let weight = item.weight();
+                let charge = charge_of(item);
                 if let Some(sock) = sock.as_deref_mut() {
                     match sock.try_send(item) {
-                        Ok(outcome) if Self::account(&core, outcome, weight) => {
+                        Ok(outcome) if Self::account(&core, outcome) => {
                             if outcome == Sent::Taken {
                                 direct += 1;
                             }
@@ -998,11 +1006,11 @@ impl ZmqSink {
                         }
                     }
                 } else {
-                    self.charge_queued(weight);
+                    self.charge_queued(charge);
                 }
                 self.items += 1;
                 self.bytes += weight as u64;
-                self.budget.charge(weight);
+                self.budget.charge(charge);
                 taken += 1;
             }
         }
@@ -1088,26 +1096,27 @@ impl Sink for ZmqSink {
             return Err(ZmqError::EmptyMessage.into());
         }
         let weight = item.weight();
+        let charge = charge_of(&item);
         if self.queue.is_empty() {
             // Fast path: straight into libzmq, nothing buffered here.
             let sent = core.try_send(&item)?;
-            if Self::account(core, sent, weight) {
+            if Self::account(core, sent) {
                 if sent == Sent::Taken {
                     core.counters.sent.fetch_add(1, Ordering::Relaxed);
                 }
                 self.items += 1;
                 self.bytes += weight as u64;
-                self.budget.charge(weight);
+                self.budget.charge(charge);
                 return Ok(());
             }
         }
         if self.queue.is_empty() {
             self.refused = 1;
         }
-        self.charge_queued(weight);
+        self.charge_queued(charge);
         self.items += 1;
         self.bytes += weight as u64;
-        self.budget.charge(weight);
+        self.budget.charge(charge);
         self.queue.push_back(item);
         Ok(())
     }
@@ -1318,7 +1327,7 @@ impl ZmqSource {
     #[inline]
     fn accept(&mut self, msg: &Multipart) -> Result<(), FlowError> {
         let weight = msg.weight();
-        self.budget.charge(weight);
+        self.budget.charge(charge_of(msg));
         if let Some(expected) = self.frames
             && msg.len() != expected
         {
