@@ -398,6 +398,33 @@ impl RawSocket {
         Ok(usize::try_from(v).ok().filter(|&b| b > 0))
     }
 
+    /// `ZMQ_MAXMSGSIZE`: the largest frame a peer may send, in bytes;
+    /// `None` = no limit (libzmq's -1). libzmq checks a frame's announced
+    /// size before it allocates the frame and drops the connection of a
+    /// peer that announces more.
+    pub(crate) fn set_maxmsgsize(&self, bytes: Option<usize>) -> Result<(), ZmqError> {
+        let v = match bytes {
+            None => -1,
+            Some(b) => i64::try_from(b).map_err(|_| ZmqError::InvalidOption {
+                option: "max_message_size".into(),
+                value: b.to_string(),
+                reason: format!("must be at most {}", i64::MAX),
+            })?,
+        };
+        self.sock
+            .set_maxmsgsize(v)
+            .map_err(op_err("set ZMQ_MAXMSGSIZE"))
+    }
+
+    /// `ZMQ_MAXMSGSIZE`; `None` for no limit.
+    pub(crate) fn maxmsgsize(&self) -> Result<Option<usize>, ZmqError> {
+        let v = self
+            .sock
+            .get_maxmsgsize()
+            .map_err(op_err("get ZMQ_MAXMSGSIZE"))?;
+        Ok(usize::try_from(v).ok())
+    }
+
     /// `None` = wait forever (libzmq's -1).
     pub(crate) fn set_linger(&self, linger: Option<Duration>) -> Result<(), ZmqError> {
         let ms = match linger {

@@ -103,6 +103,14 @@
 //! into `EAGAIN`). A source holds no message, so its `stats().buffered` is 0:
 //! libzmq's receive queue (up to RCVHWM messages) is not ours to count.
 //!
+//! RCVHWM counts messages, not bytes, and libzmq allocates a received frame
+//! at the size its header announces: without a limit, one peer announcing a
+//! 16 GiB frame makes the process allocate it. [`SocketBuilder`] therefore
+//! always sets `ZMQ_MAXMSGSIZE` ([`SocketBuilder::max_message_size`]; by
+//! default the largest of `high`, the expected message size and
+//! [`MIN_DEFAULT_MAX_MESSAGE_SIZE`], 1 MiB): libzmq drops the connection of
+//! a peer that announces a larger frame before allocating anything.
+//!
 //! The kernel's socket buffers sit outside all of these bounds, and with
 //! small messages they hold far more than the HWMs (Linux autotunes TCP
 //! buffers up to megabytes), which makes them most of a loaded link's
@@ -216,8 +224,8 @@ pub use backend::SocketType;
 pub use error::ZmqError;
 pub use multipart::Multipart;
 pub use socket::{
-    Context, DEFAULT_EXPECTED_MESSAGE_SIZE, DEFAULT_LINGER, SocketBuilder, ZmqSink, ZmqSocket,
-    ZmqSource, ZmqStats,
+    Context, DEFAULT_EXPECTED_MESSAGE_SIZE, DEFAULT_LINGER, MIN_DEFAULT_MAX_MESSAGE_SIZE,
+    SocketBuilder, ZmqSink, ZmqSocket, ZmqSource, ZmqStats,
 };
 
 /// The libzmq version this binary is linked to, as (major, minor, patch).

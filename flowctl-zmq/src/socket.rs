@@ -29,6 +29,11 @@ pub const DEFAULT_EXPECTED_MESSAGE_SIZE: usize = 1024;
 /// `ready` calls (or after waiting for room).
 const RETRY_EVERY: u32 = 32;
 
+/// The least default [`max_message_size`](SocketBuilder::max_message_size):
+/// 1 MiB. Unless set, the limit is the largest of the high watermark, the
+/// expected message size and this.
+pub const MIN_DEFAULT_MAX_MESSAGE_SIZE: usize = 1024 * 1024;
+
 /// The default linger of [`Sink::close`] and of a dropped socket: 30 s.
 pub const DEFAULT_LINGER: Duration = Duration::from_secs(30);
 
@@ -302,6 +307,8 @@ pub struct SocketBuilder {
     expected_size: usize,
     sndhwm: Option<usize>,
     rcvhwm: Option<usize>,
+    /// `None`: derived; `Some(None)`: no limit.
+    max_message_size: Option<Option<usize>>,
     linger: Option<Duration>,
     sndbuf: Option<usize>,
     rcvbuf: Option<usize>,
@@ -323,6 +330,7 @@ impl SocketBuilder {
             expected_size: DEFAULT_EXPECTED_MESSAGE_SIZE,
             sndhwm: None,
             rcvhwm: None,
+            max_message_size: None,
             linger: Some(DEFAULT_LINGER),
             sndbuf: None,
             rcvbuf: None,
@@ -362,6 +370,31 @@ impl SocketBuilder {
     /// Sets `ZMQ_RCVHWM` in messages (0 = unlimited, as in libzmq).
     pub fn recv_hwm(mut self, msgs: usize) -> Self {
         self.rcvhwm = Some(msgs);
+        self
+    }
+
+    /// The largest frame a peer may send to this socket (`ZMQ_MAXMSGSIZE`),
+    /// in bytes; `None` for no limit (libzmq's own default, not flowctl's).
+    ///
+    /// libzmq allocates a received frame at the size its header announces,
+    /// before the bytes arrive, and RCVHWM counts messages, not bytes: without
+    /// a limit a peer that announces a 16 GiB frame makes this process
+    /// allocate (and, as the bytes come, fill) 16 GiB. With a limit, libzmq
+    /// checks the announced size first and drops the connection of a peer
+    /// that exceeds it (silently: no error reaches `recv`; the messages that
+    /// peer sent before are delivered, and a connecting socket reconnects).
+    /// The limit is per frame; it does not apply to what this socket sends.
+    ///
+    /// Unset, it is the largest of the high [`watermark`](Self::watermarks),
+    /// the [`expected_message_size`](Self::expected_message_size) and
+    /// [`MIN_DEFAULT_MAX_MESSAGE_SIZE`] (1 MiB): 1 MiB with the defaults.
+    /// Raise it when peers legitimately send larger frames.
+    ///
+    /// # Errors
+    /// [`build`](Self::build) fails with [`ZmqError::InvalidOption`] for a
+    /// value above `i64::MAX`.
+    pub fn max_message_size(mut self, bytes: Option<usize>) -> Self {
+        self.max_message_size = Some(bytes);
         self
     }
 
@@ -446,7 +479,8 @@ impl SocketBuilder {
     }
 
     /// Sets an option by name, for configuration files: `send_hwm`,
-    /// `recv_hwm`, `expected_message_size`, `linger_ms` (`-1` = forever),
+    /// `recv_hwm`, `expected_message_size`, `max_message_size` (bytes, `-1`
+    /// = no limit), `linger_ms` (`-1` = forever),
     /// `send_buffer`, `recv_buffer` (bytes), `expect_frames`, `routing_id`,
     /// `subscribe`, `bind`, `connect`.
     ///
@@ -470,6 +504,16 @@ impl SocketBuilder {
             "send_buffer" => self.send_buffer(num()?),
             "recv_buffer" => self.recv_buffer(num()?),
             "expect_frames" => self.expect_frames(num()?),
+            "max_message_size" => {
+                if value == "-1" {
+                    self.max_message_size(None)
+                } else {
+                    let bytes = value
+                        .parse::<usize>()
+                        .map_err(|_| bad("expected bytes (>= 0) or -1 for no limit"))?;
+                    self.max_message_size(Some(bytes))
+                }
+            }
             "linger_ms" => {
                 if value == "-1" {
                     self.linger(None)
@@ -486,7 +530,7 @@ impl SocketBuilder {
             "connect" => self.connect(value),
             _ => {
                 return Err(bad(
-                    "unknown option (known: send_hwm, recv_hwm, expected_message_size, linger_ms, send_buffer, recv_buffer, expect_frames, routing_id, subscribe, bind, connect)",
+                    "unknown option (known: send_hwm, recv_hwm, expected_message_size, max_message_size, linger_ms, send_buffer, recv_buffer, expect_frames, routing_id, subscribe, bind, connect)",
                 ));
             }
         })
@@ -494,6 +538,18 @@ impl SocketBuilder {
 
     fn derived_hwm(&self) -> usize {
         self.wm.high().div_ceil(self.expected_size).max(1)
+    }
+
+    /// The `ZMQ_MAXMSGSIZE` this builder sets (see [`max_message_size`](Self::max_message_size)).
+    fn effective_max_message_size(&self) -> Option<usize> {
+        self.max_message_size.unwrap_or_else(|| {
+            Some(
+                self.wm
+                    .high()
+                    .max(self.expected_size)
+                    .max(MIN_DEFAULT_MAX_MESSAGE_SIZE),
+            )
+        })
     }
 
     /// Creates the socket, applies the options, binds and connects.
@@ -513,6 +569,8 @@ impl SocketBuilder {
         let hwm = self.derived_hwm();
         sock.set_sndhwm(self.sndhwm.unwrap_or(hwm))?;
         sock.set_rcvhwm(self.rcvhwm.unwrap_or(hwm))?;
+        let max_message_size = self.effective_max_message_size();
+        sock.set_maxmsgsize(max_message_size)?;
         sock.set_linger(self.linger)?;
         if let Some(bytes) = self.sndbuf {
             sock.set_sndbuf(bytes)?;
@@ -558,6 +616,7 @@ impl SocketBuilder {
             socket = self.kind.name(),
             ?endpoints,
             hwm,
+            ?max_message_size,
             "zmq socket ready"
         );
         let counters = Arc::new(Counters::default());
@@ -660,6 +719,15 @@ impl ZmqSocket {
     /// A failed `getsockopt` ([`ZmqError::Socket`]).
     pub fn send_buffer(&self) -> Result<Option<usize>, FlowError> {
         self.sink.core()?.with_sock(|s| s.sndbuf())
+    }
+
+    /// The largest frame a peer may send (`ZMQ_MAXMSGSIZE`, read back with
+    /// `getsockopt`); `None` = no limit. See [`SocketBuilder::max_message_size`].
+    ///
+    /// # Errors
+    /// A failed `getsockopt` ([`ZmqError::Socket`]).
+    pub fn max_message_size(&self) -> Result<Option<usize>, FlowError> {
+        self.sink.core()?.with_sock(|s| s.maxmsgsize())
     }
 
     /// The kernel receive buffer size (`ZMQ_RCVBUF`); `None` = the operating
@@ -1501,5 +1569,26 @@ mod tests {
         assert_eq!(b.expected_message_size(0).derived_hwm(), 1000);
         // Defaults: 512 KiB / 1 KiB.
         assert_eq!(SocketBuilder::new(SocketType::Pull).derived_hwm(), 512);
+    }
+
+    #[test]
+    fn max_message_size_defaults_to_high_or_expected_size_with_a_floor() {
+        let b = SocketBuilder::new(SocketType::Pull);
+        assert_eq!(
+            b.effective_max_message_size(),
+            Some(MIN_DEFAULT_MAX_MESSAGE_SIZE)
+        );
+        let wm = Watermarks::new(0, 8 << 20).unwrap();
+        let b = b.watermarks(wm);
+        assert_eq!(b.effective_max_message_size(), Some(8 << 20));
+        let b = b.expected_message_size(16 << 20);
+        assert_eq!(b.effective_max_message_size(), Some(16 << 20));
+        assert_eq!(
+            b.clone()
+                .max_message_size(Some(100))
+                .effective_max_message_size(),
+            Some(100)
+        );
+        assert_eq!(b.max_message_size(None).effective_max_message_size(), None);
     }
 }

@@ -19,6 +19,8 @@ mod bad_input;
 mod options;
 // Received frame sizes around the copy limits, kept intact while later ones arrive.
 mod frames;
+// A peer announcing a 2^34-byte frame is dropped at the header; nothing grows.
+mod max_message_size;
 // Send/Sync of the public types.
 mod send_sync;
 // Lost wake-ups: both directions at once, halves in different tasks and threads.
