@@ -341,6 +341,11 @@ pub(crate) struct RawSocket {
     scratch: RawMsg,
     /// The shared receive buffer of small frames (see [`SLAB_FRAME_LIMIT`]).
     slab: BytesMut,
+    /// Fault injection for unit tests: `events` fails with `ETERM`, as
+    /// libzmq's `ZMQ_EVENTS` does once the context is shutting down (a state
+    /// the `zmq` crate gives tests no handle to reach safely).
+    #[cfg(test)]
+    pub(crate) fail_events: bool,
 }
 
 impl std::fmt::Debug for RawSocket {
@@ -359,6 +364,8 @@ impl RawSocket {
             kind,
             scratch: RawMsg::new(),
             slab: BytesMut::new(),
+            #[cfg(test)]
+            fail_events: false,
         })
     }
 
@@ -527,6 +534,10 @@ impl RawSocket {
     /// Reads `ZMQ_EVENTS` (this processes pending commands and may consume the
     /// edge on the notification descriptor).
     pub(crate) fn events(&self) -> Result<Events, ZmqError> {
+        #[cfg(test)]
+        if self.fail_events {
+            return Err(op_err("get ZMQ_EVENTS")(zmq::Error::ETERM));
+        }
         let ev = self.sock.get_events().map_err(op_err("get ZMQ_EVENTS"))?;
         Ok(Events {
             readable: ev.contains(zmq::POLLIN),

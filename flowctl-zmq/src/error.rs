@@ -55,6 +55,23 @@ pub enum ZmqError {
         /// Frame 0 of the message.
         routing_id: Bytes,
     },
+    /// `close` gave up on messages the sink had accepted: they were dropped
+    /// without reaching libzmq (still queued when the flush failed or timed
+    /// out, or rejected by libzmq for good, e.g. unroutable). The messages
+    /// handed to libzmq before are not counted here.
+    #[error(
+        "close dropped {messages} accepted messages ({bytes} bytes) that never reached libzmq: {source}"
+    )]
+    Unsent {
+        /// How many messages were dropped.
+        messages: u64,
+        /// Their payload, in bytes (the sum of their frames' lengths).
+        bytes: u64,
+        /// Why the flush stopped: the first error it met (a
+        /// [`FlowError::Timeout`] of the linger, a [`ZmqError::Unroutable`], ...).
+        #[source]
+        source: FlowError,
+    },
     /// The operation does not exist for this socket type.
     #[error("{op} is not supported by a {socket} socket")]
     Unsupported {

@@ -124,7 +124,11 @@
 //! libzmq, closes the socket and, when the socket has its own context (the
 //! default), waits in `zmq_ctx_term` until libzmq has sent everything or the
 //! [linger](SocketBuilder::linger) has expired. Dropping a socket lingers in a
-//! background thread instead of blocking the runtime.
+//! background thread instead of blocking the runtime. A queued message
+//! libzmq rejects for good (unroutable) does not stop the flush; whatever
+//! `close` could not hand to libzmq (the linger expired, a message was
+//! rejected) is counted in [`ZmqError::Unsent`], and the sink's
+//! `stats().buffered` is 0 afterwards.
 //!
 //! [`ZmqSource::close`] closes the receiving half: later `recv` calls return
 //! [`FlowError::Closed`](flowctl_core::FlowError::Closed), and when the sink

@@ -173,20 +173,27 @@ impl Core {
     /// After a send or recv by `me`: if the other direction waits, re-check
     /// the events for it (the operation processed libzmq's commands and may
     /// have consumed its edge).
-    fn after_op(&self, me: Dir) -> Result<(), FlowError> {
+    ///
+    /// Never fails: the operation before it has already moved messages, and
+    /// an error here must not make the caller drop them or report them as
+    /// not sent. If the events cannot be read, the waiting direction is woken
+    /// anyway; its own next operation meets the error and returns it.
+    fn after_op(&self, me: Dir) {
         let other_waits = match me {
             Dir::In => self.waiting_out.load(Ordering::SeqCst),
             Dir::Out => self.waiting_in.load(Ordering::SeqCst),
         };
-        if other_waits {
-            self.events(Some(me))?;
+        if other_waits && self.events(Some(me)).is_err() {
+            match me {
+                Dir::In => self.notify_out.notify_one(),
+                Dir::Out => self.notify_in.notify_one(),
+            }
         }
-        Ok(())
     }
 
     fn try_send(&self, msg: &[Bytes]) -> Result<Sent, FlowError> {
         let sent = self.with_sock(|s| s.try_send(msg))?;
-        self.after_op(Dir::Out)?;
+        self.after_op(Dir::Out);
         Ok(sent)
     }
 
@@ -649,6 +656,7 @@ impl SocketBuilder {
                 uncharged: 0,
                 budget: Budget::new(self.fairness),
                 closed: false,
+                rejected: (0, 0),
             },
             source: ZmqSource {
                 core: Some(core),
@@ -800,6 +808,9 @@ pub struct ZmqSink {
     uncharged: usize,
     budget: Budget,
     closed: bool,
+    /// Queued messages libzmq rejected for good (dropped by `drain`), and
+    /// their payload bytes: what `close` counts as dropped besides the queue.
+    rejected: (u64, u64),
 }
 
 impl ZmqSink {
@@ -886,6 +897,8 @@ impl ZmqSink {
                         // unknown routing id): drop it and report, or every
                         // later call would fail on it again.
                         failed = Some(FlowError::from(e));
+                        self.rejected.0 += 1;
+                        self.rejected.1 += msg.weight() as u64;
                     }
                 }
                 credit += charge_of(msg);
@@ -907,12 +920,49 @@ impl ZmqSink {
         }
         // The sends processed libzmq's commands: re-check for the receiver
         // (also when a later message failed: the earlier ones were sent).
-        let rechecked = core.after_op(Dir::Out);
+        core.after_op(Dir::Out);
         if let Some(e) = failed {
             return Err(e);
         }
-        rechecked?;
         Ok(moved)
+    }
+
+    /// `flush` for `close`: a queued message libzmq rejects for good (dropped
+    /// by `drain`, counted in `rejected`) does not stop it, the messages
+    /// behind it still go. It stops when the queue is empty or at an error
+    /// that made no progress; the first error is left in `first`.
+    async fn flush_for_close(&mut self, first: &mut Option<FlowError>) {
+        loop {
+            let before = self.queue.len();
+            let step = match self.drain() {
+                Ok(_) if self.queue.is_empty() => return,
+                Ok(_) => self.wait_writable().await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = step {
+                first.get_or_insert(e);
+                if self.queue.len() >= before {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Drops every queued message (`close` gave up on them) and credits
+    /// their charge, so `buffered` returns to 0. Returns how many, and their
+    /// payload bytes.
+    fn discard_queue(&mut self) -> (u64, u64) {
+        let messages = self.queue.len() as u64;
+        let (mut charge, mut bytes) = (0, 0u64);
+        for msg in self.queue.drain(..) {
+            charge += charge_of(&msg);
+            bytes += msg.weight() as u64;
+        }
+        if charge > 0 {
+            self.credit_queued(charge);
+        }
+        self.refused = 0;
+        (messages, bytes)
     }
 
     /// Waits for libzmq to have room. `ZMQ_EVENTS` may say "writable" while a
@@ -1094,11 +1144,10 @@ impl ZmqSink {
             core.counters.sent.fetch_add(direct, Ordering::Relaxed);
         }
         // The sends processed libzmq's commands: re-check for the receiver.
-        let rechecked = core.after_op(Dir::Out);
+        core.after_op(Dir::Out);
         if let Some(e) = failed {
             return Err(e);
         }
-        rechecked?;
         Ok((taken, refused))
     }
 
@@ -1203,31 +1252,66 @@ impl Sink for ZmqSink {
     /// the sending side. If the source half is gone too, the libzmq socket is
     /// closed; with a private context `close` then waits until libzmq has sent
     /// every message or the linger has expired.
+    ///
+    /// A queued message libzmq rejects for good (an unroutable ROUTER
+    /// message) is dropped and the flush goes on with the messages behind it.
+    /// Every message accepted is then either handed to libzmq or counted in
+    /// the error, and `stats().buffered` is 0 afterwards, even after an error.
+    ///
+    /// # Errors
+    /// [`ZmqError::Unsent`] if messages the sink had accepted were dropped
+    /// (how many, their bytes, and the first error as its source: the
+    /// linger's [`FlowError::Timeout`], [`ZmqError::Unroutable`], ...);
+    /// the first error itself if none were.
     async fn close(&mut self) -> Result<(), FlowError> {
         if self.closed || self.core.is_none() {
             self.closed = true;
             return Ok(());
         }
         let linger = self.core()?.linger;
-        let flushed = match linger {
-            Some(l) => tokio::time::timeout(l, self.flush())
-                .await
-                .unwrap_or(Err(FlowError::Timeout(l))),
-            None => self.flush().await,
-        };
-        self.closed = true;
-        self.gate.close();
-        let Some(core) = self.core.take() else {
-            return flushed;
-        };
-        if let Ok(mut core) = Arc::try_unwrap(core) {
-            let (sock, ctx) = core.take_parts();
-            tokio::task::spawn_blocking(move || finish(sock, ctx))
-                .await
-                .map_err(|e| FlowError::transport(format!("linger task failed: {e}")))?;
-            tracing::info!("zmq socket closed");
+        let rejected_before = self.rejected;
+        let mut first = None;
+        let flushing = self.flush_for_close(&mut first);
+        match linger {
+            Some(l) => {
+                if tokio::time::timeout(l, flushing).await.is_err() {
+                    first.get_or_insert(FlowError::Timeout(l));
+                }
+            }
+            None => flushing.await,
         }
-        flushed
+        self.closed = true;
+        let (mut messages, mut bytes) = self.discard_queue();
+        messages += self.rejected.0 - rejected_before.0;
+        bytes += self.rejected.1 - rejected_before.1;
+        self.gate.close();
+        if let Some(core) = self.core.take()
+            && let Ok(mut core) = Arc::try_unwrap(core)
+        {
+            let (sock, ctx) = core.take_parts();
+            match tokio::task::spawn_blocking(move || finish(sock, ctx)).await {
+                Ok(()) => tracing::info!("zmq socket closed"),
+                Err(e) => {
+                    first.get_or_insert(FlowError::transport(format!("linger task failed: {e}")));
+                }
+            }
+        }
+        match first {
+            None if messages == 0 => Ok(()),
+            None => Err(ZmqError::Unsent {
+                messages,
+                bytes,
+                source: FlowError::Closed,
+            }
+            .into()),
+            Some(e) if messages == 0 => Err(e),
+            Some(e) => Err(ZmqError::Unsent {
+                messages,
+                bytes,
+                source: e,
+            }
+            .into()),
+        }
     }
 
     /// `buffered`, `max_buffered`, `paused` and `pauses` are those of the
@@ -1485,7 +1569,7 @@ impl ZmqSource {
                 .fetch_add(received, Ordering::Relaxed);
         }
         // The receives processed libzmq's commands: re-check for the sender.
-        core.after_op(Dir::In)?;
+        core.after_op(Dir::In);
         taken.map(|()| n)
     }
 }
@@ -1590,5 +1674,98 @@ mod tests {
             Some(100)
         );
         assert_eq!(b.max_message_size(None).effective_max_message_size(), None);
+    }
+
+    /// A PAIR pair over inproc: (`a`'s halves, `b`'s halves).
+    fn pair(ctx: &Context, name: &str) -> ((ZmqSink, ZmqSource), (ZmqSink, ZmqSource)) {
+        let ep = format!("inproc://{name}");
+        let a = SocketBuilder::new(SocketType::Pair)
+            .context(ctx)
+            .bind(ep.clone())
+            .build()
+            .unwrap()
+            .split();
+        let b = SocketBuilder::new(SocketType::Pair)
+            .context(ctx)
+            .connect(ep)
+            .build()
+            .unwrap()
+            .split();
+        (a, b)
+    }
+
+    /// Waits until libzmq has a message for `rx`.
+    async fn until_readable(rx: &ZmqSource) {
+        let core = rx.core().unwrap();
+        while !core.events(None).unwrap().readable {
+            core.wait(Dir::In, true).await.unwrap();
+        }
+    }
+
+    fn fail_events(core: &Core, fail: bool) {
+        core.with_sock(|s| {
+            s.fail_events = fail;
+            Ok(())
+        })
+        .unwrap();
+    }
+
+    fn one(s: &'static str) -> Multipart {
+        Multipart::from(Bytes::from_static(s.as_bytes()))
+    }
+
+    /// Issue 15 "also fix": `take_ready` took a message, then failed on the
+    /// `ZMQ_EVENTS` read done for a waiting sink half, and returned that
+    /// error: the message was lost.
+    #[tokio::test]
+    async fn recv_keeps_a_taken_message_when_the_events_check_fails() {
+        let ctx = Context::new();
+        let ((_a_tx, mut a_rx), (mut b_tx, _b_rx)) = pair(&ctx, "events-fail-recv");
+        b_tx.send(one("m0")).await.unwrap();
+        b_tx.send(one("m1")).await.unwrap();
+        until_readable(&a_rx).await;
+        let core = a_rx.core().unwrap().clone();
+        // The sink half waits for room: every receive re-checks the events for it.
+        core.waiting_out.store(true, Ordering::SeqCst);
+        fail_events(&core, true);
+        let got = a_rx.recv().await;
+        assert!(
+            matches!(&got, Ok(Some(m)) if *m == one("m0")),
+            "the taken message must be returned, got {got:?}"
+        );
+        assert_eq!(a_rx.stats().items, 1);
+        // The waiting half is woken, to meet the error in its own operation.
+        assert!(
+            futures::FutureExt::now_or_never(core.notify_out.notified()).is_some(),
+            "the waiting sink half was not woken"
+        );
+        fail_events(&core, false);
+        core.waiting_out.store(false, Ordering::SeqCst);
+        assert_eq!(a_rx.recv().await.unwrap(), Some(one("m1")), "nothing lost");
+    }
+
+    /// The send side of the same: a message libzmq took was reported as an
+    /// error (and not counted) when the events check after it failed, so a
+    /// caller that retried sent it twice.
+    #[tokio::test]
+    async fn start_send_counts_a_sent_message_when_the_events_check_fails() {
+        let ctx = Context::new();
+        let ((mut a_tx, a_rx), (_b_tx, mut b_rx)) = pair(&ctx, "events-fail-send");
+        let core = a_rx.core().unwrap().clone();
+        // The source half waits for a message: every send re-checks for it.
+        core.waiting_in.store(true, Ordering::SeqCst);
+        fail_events(&core, true);
+        a_tx.ready().await.unwrap();
+        let sent = Sink::start_send(&mut a_tx, one("m0"));
+        assert!(sent.is_ok(), "libzmq took the message, yet: {sent:?}");
+        assert_eq!(a_tx.stats().items, 1);
+        assert_eq!(a_tx.zmq_stats().sent, 1);
+        assert!(
+            futures::FutureExt::now_or_never(core.notify_in.notified()).is_some(),
+            "the waiting source half was not woken"
+        );
+        fail_events(&core, false);
+        core.waiting_in.store(false, Ordering::SeqCst);
+        assert_eq!(b_rx.recv().await.unwrap(), Some(one("m0")));
     }
 }
