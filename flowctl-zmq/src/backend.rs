@@ -14,7 +14,9 @@
 //!   `ZMQ_EVENTS` after every wake-up and after every operation.
 //! - Multipart messages are atomic: if the first frame is accepted with
 //!   `ZMQ_DONTWAIT`, the others are too (the HWM counts whole messages), and a
-//!   receiver that got the first frame has the others queued.
+//!   receiver that got the first frame has the others queued. The exceptions
+//!   (a later frame failing) are handled in `break_send` and
+//!   `abandon_message`.
 //! - A PUB socket drops at SNDHWM silently. With `ZMQ_XPUB_NODROP` (which PUB
 //!   honours, `pub_t` derives from `xpub_t`) the send fails with `EAGAIN`
 //!   instead, which is how we count drops. The `zmq` crate has no setter for
@@ -323,6 +325,11 @@ fn send_error(frames: &[Bytes], i: usize) -> Result<Sent, ZmqError> {
         // SAFETY: zmq_errno(3) only reads the calling thread's errno.
         unsafe { zmq_sys::zmq_errno() },
     );
+    send_error_errno(frames, i, errno)
+}
+
+#[cold]
+fn send_error_errno(frames: &[Bytes], i: usize, errno: zmq::Error) -> Result<Sent, ZmqError> {
     match errno {
         zmq::Error::EAGAIN if i == 0 => Ok(Sent::WouldBlock),
         zmq::Error::EHOSTUNREACH => Err(ZmqError::Unroutable {
@@ -341,11 +348,25 @@ pub(crate) struct RawSocket {
     scratch: RawMsg,
     /// The shared receive buffer of small frames (see [`SLAB_FRAME_LIMIT`]).
     slab: BytesMut,
+    /// Set when a multipart send failed after its first frame: (the frame,
+    /// the frame count, libzmq's errno). libzmq cannot abort a started
+    /// message, so every later send fails with [`ZmqError::BrokenSend`].
+    broken: Option<(usize, usize, zmq::Error)>,
     /// Fault injection for unit tests: `events` fails with `ETERM`, as
     /// libzmq's `ZMQ_EVENTS` does once the context is shutting down (a state
     /// the `zmq` crate gives tests no handle to reach safely).
     #[cfg(test)]
     pub(crate) fail_events: bool,
+    /// Fault injection for unit tests: the next multipart send fails at
+    /// this frame with `ENOMEM` (`zmq_send` is not called for it), as a
+    /// later frame can in libzmq (`ETERM` from a context shutting down,
+    /// `ENOMEM`, `EAGAIN` from a peer pipe that died mid-message).
+    #[cfg(test)]
+    pub(crate) fail_send_at: Option<usize>,
+    /// Fault injection for unit tests: the next multipart receive fails at
+    /// this frame with `ETERM` (`zmq_msg_recv` is not called for it).
+    #[cfg(test)]
+    pub(crate) fail_recv_at: Option<usize>,
 }
 
 impl std::fmt::Debug for RawSocket {
@@ -364,8 +385,13 @@ impl RawSocket {
             kind,
             scratch: RawMsg::new(),
             slab: BytesMut::new(),
+            broken: None,
             #[cfg(test)]
             fail_events: false,
+            #[cfg(test)]
+            fail_send_at: None,
+            #[cfg(test)]
+            fail_recv_at: None,
         })
     }
 
@@ -545,14 +571,55 @@ impl RawSocket {
         })
     }
 
+    /// The error every send returns once a multipart send broke off
+    /// mid-message (see [`ZmqError::BrokenSend`]); `None` while it can send.
+    pub(crate) fn send_broken(&self) -> Option<ZmqError> {
+        self.broken.map(|(frame, frames, e)| ZmqError::BrokenSend {
+            frame,
+            frames,
+            source: std::io::Error::from_raw_os_error(e.to_raw()),
+        })
+    }
+
+    /// Frame `i` (> 0) of a `frames`-frame message failed with `errno`
+    /// after the frames before it were handed to libzmq.
+    ///
+    /// With `ZMQ_DONTWAIT`, once libzmq took frame 0 a later frame fails
+    /// only when the context is shutting down (`ETERM`: the socket is
+    /// unusable anyway), on `ENOMEM`, or with `EAGAIN` when the pipe of
+    /// the peer the message goes to died between two frames (libzmq's
+    /// `lb.cpp`; it then drops the frames that follow up to the end of the
+    /// message, whichever message they belong to). libzmq has no call to
+    /// abort a started message, and sending the remaining frames would
+    /// deliver a message without the failed one, or glue the next message
+    /// to this one: the socket's sending side is marked broken instead, and
+    /// the unfinished message never reaches a peer (libzmq makes a message
+    /// visible to the peer only at its last frame).
+    #[cold]
+    fn break_send(&mut self, i: usize, frames: usize, errno: zmq::Error) -> ZmqError {
+        self.broken = Some((i, frames, errno));
+        ZmqError::BrokenSend {
+            frame: i,
+            frames,
+            source: std::io::Error::from_raw_os_error(errno.to_raw()),
+        }
+    }
+
     /// Sends every frame with `ZMQ_DONTWAIT`; `WouldBlock` if the first frame
     /// was refused (then nothing was sent).
     ///
     /// Each frame goes through one `zmq_send` call, which copies it into a
     /// libzmq message (the `zmq` crate's `send` takes five FFI calls for
     /// the same: init, data, size, send, close).
+    ///
+    /// # Errors
+    /// [`ZmqError::BrokenSend`] if a frame after the first failed (see
+    /// `break_send`), and for every send after that.
     #[allow(unsafe_code)]
     pub(crate) fn try_send(&mut self, frames: &[Bytes]) -> Result<Sent, ZmqError> {
+        if let Some(e) = self.send_broken() {
+            return Err(e);
+        }
         let sock = self.sock.as_mut_ptr();
         if let [frame] = frames {
             // The common case, without the loop's bookkeeping.
@@ -577,6 +644,14 @@ impl RawSocket {
             } else {
                 zmq_sys::ZMQ_DONTWAIT
             };
+            #[cfg(test)]
+            if self.fail_send_at == Some(i) {
+                self.fail_send_at = None;
+                if i == 0 {
+                    return send_error_errno(frames, i, zmq::Error::ENOMEM);
+                }
+                return Err(self.break_send(i, frames.len(), zmq::Error::ENOMEM));
+            }
             // SAFETY: `sock` is the live socket owned by `self.sock` (closed
             // only when `self.sock` drops, after this call; `&mut self` makes
             // this the only user). The buffer is `frame`'s, valid for reads of
@@ -591,7 +666,12 @@ impl RawSocket {
                 )
             };
             if rc < 0 {
-                return send_error(frames, i);
+                if i == 0 {
+                    return send_error(frames, 0);
+                }
+                // SAFETY: zmq_errno(3) only reads the calling thread's errno.
+                let errno = zmq::Error::from_raw(unsafe { zmq_sys::zmq_errno() });
+                return Err(self.break_send(i, frames.len(), errno));
             }
         }
         Ok(Sent::Taken)
@@ -643,15 +723,49 @@ impl RawSocket {
         let mut frames = Vec::with_capacity(4);
         frames.push(first);
         while more {
+            #[cfg(test)]
+            let injected = self
+                .fail_recv_at
+                .take_if(|at| *at == frames.len())
+                .is_some();
+            #[cfg(not(test))]
+            let injected = false;
+            let frame = if injected {
+                Err(zmq::Error::ETERM)
+            } else {
+                self.recv_frame()
+            };
             // Atomic delivery: the remaining frames are queued already, so
             // DONTWAIT never fails with EAGAIN here; if it did, it is an error.
-            let (len, next) = self
-                .recv_frame()
-                .map_err(op_err("recv (next frame)"))?
-                .ok_or_else(|| op_err("recv (next frame)")(zmq::Error::EAGAIN))?;
-            more = next;
-            frames.push(take_bytes(&mut self.scratch, len, &mut self.slab));
+            match frame {
+                Ok(Some((len, next))) => {
+                    more = next;
+                    frames.push(take_bytes(&mut self.scratch, len, &mut self.slab));
+                }
+                Ok(None) => return Err(self.abandon_message(zmq::Error::EAGAIN)),
+                Err(e) => return Err(self.abandon_message(e)),
+            }
         }
         Ok(Some(Multipart::from(frames)))
+    }
+
+    /// A frame after the first of a message could not be received: skips
+    /// what is left of the message (while `ZMQ_RCVMORE` says more follows),
+    /// so that the next receive starts at a message boundary instead of
+    /// returning the rest of this one as a message of its own. Returns the
+    /// error to report.
+    #[cold]
+    fn abandon_message(&mut self, e: zmq::Error) -> ZmqError {
+        // Each frame is received into `scratch` and released by the next
+        // receive: nothing is kept. It stops at the last frame or at the
+        // first failure (a socket whose context is shutting down fails
+        // every receive; there is no boundary left to reach).
+        while self.sock.get_rcvmore().unwrap_or(false) {
+            match self.recv_frame() {
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => break,
+            }
+        }
+        op_err("recv (next frame)")(e)
     }
 }

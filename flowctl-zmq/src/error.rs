@@ -72,6 +72,23 @@ pub enum ZmqError {
         #[source]
         source: FlowError,
     },
+    /// A multipart send failed at frame `frame` (0-based) of `frames`, after
+    /// the frames before it were handed to libzmq. libzmq cannot abort a
+    /// started message, and the next message sent would be glued to this
+    /// one, so the socket refuses every later send with this error (the
+    /// unfinished message never reaches a peer). Build a new socket.
+    #[error(
+        "frame {frame} of a {frames}-frame message failed after the frames before it were sent: libzmq cannot abort a started message, so this socket sends no more ({source})"
+    )]
+    BrokenSend {
+        /// The frame that failed (at least 1).
+        frame: usize,
+        /// The message's frame count.
+        frames: usize,
+        /// libzmq's errno.
+        #[source]
+        source: std::io::Error,
+    },
     /// The operation does not exist for this socket type.
     #[error("{op} is not supported by a {socket} socket")]
     Unsupported {

@@ -159,7 +159,12 @@
 //!   every 32nd call until it must wait.
 //! - Multipart messages are atomic: once libzmq takes the first frame the
 //!   others go in too (the HWM counts whole messages), and a receiver that got
-//!   the first frame has the others queued.
+//!   the first frame has the others queued. A later frame can still fail (a
+//!   context shutting down, `ENOMEM`, a peer's pipe dying between two
+//!   frames), and libzmq cannot abort a started message: the socket then
+//!   refuses every later send ([`ZmqError::BrokenSend`]) rather than glue the
+//!   next message to the broken one, and a receive that fails after frame 0
+//!   skips the rest of its message before returning the error.
 //! - PUB drops at SNDHWM without a trace; `ZMQ_XPUB_NODROP` (honoured by PUB,
 //!   which derives from XPUB) turns that into `EAGAIN`. The `zmq` crate has no
 //!   setter, so it is set through `zmq_sys::zmq_setsockopt`. With NODROP,

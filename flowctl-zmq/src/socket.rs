@@ -766,7 +766,11 @@ impl ZmqSocket {
 /// # Errors
 /// A message libzmq rejects for good (a ROUTER message to a routing id with no
 /// peer: [`ZmqError::Unroutable`]) is dropped and the error returned, by
-/// `start_send` or, if it was queued, by the next `ready`/`flush`.
+/// `start_send` or, if it was queued, by the next `ready`/`flush`. A
+/// multipart message whose send fails after its first frame breaks the
+/// socket's sending side ([`ZmqError::BrokenSend`]): libzmq cannot abort the
+/// started message, so every later send fails with that error instead of
+/// being glued to it; messages still queued are counted by `close`.
 ///
 /// # Flushing
 /// As with `futures::Sink`, a message accepted while libzmq is at its HWM
@@ -882,6 +886,12 @@ impl ZmqSink {
             let mut guard = core.lock()?;
             let sock = guard.as_mut().ok_or(FlowError::Closed)?;
             for msg in &self.queue {
+                if let Some(e) = sock.send_broken() {
+                    // Broken by an earlier message: this one was never
+                    // tried, it stays queued (`close` counts it).
+                    failed = Some(FlowError::from(e));
+                    break;
+                }
                 match sock.try_send(msg) {
                     Ok(outcome) => {
                         if !Self::account(&core, outcome) {
@@ -1050,7 +1060,9 @@ impl ZmqSink {
     /// As [`send`](Self::send). A message that fails on its own (an empty
     /// one, an unroutable ROUTER message) is taken out of `batch` and
     /// dropped, as `start_send` would; the messages before it were accepted
-    /// and the ones after it stay in `batch`. On a closed sink or a socket
+    /// and the ones after it stay in `batch`. On a socket whose sending side
+    /// broke off mid-message ([`ZmqError::BrokenSend`]) the message that
+    /// broke it is dropped and the ones never tried stay in `batch`. On a closed sink or a socket
     /// type that cannot send, `batch` is left as it was.
     pub async fn send_many(&mut self, batch: &mut VecDeque<Multipart>) -> Result<usize, FlowError> {
         let mut accepted = 0;
@@ -1089,6 +1101,9 @@ impl ZmqSink {
         let mut taken = 0;
         let mut direct = 0u64;
         let mut failed = None;
+        // The failed message was never tried (the socket was broken before
+        // it): it stays in `batch`.
+        let mut untried = false;
         let mut refused = false;
         {
             let mut guard = if queueing { None } else { Some(core.lock()?) };
@@ -1106,6 +1121,11 @@ impl ZmqSink {
                 let weight = item.weight();
                 let charge = charge_of(item);
                 if let Some(sock) = sock.as_deref_mut() {
+                    if let Some(e) = sock.send_broken() {
+                        failed = Some(FlowError::from(e));
+                        untried = true;
+                        break;
+                    }
                     match sock.try_send(item) {
                         Ok(outcome) if Self::account(&core, outcome) => {
                             if outcome == Sent::Taken {
@@ -1133,7 +1153,7 @@ impl ZmqSink {
             }
         }
         // The failed message leaves `batch` too, and is dropped.
-        let removed = taken + usize::from(failed.is_some());
+        let removed = taken + usize::from(failed.is_some() && !untried);
         if queueing {
             self.queue.extend(batch.drain(..taken));
             batch.drain(..removed - taken);
@@ -1639,8 +1659,16 @@ impl Source for ZmqSource {
     }
 }
 
+/// The pyzmq peer fixture of the integration tests, for the unit tests
+/// that inject a fault into a conversation with pyzmq.
+#[cfg(test)]
+#[allow(dead_code, unreachable_pub)]
+#[path = "../tests/it/peer.rs"]
+mod test_peer;
+
 #[cfg(test)]
 mod tests {
+    use super::test_peer as peer;
     use super::*;
 
     #[test]
@@ -1767,5 +1795,93 @@ mod tests {
         fail_events(&core, false);
         core.waiting_in.store(false, Ordering::SeqCst);
         assert_eq!(b_rx.recv().await.unwrap(), Some(one("m0")));
+    }
+
+    /// Issue 15 "also fix": a multipart send that failed after its first
+    /// frame left libzmq mid-message, and the next message sent on the
+    /// socket was glued to the broken one (the peer got one message with the
+    /// frames of both). libzmq cannot abort a started message, so the
+    /// socket now refuses every later send with the error that broke it.
+    #[tokio::test]
+    async fn multipart_send_failing_mid_message_refuses_the_next_send_instead_of_gluing() {
+        let peer = peer::Peer::start(&["pull", "--bind", "tcp://127.0.0.1:*", "--count", "2"]);
+        let mut tx = SocketBuilder::new(SocketType::Push)
+            .connect(peer.endpoint.clone())
+            .build()
+            .unwrap()
+            .into_sink();
+        tx.send(peer::message(0, 16)).await.unwrap();
+        // Message 1 fails at its frame 1: frame 0 is in libzmq already.
+        tx.core()
+            .unwrap()
+            .with_sock(|s| {
+                s.fail_send_at = Some(1);
+                Ok(())
+            })
+            .unwrap();
+        let err = tx.send(peer::message(1, 16)).await.unwrap_err();
+        assert!(
+            matches!(
+                err.transport_error::<ZmqError>(),
+                Some(ZmqError::BrokenSend {
+                    frame: 1,
+                    frames: 2,
+                    ..
+                })
+            ),
+            "{err:?}"
+        );
+        // Sent on this socket, it would reach the peer glued to frame 0 of
+        // the broken message.
+        let again = tx.send(peer::message(1, 16)).await;
+        assert!(
+            matches!(&again, Err(e) if matches!(e.transport_error::<ZmqError>(), Some(ZmqError::BrokenSend { .. }))),
+            "the socket took a message behind a broken one: {again:?}"
+        );
+        assert_eq!(tx.stats().items, 1, "only message 0 was accepted");
+        drop(tx); // the unfinished message never reaches the peer
+        // A new socket goes on where the broken one stopped.
+        let mut tx = SocketBuilder::new(SocketType::Push)
+            .connect(peer.endpoint.clone())
+            .build()
+            .unwrap()
+            .into_sink();
+        tx.send(peer::message(1, 16)).await.unwrap();
+        tx.close().await.unwrap();
+        peer.expect_ok(2); // it checked both messages, in order
+    }
+
+    /// The receive side: an error on frame i > 0 returned at once, and the
+    /// next `recv` returned the broken message's remaining frames as a
+    /// message of their own. They are skipped before the error is returned.
+    #[tokio::test]
+    async fn multipart_recv_failing_mid_message_skips_its_remaining_frames() {
+        let mut rx = SocketBuilder::new(SocketType::Pull)
+            .bind("tcp://127.0.0.1:*")
+            .build()
+            .unwrap()
+            .into_source();
+        let ep = rx.endpoints()[0].clone();
+        let peer = peer::Peer::start(&["push", "--connect", &ep, "--count", "3"]);
+        until_readable(&rx).await;
+        rx.core()
+            .unwrap()
+            .with_sock(|s| {
+                s.fail_recv_at = Some(1);
+                Ok(())
+            })
+            .unwrap();
+        let err = rx.recv().await.unwrap_err();
+        assert!(err.to_string().contains("recv (next frame)"), "{err}");
+        let next = rx.recv().await.unwrap().unwrap();
+        assert_eq!(
+            next,
+            peer::message(1, 16),
+            "the rest of the broken message 0 came back as a message"
+        );
+        let mut buf = Vec::new();
+        rx.recv_many(&mut buf, 8).await.unwrap();
+        assert_eq!(buf, vec![Multipart::from(peer::message(2, 16))]);
+        peer.expect_ok(3);
     }
 }
