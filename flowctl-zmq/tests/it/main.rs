@@ -21,6 +21,8 @@ mod options;
 mod frames;
 // A peer announcing a 2^34-byte frame is dropped at the header; nothing grows.
 mod max_message_size;
+// Property: any frame counts and sizes round trip over inproc, or fail with a clear error.
+mod frame_props;
 // Send/Sync of the public types.
 mod send_sync;
 // Lost wake-ups: both directions at once, halves in different tasks and threads.
