@@ -1804,7 +1804,14 @@ mod tests {
     /// socket now refuses every later send with the error that broke it.
     #[tokio::test]
     async fn multipart_send_failing_mid_message_refuses_the_next_send_instead_of_gluing() {
-        let peer = peer::Peer::start(&["pull", "--bind", "tcp://127.0.0.1:*", "--count", "2"]);
+        let mut peer = peer::Peer::start(&[
+            "pull",
+            "--bind",
+            "tcp://127.0.0.1:*",
+            "--count",
+            "2",
+            "--progress",
+        ]);
         let mut tx = SocketBuilder::new(SocketType::Push)
             .connect(peer.endpoint.clone())
             .build()
@@ -1839,7 +1846,10 @@ mod tests {
             "the socket took a message behind a broken one: {again:?}"
         );
         assert_eq!(tx.stats().items, 1, "only message 0 was accepted");
-        drop(tx); // the unfinished message never reaches the peer
+        // Closing drops the unfinished message (libzmq rolls it back).
+        tx.close().await.unwrap();
+        // The new socket's message must not overtake message 0.
+        peer.wait_line("GOT 0");
         // A new socket goes on where the broken one stopped.
         let mut tx = SocketBuilder::new(SocketType::Push)
             .connect(peer.endpoint.clone())

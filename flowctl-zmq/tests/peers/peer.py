@@ -40,6 +40,7 @@ def main():
     ap.add_argument("--rcvbuf", type=int, default=0)
     ap.add_argument("--delay-ms", type=float, default=0.0)
     ap.add_argument("--alarm", type=int, default=90)
+    ap.add_argument("--progress", action="store_true", help="pull: print GOT <i> after each message")
     a = ap.parse_args()
     signal.alarm(a.alarm)  # never outlive a broken test
 
@@ -80,6 +81,8 @@ def main():
         # Receives n messages, checking content and order; sleeps per message if slow.
         for i in range(n):
             check(s.recv_multipart(), i, a.size)
+            if a.progress:
+                say("GOT", i)
             if a.delay_ms:
                 time.sleep(a.delay_ms / 1000.0)
         say("OK", n)
