@@ -179,10 +179,23 @@ impl AsRawFd for NotifyFd {
     }
 }
 
+/// libzmq's errno as an `io::Error`: an OS errno as the OS error it is;
+/// one of libzmq's own (from `ZMQ_HAUSNUMERO` on: `ETERM`, `EFSM`, ...),
+/// which the OS cannot name, with libzmq's `zmq_strerror` text.
+fn io_error(e: zmq::Error) -> std::io::Error {
+    /// The first errno libzmq defines for itself (`zmq.h`).
+    const ZMQ_HAUSNUMERO: i32 = 156_384_712;
+    if e.to_raw() >= ZMQ_HAUSNUMERO {
+        std::io::Error::other(e.message())
+    } else {
+        std::io::Error::from_raw_os_error(e.to_raw())
+    }
+}
+
 fn op_err(op: &'static str) -> impl Fn(zmq::Error) -> ZmqError {
     move |e| ZmqError::Socket {
         op,
-        source: std::io::Error::from_raw_os_error(e.to_raw()),
+        source: io_error(e),
     }
 }
 
@@ -534,7 +547,7 @@ impl RawSocket {
         check_endpoint(endpoint)?;
         self.sock.bind(endpoint).map_err(|e| ZmqError::Bind {
             endpoint: endpoint.into(),
-            source: std::io::Error::from_raw_os_error(e.to_raw()),
+            source: io_error(e),
         })?;
         match self.sock.get_last_endpoint() {
             Ok(Ok(resolved)) => Ok(resolved),
@@ -546,7 +559,7 @@ impl RawSocket {
         check_endpoint(endpoint)?;
         self.sock.connect(endpoint).map_err(|e| ZmqError::Connect {
             endpoint: endpoint.into(),
-            source: std::io::Error::from_raw_os_error(e.to_raw()),
+            source: io_error(e),
         })
     }
 
@@ -577,7 +590,7 @@ impl RawSocket {
         self.broken.map(|(frame, frames, e)| ZmqError::BrokenSend {
             frame,
             frames,
-            source: std::io::Error::from_raw_os_error(e.to_raw()),
+            source: io_error(e),
         })
     }
 
@@ -601,7 +614,7 @@ impl RawSocket {
         ZmqError::BrokenSend {
             frame: i,
             frames,
-            source: std::io::Error::from_raw_os_error(errno.to_raw()),
+            source: io_error(errno),
         }
     }
 
@@ -767,5 +780,28 @@ impl RawSocket {
             }
         }
         op_err("recv (next frame)")(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn libzmq_errnos_read_as_libzmq_words_them() {
+        // libzmq's own errnos (ETERM, EFSM, ...) are not the OS's: as raw OS
+        // errors they read "Unknown error 156384765".
+        let e = op_err("recv (next frame)")(zmq::Error::ETERM);
+        assert_eq!(
+            e.to_string(),
+            "zmq recv (next frame) failed: Context was terminated"
+        );
+        let e = op_err("send")(zmq::Error::EFSM);
+        assert!(!e.to_string().contains("Unknown error"), "{e}");
+        // The OS's errnos stay OS errors.
+        let ZmqError::Socket { source, .. } = op_err("send")(zmq::Error::ENOMEM) else {
+            panic!("op_err makes Socket errors");
+        };
+        assert_eq!(source.raw_os_error(), Some(libc::ENOMEM));
     }
 }
