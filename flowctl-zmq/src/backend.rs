@@ -724,7 +724,17 @@ impl RawSocket {
     }
 
     /// Receives one whole multipart message with `ZMQ_DONTWAIT`; `None` on EAGAIN.
-    pub(crate) fn try_recv(&mut self) -> Result<Option<Multipart>, ZmqError> {
+    ///
+    /// With `max_frames`, a message of more frames is not kept: its frames
+    /// past the limit are received and released one by one (the peer
+    /// chooses the count, and libzmq holds every frame of a message whatever
+    /// their number), and it is reported as [`ZmqError::FrameCount`] with
+    /// the whole count. A message of fewer frames is returned (the caller
+    /// checks an exact count).
+    pub(crate) fn try_recv(
+        &mut self,
+        max_frames: Option<usize>,
+    ) -> Result<Option<Multipart>, ZmqError> {
         let Some((len, mut more)) = self.recv_frame().map_err(op_err("recv"))? else {
             return Ok(None);
         };
@@ -736,6 +746,16 @@ impl RawSocket {
         let mut frames = Vec::with_capacity(4);
         frames.push(first);
         while more {
+            if let Some(max) = max_frames
+                && frames.len() >= max
+            {
+                // At least one frame more than `max` follows.
+                let actual = frames.len() + self.skip_rest();
+                return Err(ZmqError::FrameCount {
+                    expected: max,
+                    actual,
+                });
+            }
             #[cfg(test)]
             let injected = self
                 .fail_recv_at
@@ -769,17 +789,26 @@ impl RawSocket {
     /// error to report.
     #[cold]
     fn abandon_message(&mut self, e: zmq::Error) -> ZmqError {
-        // Each frame is received into `scratch` and released by the next
-        // receive: nothing is kept. It stops at the last frame or at the
-        // first failure (a socket whose context is shutting down fails
-        // every receive; there is no boundary left to reach).
+        self.skip_rest();
+        op_err("recv (next frame)")(e)
+    }
+
+    /// Receives and releases the remaining frames of the current message
+    /// (while `ZMQ_RCVMORE` says more follows); returns how many. Each frame
+    /// goes into `scratch` and is released by the next receive: nothing is
+    /// kept. It stops at the last frame, or at the first failure (a socket
+    /// whose context is shutting down fails every receive; there is no
+    /// boundary left to reach).
+    #[cold]
+    fn skip_rest(&mut self) -> usize {
+        let mut skipped = 0;
         while self.sock.get_rcvmore().unwrap_or(false) {
             match self.recv_frame() {
-                Ok(Some(_)) => {}
+                Ok(Some(_)) => skipped += 1,
                 Ok(None) | Err(_) => break,
             }
         }
-        op_err("recv (next frame)")(e)
+        skipped
     }
 }
 

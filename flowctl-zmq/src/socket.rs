@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use flowctl_core::fair::Budget;
 use flowctl_core::gate::Gate;
-use flowctl_core::weighted::charge_of;
+use flowctl_core::weighted::{MIN_CHARGE, charge_of};
 use flowctl_core::{Fairness, FlowError, FlowStats, Sink, Source, Watermarks, Weighted};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::Notify;
@@ -455,6 +455,11 @@ impl SocketBuilder {
     /// Every received message must have exactly `n` frames (including the
     /// routing id frame on a ROUTER); others are consumed and reported as
     /// [`ZmqError::FrameCount`], and the stream goes on.
+    ///
+    /// It also bounds what a peer's frame count costs here: the frames of a
+    /// message past the `n`th are received and released one at a time,
+    /// never collected (libzmq itself still queues every frame of a message
+    /// until its last one arrives).
     pub fn expect_frames(mut self, n: usize) -> Self {
         self.frames = Some(n);
         self
@@ -1566,7 +1571,7 @@ impl ZmqSource {
                 if n == max || (n > 0 && self.budget.spent()) {
                     break Ok(());
                 }
-                match sock.try_recv() {
+                match sock.try_recv(self.frames) {
                     Ok(Some(msg)) => {
                         received += 1;
                         if received == 1 && waited {
@@ -1579,6 +1584,16 @@ impl ZmqSource {
                         n += 1;
                     }
                     Ok(None) => break Ok(()),
+                    Err(ZmqError::FrameCount { expected, actual }) => {
+                        // Too many frames: libzmq handed the message over,
+                        // and it was released frame by frame, not kept.
+                        received += 1;
+                        if received == 1 && waited {
+                            self.budget.reset();
+                        }
+                        self.budget.charge(MIN_CHARGE);
+                        break Err(self.frame_error(expected, actual));
+                    }
                     Err(e) => break Err(FlowError::from(e)),
                 }
             }

@@ -2,6 +2,8 @@
 
 // The pyzmq peer fixture (process started per test, killed by pid on drop).
 mod peer;
+// A global allocator counting each thread's allocations (to bound what one call allocates).
+mod alloc;
 // Every socket pattern against pyzmq in both directions, content and order checked.
 mod patterns;
 // Starvation: a flooded PULL next to a 1 ms timer, flowctl vs a raw AsyncFd loop;

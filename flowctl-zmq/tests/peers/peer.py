@@ -48,7 +48,7 @@ def main():
     kind = {
         "pull": zmq.PULL, "push": zmq.PUSH, "xpub": zmq.XPUB, "sub": zmq.SUB,
         "router-echo": zmq.ROUTER, "dealer": zmq.DEALER, "pair-echo": zmq.PAIR,
-        "frames": zmq.PUSH, "rep-echo": zmq.REP, "req": zmq.REQ,
+        "frames": zmq.PUSH, "wide": zmq.PUSH, "rep-echo": zmq.REP, "req": zmq.REQ,
     }[a.mode]
     s = ctx.socket(kind)
     s.setsockopt(zmq.SNDHWM, a.hwm)
@@ -93,6 +93,11 @@ def main():
     elif a.mode == "frames":
         # Bad input: a 3-frame message, then a good 2-frame one.
         s.send_multipart([b"x", b"y", b"z"])
+        s.send_multipart([b"0", payload(0, a.size)])
+        say("OK", 2)
+    elif a.mode == "wide":
+        # Bad input: one message of n empty frames, then a good 2-frame one.
+        s.send_multipart([b""] * n)
         s.send_multipart([b"0", payload(0, a.size)])
         say("OK", 2)
     elif a.mode == "xpub":
