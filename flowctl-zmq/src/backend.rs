@@ -14,7 +14,9 @@
 //!   `ZMQ_EVENTS` after every wake-up and after every operation.
 //! - Multipart messages are atomic: if the first frame is accepted with
 //!   `ZMQ_DONTWAIT`, the others are too (the HWM counts whole messages), and a
-//!   receiver that got the first frame has the others queued.
+//!   receiver that got the first frame has the others queued. The exceptions
+//!   (a later frame failing) are handled in `break_send` and
+//!   `abandon_message`.
 //! - A PUB socket drops at SNDHWM silently. With `ZMQ_XPUB_NODROP` (which PUB
 //!   honours, `pub_t` derives from `xpub_t`) the send fails with `EAGAIN`
 //!   instead, which is how we count drops. The `zmq` crate has no setter for
@@ -177,10 +179,23 @@ impl AsRawFd for NotifyFd {
     }
 }
 
+/// libzmq's errno as an `io::Error`: an OS errno as the OS error it is;
+/// one of libzmq's own (from `ZMQ_HAUSNUMERO` on: `ETERM`, `EFSM`, ...),
+/// which the OS cannot name, with libzmq's `zmq_strerror` text.
+fn io_error(e: zmq::Error) -> std::io::Error {
+    /// The first errno libzmq defines for itself (`zmq.h`).
+    const ZMQ_HAUSNUMERO: i32 = 156_384_712;
+    if e.to_raw() >= ZMQ_HAUSNUMERO {
+        std::io::Error::other(e.message())
+    } else {
+        std::io::Error::from_raw_os_error(e.to_raw())
+    }
+}
+
 fn op_err(op: &'static str) -> impl Fn(zmq::Error) -> ZmqError {
     move |e| ZmqError::Socket {
         op,
-        source: std::io::Error::from_raw_os_error(e.to_raw()),
+        source: io_error(e),
     }
 }
 
@@ -323,6 +338,11 @@ fn send_error(frames: &[Bytes], i: usize) -> Result<Sent, ZmqError> {
         // SAFETY: zmq_errno(3) only reads the calling thread's errno.
         unsafe { zmq_sys::zmq_errno() },
     );
+    send_error_errno(frames, i, errno)
+}
+
+#[cold]
+fn send_error_errno(frames: &[Bytes], i: usize, errno: zmq::Error) -> Result<Sent, ZmqError> {
     match errno {
         zmq::Error::EAGAIN if i == 0 => Ok(Sent::WouldBlock),
         zmq::Error::EHOSTUNREACH => Err(ZmqError::Unroutable {
@@ -341,6 +361,25 @@ pub(crate) struct RawSocket {
     scratch: RawMsg,
     /// The shared receive buffer of small frames (see [`SLAB_FRAME_LIMIT`]).
     slab: BytesMut,
+    /// Set when a multipart send failed after its first frame: (the frame,
+    /// the frame count, libzmq's errno). libzmq cannot abort a started
+    /// message, so every later send fails with [`ZmqError::BrokenSend`].
+    broken: Option<(usize, usize, zmq::Error)>,
+    /// Fault injection for unit tests: `events` fails with `ETERM`, as
+    /// libzmq's `ZMQ_EVENTS` does once the context is shutting down (a state
+    /// the `zmq` crate gives tests no handle to reach safely).
+    #[cfg(test)]
+    pub(crate) fail_events: bool,
+    /// Fault injection for unit tests: the next multipart send fails at
+    /// this frame with `ENOMEM` (`zmq_send` is not called for it), as a
+    /// later frame can in libzmq (`ETERM` from a context shutting down,
+    /// `ENOMEM`, `EAGAIN` from a peer pipe that died mid-message).
+    #[cfg(test)]
+    pub(crate) fail_send_at: Option<usize>,
+    /// Fault injection for unit tests: the next multipart receive fails at
+    /// this frame with `ETERM` (`zmq_msg_recv` is not called for it).
+    #[cfg(test)]
+    pub(crate) fail_recv_at: Option<usize>,
 }
 
 impl std::fmt::Debug for RawSocket {
@@ -359,6 +398,13 @@ impl RawSocket {
             kind,
             scratch: RawMsg::new(),
             slab: BytesMut::new(),
+            broken: None,
+            #[cfg(test)]
+            fail_events: false,
+            #[cfg(test)]
+            fail_send_at: None,
+            #[cfg(test)]
+            fail_recv_at: None,
         })
     }
 
@@ -396,6 +442,33 @@ impl RawSocket {
     pub(crate) fn rcvbuf(&self) -> Result<Option<usize>, ZmqError> {
         let v = self.sock.get_rcvbuf().map_err(op_err("get ZMQ_RCVBUF"))?;
         Ok(usize::try_from(v).ok().filter(|&b| b > 0))
+    }
+
+    /// `ZMQ_MAXMSGSIZE`: the largest frame a peer may send, in bytes;
+    /// `None` = no limit (libzmq's -1). libzmq checks a frame's announced
+    /// size before it allocates the frame and drops the connection of a
+    /// peer that announces more.
+    pub(crate) fn set_maxmsgsize(&self, bytes: Option<usize>) -> Result<(), ZmqError> {
+        let v = match bytes {
+            None => -1,
+            Some(b) => i64::try_from(b).map_err(|_| ZmqError::InvalidOption {
+                option: "max_message_size".into(),
+                value: b.to_string(),
+                reason: format!("must be at most {}", i64::MAX),
+            })?,
+        };
+        self.sock
+            .set_maxmsgsize(v)
+            .map_err(op_err("set ZMQ_MAXMSGSIZE"))
+    }
+
+    /// `ZMQ_MAXMSGSIZE`; `None` for no limit.
+    pub(crate) fn maxmsgsize(&self) -> Result<Option<usize>, ZmqError> {
+        let v = self
+            .sock
+            .get_maxmsgsize()
+            .map_err(op_err("get ZMQ_MAXMSGSIZE"))?;
+        Ok(usize::try_from(v).ok())
     }
 
     /// `None` = wait forever (libzmq's -1).
@@ -474,7 +547,7 @@ impl RawSocket {
         check_endpoint(endpoint)?;
         self.sock.bind(endpoint).map_err(|e| ZmqError::Bind {
             endpoint: endpoint.into(),
-            source: std::io::Error::from_raw_os_error(e.to_raw()),
+            source: io_error(e),
         })?;
         match self.sock.get_last_endpoint() {
             Ok(Ok(resolved)) => Ok(resolved),
@@ -486,7 +559,7 @@ impl RawSocket {
         check_endpoint(endpoint)?;
         self.sock.connect(endpoint).map_err(|e| ZmqError::Connect {
             endpoint: endpoint.into(),
-            source: std::io::Error::from_raw_os_error(e.to_raw()),
+            source: io_error(e),
         })
     }
 
@@ -500,11 +573,49 @@ impl RawSocket {
     /// Reads `ZMQ_EVENTS` (this processes pending commands and may consume the
     /// edge on the notification descriptor).
     pub(crate) fn events(&self) -> Result<Events, ZmqError> {
+        #[cfg(test)]
+        if self.fail_events {
+            return Err(op_err("get ZMQ_EVENTS")(zmq::Error::ETERM));
+        }
         let ev = self.sock.get_events().map_err(op_err("get ZMQ_EVENTS"))?;
         Ok(Events {
             readable: ev.contains(zmq::POLLIN),
             writable: ev.contains(zmq::POLLOUT),
         })
+    }
+
+    /// The error every send returns once a multipart send broke off
+    /// mid-message (see [`ZmqError::BrokenSend`]); `None` while it can send.
+    pub(crate) fn send_broken(&self) -> Option<ZmqError> {
+        self.broken.map(|(frame, frames, e)| ZmqError::BrokenSend {
+            frame,
+            frames,
+            source: io_error(e),
+        })
+    }
+
+    /// Frame `i` (> 0) of a `frames`-frame message failed with `errno`
+    /// after the frames before it were handed to libzmq.
+    ///
+    /// With `ZMQ_DONTWAIT`, once libzmq took frame 0 a later frame fails
+    /// only when the context is shutting down (`ETERM`: the socket is
+    /// unusable anyway), on `ENOMEM`, or with `EAGAIN` when the pipe of
+    /// the peer the message goes to died between two frames (libzmq's
+    /// `lb.cpp`; it then drops the frames that follow up to the end of the
+    /// message, whichever message they belong to). libzmq has no call to
+    /// abort a started message, and sending the remaining frames would
+    /// deliver a message without the failed one, or glue the next message
+    /// to this one: the socket's sending side is marked broken instead, and
+    /// the unfinished message never reaches a peer (libzmq makes a message
+    /// visible to the peer only at its last frame).
+    #[cold]
+    fn break_send(&mut self, i: usize, frames: usize, errno: zmq::Error) -> ZmqError {
+        self.broken = Some((i, frames, errno));
+        ZmqError::BrokenSend {
+            frame: i,
+            frames,
+            source: io_error(errno),
+        }
     }
 
     /// Sends every frame with `ZMQ_DONTWAIT`; `WouldBlock` if the first frame
@@ -513,8 +624,15 @@ impl RawSocket {
     /// Each frame goes through one `zmq_send` call, which copies it into a
     /// libzmq message (the `zmq` crate's `send` takes five FFI calls for
     /// the same: init, data, size, send, close).
+    ///
+    /// # Errors
+    /// [`ZmqError::BrokenSend`] if a frame after the first failed (see
+    /// `break_send`), and for every send after that.
     #[allow(unsafe_code)]
     pub(crate) fn try_send(&mut self, frames: &[Bytes]) -> Result<Sent, ZmqError> {
+        if let Some(e) = self.send_broken() {
+            return Err(e);
+        }
         let sock = self.sock.as_mut_ptr();
         if let [frame] = frames {
             // The common case, without the loop's bookkeeping.
@@ -539,6 +657,14 @@ impl RawSocket {
             } else {
                 zmq_sys::ZMQ_DONTWAIT
             };
+            #[cfg(test)]
+            if self.fail_send_at == Some(i) {
+                self.fail_send_at = None;
+                if i == 0 {
+                    return send_error_errno(frames, i, zmq::Error::ENOMEM);
+                }
+                return Err(self.break_send(i, frames.len(), zmq::Error::ENOMEM));
+            }
             // SAFETY: `sock` is the live socket owned by `self.sock` (closed
             // only when `self.sock` drops, after this call; `&mut self` makes
             // this the only user). The buffer is `frame`'s, valid for reads of
@@ -553,7 +679,12 @@ impl RawSocket {
                 )
             };
             if rc < 0 {
-                return send_error(frames, i);
+                if i == 0 {
+                    return send_error(frames, 0);
+                }
+                // SAFETY: zmq_errno(3) only reads the calling thread's errno.
+                let errno = zmq::Error::from_raw(unsafe { zmq_sys::zmq_errno() });
+                return Err(self.break_send(i, frames.len(), errno));
             }
         }
         Ok(Sent::Taken)
@@ -593,7 +724,17 @@ impl RawSocket {
     }
 
     /// Receives one whole multipart message with `ZMQ_DONTWAIT`; `None` on EAGAIN.
-    pub(crate) fn try_recv(&mut self) -> Result<Option<Multipart>, ZmqError> {
+    ///
+    /// With `max_frames`, a message of more frames is not kept: its frames
+    /// past the limit are received and released one by one (the peer
+    /// chooses the count, and libzmq holds every frame of a message whatever
+    /// their number), and it is reported as [`ZmqError::FrameCount`] with
+    /// the whole count. A message of fewer frames is returned (the caller
+    /// checks an exact count).
+    pub(crate) fn try_recv(
+        &mut self,
+        max_frames: Option<usize>,
+    ) -> Result<Option<Multipart>, ZmqError> {
         let Some((len, mut more)) = self.recv_frame().map_err(op_err("recv"))? else {
             return Ok(None);
         };
@@ -605,15 +746,91 @@ impl RawSocket {
         let mut frames = Vec::with_capacity(4);
         frames.push(first);
         while more {
+            if let Some(max) = max_frames
+                && frames.len() >= max
+            {
+                // At least one frame more than `max` follows.
+                let actual = frames.len() + self.skip_rest();
+                return Err(ZmqError::FrameCount {
+                    expected: max,
+                    actual,
+                });
+            }
+            #[cfg(test)]
+            let injected = self
+                .fail_recv_at
+                .take_if(|at| *at == frames.len())
+                .is_some();
+            #[cfg(not(test))]
+            let injected = false;
+            let frame = if injected {
+                Err(zmq::Error::ETERM)
+            } else {
+                self.recv_frame()
+            };
             // Atomic delivery: the remaining frames are queued already, so
             // DONTWAIT never fails with EAGAIN here; if it did, it is an error.
-            let (len, next) = self
-                .recv_frame()
-                .map_err(op_err("recv (next frame)"))?
-                .ok_or_else(|| op_err("recv (next frame)")(zmq::Error::EAGAIN))?;
-            more = next;
-            frames.push(take_bytes(&mut self.scratch, len, &mut self.slab));
+            match frame {
+                Ok(Some((len, next))) => {
+                    more = next;
+                    frames.push(take_bytes(&mut self.scratch, len, &mut self.slab));
+                }
+                Ok(None) => return Err(self.abandon_message(zmq::Error::EAGAIN)),
+                Err(e) => return Err(self.abandon_message(e)),
+            }
         }
         Ok(Some(Multipart::from(frames)))
+    }
+
+    /// A frame after the first of a message could not be received: skips
+    /// what is left of the message (while `ZMQ_RCVMORE` says more follows),
+    /// so that the next receive starts at a message boundary instead of
+    /// returning the rest of this one as a message of its own. Returns the
+    /// error to report.
+    #[cold]
+    fn abandon_message(&mut self, e: zmq::Error) -> ZmqError {
+        self.skip_rest();
+        op_err("recv (next frame)")(e)
+    }
+
+    /// Receives and releases the remaining frames of the current message
+    /// (while `ZMQ_RCVMORE` says more follows); returns how many. Each frame
+    /// goes into `scratch` and is released by the next receive: nothing is
+    /// kept. It stops at the last frame, or at the first failure (a socket
+    /// whose context is shutting down fails every receive; there is no
+    /// boundary left to reach).
+    #[cold]
+    fn skip_rest(&mut self) -> usize {
+        let mut skipped = 0;
+        while self.sock.get_rcvmore().unwrap_or(false) {
+            match self.recv_frame() {
+                Ok(Some(_)) => skipped += 1,
+                Ok(None) | Err(_) => break,
+            }
+        }
+        skipped
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn libzmq_errnos_read_as_libzmq_words_them() {
+        // libzmq's own errnos (ETERM, EFSM, ...) are not the OS's: as raw OS
+        // errors they read "Unknown error 156384765".
+        let e = op_err("recv (next frame)")(zmq::Error::ETERM);
+        assert_eq!(
+            e.to_string(),
+            "zmq recv (next frame) failed: Context was terminated"
+        );
+        let e = op_err("send")(zmq::Error::EFSM);
+        assert!(!e.to_string().contains("Unknown error"), "{e}");
+        // The OS's errnos stay OS errors.
+        let ZmqError::Socket { source, .. } = op_err("send")(zmq::Error::ENOMEM) else {
+            panic!("op_err makes Socket errors");
+        };
+        assert_eq!(source.raw_os_error(), Some(libc::ENOMEM));
     }
 }

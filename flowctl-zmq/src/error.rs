@@ -55,6 +55,40 @@ pub enum ZmqError {
         /// Frame 0 of the message.
         routing_id: Bytes,
     },
+    /// `close` gave up on messages the sink had accepted: they were dropped
+    /// without reaching libzmq (still queued when the flush failed or timed
+    /// out, or rejected by libzmq for good, e.g. unroutable). The messages
+    /// handed to libzmq before are not counted here.
+    #[error(
+        "close dropped {messages} accepted messages ({bytes} bytes) that never reached libzmq: {source}"
+    )]
+    Unsent {
+        /// How many messages were dropped.
+        messages: u64,
+        /// Their payload, in bytes (the sum of their frames' lengths).
+        bytes: u64,
+        /// Why the flush stopped: the first error it met (a
+        /// [`FlowError::Timeout`] of the linger, a [`ZmqError::Unroutable`], ...).
+        #[source]
+        source: FlowError,
+    },
+    /// A multipart send failed at frame `frame` (0-based) of `frames`, after
+    /// the frames before it were handed to libzmq. libzmq cannot abort a
+    /// started message, and the next message sent would be glued to this
+    /// one, so the socket refuses every later send with this error (the
+    /// unfinished message never reaches a peer). Build a new socket.
+    #[error(
+        "frame {frame} of a {frames}-frame message failed after the frames before it were sent: libzmq cannot abort a started message, so this socket sends no more ({source})"
+    )]
+    BrokenSend {
+        /// The frame that failed (at least 1).
+        frame: usize,
+        /// The message's frame count.
+        frames: usize,
+        /// libzmq's errno.
+        #[source]
+        source: std::io::Error,
+    },
     /// The operation does not exist for this socket type.
     #[error("{op} is not supported by a {socket} socket")]
     Unsupported {

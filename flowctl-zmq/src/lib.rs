@@ -103,6 +103,14 @@
 //! into `EAGAIN`). A source holds no message, so its `stats().buffered` is 0:
 //! libzmq's receive queue (up to RCVHWM messages) is not ours to count.
 //!
+//! RCVHWM counts messages, not bytes, and libzmq allocates a received frame
+//! at the size its header announces: without a limit, one peer announcing a
+//! 16 GiB frame makes the process allocate it. [`SocketBuilder`] therefore
+//! always sets `ZMQ_MAXMSGSIZE` ([`SocketBuilder::max_message_size`]; by
+//! default the largest of `high`, the expected message size and
+//! [`MIN_DEFAULT_MAX_MESSAGE_SIZE`], 1 MiB): libzmq drops the connection of
+//! a peer that announces a larger frame before allocating anything.
+//!
 //! The kernel's socket buffers sit outside all of these bounds, and with
 //! small messages they hold far more than the HWMs (Linux autotunes TCP
 //! buffers up to megabytes), which makes them most of a loaded link's
@@ -116,7 +124,11 @@
 //! libzmq, closes the socket and, when the socket has its own context (the
 //! default), waits in `zmq_ctx_term` until libzmq has sent everything or the
 //! [linger](SocketBuilder::linger) has expired. Dropping a socket lingers in a
-//! background thread instead of blocking the runtime.
+//! background thread instead of blocking the runtime. A queued message
+//! libzmq rejects for good (unroutable) does not stop the flush; whatever
+//! `close` could not hand to libzmq (the linger expired, a message was
+//! rejected) is counted in [`ZmqError::Unsent`], and the sink's
+//! `stats().buffered` is 0 afterwards.
 //!
 //! [`ZmqSource::close`] closes the receiving half: later `recv` calls return
 //! [`FlowError::Closed`](flowctl_core::FlowError::Closed), and when the sink
@@ -147,7 +159,12 @@
 //!   every 32nd call until it must wait.
 //! - Multipart messages are atomic: once libzmq takes the first frame the
 //!   others go in too (the HWM counts whole messages), and a receiver that got
-//!   the first frame has the others queued.
+//!   the first frame has the others queued. A later frame can still fail (a
+//!   context shutting down, `ENOMEM`, a peer's pipe dying between two
+//!   frames), and libzmq cannot abort a started message: the socket then
+//!   refuses every later send ([`ZmqError::BrokenSend`]) rather than glue the
+//!   next message to the broken one, and a receive that fails after frame 0
+//!   skips the rest of its message before returning the error.
 //! - PUB drops at SNDHWM without a trace; `ZMQ_XPUB_NODROP` (honoured by PUB,
 //!   which derives from XPUB) turns that into `EAGAIN`. The `zmq` crate has no
 //!   setter, so it is set through `zmq_sys::zmq_setsockopt`. With NODROP,
@@ -216,8 +233,8 @@ pub use backend::SocketType;
 pub use error::ZmqError;
 pub use multipart::Multipart;
 pub use socket::{
-    Context, DEFAULT_EXPECTED_MESSAGE_SIZE, DEFAULT_LINGER, SocketBuilder, ZmqSink, ZmqSocket,
-    ZmqSource, ZmqStats,
+    Context, DEFAULT_EXPECTED_MESSAGE_SIZE, DEFAULT_LINGER, MIN_DEFAULT_MAX_MESSAGE_SIZE,
+    SocketBuilder, ZmqSink, ZmqSocket, ZmqSource, ZmqStats,
 };
 
 /// The libzmq version this binary is linked to, as (major, minor, patch).

@@ -13,6 +13,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use flowctl_core::fair::Budget;
 use flowctl_core::gate::Gate;
+use flowctl_core::weighted::{MIN_CHARGE, charge_of};
 use flowctl_core::{Fairness, FlowError, FlowStats, Sink, Source, Watermarks, Weighted};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::Notify;
@@ -27,6 +28,11 @@ pub const DEFAULT_EXPECTED_MESSAGE_SIZE: usize = 1024;
 /// After libzmq refused a message, the sink retries only every this many
 /// `ready` calls (or after waiting for room).
 const RETRY_EVERY: u32 = 32;
+
+/// The least default [`max_message_size`](SocketBuilder::max_message_size):
+/// 1 MiB. Unless set, the limit is the largest of the high watermark, the
+/// expected message size and this.
+pub const MIN_DEFAULT_MAX_MESSAGE_SIZE: usize = 1024 * 1024;
 
 /// The default linger of [`Sink::close`] and of a dropped socket: 30 s.
 pub const DEFAULT_LINGER: Duration = Duration::from_secs(30);
@@ -167,20 +173,27 @@ impl Core {
     /// After a send or recv by `me`: if the other direction waits, re-check
     /// the events for it (the operation processed libzmq's commands and may
     /// have consumed its edge).
-    fn after_op(&self, me: Dir) -> Result<(), FlowError> {
+    ///
+    /// Never fails: the operation before it has already moved messages, and
+    /// an error here must not make the caller drop them or report them as
+    /// not sent. If the events cannot be read, the waiting direction is woken
+    /// anyway; its own next operation meets the error and returns it.
+    fn after_op(&self, me: Dir) {
         let other_waits = match me {
             Dir::In => self.waiting_out.load(Ordering::SeqCst),
             Dir::Out => self.waiting_in.load(Ordering::SeqCst),
         };
-        if other_waits {
-            self.events(Some(me))?;
+        if other_waits && self.events(Some(me)).is_err() {
+            match me {
+                Dir::In => self.notify_out.notify_one(),
+                Dir::Out => self.notify_in.notify_one(),
+            }
         }
-        Ok(())
     }
 
     fn try_send(&self, msg: &[Bytes]) -> Result<Sent, FlowError> {
         let sent = self.with_sock(|s| s.try_send(msg))?;
-        self.after_op(Dir::Out)?;
+        self.after_op(Dir::Out);
         Ok(sent)
     }
 
@@ -291,7 +304,8 @@ impl Drop for LowerOnDrop<'_> {
 /// [`DEFAULT_EXPECTED_MESSAGE_SIZE`]). So libzmq's queue on each side holds
 /// about `high` bytes of messages of the expected size; larger messages make
 /// it hold proportionally more. The sink's own queue is charged in bytes to a
-/// [`Gate`] with the same watermarks.
+/// [`Gate`] with the same watermarks, each message at least
+/// [`MIN_CHARGE`](flowctl_core::weighted::MIN_CHARGE) bytes.
 #[derive(Debug, Clone)]
 pub struct SocketBuilder {
     kind: SocketType,
@@ -300,6 +314,8 @@ pub struct SocketBuilder {
     expected_size: usize,
     sndhwm: Option<usize>,
     rcvhwm: Option<usize>,
+    /// `None`: derived; `Some(None)`: no limit.
+    max_message_size: Option<Option<usize>>,
     linger: Option<Duration>,
     sndbuf: Option<usize>,
     rcvbuf: Option<usize>,
@@ -321,6 +337,7 @@ impl SocketBuilder {
             expected_size: DEFAULT_EXPECTED_MESSAGE_SIZE,
             sndhwm: None,
             rcvhwm: None,
+            max_message_size: None,
             linger: Some(DEFAULT_LINGER),
             sndbuf: None,
             rcvbuf: None,
@@ -360,6 +377,31 @@ impl SocketBuilder {
     /// Sets `ZMQ_RCVHWM` in messages (0 = unlimited, as in libzmq).
     pub fn recv_hwm(mut self, msgs: usize) -> Self {
         self.rcvhwm = Some(msgs);
+        self
+    }
+
+    /// The largest frame a peer may send to this socket (`ZMQ_MAXMSGSIZE`),
+    /// in bytes; `None` for no limit (libzmq's own default, not flowctl's).
+    ///
+    /// libzmq allocates a received frame at the size its header announces,
+    /// before the bytes arrive, and RCVHWM counts messages, not bytes: without
+    /// a limit a peer that announces a 16 GiB frame makes this process
+    /// allocate (and, as the bytes come, fill) 16 GiB. With a limit, libzmq
+    /// checks the announced size first and drops the connection of a peer
+    /// that exceeds it (silently: no error reaches `recv`; the messages that
+    /// peer sent before are delivered, and a connecting socket reconnects).
+    /// The limit is per frame; it does not apply to what this socket sends.
+    ///
+    /// Unset, it is the largest of the high [`watermark`](Self::watermarks),
+    /// the [`expected_message_size`](Self::expected_message_size) and
+    /// [`MIN_DEFAULT_MAX_MESSAGE_SIZE`] (1 MiB): 1 MiB with the defaults.
+    /// Raise it when peers legitimately send larger frames.
+    ///
+    /// # Errors
+    /// [`build`](Self::build) fails with [`ZmqError::InvalidOption`] for a
+    /// value above `i64::MAX`.
+    pub fn max_message_size(mut self, bytes: Option<usize>) -> Self {
+        self.max_message_size = Some(bytes);
         self
     }
 
@@ -413,6 +455,11 @@ impl SocketBuilder {
     /// Every received message must have exactly `n` frames (including the
     /// routing id frame on a ROUTER); others are consumed and reported as
     /// [`ZmqError::FrameCount`], and the stream goes on.
+    ///
+    /// It also bounds what a peer's frame count costs here: the frames of a
+    /// message past the `n`th are received and released one at a time,
+    /// never collected (libzmq itself still queues every frame of a message
+    /// until its last one arrives).
     pub fn expect_frames(mut self, n: usize) -> Self {
         self.frames = Some(n);
         self
@@ -444,7 +491,8 @@ impl SocketBuilder {
     }
 
     /// Sets an option by name, for configuration files: `send_hwm`,
-    /// `recv_hwm`, `expected_message_size`, `linger_ms` (`-1` = forever),
+    /// `recv_hwm`, `expected_message_size`, `max_message_size` (bytes, `-1`
+    /// = no limit), `linger_ms` (`-1` = forever),
     /// `send_buffer`, `recv_buffer` (bytes), `expect_frames`, `routing_id`,
     /// `subscribe`, `bind`, `connect`.
     ///
@@ -468,6 +516,16 @@ impl SocketBuilder {
             "send_buffer" => self.send_buffer(num()?),
             "recv_buffer" => self.recv_buffer(num()?),
             "expect_frames" => self.expect_frames(num()?),
+            "max_message_size" => {
+                if value == "-1" {
+                    self.max_message_size(None)
+                } else {
+                    let bytes = value
+                        .parse::<usize>()
+                        .map_err(|_| bad("expected bytes (>= 0) or -1 for no limit"))?;
+                    self.max_message_size(Some(bytes))
+                }
+            }
             "linger_ms" => {
                 if value == "-1" {
                     self.linger(None)
@@ -484,7 +542,7 @@ impl SocketBuilder {
             "connect" => self.connect(value),
             _ => {
                 return Err(bad(
-                    "unknown option (known: send_hwm, recv_hwm, expected_message_size, linger_ms, send_buffer, recv_buffer, expect_frames, routing_id, subscribe, bind, connect)",
+                    "unknown option (known: send_hwm, recv_hwm, expected_message_size, max_message_size, linger_ms, send_buffer, recv_buffer, expect_frames, routing_id, subscribe, bind, connect)",
                 ));
             }
         })
@@ -492,6 +550,18 @@ impl SocketBuilder {
 
     fn derived_hwm(&self) -> usize {
         self.wm.high().div_ceil(self.expected_size).max(1)
+    }
+
+    /// The `ZMQ_MAXMSGSIZE` this builder sets (see [`max_message_size`](Self::max_message_size)).
+    fn effective_max_message_size(&self) -> Option<usize> {
+        self.max_message_size.unwrap_or_else(|| {
+            Some(
+                self.wm
+                    .high()
+                    .max(self.expected_size)
+                    .max(MIN_DEFAULT_MAX_MESSAGE_SIZE),
+            )
+        })
     }
 
     /// Creates the socket, applies the options, binds and connects.
@@ -511,6 +581,8 @@ impl SocketBuilder {
         let hwm = self.derived_hwm();
         sock.set_sndhwm(self.sndhwm.unwrap_or(hwm))?;
         sock.set_rcvhwm(self.rcvhwm.unwrap_or(hwm))?;
+        let max_message_size = self.effective_max_message_size();
+        sock.set_maxmsgsize(max_message_size)?;
         sock.set_linger(self.linger)?;
         if let Some(bytes) = self.sndbuf {
             sock.set_sndbuf(bytes)?;
@@ -556,6 +628,7 @@ impl SocketBuilder {
             socket = self.kind.name(),
             ?endpoints,
             hwm,
+            ?max_message_size,
             "zmq socket ready"
         );
         let counters = Arc::new(Counters::default());
@@ -588,6 +661,7 @@ impl SocketBuilder {
                 uncharged: 0,
                 budget: Budget::new(self.fairness),
                 closed: false,
+                rejected: (0, 0),
             },
             source: ZmqSource {
                 core: Some(core),
@@ -660,6 +734,15 @@ impl ZmqSocket {
         self.sink.core()?.with_sock(|s| s.sndbuf())
     }
 
+    /// The largest frame a peer may send (`ZMQ_MAXMSGSIZE`, read back with
+    /// `getsockopt`); `None` = no limit. See [`SocketBuilder::max_message_size`].
+    ///
+    /// # Errors
+    /// A failed `getsockopt` ([`ZmqError::Socket`]).
+    pub fn max_message_size(&self) -> Result<Option<usize>, FlowError> {
+        self.sink.core()?.with_sock(|s| s.maxmsgsize())
+    }
+
     /// The kernel receive buffer size (`ZMQ_RCVBUF`); `None` = the operating
     /// system's default. See [`SocketBuilder::recv_buffer`].
     ///
@@ -674,7 +757,10 @@ impl ZmqSocket {
 ///
 /// # Backpressure
 /// `start_send` hands the message to libzmq at once when libzmq takes it
-/// (below SNDHWM); otherwise it is queued here, charged in bytes. `ready`
+/// (below SNDHWM); otherwise it is queued here, charged in bytes: its
+/// [`weight`](Weighted::weight), and at least
+/// [`MIN_CHARGE`](flowctl_core::weighted::MIN_CHARGE) (64 bytes), so a queue
+/// of empty frames pauses too (at most `high / 64` + 1 of them). `ready`
 /// pushes the queue into libzmq (after a refusal, on every 32nd call, so a
 /// sender at the HWM does not pay a refused send per message; the queue goes
 /// into libzmq under one lock of the socket) and waits, while
@@ -685,7 +771,11 @@ impl ZmqSocket {
 /// # Errors
 /// A message libzmq rejects for good (a ROUTER message to a routing id with no
 /// peer: [`ZmqError::Unroutable`]) is dropped and the error returned, by
-/// `start_send` or, if it was queued, by the next `ready`/`flush`.
+/// `start_send` or, if it was queued, by the next `ready`/`flush`. A
+/// multipart message whose send fails after its first frame breaks the
+/// socket's sending side ([`ZmqError::BrokenSend`]): libzmq cannot abort the
+/// started message, so every later send fails with that error instead of
+/// being glued to it; messages still queued are counted by `close`.
 ///
 /// # Flushing
 /// As with `futures::Sink`, a message accepted while libzmq is at its HWM
@@ -727,6 +817,9 @@ pub struct ZmqSink {
     uncharged: usize,
     budget: Budget,
     closed: bool,
+    /// Queued messages libzmq rejected for good (dropped by `drain`), and
+    /// their payload bytes: what `close` counts as dropped besides the queue.
+    rejected: (u64, u64),
 }
 
 impl ZmqSink {
@@ -737,26 +830,28 @@ impl ZmqSink {
         }
     }
 
-    /// Handles the outcome of a send attempt of `weight` bytes; true if the
-    /// message left our hands (the caller counts it as sent if `sent` is
-    /// [`Sent::Taken`]).
+    /// Handles the outcome of a send attempt; true if the message left our
+    /// hands (the caller counts it as sent if `sent` is [`Sent::Taken`]).
     #[inline]
-    fn account(core: &Core, sent: Sent, weight: usize) -> bool {
+    fn account(core: &Core, sent: Sent) -> bool {
         match sent {
             Sent::Taken => true,
             Sent::WouldBlock if core.kind == SocketType::Pub => {
                 core.counters.dropped.fetch_add(1, Ordering::Relaxed);
-                tracing::trace!(weight, "pub: subscriber at its HWM, message dropped");
+                tracing::trace!("pub: subscriber at its HWM, message dropped");
                 true
             }
             Sent::WouldBlock => false,
         }
     }
 
-    /// Charges a message of `weight` bytes put in the queue (see `uncharged`).
-    fn charge_queued(&mut self, weight: usize) {
-        self.queued_bytes += weight;
-        self.uncharged += weight;
+    /// Charges a message put in the queue: `charge` is its
+    /// [`charge_of`], at least `MIN_CHARGE` bytes even for empty frames, so
+    /// that the watermarks bound the number of queued messages too (see
+    /// `uncharged`).
+    fn charge_queued(&mut self, charge: usize) {
+        self.queued_bytes += charge;
+        self.uncharged += charge;
         if !self.paused && self.queued_bytes > self.wm.high() {
             self.paused = true;
             self.gate.charge(std::mem::take(&mut self.uncharged));
@@ -764,13 +859,14 @@ impl ZmqSink {
         }
     }
 
-    /// Credits `weight` bytes that left the queue.
-    fn credit_queued(&mut self, weight: usize) {
+    /// Credits `charge` bytes (the sum of [`charge_of`] of the messages)
+    /// that left the queue.
+    fn credit_queued(&mut self, charge: usize) {
         if self.uncharged > 0 {
             self.gate.charge(std::mem::take(&mut self.uncharged));
         }
-        self.queued_bytes -= weight;
-        self.gate.credit(weight);
+        self.queued_bytes -= charge;
+        self.gate.credit(charge);
         if self.paused && self.queued_bytes <= self.wm.low() {
             self.paused = false;
         }
@@ -795,10 +891,15 @@ impl ZmqSink {
             let mut guard = core.lock()?;
             let sock = guard.as_mut().ok_or(FlowError::Closed)?;
             for msg in &self.queue {
-                let weight = msg.weight();
+                if let Some(e) = sock.send_broken() {
+                    // Broken by an earlier message: this one was never
+                    // tried, it stays queued (`close` counts it).
+                    failed = Some(FlowError::from(e));
+                    break;
+                }
                 match sock.try_send(msg) {
                     Ok(outcome) => {
-                        if !Self::account(&core, outcome, weight) {
+                        if !Self::account(&core, outcome) {
                             self.refused = 1;
                             break;
                         }
@@ -811,9 +912,11 @@ impl ZmqSink {
                         // unknown routing id): drop it and report, or every
                         // later call would fail on it again.
                         failed = Some(FlowError::from(e));
+                        self.rejected.0 += 1;
+                        self.rejected.1 += msg.weight() as u64;
                     }
                 }
-                credit += weight;
+                credit += charge_of(msg);
                 moved += 1;
                 if failed.is_some() {
                     break;
@@ -832,12 +935,49 @@ impl ZmqSink {
         }
         // The sends processed libzmq's commands: re-check for the receiver
         // (also when a later message failed: the earlier ones were sent).
-        let rechecked = core.after_op(Dir::Out);
+        core.after_op(Dir::Out);
         if let Some(e) = failed {
             return Err(e);
         }
-        rechecked?;
         Ok(moved)
+    }
+
+    /// `flush` for `close`: a queued message libzmq rejects for good (dropped
+    /// by `drain`, counted in `rejected`) does not stop it, the messages
+    /// behind it still go. It stops when the queue is empty or at an error
+    /// that made no progress; the first error is left in `first`.
+    async fn flush_for_close(&mut self, first: &mut Option<FlowError>) {
+        loop {
+            let before = self.queue.len();
+            let step = match self.drain() {
+                Ok(_) if self.queue.is_empty() => return,
+                Ok(_) => self.wait_writable().await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = step {
+                first.get_or_insert(e);
+                if self.queue.len() >= before {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Drops every queued message (`close` gave up on them) and credits
+    /// their charge, so `buffered` returns to 0. Returns how many, and their
+    /// payload bytes.
+    fn discard_queue(&mut self) -> (u64, u64) {
+        let messages = self.queue.len() as u64;
+        let (mut charge, mut bytes) = (0, 0u64);
+        for msg in self.queue.drain(..) {
+            charge += charge_of(&msg);
+            bytes += msg.weight() as u64;
+        }
+        if charge > 0 {
+            self.credit_queued(charge);
+        }
+        self.refused = 0;
+        (messages, bytes)
     }
 
     /// Waits for libzmq to have room. `ZMQ_EVENTS` may say "writable" while a
@@ -925,7 +1065,9 @@ impl ZmqSink {
     /// As [`send`](Self::send). A message that fails on its own (an empty
     /// one, an unroutable ROUTER message) is taken out of `batch` and
     /// dropped, as `start_send` would; the messages before it were accepted
-    /// and the ones after it stay in `batch`. On a closed sink or a socket
+    /// and the ones after it stay in `batch`. On a socket whose sending side
+    /// broke off mid-message ([`ZmqError::BrokenSend`]) the message that
+    /// broke it is dropped and the ones never tried stay in `batch`. On a closed sink or a socket
     /// type that cannot send, `batch` is left as it was.
     pub async fn send_many(&mut self, batch: &mut VecDeque<Multipart>) -> Result<usize, FlowError> {
         let mut accepted = 0;
@@ -964,6 +1106,9 @@ impl ZmqSink {
         let mut taken = 0;
         let mut direct = 0u64;
         let mut failed = None;
+        // The failed message was never tried (the socket was broken before
+        // it): it stays in `batch`.
+        let mut untried = false;
         let mut refused = false;
         {
             let mut guard = if queueing { None } else { Some(core.lock()?) };
@@ -979,9 +1124,15 @@ impl ZmqSink {
                     break;
                 }
                 let weight = item.weight();
+                let charge = charge_of(item);
                 if let Some(sock) = sock.as_deref_mut() {
+                    if let Some(e) = sock.send_broken() {
+                        failed = Some(FlowError::from(e));
+                        untried = true;
+                        break;
+                    }
                     match sock.try_send(item) {
-                        Ok(outcome) if Self::account(&core, outcome, weight) => {
+                        Ok(outcome) if Self::account(&core, outcome) => {
                             if outcome == Sent::Taken {
                                 direct += 1;
                             }
@@ -998,16 +1149,16 @@ impl ZmqSink {
                         }
                     }
                 } else {
-                    self.charge_queued(weight);
+                    self.charge_queued(charge);
                 }
                 self.items += 1;
                 self.bytes += weight as u64;
-                self.budget.charge(weight);
+                self.budget.charge(charge);
                 taken += 1;
             }
         }
         // The failed message leaves `batch` too, and is dropped.
-        let removed = taken + usize::from(failed.is_some());
+        let removed = taken + usize::from(failed.is_some() && !untried);
         if queueing {
             self.queue.extend(batch.drain(..taken));
             batch.drain(..removed - taken);
@@ -1018,11 +1169,10 @@ impl ZmqSink {
             core.counters.sent.fetch_add(direct, Ordering::Relaxed);
         }
         // The sends processed libzmq's commands: re-check for the receiver.
-        let rechecked = core.after_op(Dir::Out);
+        core.after_op(Dir::Out);
         if let Some(e) = failed {
             return Err(e);
         }
-        rechecked?;
         Ok((taken, refused))
     }
 
@@ -1088,26 +1238,27 @@ impl Sink for ZmqSink {
             return Err(ZmqError::EmptyMessage.into());
         }
         let weight = item.weight();
+        let charge = charge_of(&item);
         if self.queue.is_empty() {
             // Fast path: straight into libzmq, nothing buffered here.
             let sent = core.try_send(&item)?;
-            if Self::account(core, sent, weight) {
+            if Self::account(core, sent) {
                 if sent == Sent::Taken {
                     core.counters.sent.fetch_add(1, Ordering::Relaxed);
                 }
                 self.items += 1;
                 self.bytes += weight as u64;
-                self.budget.charge(weight);
+                self.budget.charge(charge);
                 return Ok(());
             }
         }
         if self.queue.is_empty() {
             self.refused = 1;
         }
-        self.charge_queued(weight);
+        self.charge_queued(charge);
         self.items += 1;
         self.bytes += weight as u64;
-        self.budget.charge(weight);
+        self.budget.charge(charge);
         self.queue.push_back(item);
         Ok(())
     }
@@ -1126,31 +1277,66 @@ impl Sink for ZmqSink {
     /// the sending side. If the source half is gone too, the libzmq socket is
     /// closed; with a private context `close` then waits until libzmq has sent
     /// every message or the linger has expired.
+    ///
+    /// A queued message libzmq rejects for good (an unroutable ROUTER
+    /// message) is dropped and the flush goes on with the messages behind it.
+    /// Every message accepted is then either handed to libzmq or counted in
+    /// the error, and `stats().buffered` is 0 afterwards, even after an error.
+    ///
+    /// # Errors
+    /// [`ZmqError::Unsent`] if messages the sink had accepted were dropped
+    /// (how many, their bytes, and the first error as its source: the
+    /// linger's [`FlowError::Timeout`], [`ZmqError::Unroutable`], ...);
+    /// the first error itself if none were.
     async fn close(&mut self) -> Result<(), FlowError> {
         if self.closed || self.core.is_none() {
             self.closed = true;
             return Ok(());
         }
         let linger = self.core()?.linger;
-        let flushed = match linger {
-            Some(l) => tokio::time::timeout(l, self.flush())
-                .await
-                .unwrap_or(Err(FlowError::Timeout(l))),
-            None => self.flush().await,
-        };
-        self.closed = true;
-        self.gate.close();
-        let Some(core) = self.core.take() else {
-            return flushed;
-        };
-        if let Ok(mut core) = Arc::try_unwrap(core) {
-            let (sock, ctx) = core.take_parts();
-            tokio::task::spawn_blocking(move || finish(sock, ctx))
-                .await
-                .map_err(|e| FlowError::transport(format!("linger task failed: {e}")))?;
-            tracing::info!("zmq socket closed");
+        let rejected_before = self.rejected;
+        let mut first = None;
+        let flushing = self.flush_for_close(&mut first);
+        match linger {
+            Some(l) => {
+                if tokio::time::timeout(l, flushing).await.is_err() {
+                    first.get_or_insert(FlowError::Timeout(l));
+                }
+            }
+            None => flushing.await,
         }
-        flushed
+        self.closed = true;
+        let (mut messages, mut bytes) = self.discard_queue();
+        messages += self.rejected.0 - rejected_before.0;
+        bytes += self.rejected.1 - rejected_before.1;
+        self.gate.close();
+        if let Some(core) = self.core.take()
+            && let Ok(mut core) = Arc::try_unwrap(core)
+        {
+            let (sock, ctx) = core.take_parts();
+            match tokio::task::spawn_blocking(move || finish(sock, ctx)).await {
+                Ok(()) => tracing::info!("zmq socket closed"),
+                Err(e) => {
+                    first.get_or_insert(FlowError::transport(format!("linger task failed: {e}")));
+                }
+            }
+        }
+        match first {
+            None if messages == 0 => Ok(()),
+            None => Err(ZmqError::Unsent {
+                messages,
+                bytes,
+                source: FlowError::Closed,
+            }
+            .into()),
+            Some(e) if messages == 0 => Err(e),
+            Some(e) => Err(ZmqError::Unsent {
+                messages,
+                bytes,
+                source: e,
+            }
+            .into()),
+        }
     }
 
     /// `buffered`, `max_buffered`, `paused` and `pauses` are those of the
@@ -1318,7 +1504,7 @@ impl ZmqSource {
     #[inline]
     fn accept(&mut self, msg: &Multipart) -> Result<(), FlowError> {
         let weight = msg.weight();
-        self.budget.charge(weight);
+        self.budget.charge(charge_of(msg));
         if let Some(expected) = self.frames
             && msg.len() != expected
         {
@@ -1385,7 +1571,7 @@ impl ZmqSource {
                 if n == max || (n > 0 && self.budget.spent()) {
                     break Ok(());
                 }
-                match sock.try_recv() {
+                match sock.try_recv(self.frames) {
                     Ok(Some(msg)) => {
                         received += 1;
                         if received == 1 && waited {
@@ -1398,6 +1584,16 @@ impl ZmqSource {
                         n += 1;
                     }
                     Ok(None) => break Ok(()),
+                    Err(ZmqError::FrameCount { expected, actual }) => {
+                        // Too many frames: libzmq handed the message over,
+                        // and it was released frame by frame, not kept.
+                        received += 1;
+                        if received == 1 && waited {
+                            self.budget.reset();
+                        }
+                        self.budget.charge(MIN_CHARGE);
+                        break Err(self.frame_error(expected, actual));
+                    }
                     Err(e) => break Err(FlowError::from(e)),
                 }
             }
@@ -1408,7 +1604,7 @@ impl ZmqSource {
                 .fetch_add(received, Ordering::Relaxed);
         }
         // The receives processed libzmq's commands: re-check for the sender.
-        core.after_op(Dir::In)?;
+        core.after_op(Dir::In);
         taken.map(|()| n)
     }
 }
@@ -1478,8 +1674,16 @@ impl Source for ZmqSource {
     }
 }
 
+/// The pyzmq peer fixture of the integration tests, for the unit tests
+/// that inject a fault into a conversation with pyzmq.
+#[cfg(test)]
+#[allow(dead_code, unreachable_pub)]
+#[path = "../tests/it/peer.rs"]
+mod test_peer;
+
 #[cfg(test)]
 mod tests {
+    use super::test_peer as peer;
     use super::*;
 
     #[test]
@@ -1492,5 +1696,217 @@ mod tests {
         assert_eq!(b.expected_message_size(0).derived_hwm(), 1000);
         // Defaults: 512 KiB / 1 KiB.
         assert_eq!(SocketBuilder::new(SocketType::Pull).derived_hwm(), 512);
+    }
+
+    #[test]
+    fn max_message_size_defaults_to_high_or_expected_size_with_a_floor() {
+        let b = SocketBuilder::new(SocketType::Pull);
+        assert_eq!(
+            b.effective_max_message_size(),
+            Some(MIN_DEFAULT_MAX_MESSAGE_SIZE)
+        );
+        let wm = Watermarks::new(0, 8 << 20).unwrap();
+        let b = b.watermarks(wm);
+        assert_eq!(b.effective_max_message_size(), Some(8 << 20));
+        let b = b.expected_message_size(16 << 20);
+        assert_eq!(b.effective_max_message_size(), Some(16 << 20));
+        assert_eq!(
+            b.clone()
+                .max_message_size(Some(100))
+                .effective_max_message_size(),
+            Some(100)
+        );
+        assert_eq!(b.max_message_size(None).effective_max_message_size(), None);
+    }
+
+    /// A PAIR pair over inproc: (`a`'s halves, `b`'s halves).
+    fn pair(ctx: &Context, name: &str) -> ((ZmqSink, ZmqSource), (ZmqSink, ZmqSource)) {
+        let ep = format!("inproc://{name}");
+        let a = SocketBuilder::new(SocketType::Pair)
+            .context(ctx)
+            .bind(ep.clone())
+            .build()
+            .unwrap()
+            .split();
+        let b = SocketBuilder::new(SocketType::Pair)
+            .context(ctx)
+            .connect(ep)
+            .build()
+            .unwrap()
+            .split();
+        (a, b)
+    }
+
+    /// Waits until libzmq has a message for `rx`.
+    async fn until_readable(rx: &ZmqSource) {
+        let core = rx.core().unwrap();
+        while !core.events(None).unwrap().readable {
+            core.wait(Dir::In, true).await.unwrap();
+        }
+    }
+
+    fn fail_events(core: &Core, fail: bool) {
+        core.with_sock(|s| {
+            s.fail_events = fail;
+            Ok(())
+        })
+        .unwrap();
+    }
+
+    fn one(s: &'static str) -> Multipart {
+        Multipart::from(Bytes::from_static(s.as_bytes()))
+    }
+
+    /// Issue 15 "also fix": `take_ready` took a message, then failed on the
+    /// `ZMQ_EVENTS` read done for a waiting sink half, and returned that
+    /// error: the message was lost.
+    #[tokio::test]
+    async fn recv_keeps_a_taken_message_when_the_events_check_fails() {
+        let ctx = Context::new();
+        let ((_a_tx, mut a_rx), (mut b_tx, _b_rx)) = pair(&ctx, "events-fail-recv");
+        b_tx.send(one("m0")).await.unwrap();
+        b_tx.send(one("m1")).await.unwrap();
+        until_readable(&a_rx).await;
+        let core = a_rx.core().unwrap().clone();
+        // The sink half waits for room: every receive re-checks the events for it.
+        core.waiting_out.store(true, Ordering::SeqCst);
+        fail_events(&core, true);
+        let got = a_rx.recv().await;
+        assert!(
+            matches!(&got, Ok(Some(m)) if *m == one("m0")),
+            "the taken message must be returned, got {got:?}"
+        );
+        assert_eq!(a_rx.stats().items, 1);
+        // The waiting half is woken, to meet the error in its own operation.
+        assert!(
+            futures::FutureExt::now_or_never(core.notify_out.notified()).is_some(),
+            "the waiting sink half was not woken"
+        );
+        fail_events(&core, false);
+        core.waiting_out.store(false, Ordering::SeqCst);
+        assert_eq!(a_rx.recv().await.unwrap(), Some(one("m1")), "nothing lost");
+    }
+
+    /// The send side of the same: a message libzmq took was reported as an
+    /// error (and not counted) when the events check after it failed, so a
+    /// caller that retried sent it twice.
+    #[tokio::test]
+    async fn start_send_counts_a_sent_message_when_the_events_check_fails() {
+        let ctx = Context::new();
+        let ((mut a_tx, a_rx), (_b_tx, mut b_rx)) = pair(&ctx, "events-fail-send");
+        let core = a_rx.core().unwrap().clone();
+        // The source half waits for a message: every send re-checks for it.
+        core.waiting_in.store(true, Ordering::SeqCst);
+        fail_events(&core, true);
+        a_tx.ready().await.unwrap();
+        let sent = Sink::start_send(&mut a_tx, one("m0"));
+        assert!(sent.is_ok(), "libzmq took the message, yet: {sent:?}");
+        assert_eq!(a_tx.stats().items, 1);
+        assert_eq!(a_tx.zmq_stats().sent, 1);
+        assert!(
+            futures::FutureExt::now_or_never(core.notify_in.notified()).is_some(),
+            "the waiting source half was not woken"
+        );
+        fail_events(&core, false);
+        core.waiting_in.store(false, Ordering::SeqCst);
+        assert_eq!(b_rx.recv().await.unwrap(), Some(one("m0")));
+    }
+
+    /// Issue 15 "also fix": a multipart send that failed after its first
+    /// frame left libzmq mid-message, and the next message sent on the
+    /// socket was glued to the broken one (the peer got one message with the
+    /// frames of both). libzmq cannot abort a started message, so the
+    /// socket now refuses every later send with the error that broke it.
+    #[tokio::test]
+    async fn multipart_send_failing_mid_message_refuses_the_next_send_instead_of_gluing() {
+        let mut peer = peer::Peer::start(&[
+            "pull",
+            "--bind",
+            "tcp://127.0.0.1:*",
+            "--count",
+            "2",
+            "--progress",
+        ]);
+        let mut tx = SocketBuilder::new(SocketType::Push)
+            .connect(peer.endpoint.clone())
+            .build()
+            .unwrap()
+            .into_sink();
+        tx.send(peer::message(0, 16)).await.unwrap();
+        // Message 1 fails at its frame 1: frame 0 is in libzmq already.
+        tx.core()
+            .unwrap()
+            .with_sock(|s| {
+                s.fail_send_at = Some(1);
+                Ok(())
+            })
+            .unwrap();
+        let err = tx.send(peer::message(1, 16)).await.unwrap_err();
+        assert!(
+            matches!(
+                err.transport_error::<ZmqError>(),
+                Some(ZmqError::BrokenSend {
+                    frame: 1,
+                    frames: 2,
+                    ..
+                })
+            ),
+            "{err:?}"
+        );
+        // Sent on this socket, it would reach the peer glued to frame 0 of
+        // the broken message.
+        let again = tx.send(peer::message(1, 16)).await;
+        assert!(
+            matches!(&again, Err(e) if matches!(e.transport_error::<ZmqError>(), Some(ZmqError::BrokenSend { .. }))),
+            "the socket took a message behind a broken one: {again:?}"
+        );
+        assert_eq!(tx.stats().items, 1, "only message 0 was accepted");
+        // Closing drops the unfinished message (libzmq rolls it back).
+        tx.close().await.unwrap();
+        // The new socket's message must not overtake message 0.
+        peer.wait_line("GOT 0");
+        // A new socket goes on where the broken one stopped.
+        let mut tx = SocketBuilder::new(SocketType::Push)
+            .connect(peer.endpoint.clone())
+            .build()
+            .unwrap()
+            .into_sink();
+        tx.send(peer::message(1, 16)).await.unwrap();
+        tx.close().await.unwrap();
+        peer.expect_ok(2); // it checked both messages, in order
+    }
+
+    /// The receive side: an error on frame i > 0 returned at once, and the
+    /// next `recv` returned the broken message's remaining frames as a
+    /// message of their own. They are skipped before the error is returned.
+    #[tokio::test]
+    async fn multipart_recv_failing_mid_message_skips_its_remaining_frames() {
+        let mut rx = SocketBuilder::new(SocketType::Pull)
+            .bind("tcp://127.0.0.1:*")
+            .build()
+            .unwrap()
+            .into_source();
+        let ep = rx.endpoints()[0].clone();
+        let peer = peer::Peer::start(&["push", "--connect", &ep, "--count", "3"]);
+        until_readable(&rx).await;
+        rx.core()
+            .unwrap()
+            .with_sock(|s| {
+                s.fail_recv_at = Some(1);
+                Ok(())
+            })
+            .unwrap();
+        let err = rx.recv().await.unwrap_err();
+        assert!(err.to_string().contains("recv (next frame)"), "{err}");
+        let next = rx.recv().await.unwrap().unwrap();
+        assert_eq!(
+            next,
+            peer::message(1, 16),
+            "the rest of the broken message 0 came back as a message"
+        );
+        let mut buf = Vec::new();
+        rx.recv_many(&mut buf, 8).await.unwrap();
+        assert_eq!(buf, vec![Multipart::from(peer::message(2, 16))]);
+        peer.expect_ok(3);
     }
 }

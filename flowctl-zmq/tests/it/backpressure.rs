@@ -1,11 +1,13 @@
 //! Bounded memory: a fast flowctl PUSH into a slow pyzmq PULL stays within its
-//! watermark; a PUB at its HWM counts what it drops instead of hiding it.
+//! watermark; a PUB at its HWM counts what it drops instead of hiding it;
+//! empty messages (weight 0) are charged too, so they pause the sink.
 
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use flowctl_core::weighted::MIN_CHARGE;
 use flowctl_core::{Sink, Source, Watermarks};
-use flowctl_zmq::{Context, SocketType, ZmqSocket};
+use flowctl_zmq::{Context, Multipart, SocketType, ZmqSocket};
 
 use crate::peer::{DEADLINE, Peer, message};
 
@@ -121,4 +123,57 @@ async fn pub_counts_what_it_drops_at_hwm() {
             .is_err(),
         "no more messages than counted as sent"
     );
+}
+
+/// Issue 15 item 4: an empty frame weighs 0, and a sink that charged weights
+/// only queued 999,998 of 1,000,000 empty messages behind a PULL that never
+/// reads, without a pause. Each message is charged at least `MIN_CHARGE`.
+#[tokio::test]
+async fn zero_weight_messages_pause_the_sink_at_the_high_watermark() {
+    let ctx = Context::new();
+    let wm = Watermarks::new(1024, 4096).unwrap();
+    // Never read: libzmq's queues fill (HWM 1 on both ends), then the sink's.
+    let _rx = ZmqSocket::builder(SocketType::Pull)
+        .context(&ctx)
+        .recv_hwm(1)
+        .bind("inproc://zero-weight")
+        .build()
+        .unwrap()
+        .into_source();
+    let mut tx = ZmqSocket::builder(SocketType::Push)
+        .context(&ctx)
+        .send_hwm(1)
+        .watermarks(wm)
+        .linger(Some(Duration::ZERO))
+        .connect("inproc://zero-weight")
+        .build()
+        .unwrap()
+        .into_sink();
+    let limit = 1_000_000;
+    let mut accepted = 0;
+    // `send` waits only while the sink is paused, which it checks after
+    // every message: the loop ends at the first pause, or after `limit`.
+    while accepted < limit && !tx.stats().paused {
+        tx.send(Multipart::from(Bytes::new())).await.unwrap();
+        accepted += 1;
+    }
+    let stats = tx.stats();
+    assert!(
+        stats.paused,
+        "accepted {accepted} empty messages ({} queued in the sink) without a pause",
+        tx.queued()
+    );
+    assert_eq!(stats.pauses, 1);
+    assert!(
+        stats.max_buffered <= wm.high() + MIN_CHARGE,
+        "sink held {} bytes, bound is high {} + one message's charge {MIN_CHARGE}",
+        stats.max_buffered,
+        wm.high()
+    );
+    assert_eq!(
+        stats.buffered,
+        tx.queued() * MIN_CHARGE,
+        "every queued empty message is charged MIN_CHARGE"
+    );
+    assert!(tx.queued() <= wm.high() / MIN_CHARGE + 1);
 }

@@ -49,6 +49,53 @@ async fn wrong_frame_count_from_pyzmq_is_reported_and_stream_continues() {
     peer.expect_ok(2);
 }
 
+/// The frame count is the peer's to choose, and libzmq holds a message's
+/// frames whatever their number; a socket that expects 2 must not allocate
+/// for 100,000 of them: it keeps at most the expected count, skips the
+/// rest, and reports the whole count.
+#[tokio::test]
+async fn a_message_of_100000_frames_is_refused_without_allocating_for_them() {
+    let n = 100_000;
+    let mut rx = ZmqSocket::builder(SocketType::Pull)
+        .expect_frames(2)
+        .bind("tcp://127.0.0.1:*")
+        .build()
+        .unwrap()
+        .into_source();
+    let ep = rx.endpoints()[0].clone();
+    let peer = Peer::start(&[
+        "wide",
+        "--connect",
+        &ep,
+        "--count",
+        &n.to_string(),
+        "--size",
+        "10",
+    ]);
+    // Counted from here: the receive waits for the message (libzmq delivers
+    // it once its last frame arrived), then refuses it.
+    let before = crate::alloc::allocated_here();
+    let err = rx
+        .recv()
+        .await
+        .map(|m| m.map_or(0, |m| m.len()))
+        .expect_err("a message of 100,000 frames is refused");
+    let allocated = crate::alloc::allocated_here() - before;
+    assert!(
+        matches!(zmq_err(&err), ZmqError::FrameCount { expected: 2, actual } if *actual == n),
+        "{err}"
+    );
+    // 100,000 frames as `Bytes` in a `Vec` alone would be 3.2 MB.
+    assert!(
+        allocated < 64 * 1024,
+        "receiving and refusing the message allocated {allocated} bytes"
+    );
+    assert_eq!(rx.recv().await.unwrap().unwrap(), message(0, 10));
+    assert_eq!(rx.zmq_stats().frame_errors, 1);
+    assert_eq!(rx.zmq_stats().received, 2);
+    peer.expect_ok(2);
+}
+
 #[tokio::test]
 async fn bind_to_endpoint_in_use_names_the_endpoint() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

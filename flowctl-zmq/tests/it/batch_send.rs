@@ -5,6 +5,7 @@
 use std::collections::VecDeque;
 
 use bytes::Bytes;
+use flowctl_core::weighted::MIN_CHARGE;
 use flowctl_core::{FlowError, Sink, Source, Watermarks};
 use flowctl_zmq::{Context, Multipart, SocketType, ZmqError, ZmqSink, ZmqSocket, ZmqSource};
 
@@ -126,9 +127,10 @@ async fn expect_in_order(rx: &mut ZmqSource, next: &mut u64, count: u64) {
 /// `send`s fill the sink's own queue first, so the batch goes in behind it.
 async fn cancelled_midway(name: &str, send_first: bool) -> flowctl_core::FlowStats {
     const N: u64 = 1000;
-    const ONE: usize = 8;
-    // At most 16 messages fit in libzmq and high / 8 B = 32 in the queue, so
-    // the batch cannot all go while nobody receives.
+    // A message of 8 bytes is charged MIN_CHARGE (64) bytes.
+    const ONE: usize = MIN_CHARGE;
+    // At most 16 messages fit in libzmq and high / 64 B = 32 in the queue,
+    // so the batch cannot all go while nobody receives.
     let wm = Watermarks::new(8 * ONE, 32 * ONE).unwrap();
     let ctx = Context::new();
     let (mut tx, mut rx) = small_pair(&ctx, name, wm);

@@ -2,6 +2,8 @@
 
 // The pyzmq peer fixture (process started per test, killed by pid on drop).
 mod peer;
+// A global allocator counting each thread's allocations (to bound what one call allocates).
+mod alloc;
 // Every socket pattern against pyzmq in both directions, content and order checked.
 mod patterns;
 // Starvation: a flooded PULL next to a 1 ms timer, flowctl vs a raw AsyncFd loop;
@@ -19,6 +21,10 @@ mod bad_input;
 mod options;
 // Received frame sizes around the copy limits, kept intact while later ones arrive.
 mod frames;
+// A peer announcing a 2^34-byte frame is dropped at the header; nothing grows.
+mod max_message_size;
+// Property: any frame counts and sizes round trip over inproc, or fail with a clear error.
+mod frame_props;
 // Send/Sync of the public types.
 mod send_sync;
 // Lost wake-ups: both directions at once, halves in different tasks and threads.

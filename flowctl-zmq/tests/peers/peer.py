@@ -40,6 +40,7 @@ def main():
     ap.add_argument("--rcvbuf", type=int, default=0)
     ap.add_argument("--delay-ms", type=float, default=0.0)
     ap.add_argument("--alarm", type=int, default=90)
+    ap.add_argument("--progress", action="store_true", help="pull: print GOT <i> after each message")
     a = ap.parse_args()
     signal.alarm(a.alarm)  # never outlive a broken test
 
@@ -47,7 +48,7 @@ def main():
     kind = {
         "pull": zmq.PULL, "push": zmq.PUSH, "xpub": zmq.XPUB, "sub": zmq.SUB,
         "router-echo": zmq.ROUTER, "dealer": zmq.DEALER, "pair-echo": zmq.PAIR,
-        "frames": zmq.PUSH, "rep-echo": zmq.REP, "req": zmq.REQ,
+        "frames": zmq.PUSH, "wide": zmq.PUSH, "rep-echo": zmq.REP, "req": zmq.REQ,
     }[a.mode]
     s = ctx.socket(kind)
     s.setsockopt(zmq.SNDHWM, a.hwm)
@@ -80,6 +81,8 @@ def main():
         # Receives n messages, checking content and order; sleeps per message if slow.
         for i in range(n):
             check(s.recv_multipart(), i, a.size)
+            if a.progress:
+                say("GOT", i)
             if a.delay_ms:
                 time.sleep(a.delay_ms / 1000.0)
         say("OK", n)
@@ -90,6 +93,11 @@ def main():
     elif a.mode == "frames":
         # Bad input: a 3-frame message, then a good 2-frame one.
         s.send_multipart([b"x", b"y", b"z"])
+        s.send_multipart([b"0", payload(0, a.size)])
+        say("OK", 2)
+    elif a.mode == "wide":
+        # Bad input: one message of n empty frames, then a good 2-frame one.
+        s.send_multipart([b""] * n)
         s.send_multipart([b"0", payload(0, a.size)])
         say("OK", 2)
     elif a.mode == "xpub":
