@@ -2,6 +2,8 @@
 
 // Watermark hysteresis through the pipe: bounds, order, end of stream, cancellation.
 mod pipe;
+// gate::Gate: per-item charge floor, double credit counted as a violation.
+mod gate;
 // Property tests: any sequence of sends, receives and cancellations keeps the bounds.
 mod props;
 // pump: end to end, closing the sink, error counts.
