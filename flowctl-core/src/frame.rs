@@ -344,7 +344,9 @@ where
                 Ok(None) => {}
                 Err(e) => return Err(self.decode_error(e)),
             }
-            if self.buf.len() > self.max_buffer {
+            // A length header is not part of the frame it declares.
+            let allowed = self.max_buffer + self.header.map_or(0, |h| h.head);
+            if self.buf.len() > allowed {
                 self.done = true;
                 return Err(FlowError::FrameTooLarge {
                     size: self.buf.len(),
@@ -378,7 +380,9 @@ where
                             self.done = self.buf.is_empty();
                             Ok(self.deliver(frame))
                         }
-                        Ok(None) if self.buf.is_empty() => Ok(None),
+                        // A length-delimited codec that consumed a header
+                        // and got none of its bytes still lost a frame.
+                        Ok(None) if self.buf.is_empty() && self.at_header => Ok(None),
                         Ok(None) => Err(FlowError::Truncated {
                             remaining: self.buf.len(),
                         }),

@@ -240,3 +240,21 @@ async fn a_whole_frame_in_one_unshared_chunk_is_adopted_without_copying() {
         "the frame points into the received chunk"
     );
 }
+
+/// Found by the property tests: a length header followed by none of its bytes
+/// at the end of the stream was a clean end (the codec had consumed the
+/// header, so its buffer was empty), silently losing the frame.
+#[tokio::test]
+async fn a_stream_ending_right_after_a_length_header_is_truncated() {
+    let mut wire = BytesMut::new();
+    wire.put_u32(2);
+    wire.put_slice(b"ok");
+    wire.put_u32(5);
+    let mut framed = Framed::new(chunked(&wire, 3), LengthDelimitedCodec::new());
+    assert_eq!(&framed.recv().await.unwrap().unwrap()[..], b"ok");
+    let err = framed.recv().await.unwrap_err();
+    assert!(
+        matches!(err, FlowError::Truncated { remaining: 0 }),
+        "{err}"
+    );
+}

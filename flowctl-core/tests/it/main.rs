@@ -14,6 +14,8 @@ mod fairness;
 mod io;
 // frame::Framed: frames across chunk boundaries, errors, zero-copy adoption.
 mod frame;
+// Property tests of Framed fed arbitrary bytes in arbitrary chunks (10,000 cases each).
+mod frame_props;
 // offload::ordered: order, limits, panics, dropping the stage.
 mod offload;
 // lifecycle: Attempt release on drop/cancel/timeout, in-flight requests, retry, Ledger.
