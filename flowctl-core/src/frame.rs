@@ -306,7 +306,6 @@ where
             match chunk.try_into_mut() {
                 Ok(owned) => self.buf = owned,
                 Err(shared) => {
-                    self.buf = BytesMut::new();
                     self.grow_to(shared.len());
                     self.buf.extend_from_slice(&shared);
                 }
