@@ -27,10 +27,12 @@ pub enum FlowError {
         /// The high watermark given.
         high: usize,
     },
-    /// A frame (or the bytes accumulated while waiting for one) is larger than allowed.
+    /// A frame (or the bytes accumulated while waiting for one) is larger than
+    /// allowed. Never [transient](FlowError::is_transient).
     #[error("frame of {size} bytes exceeds the {limit} byte limit")]
     FrameTooLarge {
-        /// Bytes of the offending frame (or accumulated so far without a frame).
+        /// Bytes of the offending frame: the length its header declares for a
+        /// length-prefixed codec, else the bytes accumulated without a frame.
         size: usize,
         /// The configured limit.
         limit: usize,
@@ -110,7 +112,10 @@ impl FlowError {
     }
 
     /// True for errors that a retry may cure: timeouts, I/O errors and
-    /// transport errors.
+    /// transport errors. Never for a protocol violation: a frame too large, a
+    /// malformed frame, or an I/O error of kind `InvalidData` (what
+    /// tokio-util's decoders return for bytes they reject): the same bytes
+    /// would be rejected again.
     ///
     /// flowctl cannot tell a transport's permanent errors (auth rejected,
     /// permission denied) from its passing ones, so every
@@ -118,9 +123,33 @@ impl FlowError {
     /// better set [`RetryPolicy::retry_if`](crate::lifecycle::RetryPolicy::retry_if)
     /// (flowctl-cluster never retries an auth rejection).
     pub fn is_transient(&self) -> bool {
-        matches!(
-            self,
-            FlowError::Timeout(_) | FlowError::Io(_) | FlowError::Transport(_)
-        )
+        match self {
+            FlowError::Io(e) => e.kind() != std::io::ErrorKind::InvalidData,
+            FlowError::Timeout(_) | FlowError::Transport(_) => true,
+            _ => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn protocol_violations_are_not_transient() {
+        let invalid = std::io::Error::new(std::io::ErrorKind::InvalidData, "frame size too big");
+        assert!(!FlowError::Io(invalid).is_transient());
+        let size = FlowError::FrameTooLarge {
+            size: 9_000_000,
+            limit: 8_388_608,
+        };
+        assert!(!size.is_transient());
+        assert_eq!(
+            size.to_string(),
+            "frame of 9000000 bytes exceeds the 8388608 byte limit"
+        );
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert!(FlowError::Io(reset).is_transient());
+        assert!(FlowError::Timeout(Duration::from_secs(1)).is_transient());
     }
 }

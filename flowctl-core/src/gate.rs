@@ -2,11 +2,17 @@
 //!
 //! Every buffer in flowctl is charged through a gate. The rules:
 //!
-//! - [`charge`](Gate::charge) adds an item's weight. When the total goes above
-//!   `high`, the gate pauses (one `tracing` debug event, `pauses += 1`).
-//! - [`credit`](Gate::credit) removes weight once the next stage has taken the
-//!   bytes. When a paused gate falls to `low` or below, it resumes and wakes
-//!   every waiting producer exactly once (one debug event).
+//! - [`charge_item`](Gate::charge_item) adds an item's charge,
+//!   [`charge_of`] (its weight, at least [`MIN_CHARGE`](crate::weighted::MIN_CHARGE)
+//!   bytes); [`charge`](Gate::charge) adds a raw byte count. When the total
+//!   goes above `high`, the gate pauses (one `tracing` debug event,
+//!   `pauses += 1`).
+//! - [`credit`](Gate::credit) removes bytes once the next stage has taken
+//!   them; the credits for one item sum to exactly what it was charged. When
+//!   a paused gate falls to `low` or below, it resumes and wakes every waiting
+//!   producer exactly once (one debug event). Crediting more than is buffered
+//!   is a bug in the stage: it is counted in
+//!   [`FlowStats::violations`] (and panics in debug builds).
 //! - A producer waits in [`GateHandle::ready`] only while the gate is paused, so
 //!   an item larger than `high` is admitted whenever the gate is open and nothing
 //!   deadlocks. Each handle overshoots `high` by at most the one item it sends
@@ -24,7 +30,8 @@ use std::task::{Context, Poll, Waker};
 use tracing::Span;
 
 use crate::sync::{Arc, Mutex, lock};
-use crate::{FlowError, FlowStats, Watermarks};
+use crate::weighted::charge_of;
+use crate::{FlowError, FlowStats, Watermarks, Weighted};
 
 /// The unsynchronised gate state; embedded by stages that already hold a lock
 /// (the pipe keeps its queue and its gate under one mutex).
@@ -38,6 +45,7 @@ pub(crate) struct GateState {
     pauses: u64,
     items: u64,
     bytes: u64,
+    violations: u64,
     waiters: Vec<Option<Waker>>,
     free: Vec<usize>,
     span: Span,
@@ -75,6 +83,7 @@ impl GateState {
             pauses: 0,
             items: 0,
             bytes: 0,
+            violations: 0,
             waiters: Vec::new(),
             free: Vec::new(),
             span,
@@ -104,8 +113,22 @@ impl GateState {
         self.closed
     }
 
-    pub(crate) fn charge(&mut self, weight: usize) {
-        self.buffered += weight;
+    /// Charges one item of `weight` payload bytes: [`charge_of`] it is
+    /// buffered, its `weight` is counted in `bytes`. Returns the charge, which
+    /// the credits for this item must sum to.
+    pub(crate) fn charge_item(&mut self, weight: usize) -> usize {
+        let charge = weight.max(crate::weighted::MIN_CHARGE);
+        self.add(charge, weight);
+        charge
+    }
+
+    /// Charges `bytes` raw bytes as one item (no per-item floor).
+    pub(crate) fn charge(&mut self, bytes: usize) {
+        self.add(bytes, bytes);
+    }
+
+    fn add(&mut self, charge: usize, weight: usize) {
+        self.buffered += charge;
         self.items += 1;
         self.bytes += weight as u64;
         self.max_buffered = self.max_buffered.max(self.buffered);
@@ -117,18 +140,29 @@ impl GateState {
     }
 
     pub(crate) fn credit(&mut self, weight: usize) -> Wakeups {
-        debug_assert!(
-            weight <= self.buffered,
-            "credit of {weight} with {} buffered",
-            self.buffered
-        );
+        let violated = weight > self.buffered;
+        if violated {
+            // A double credit, or credits that do not sum to the charge: a bug
+            // in the stage. Clamp (a wrapped count would be worse), count it so
+            // that it shows in the stats and the soak, and panic in debug builds
+            // once the state is consistent again.
+            self.violations += 1;
+            tracing::warn!(parent: &self.span, credit = weight, buffered = self.buffered, "invariant violated: credit exceeds buffered bytes");
+        }
+        let buffered_before = self.buffered;
         self.buffered = self.buffered.saturating_sub(weight);
+        let mut wakeups = Wakeups::default();
         if self.paused && self.buffered <= self.wm.low() {
             self.paused = false;
             tracing::debug!(parent: &self.span, buffered = self.buffered, low = self.wm.low(), "resumed: at or below low watermark");
-            return self.take_waiters();
+            wakeups = self.take_waiters();
         }
-        Wakeups::default()
+        if violated && cfg!(debug_assertions) {
+            // Wake before panicking so that no producer is left parked.
+            wakeups.wake();
+            panic!("invariant violated: credit of {weight} with {buffered_before} buffered");
+        }
+        wakeups
     }
 
     pub(crate) fn close(&mut self) -> Wakeups {
@@ -167,6 +201,7 @@ impl GateState {
             pauses: self.pauses,
             items: self.items,
             bytes: self.bytes,
+            violations: self.violations,
         }
     }
 }
@@ -215,13 +250,32 @@ impl Gate {
         }
     }
 
-    /// Charges `weight` bytes: the item is now buffered.
+    /// Charges `weight` raw bytes as one item: they are now buffered.
+    ///
+    /// Use [`charge_item`](Gate::charge_item) for an item: a raw charge has no
+    /// per-item floor, so items of weight 0 would pass the watermarks.
     pub fn charge(&self, weight: usize) {
         lock(&self.state).charge(weight);
     }
 
+    /// Charges one item: [`charge_of`]`(item)` bytes (its weight, and at least
+    /// [`MIN_CHARGE`](crate::weighted::MIN_CHARGE)) are buffered, and its
+    /// weight is counted in [`FlowStats::bytes`]. Returns the charge: credit
+    /// exactly that much for this item, at once or in parts.
+    pub fn charge_item<T: Weighted + ?Sized>(&self, item: &T) -> usize {
+        let charge = charge_of(item);
+        let mut state = lock(&self.state);
+        state.add(charge, item.weight());
+        charge
+    }
+
     /// Credits `weight` bytes: the next stage has taken them. Wakes the
     /// producers if this crosses the low watermark of a paused gate.
+    ///
+    /// # Panics
+    /// In debug builds, if `weight` is more than is buffered (a double credit
+    /// or a credit that does not match its charge). Release builds clamp to
+    /// zero and count the violation in [`FlowStats::violations`].
     pub fn credit(&self, weight: usize) {
         let wakeups = lock(&self.state).credit(weight);
         wakeups.wake();

@@ -16,8 +16,10 @@ use crate::{Fairness, FlowError, FlowStats, Sink, Source, Watermarks};
 /// An `AsyncWrite` (a child's stdin, a file, a socket) as a bounded [`Sink`] of
 /// `Bytes`.
 ///
-/// Accepted chunks are queued and charged; they are credited as the writer
-/// takes them. `ready` writes what the writer accepts without waiting and, if
+/// Accepted chunks are queued and charged ([`charge_of`](crate::weighted::charge_of): their length, and at
+/// least [`MIN_CHARGE`](crate::weighted::MIN_CHARGE) bytes each); they are
+/// credited as the writer takes them, the part of the charge beyond the
+/// length when the chunk's last byte is written. Empty chunks are not queued. `ready` writes what the writer accepts without waiting and, if
 /// more than `high` bytes are still queued, keeps writing until the queue is at
 /// or below `low`. So however slow the writer, at most `high` plus one chunk is
 /// held here. This is the fix for AsyncSSH's redirect into a slow process, which
@@ -31,17 +33,26 @@ use crate::{Fairness, FlowError, FlowStats, Sink, Source, Watermarks};
 ///
 /// # Errors
 /// A write error is returned once, from the call that hit it; the chunks still
-/// queued then are dropped, and `stats().bytes - buffered` before the error
-/// tells how many were written.
+/// queued then are dropped, and [`written`](WriterSink::written) tells how
+/// many bytes the writer took.
 #[derive(Debug)]
 pub struct WriterSink<W> {
     /// `None` once closed: dropping the writer is what gives pipes (a child's
     /// stdin) their end of file, since their `poll_shutdown` does nothing.
     writer: Option<W>,
-    queue: VecDeque<Bytes>,
+    queue: VecDeque<Queued>,
     gate: GateState,
+    written: u64,
     slot: usize,
     closed: bool,
+}
+
+/// A chunk in a [`WriterSink`]'s queue: the bytes not yet written, and the
+/// part of its charge beyond its length, credited with its last byte.
+#[derive(Debug)]
+struct Queued {
+    rest: Bytes,
+    overhead: usize,
 }
 
 impl<W: AsyncWrite + Unpin + Send> WriterSink<W> {
@@ -54,9 +65,16 @@ impl<W: AsyncWrite + Unpin + Send> WriterSink<W> {
             writer: Some(writer),
             queue: VecDeque::new(),
             gate,
+            written: 0,
             slot,
             closed: false,
         }
+    }
+
+    /// Bytes the writer has taken so far (after an error too: the chunks
+    /// dropped on an error are not counted).
+    pub fn written(&self) -> u64 {
+        self.written
     }
 
     /// The writer (`None` once closed), with whatever is still queued dropped.
@@ -74,7 +92,7 @@ impl<W: AsyncWrite + Unpin + Send> WriterSink<W> {
             });
         };
         while let Some(front) = self.queue.front_mut() {
-            let n = match Pin::new(&mut *writer).poll_write(cx, front) {
+            let n = match Pin::new(&mut *writer).poll_write(cx, &front.rest) {
                 Poll::Ready(Ok(0)) => {
                     return Poll::Ready(Err(FlowError::Io(std::io::ErrorKind::WriteZero.into())));
                 }
@@ -82,11 +100,16 @@ impl<W: AsyncWrite + Unpin + Send> WriterSink<W> {
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(FlowError::Io(e))),
                 Poll::Pending => return Poll::Pending,
             };
-            front.advance(n);
-            if front.is_empty() {
+            // A writer claiming more than it was given is not trusted with the count.
+            let n = n.min(front.rest.len());
+            front.rest.advance(n);
+            self.written += n as u64;
+            let mut credit = n;
+            if front.rest.is_empty() {
+                credit += front.overhead;
                 self.queue.pop_front();
             }
-            let wakeups: Wakeups = self.gate.credit(n);
+            let wakeups: Wakeups = self.gate.credit(credit);
             // A single-owner sink: nobody else waits on this gate.
             drop(wakeups);
         }
@@ -117,7 +140,11 @@ impl<W: AsyncWrite + Unpin + Send> WriterSink<W> {
     }
 
     fn fail(&mut self) {
-        let queued: usize = self.queue.drain(..).map(|b| b.len()).sum();
+        let queued: usize = self
+            .queue
+            .drain(..)
+            .map(|q| q.rest.len() + q.overhead)
+            .sum();
         drop(self.gate.credit(queued));
         self.closed = true;
         self.writer = None;
@@ -139,8 +166,11 @@ impl<W: AsyncWrite + Unpin + Send> Sink for WriterSink<W> {
         if item.is_empty() {
             return Ok(());
         }
-        self.gate.charge(item.len());
-        self.queue.push_back(item);
+        let charge = self.gate.charge_item(item.len());
+        self.queue.push_back(Queued {
+            overhead: charge - item.len(),
+            rest: item,
+        });
         Ok(())
     }
 

@@ -9,13 +9,16 @@ use async_trait::async_trait;
 use crate::fair::Budget;
 use crate::gate::{GateState, Wakeups, coop_proceed};
 use crate::sync::{Arc, Mutex, lock};
+use crate::weighted::charge_of;
 use crate::{Fairness, FlowError, FlowStats, Sink, Source, Watermarks, Weighted};
 
 /// Creates a pipe bounded by `watermarks`: a cloneable [`PipeSink`] and a
 /// [`PipeSource`].
 ///
-/// Items are charged by [`Weighted::weight`] when sent and credited when the
-/// source hands them to its caller. Senders wait while more than
+/// Items are charged by [`charge_of`] (their [`Weighted::weight`], and at least
+/// [`MIN_CHARGE`](crate::weighted::MIN_CHARGE) bytes, so that a stream of
+/// empty items is bounded too) when sent and credited when the source hands
+/// them to its caller. Senders wait while more than
 /// `watermarks.high()` bytes are queued and resume when the queue is back at or
 /// below `watermarks.low()`; each sender may overshoot by the one item it sends
 /// after `ready`. The stream ends when every sink is closed or dropped and the
@@ -105,7 +108,8 @@ impl<T> Inner<T> {
     }
 }
 
-/// The sending half of a [`pipe`]. Clone it for more producers.
+/// The sending half of a [`pipe`]. Clone it for more producers (a clone of a
+/// closed handle is closed).
 ///
 /// See [`Sink`] for the contract. `flush` waits until the pipe is empty: every
 /// item accepted so far, by any handle, has been taken by the source. `close`
@@ -120,14 +124,19 @@ pub struct PipeSink<T> {
     slot: Option<usize>,
 }
 
+/// A clone of an open handle is a new open handle. A clone of a closed handle
+/// is closed: it must not revive a stream whose source may already have seen
+/// its end.
 impl<T> Clone for PipeSink<T> {
     fn clone(&self) -> Self {
-        let mut inner = lock(&self.shared.inner);
-        inner.senders += 1;
-        let slot = inner.gate.register();
+        let slot = self.slot.map(|_| {
+            let mut inner = lock(&self.shared.inner);
+            inner.senders += 1;
+            inner.gate.register()
+        });
         PipeSink {
             shared: self.shared.clone(),
-            slot: Some(slot),
+            slot,
         }
     }
 }
@@ -162,8 +171,8 @@ impl<T: Weighted + Send + 'static> PipeSink<T> {
             if !inner.rx_alive {
                 return Err(FlowError::Closed);
             }
-            inner.gate.charge(weight);
-            tracing::trace!(weight, "pipe: queued");
+            let charge = inner.gate.charge_item(weight);
+            tracing::trace!(weight, charge, "pipe: queued");
             inner.queue.push_back(item);
             inner.rx_waker.take()
         };
@@ -303,9 +312,8 @@ impl<T: Weighted + Send + 'static> PipeSource<T> {
             .queue
             .pop_front()
             .expect("queue checked non-empty under the lock");
-        let weight = item.weight();
-        self.budget.charge(weight);
-        let mut wakeups = inner.gate.credit(weight);
+        self.budget.charge(item.weight());
+        let mut wakeups = inner.gate.credit(charge_of(&item));
         inner.drained(&mut wakeups);
         drop(inner);
         wakeups.wake();
@@ -345,15 +353,16 @@ impl<T: Weighted + Send + 'static> PipeSource<T> {
             return Poll::Pending;
         }
         let n = max.min(inner.queue.len());
-        let mut weight = 0;
+        let (mut weight, mut charge) = (0, 0);
         buf.reserve(n);
         for item in inner.queue.drain(..n) {
             weight += item.weight();
+            charge += charge_of(&item);
             buf.push(item);
         }
         // One batch is one slice entry for items, but its bytes count in full.
         self.budget.charge(weight);
-        let mut wakeups = inner.gate.credit(weight);
+        let mut wakeups = inner.gate.credit(charge);
         inner.drained(&mut wakeups);
         drop(inner);
         wakeups.wake();

@@ -1,5 +1,8 @@
 //! Moving a whole stream from a source into a sink.
 
+use std::future::poll_fn;
+use std::task::Poll;
+
 use crate::{FlowError, PumpStats, Sink, Source};
 
 /// Moves every item from `src` into `sink` until the end of the stream, then
@@ -10,6 +13,10 @@ use crate::{FlowError, PumpStats, Sink, Source};
 /// slow sink stops the pump, the pump stops taking from the source, and the
 /// source's watermarks carry the pause back to its peer: backpressure crosses
 /// the pump without a buffer in between.
+///
+/// Whenever the source has no item ready, the pump flushes the sink while it
+/// waits for one, so an item never sits in a buffered sink (a `BufWriter`, a
+/// transport's batch) just because the next one is slow to come.
 ///
 /// Bytes are the sink's [`FlowStats::bytes`](crate::FlowStats::bytes) count of
 /// what it accepted during the pump.
@@ -25,7 +32,8 @@ use crate::{FlowError, PumpStats, Sink, Source};
 /// source, not yet accepted by the sink); it happens only while `start_send`
 /// runs, which does not wait, so in practice a cancelled pump loses nothing:
 /// cancellation can only strike while waiting in `ready` or `recv`, both
-/// cancel-safe. The sink is left open.
+/// cancel-safe. The sink is left open. A flush cut short by the drop loses
+/// nothing either: the sink keeps what it has not written yet.
 ///
 /// ```
 /// use bytes::Bytes;
@@ -62,10 +70,36 @@ where
         if let Err(e) = sink.ready().await {
             return Err(fail(items, sink, e));
         }
-        let item = match src.recv().await {
-            Ok(Some(item)) => item,
-            Ok(None) => break,
-            Err(e) => return Err(fail(items, sink, e)),
+        let received = {
+            let mut recv = src.recv();
+            match poll_fn(|cx| Poll::Ready(recv.as_mut().poll(cx))).await {
+                Poll::Ready(received) => Ok(received),
+                // The source is about to wait: push out what the sink holds
+                // (as futures' `Forward` does), so that a trickle does not
+                // stall behind a buffer. Keep polling the source meanwhile; an
+                // item that arrives first cuts the flush short (the sink keeps
+                // its progress, and the next wait flushes again).
+                Poll::Pending => {
+                    let mut flush = Some(sink.flush());
+                    poll_fn(|cx| {
+                        if let Some(f) = flush.as_mut()
+                            && let Poll::Ready(res) = f.as_mut().poll(cx)
+                        {
+                            flush = None;
+                            if let Err(e) = res {
+                                return Poll::Ready(Err(e));
+                            }
+                        }
+                        recv.as_mut().poll(cx).map(Ok)
+                    })
+                    .await
+                }
+            }
+        };
+        let item = match received {
+            Ok(Ok(Some(item))) => item,
+            Ok(Ok(None)) => break,
+            Ok(Err(e)) | Err(e) => return Err(fail(items, sink, e)),
         };
         if let Err(e) = sink.start_send(item) {
             return Err(fail(items, sink, e));

@@ -8,10 +8,12 @@ use crate::Watermarks;
 /// never blocks the stream for long (one short lock at most).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FlowStats {
-    /// Bytes held in this stage's buffer right now.
+    /// Bytes held in this stage's buffer right now, as charged against the
+    /// watermarks: each item counts its [`charge_of`](crate::weighted::charge_of)
+    /// (its weight, and at least [`MIN_CHARGE`](crate::weighted::MIN_CHARGE)).
     pub buffered: usize,
     /// The largest value `buffered` has reached. Bounded by `high + one item`
-    /// per producing handle.
+    /// (its charge) per producing handle.
     pub max_buffered: usize,
     /// The watermarks in force.
     pub watermarks: Watermarks,
@@ -22,8 +24,13 @@ pub struct FlowStats {
     pub pauses: u64,
     /// Items accepted by this stage so far.
     pub items: u64,
-    /// Bytes (by [`Weighted`](crate::Weighted)) accepted by this stage so far.
+    /// Bytes (by [`Weighted`](crate::Weighted)) accepted by this stage so far:
+    /// payload bytes, without the per-item floor of `buffered`.
     pub bytes: u64,
+    /// Invariant violations detected by this stage's accounting (a credit of
+    /// more bytes than were buffered: a double credit). Always 0 unless the
+    /// stage has a bug; debug builds panic instead of counting.
+    pub violations: u64,
 }
 
 impl FlowStats {
@@ -37,6 +44,7 @@ impl FlowStats {
             pauses: 0,
             items: 0,
             bytes: 0,
+            violations: 0,
         }
     }
 }

@@ -8,6 +8,14 @@ use bytes::{Bytes, BytesMut};
 /// and a stream of 16-byte messages are bounded by the same memory figure.
 /// Implement it for your own message types by summing their payloads; the weight
 /// must not change while the item is buffered.
+///
+/// # The per-item floor
+/// A stage charges an item [`charge_of`]`(item)` bytes, its weight **but at
+/// least [`MIN_CHARGE`]** (64), and credits exactly that much when the next
+/// stage has taken it. So an item of weight 0 (`()`, an empty `Bytes`, an
+/// empty frame) still counts: a pipe with `high = 4096` holds at most 65 of
+/// them, not a million. `FlowStats::buffered` and the watermarks see the
+/// charges; `FlowStats::bytes` counts the weights (the payload).
 pub trait Weighted {
     /// Bytes this item costs while it is buffered.
     fn weight(&self) -> usize;

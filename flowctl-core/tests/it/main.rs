@@ -2,6 +2,8 @@
 
 // Watermark hysteresis through the pipe: bounds, order, end of stream, cancellation.
 mod pipe;
+// gate::Gate: per-item charge floor, double credit counted as a violation.
+mod gate;
 // Property tests: any sequence of sends, receives and cancellations keeps the bounds.
 mod props;
 // pump: end to end, closing the sink, error counts.
@@ -12,6 +14,8 @@ mod fairness;
 mod io;
 // frame::Framed: frames across chunk boundaries, errors, zero-copy adoption.
 mod frame;
+// Property tests of Framed fed arbitrary bytes in arbitrary chunks (10,000 cases each).
+mod frame_props;
 // offload::ordered: order, limits, panics, dropping the stage.
 mod offload;
 // lifecycle: Attempt release on drop/cancel/timeout, in-flight requests, retry, Ledger.

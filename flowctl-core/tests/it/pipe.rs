@@ -1,6 +1,7 @@
 use std::task::Poll;
 
 use bytes::Bytes;
+use flowctl_core::weighted::MIN_CHARGE;
 use flowctl_core::{Fairness, FlowError, Sink, Source, Watermarks, pipe, pipe_with};
 use futures::FutureExt;
 
@@ -92,7 +93,9 @@ async fn item_larger_than_high_does_not_deadlock() {
 
 #[tokio::test]
 async fn hysteresis_resumes_only_at_low() {
-    let (mut tx, mut rx) = pipe::<Bytes>(Watermarks::new(2, 4).unwrap());
+    // Each one-byte item is charged MIN_CHARGE: low is two items, high four.
+    let wm = Watermarks::new(2 * MIN_CHARGE, 4 * MIN_CHARGE).unwrap();
+    let (mut tx, mut rx) = pipe::<Bytes>(wm);
     for _ in 0..5 {
         tx.send(Bytes::from_static(b"a")).await.unwrap();
     }
@@ -164,7 +167,7 @@ async fn cancelled_send_while_paused_accepts_nothing() {
             .is_none()
     );
     let s = tx.stats();
-    assert_eq!((s.items, s.buffered), (1, 2));
+    assert_eq!((s.items, s.buffered), (1, MIN_CHARGE));
     drop(tx);
     assert_eq!(rx.recv().await.unwrap().unwrap(), "ab");
     assert_eq!(rx.recv().await.unwrap(), None);
@@ -172,13 +175,13 @@ async fn cancelled_send_while_paused_accepts_nothing() {
 
 #[tokio::test]
 async fn recv_many_takes_a_batch_and_credits_it() {
-    let (mut tx, mut rx) = pipe::<Bytes>(Watermarks::new(0, 100).unwrap());
+    let (mut tx, mut rx) = pipe::<Bytes>(Watermarks::new(0, 1000).unwrap());
     for i in 0..10 {
-        tx.send(payload(i, 10)).await.unwrap();
+        tx.send(payload(i, 100)).await.unwrap();
     }
     let mut buf = Vec::new();
     assert_eq!(rx.recv_many(&mut buf, 4).await.unwrap(), 4);
-    assert_eq!(rx.stats().buffered, 60);
+    assert_eq!(rx.stats().buffered, 600);
     assert_eq!(rx.recv_many(&mut buf, 100).await.unwrap(), 6);
     let seqs: Vec<u32> = buf.iter().map(|b| seq_of(b)).collect();
     assert_eq!(seqs, (0..10).collect::<Vec<_>>());
@@ -242,4 +245,91 @@ async fn flush_waits_until_the_source_has_taken_everything() {
     assert!(futures::poll!(flushing.as_mut()).is_pending());
     drop(rx);
     assert!(matches!(flushing.await, Err(FlowError::Closed)));
+}
+
+/// Issue 15, item 4: an item of weight 0 used to be charged 0 bytes, so a pipe
+/// of `()` or of empty `Bytes` accepted a million items without a pause. Every
+/// item is now charged at least `MIN_CHARGE`. A plain test (no runtime), so
+/// tokio's coop budget does not end the loop: only the gate can.
+#[test]
+fn zero_weight_items_are_charged_and_pause_the_pipe() {
+    fn fill<T: flowctl_core::Weighted + Send + 'static>(item: fn() -> T) {
+        let wm = Watermarks::new(1024, 4096).unwrap();
+        let (mut tx, mut rx) = pipe::<T>(wm);
+        let mut accepted = 0u64;
+        for _ in 0..1_000_000 {
+            match tx.send(item()).now_or_never() {
+                Some(Ok(())) => accepted += 1,
+                Some(Err(e)) => panic!("send failed: {e}"),
+                None => break, // paused
+            }
+        }
+        let s = rx.stats();
+        assert_eq!(s.pauses, 1, "the pipe paused: {s:?}");
+        assert!(s.paused, "{s:?}");
+        assert!(s.buffered <= wm.high() + MIN_CHARGE, "{s:?}");
+        assert_eq!(accepted, (wm.high() / MIN_CHARGE + 1) as u64);
+        assert_eq!((s.items, s.bytes), (accepted, 0), "bytes count payload");
+        // Credits match charges: draining returns the count to zero and resumes.
+        for _ in 0..accepted {
+            assert!(matches!(rx.recv().now_or_never(), Some(Ok(Some(_)))));
+        }
+        let s = rx.stats();
+        assert_eq!((s.buffered, s.paused, s.violations), (0, false, 0), "{s:?}");
+        assert!(matches!(tx.send(item()).now_or_never(), Some(Ok(()))));
+    }
+    fill(|| ());
+    fill(Bytes::new);
+}
+
+/// Small items are charged `MIN_CHARGE` each, also when taken in a batch.
+#[test]
+fn small_items_are_charged_min_charge_and_credited_in_batches() {
+    let wm = Watermarks::new(0, 1 << 20).unwrap();
+    let (mut tx, mut rx) = pipe::<Bytes>(wm);
+    for _ in 0..10 {
+        tx.start_send(Bytes::from_static(b"abc")).unwrap();
+    }
+    tx.start_send(Bytes::from(vec![0u8; 1000])).unwrap();
+    let s = rx.stats();
+    assert_eq!((s.buffered, s.bytes), (10 * MIN_CHARGE + 1000, 30 + 1000));
+    let mut buf = Vec::new();
+    assert_eq!(
+        rx.recv_many(&mut buf, 4).now_or_never().unwrap().unwrap(),
+        4
+    );
+    assert_eq!(rx.stats().buffered, 6 * MIN_CHARGE + 1000);
+    assert_eq!(
+        rx.recv_many(&mut buf, 100).now_or_never().unwrap().unwrap(),
+        7
+    );
+    assert_eq!(rx.stats().buffered, 0);
+}
+
+/// Issue 15, "also fix": cloning a `PipeSink` that was closed counted a new
+/// sender, so a source that had already returned `None` was revived and
+/// waited forever for an item nobody would send.
+#[test]
+fn a_clone_of_a_closed_sink_is_closed_and_does_not_revive_the_stream() {
+    let wm = Watermarks::new(0, 1024).unwrap();
+    let (mut tx, mut rx) = pipe::<Bytes>(wm);
+    tx.start_send(Bytes::from_static(b"last")).unwrap();
+    tx.close_now();
+    assert_eq!(
+        rx.recv().now_or_never().unwrap().unwrap(),
+        Some(Bytes::from_static(b"last"))
+    );
+    assert!(matches!(rx.recv().now_or_never(), Some(Ok(None))));
+    let mut clone = tx.clone();
+    assert!(clone.is_closed());
+    assert!(matches!(
+        clone.send(Bytes::from_static(b"x")).now_or_never(),
+        Some(Err(FlowError::Closed))
+    ));
+    assert!(
+        matches!(rx.recv().now_or_never(), Some(Ok(None))),
+        "the stream stays ended"
+    );
+    drop(clone);
+    assert!(matches!(rx.recv().now_or_never(), Some(Ok(None))));
 }

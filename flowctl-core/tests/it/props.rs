@@ -7,6 +7,7 @@
 use std::collections::VecDeque;
 
 use bytes::Bytes;
+use flowctl_core::weighted::MIN_CHARGE;
 use flowctl_core::{Fairness, FlowError, PipeSink, Watermarks, pipe_with};
 use futures::FutureExt;
 use proptest::prelude::*;
@@ -60,9 +61,11 @@ proptest! {
                         prop_assert!(res.is_none(), "send must wait while paused");
                     } else {
                         prop_assert!(matches!(res, Some(Ok(()))), "send must be accepted while open: {res:?}");
-                        model.push_back((next_id, w));
-                        buffered += w;
-                        max_weight = max_weight.max(w);
+                        // Every item is charged at least MIN_CHARGE.
+                        let charge = w.max(MIN_CHARGE);
+                        model.push_back((next_id, charge));
+                        buffered += charge;
+                        max_weight = max_weight.max(charge);
                         if buffered > high { paused = true; }
                         next_id += 1;
                     }

@@ -1,3 +1,5 @@
+use std::time::Duration;
+
 use bytes::Bytes;
 use flowctl_core::io::WriterSink;
 use flowctl_core::{FlowError, Sink, Source, Watermarks, pipe, pump};
@@ -178,4 +180,63 @@ async fn pump_counts_partial_delivery_before_a_source_error() {
         assert_eq!(seq_of(&out.recv().await.unwrap().unwrap()), i);
     }
     assert!(!sink.is_closed());
+}
+
+/// Issue 15, item 6: the pump never flushed while it waited on its source, so
+/// an item written into a buffered writer stayed in the buffer until the next
+/// item or the end of the stream (a log tail stalled behind a `BufWriter`).
+/// The source is a pipe this test feeds by hand: the second item is sent only
+/// after the first has reached the reader. The clock is paused and advances
+/// only when every task is idle, so the timeout fires exactly when the pump is
+/// stuck waiting (a deadlock detector, not a timing threshold).
+#[tokio::test(start_paused = true)]
+async fn pump_flushes_the_sink_while_the_source_waits() {
+    let wm = Watermarks::new(0, 1 << 16).unwrap();
+    let (mut tx, mut src) = pipe::<Bytes>(wm);
+    let (writer, mut reader) = tokio::io::duplex(1 << 16);
+    let mut sink = WriterSink::new(tokio::io::BufWriter::new(writer), wm);
+    let pumping = tokio::spawn(async move { pump(&mut src, &mut sink).await });
+
+    let mut buf = vec![0u8; 64];
+    for line in [&b"first line\n"[..], b"second line\n"] {
+        tx.send(Bytes::from_static(line)).await.unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(3600), reader.read(&mut buf))
+            .await
+            .expect("the item stayed in the sink's buffer while the source waited")
+            .unwrap();
+        assert_eq!(&buf[..n], line);
+    }
+    tx.close().await.unwrap();
+    let moved = pumping.await.unwrap().unwrap();
+    assert_eq!(moved.items, 2);
+    assert_eq!(reader.read(&mut buf).await.unwrap(), 0, "closed at the end");
+}
+
+/// Dropping the pump while it flushes and waits on the source loses nothing:
+/// the next pump delivers the item that arrives afterwards.
+#[tokio::test(start_paused = true)]
+async fn a_pump_dropped_while_flushing_and_waiting_loses_nothing() {
+    let wm = Watermarks::new(0, 1 << 16).unwrap();
+    let (mut tx, mut src) = pipe::<Bytes>(wm);
+    let (writer, mut reader) = tokio::io::duplex(1 << 16);
+    let mut sink = WriterSink::new(tokio::io::BufWriter::new(writer), wm);
+    tx.send(Bytes::from_static(b"one\n")).await.unwrap();
+    {
+        let pumping = pump(&mut src, &mut sink);
+        // Runs until the pump waits on the source (the clock then jumps).
+        let res = tokio::time::timeout(Duration::from_secs(3600), pumping).await;
+        assert!(res.is_err(), "the pump waits for the source");
+    }
+    let mut buf = vec![0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(3600), reader.read(&mut buf))
+        .await
+        .expect("the item stayed in the sink's buffer while the source waited")
+        .unwrap();
+    assert_eq!(&buf[..n], b"one\n", "flushed before the pump waited");
+    tx.send(Bytes::from_static(b"two\n")).await.unwrap();
+    tx.close().await.unwrap();
+    let moved = pump(&mut src, &mut sink).await.unwrap();
+    assert_eq!(moved.items, 1, "the item after the drop was not lost");
+    let n = reader.read(&mut buf).await.unwrap();
+    assert_eq!(&buf[..n], b"two\n");
 }

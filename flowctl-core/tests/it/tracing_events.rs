@@ -29,7 +29,7 @@ fn pause_and_resume_are_debug_events_inside_the_pipe_span() {
         .finish();
     tracing::subscriber::with_default(subscriber, || {
         let (mut tx, mut rx) = pipe::<Bytes>(Watermarks::new(0, 4).unwrap());
-        tx.send(Bytes::from_static(b"12345"))
+        tx.send(Bytes::from(vec![7u8; 100]))
             .now_or_never()
             .unwrap()
             .unwrap();
@@ -53,7 +53,7 @@ fn pause_and_resume_are_debug_events_inside_the_pipe_span() {
         );
     }
     assert!(
-        paused.contains("buffered=5") && paused.contains("high=4"),
+        paused.contains("buffered=100") && paused.contains("high=4"),
         "{paused}"
     );
     assert!(resumed.contains("buffered=0"), "{resumed}");
