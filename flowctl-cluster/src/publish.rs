@@ -10,6 +10,7 @@ use async_nats::jetstream::message::PublishMessage;
 use async_trait::async_trait;
 use bytes::Bytes;
 use flowctl_core::gate::{Gate, GateHandle};
+use flowctl_core::weighted::charge_of;
 use flowctl_core::{FlowError, FlowStats, Sink, Watermarks};
 use futures::future::BoxFuture;
 use tokio::sync::{mpsc, watch};
@@ -282,10 +283,9 @@ impl Sink for Publisher {
         }
         let tx = self.tx.as_ref().ok_or(FlowError::Closed)?;
         let id = format!("{}-{}", self.id, self.sent + 1);
-        let len = item.len();
         // Charged before it is queued, so the task never credits more than
         // was charged; taken back if the task is gone.
-        self.gate.charge(len);
+        let len = self.gate.charge_item(&item);
         match tx.send((id, item)) {
             Ok(()) => {
                 self.sent += 1;
@@ -418,7 +418,7 @@ fn fail(
     );
     let (mut not_stored, mut unknown, mut bytes) = (0u64, 0u64, 0usize);
     for (i, entry) in window.iter().enumerate() {
-        bytes += entry.payload.len();
+        bytes += charge_of(&entry.payload);
         // In strict order each message expects its predecessor as the
         // stream's last: nothing behind a refused front can be stored.
         let chained = i > 0 && strict_order;
@@ -432,7 +432,7 @@ fn fail(
     // queue first makes a racing `start_send` fail (and take its charge back).
     rx.close();
     while let Ok((_, payload)) = rx.try_recv() {
-        bytes += payload.len();
+        bytes += charge_of(&payload);
         not_stored += 1;
     }
     tracing::debug!(error = %e, not_stored, unknown, "publisher failed");
@@ -522,7 +522,7 @@ async fn run(
         match result {
             Ok(_) => {
                 if let Some(e) = window.pop_front() {
-                    gate.credit(e.payload.len());
+                    gate.credit(charge_of(&e.payload));
                 }
                 failing_since = None;
                 attempts = 0;
@@ -616,7 +616,7 @@ mod tests {
             tx.send((format!("q-{i}"), Bytes::from(vec![0u8; 10])))
                 .unwrap();
         }
-        gate.charge(10 * (sent.len() + queued as usize));
+        gate.charge(charge_of(&Bytes::from(vec![0u8; 10])) * (sent.len() + queued as usize));
         fail(e, &window, &mut rx, strict, &gate, &state);
         assert!(gate.is_closed());
         assert!(

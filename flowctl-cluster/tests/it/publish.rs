@@ -3,7 +3,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use flowctl_cluster::{Cluster, ClusterError, ConsumeOptions, PublishOptions};
 use flowctl_core::lifecycle::Ledger;
+use flowctl_core::weighted::MIN_CHARGE;
 use flowctl_core::{Sink, Source, Watermarks};
+use futures::FutureExt;
 
 use crate::connect::{config, released};
 use crate::pull::stream_and_consumer;
@@ -354,4 +356,52 @@ async fn ready_dropped_mid_wait_then_close_stores_everything() {
     drop(sink);
     drop(cluster);
     released(&ledger, Duration::from_secs(10)).await;
+}
+
+#[tokio::test]
+async fn empty_messages_are_charged_and_pause_the_publisher() {
+    // An empty payload weighs 0 bytes; charged as such, un-acked empty
+    // messages would never pause the publisher. With every node frozen no ack
+    // comes back, so everything accepted stays charged.
+    let mut nats = NatsCluster::start().await.expect("nats cluster");
+    let ledger = Ledger::new();
+    let cluster = Cluster::connect(config(nats.urls(), &ledger))
+        .await
+        .unwrap();
+    stream_and_consumer(&cluster, "EMPTY", "empty.>", "c", Duration::from_secs(30)).await;
+    let high = 1024;
+    let mut sink = cluster
+        .publisher(
+            "empty.x",
+            PublishOptions {
+                watermarks: Watermarks::new(256, high).unwrap(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    for i in 0..3 {
+        nats.freeze(i).unwrap();
+    }
+    let mut accepted = 0usize;
+    while accepted < 100_000 {
+        match sink.ready().now_or_never() {
+            Some(r) => r.unwrap(),
+            // Paused: the bound under test. Otherwise a fair yield.
+            None if sink.stats().paused => break,
+            None => {
+                tokio::task::yield_now().await;
+                continue;
+            }
+        }
+        sink.start_send(Bytes::new()).unwrap();
+        accepted += 1;
+    }
+    let s = sink.stats();
+    assert!(
+        accepted <= high / MIN_CHARGE + 1,
+        "accepted {accepted} empty messages without a pause ({s:?})"
+    );
+    assert!(s.paused, "{s:?}");
+    assert!(s.buffered <= high + MIN_CHARGE, "{s:?}");
 }
