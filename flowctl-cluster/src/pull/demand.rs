@@ -653,11 +653,12 @@ impl<T> Demand<T> {
             self.send_pull(1, None, now);
             return;
         }
-        if self.barrier.is_some() && self.queue.is_empty() && self.reqs.is_empty() {
+        if self.barrier.is_some() && self.queue.is_empty() && self.reqs.iter().all(|r| r.ended) {
             // Held-back messages wait for redeliveries, which need a request
             // even with a full buffer: drop the newest held ones unacked (the
             // server redelivers them) to make room, at most once a heartbeat.
-            if self.size_buffered + chunk > high {
+            let needed = |d: &Self| d.size_buffered + d.outstanding() + chunk;
+            if needed(self) > high {
                 if self
                     .last_eviction
                     .is_some_and(|t| now.saturating_duration_since(t) < self.cfg.heartbeat)
@@ -666,7 +667,7 @@ impl<T> Demand<T> {
                 }
                 self.last_eviction = Some(now);
             }
-            while self.size_buffered + chunk > high {
+            while needed(self) > high {
                 let Some((_, e)) = self.held.pop_last() else {
                     break;
                 };
@@ -679,7 +680,7 @@ impl<T> Demand<T> {
             if self.held.is_empty() {
                 self.held_since = None;
             }
-            if self.size_buffered + chunk <= high {
+            if needed(self) <= high {
                 self.send_pull(self.cfg.batch, Some(chunk), now);
             }
             return;
@@ -941,6 +942,46 @@ mod tests {
         d.on_message(msg(90, 8, 1, 100), t);
         assert_eq!(d.take(t).map(|x| x.0), Some(90));
         assert_eq!(d.stats().hold_expired, 0);
+    }
+
+    #[test]
+    fn held_messages_dropped_for_room_come_back_in_order() {
+        // high 1000, chunk 500: a lost delivery, then the buffer fills with
+        // held messages; the newest are dropped (at most once a heartbeat)
+        // to let a pull through, and everything is released in stream order.
+        let t = Instant::now();
+        let mut d = Demand::new(cfg(0, 1000, 8, AckMode::OnReceive), t);
+        d.on_start(t);
+        assert_eq!(pulls(&mut d), [(8, 500), (8, 500)]);
+        d.on_message(msg(1, 1, 1, 150), t);
+        assert_eq!(d.take(t).map(|x| x.0), Some(1));
+        // Delivery 2 (stream 2) is lost; 3..=6 arrive and are held.
+        for seq in 3..=6 {
+            d.on_message(msg(seq, seq, 1, 150), t);
+        }
+        // Round robin: request 0 sent 1, 3, 5 and request 1 sent 2, 4, 6.
+        d.on_status(&end(0, 409, "Message Size Exceeds MaxBytes", 5, 50), t);
+        d.on_status(&end(1, 409, "Message Size Exceeds MaxBytes", 5, 50), t);
+        assert!(!d.has_ready());
+        // The lost delivery still counts (150) until its request's deadline:
+        // 600 held + 150 + a 500 chunk > 1000, so 6 and 5 are dropped.
+        assert_eq!(pulls(&mut d), [(8, 500)]);
+        assert_eq!(d.stats().evicted, 2);
+        assert!(d.size_buffered() + d.outstanding() <= 1000);
+        // Not again within a heartbeat.
+        d.on_timer(t + Duration::from_millis(100));
+        assert!(pulls(&mut d).is_empty());
+        // The lost one and the dropped ones come back, in any order.
+        d.on_message(msg(6, 7, 2, 150), t);
+        d.on_message(msg(2, 8, 2, 150), t);
+        let order: Vec<u64> = std::iter::from_fn(|| d.take(t).map(|x| x.0)).collect();
+        assert_eq!(order, [2, 3, 4], "5 was dropped for room: 6 waits for it");
+        d.on_message(msg(5, 9, 2, 150), t);
+        let order: Vec<u64> = std::iter::from_fn(|| d.take(t).map(|x| x.0)).collect();
+        assert_eq!(order, [5, 6]);
+        // The hold-back is over: a new delivery goes straight through.
+        d.on_message(msg(7, 10, 1, 50), t);
+        assert_eq!(d.take(t).map(|x| x.0), Some(7));
     }
 
     #[test]
