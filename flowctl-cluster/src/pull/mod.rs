@@ -32,12 +32,18 @@ use std::sync::Arc;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum AckMode {
-    /// `+ACK` is sent when [`Source::recv`] hands the message over.
+    /// `+ACK` is sent when [`Source::recv`] hands the message over: at most
+    /// once for the application (a crash after `recv`, before processing,
+    /// loses the message). A redelivery of a message already handed over is
+    /// acked again and dropped.
     #[default]
     OnReceive,
     /// Each message carries an [`AckHandle`]; the application acks after
-    /// processing. Unacked messages are redelivered after the consumer's
-    /// `ack_wait` (and deduplicated by this source).
+    /// processing: at least once. Whatever is not acked is redelivered after
+    /// the consumer's `ack_wait`. While the application holds a message
+    /// un-acked, this source drops its redeliveries **without** acking them
+    /// (the application's ack settles it); a redelivery of a message this
+    /// source never handed out (a previous instance's) is delivered.
     Manual,
 }
 
@@ -45,8 +51,9 @@ pub enum AckMode {
 #[derive(Debug, Clone)]
 pub struct ConsumeOptions {
     /// Bytes buffered in this source: a pull is issued only while buffered
-    /// bytes are at or below `low`, and buffered plus requested bytes never
-    /// exceed `high`.
+    /// bytes are at or below `low`, and buffered bytes plus what the open
+    /// requests may still deliver (as the server counts them: subject,
+    /// reply, headers and payload) never exceed `high`.
     pub watermarks: Watermarks,
     /// Most messages per pull request.
     pub batch: usize,
@@ -62,9 +69,11 @@ pub struct ConsumeOptions {
     pub heartbeat: Duration,
     /// Acknowledgement policy.
     pub ack: AckMode,
-    /// After missed deliveries (a failover), how long messages that come after
-    /// a gap in stream sequences are held back waiting for the redelivery of
-    /// the missing ones. Set it above the consumer's `ack_wait`.
+    /// After missed deliveries (a jump in the consumer's delivery sequence,
+    /// as in a failover), how long later messages are held back waiting for
+    /// the redelivery of the missed ones, to keep stream order. Set it above
+    /// the consumer's `ack_wait`. Without missed deliveries nothing is held,
+    /// whatever the stream sequences (filters, deleted messages).
     pub hold_timeout: Duration,
     /// Fair-yield budget.
     pub fairness: Fairness,
@@ -148,7 +157,8 @@ impl AckHandle {
     }
 }
 
-/// One message of a stream, delivered once and in stream order.
+/// One message of a stream, handed out in stream order (see [`AckMode`]
+/// for what is handed out again).
 #[derive(Debug, Clone)]
 pub struct JsMessage {
     /// The subject it was published to.
@@ -201,7 +211,8 @@ type ProbeReply = (u64, Option<usize>);
 pub struct PullStats {
     /// Pull requests sent.
     pub pulls: u64,
-    /// Redeliveries of messages already handed over, dropped.
+    /// Redeliveries dropped: of messages still buffered here, held un-acked by
+    /// the application, or already acked (those are acked again).
     pub duplicates: u64,
     /// Times the source lost sight of its open requests (reconnect, missed
     /// heartbeats); they keep counting as demand until they end or expire.
