@@ -309,7 +309,8 @@ impl Cluster {
                 _ => ClusterError::nats("stream info", e),
             }
         })?;
-        st.get_consumer::<async_nats::jetstream::consumer::pull::Config>(consumer)
+        let info = st
+            .get_consumer::<async_nats::jetstream::consumer::pull::Config>(consumer)
             .await
             .map_err(|e| {
                 let text = e.to_string();
@@ -322,6 +323,10 @@ impl Cluster {
                     ClusterError::nats("consumer info", e)
                 }
             })?;
+        // Deliveries lost before this source's first one show as a jump
+        // from here.
+        let last_delivered = info.cached_info().delivered.consumer_sequence;
+        drop(info);
         let client = shared.client.clone();
         let inbox = client.new_inbox();
         // The attempt owns the subscription from before SUB leaves: a slot that
@@ -416,6 +421,8 @@ impl Cluster {
             },
             std::time::Instant::now(),
         );
+        let mut demand = demand;
+        demand.set_last_delivered(last_delivered);
         let (settle_tx, settle_rx) = mpsc::unbounded_channel();
         let mut src = PullSource {
             gate: Gate::new(
