@@ -23,8 +23,9 @@ pub(crate) async fn stream_and_consumer(
 
 /// Creates an R3 stream. Right after a start the JetStream meta group may
 /// not know every peer yet (`no suitable peers for placement`, 10005, seen
-/// on 2.10 and 2.15): such a refusal is retried (for up to 30 s) until the
-/// servers place it.
+/// on 2.10 and 2.15): such a refusal is retried for up to 30 s. (On 2.10.26
+/// some fixtures keep refusing beyond 90 s: the fixture's readiness must
+/// wait for every peer to be current, which is the fixture's job.)
 pub(crate) async fn create_stream(cluster: &Cluster, name: &str, subjects: &[&str]) {
     let js = cluster.jetstream();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
