@@ -38,12 +38,17 @@
 //!   [`ClusterConfig::allow_plaintext_credentials`] says otherwise.
 //! - [`Cluster::consume`] → [`PullSource`]: a durable JetStream pull consumer.
 //!   **Demand follows the watermarks**: a pull goes out only while buffered
-//!   bytes are at or below `low`, and only if buffered plus requested bytes
+//!   bytes are at or below `low`, and only if buffered bytes plus what the
+//!   open requests may still deliver (counted as the server counts them)
 //!   stay within `high`; each asks for `batch` messages and at most half the
 //!   `high - low` band in `max_bytes` (so two can be in flight). The source
-//!   thus holds at most `high` bytes plus one oversized message; the rest
-//!   stays on the server. Acks: [`AckMode::OnReceive`] or [`AckMode::Manual`]
-//!   ([`AckHandle`]).
+//!   thus holds at most `high` bytes plus one oversized message, on every
+//!   nats-server release from 2.9 to 2.15; the rest stays on the server.
+//!   The decisions are made by a state machine without I/O, documented with
+//!   what each server release does with pull requests in the module source
+//!   (`src/pull/demand.rs`). Acks: [`AckMode::OnReceive`] (at most once
+//!   across an application crash after `recv`) or [`AckMode::Manual`]
+//!   ([`AckHandle`], at least once).
 //! - [`Cluster::publisher`] → [`Publisher`]: un-acked bytes bounded by the
 //!   sink's watermarks and `max_inflight`; `Nats-Msg-Id` for server dedupe and
 //!   `Nats-Expected-Last-Msg-Id` chaining so retries through elections neither
@@ -54,25 +59,31 @@
 //!   drops are reported as [`ClusterError::SlowConsumer`], permission
 //!   violations as [`ClusterError::PermissionDenied`].
 //!
-//! # Failover: once and in order
+//! # Failover: in order, deduplicated
 //!
 //! A [`PullSource`] must be the only reader of its durable consumer. It
-//! tracks the stream sequence of the last message handed over and drops
-//! redeliveries at or below it (`PullStats::duplicates`). It also tracks the
-//! consumer's delivery sequence: a jump means deliveries were lost in transit
-//! (they went to a node that died or hung); the server redelivers them after
-//! the consumer's `ack_wait`, and meanwhile later messages are held back, so
-//! the application still sees stream order. Held messages are released in
-//! order when the gap fills, or after `hold_timeout` if it never does (a
-//! filtered consumer whose sequences legitimately skip). Holding needs a pull
-//! even when the buffer is full: to make room for it within `high`, the
-//! newest held messages are dropped unacked (`PullStats::evicted`); the
-//! server delivers them again later.
+//! deduplicates only what it handed out itself (`PullStats::duplicates`):
+//! a redelivery of a message the application holds un-acked
+//! ([`AckMode::Manual`]) is dropped without an ack, one of a message already
+//! acked is acked again and dropped, and anything this source never handed
+//! out (a previous instance's un-acked messages) is delivered. It also
+//! tracks the consumer's delivery sequence: a jump means deliveries were
+//! lost in transit (they went to a node that died or hung); the server
+//! redelivers them after the consumer's `ack_wait`, and meanwhile later
+//! messages are held back until as many redeliveries have arrived, so the
+//! application still sees stream order. Stream sequences need not be
+//! contiguous (filters, deleted messages); held messages are released after
+//! `hold_timeout` if the lost ones never come. Holding needs a pull even
+//! when the buffer is full: to make room for it within `high`, the newest
+//! held messages are dropped unacked (`PullStats::evicted`); the server
+//! delivers them again later and they wait their turn.
 //!
 //! A reconnect does not end the pull requests already sent: they live on the
 //! consumer leader until their `expires` and deliver to the same inbox once
 //! the subscription is back. So the source keeps counting them as demand
-//! until it sees them end (last message, 408/409 status) or their `expires`
+//! until it knows they are over (every message they may send arrived, or
+//! their end status, which names the request by its reply subject
+//! `<inbox>.<id>`, counts what they will never send) or their `expires`
 //! (restarted at the reconnect, plus 1 s) has passed, or until the leader
 //! says they are gone: after a reconnect or two missed heartbeats the source
 //! asks the consumer leader how many pull requests it holds (consumer info,
@@ -81,10 +92,10 @@
 //! (`PullStats::voided`): the leader drops requests whose inbox lost
 //! interest, and a new leader never had them. The bound holds through
 //! failovers, and demand is re-issued as soon as the leader answers instead
-//! of after `expires` + 1 s. The one assumption: the leader has registered
-//! the pulls that reached it before the info request behind them (true of
-//! nats-server 2.9, which handles pulls in the route's read loop and API
-//! requests in a queue after it).
+//! of after `expires` + 1 s. The assumptions: the leader has registered
+//! the pulls that reached it before the info request behind them (nats-server
+//! handles pulls in the route's read loop and API requests in a queue after
+//! it), and what a request delivers arrives within its `expires` plus 1 s.
 //!
 //! Measured (`examples/bench_cluster.rs`, release, 2 shared cores, consumer
 //! `ack_wait` 2 s): the consumer's node SIGKILLed while it leads nothing:

@@ -45,24 +45,30 @@ async fn failover(victim: Victim) {
         .unwrap();
     stream_and_consumer(&admin, "FO", "fo.>", "c", Duration::from_secs(2)).await;
     let mut st = admin.jetstream().get_stream("FO").await.unwrap();
-    let stream_leader = node_index(
-        &st.info()
+    // The stream's and the consumer's raft groups elect their leaders
+    // after the create returns (seen on 2.10.26): wait for both.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (stream_leader, consumer_leader) = loop {
+        let s = st
+            .info()
             .await
             .unwrap()
             .cluster
             .as_ref()
-            .and_then(|c| c.leader.clone())
-            .expect("stream leader"),
-    );
-    let consumer_leader = node_index(
-        &st.consumer_info("c")
+            .and_then(|c| c.leader.clone());
+        let c = st
+            .consumer_info("c")
             .await
             .unwrap()
             .cluster
             .as_ref()
-            .and_then(|c| c.leader.clone())
-            .expect("consumer leader"),
-    );
+            .and_then(|c| c.leader.clone());
+        if let (Some(s), Some(c)) = (s, c) {
+            break (node_index(&s), node_index(&c));
+        }
+        assert!(Instant::now() < deadline, "no stream or consumer leader");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     drop(st);
     drop(admin);
     // ConsumerNode: the consumer sits on a node that leads nothing, so only

@@ -1,0 +1,723 @@
+//! The JetStream pull Source: demand follows the watermarks.
+//!
+//! Layout: the public types, then [`Cluster::consume`] (subscription and
+//! sender task inside one [`Attempt`]), then the async shell of
+//! [`PullSource`]: it turns what arrives on the inbox into events for the
+//! I/O-free state machine in [`demand`] (which decides every pull, ack,
+//! probe, hold-back and dedupe, and documents what each nats-server
+//! release does with pull requests) and carries out its commands.
+
+mod demand;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_nats::{HeaderMap, Subject};
+use async_trait::async_trait;
+use bytes::Bytes;
+use flowctl_core::fair::Budget;
+use flowctl_core::gate::Gate;
+use flowctl_core::lifecycle::{Attempt, Lease};
+use flowctl_core::{Fairness, FlowError, FlowStats, Source, Watermarks, Weighted};
+use futures::{FutureExt, StreamExt};
+use tokio::sync::mpsc;
+
+use demand::{Command, Delivery, Demand, DemandConfig, Failure, Status};
+
+use crate::ClusterError;
+use crate::cluster::{Cluster, Shared};
+use std::sync::Arc;
+
+/// When a message is acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum AckMode {
+    /// `+ACK` is sent when [`Source::recv`] hands the message over: at most
+    /// once for the application (a crash after `recv`, before processing,
+    /// loses the message). A redelivery of a message already handed over is
+    /// acked again and dropped.
+    #[default]
+    OnReceive,
+    /// Each message carries an [`AckHandle`]; the application acks after
+    /// processing: at least once. Whatever is not acked is redelivered after
+    /// the consumer's `ack_wait`. While the application holds a message
+    /// un-acked, this source drops its redeliveries **without** acking them
+    /// (the application's ack settles it); a redelivery of a message this
+    /// source never handed out (a previous instance's) is delivered.
+    Manual,
+}
+
+/// How [`Cluster::consume`] pulls.
+#[derive(Debug, Clone)]
+pub struct ConsumeOptions {
+    /// Bytes buffered in this source: a pull is issued only while buffered
+    /// bytes are at or below `low`, and buffered bytes plus what the open
+    /// requests may still deliver (as the server counts them: subject,
+    /// reply, headers and payload) never exceed `high`.
+    pub watermarks: Watermarks,
+    /// Most messages per pull request.
+    pub batch: usize,
+    /// Lifetime of one pull request on the server. A request whose end the
+    /// source did not see (a reconnect, missed heartbeats) keeps counting
+    /// against `high` until this has passed (plus a second), since it may
+    /// still deliver: keep it short, it bounds how long such a fault holds
+    /// back new demand.
+    pub expires: Duration,
+    /// Idle heartbeat asked of the server; two missed heartbeats (or a
+    /// reconnect) mean the open requests may end without a word: they are
+    /// then counted until their `expires` has passed.
+    pub heartbeat: Duration,
+    /// Acknowledgement policy.
+    pub ack: AckMode,
+    /// After missed deliveries (a jump in the consumer's delivery sequence,
+    /// as in a failover), how long later messages are held back waiting for
+    /// the redelivery of the missed ones, to keep stream order. Set it above
+    /// the consumer's `ack_wait`. Without missed deliveries nothing is held,
+    /// whatever the stream sequences (filters, deleted messages).
+    pub hold_timeout: Duration,
+    /// Fair-yield budget.
+    pub fairness: Fairness,
+}
+
+impl Default for ConsumeOptions {
+    fn default() -> Self {
+        ConsumeOptions {
+            watermarks: Watermarks::default(),
+            batch: 256,
+            expires: Duration::from_secs(5),
+            heartbeat: Duration::from_millis(500),
+            ack: AckMode::OnReceive,
+            hold_timeout: Duration::from_secs(35),
+            fairness: Fairness::default(),
+        }
+    }
+}
+
+/// Acknowledges one message (see [`AckMode::Manual`]).
+///
+/// While a handle (or a clone) lives and has not acked, the source drops
+/// the server's redeliveries of its message without acking them. Dropping
+/// every clone without an ack, or a [`nak`](AckHandle::nak), lets the next
+/// redelivery through to the application again.
+#[derive(Debug, Clone)]
+pub struct AckHandle {
+    inner: Arc<AckInner>,
+}
+
+#[derive(Debug)]
+struct AckInner {
+    client: async_nats::Client,
+    reply: Subject,
+    seq: u64,
+    settle: mpsc::UnboundedSender<Settle>,
+    done: AtomicBool,
+}
+
+/// What became of a message handed out in Manual mode.
+#[derive(Debug, Clone, Copy)]
+enum Settle {
+    Acked(u64),
+    Released(u64),
+}
+
+impl Drop for AckInner {
+    fn drop(&mut self) {
+        if !*self.done.get_mut() {
+            let _ = self.settle.send(Settle::Released(self.seq));
+        }
+    }
+}
+
+impl AckHandle {
+    /// Sends `+ACK` (fire and forget: a lost ack means a redelivery, which the
+    /// source acks again and drops).
+    pub async fn ack(&self) -> Result<(), FlowError> {
+        let i = &self.inner;
+        i.client
+            .publish(i.reply.clone(), Bytes::from_static(b"+ACK"))
+            .await
+            .map_err(|e| FlowError::from(ClusterError::nats("ack", e)))?;
+        if !i.done.swap(true, Ordering::AcqRel) {
+            let _ = i.settle.send(Settle::Acked(i.seq));
+        }
+        Ok(())
+    }
+
+    /// Asks for an immediate redelivery (which this source delivers again).
+    pub async fn nak(&self) -> Result<(), FlowError> {
+        let i = &self.inner;
+        i.client
+            .publish(i.reply.clone(), Bytes::from_static(b"-NAK"))
+            .await
+            .map_err(|e| FlowError::from(ClusterError::nats("nak", e)))?;
+        if !i.done.swap(true, Ordering::AcqRel) {
+            let _ = i.settle.send(Settle::Released(i.seq));
+        }
+        Ok(())
+    }
+}
+
+/// One message of a stream, handed out in stream order (see [`AckMode`]
+/// for what is handed out again).
+#[derive(Debug, Clone)]
+pub struct JsMessage {
+    /// The subject it was published to.
+    pub subject: Subject,
+    /// The payload.
+    pub payload: Bytes,
+    /// Headers, if any.
+    pub headers: Option<HeaderMap>,
+    /// Its sequence in the stream.
+    pub stream_seq: u64,
+    /// How many times the server has delivered it.
+    pub delivered: u64,
+    /// Present with [`AckMode::Manual`].
+    pub ack: Option<AckHandle>,
+}
+
+impl Weighted for JsMessage {
+    fn weight(&self) -> usize {
+        self.payload.len()
+    }
+}
+
+/// A delivery as it waits in the source, before it becomes a [`JsMessage`].
+#[derive(Debug)]
+struct Raw {
+    subject: Subject,
+    payload: Bytes,
+    headers: Option<HeaderMap>,
+    reply: Subject,
+    delivered: u64,
+}
+
+/// Commands of the source's sender task: cancel-safe `recv` never awaits a publish.
+#[derive(Debug)]
+enum Cmd {
+    /// A pull request and the reply subject it names (`<inbox>.<id>`).
+    Pull(Subject, Bytes),
+    Ack(Subject),
+    /// Ask the consumer leader how many pull requests it holds, on behalf of
+    /// the requests with an id below this one (all published before it).
+    Probe(u64),
+}
+
+/// A probe's answer: the id it was sent with and the leader's `num_waiting`
+/// (`None`: no answer, e.g. during a leader election).
+type ProbeReply = (u64, Option<usize>);
+
+/// Counters of a [`PullSource`] beyond [`FlowStats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PullStats {
+    /// Pull requests sent.
+    pub pulls: u64,
+    /// Redeliveries dropped: of messages still buffered here, held un-acked by
+    /// the application, or already acked (those are acked again).
+    pub duplicates: u64,
+    /// Times the source lost sight of its open requests (reconnect, missed
+    /// heartbeats); they keep counting as demand until they end or expire.
+    pub resets: u64,
+    /// Deliveries the server sent that never arrived (gaps in the consumer sequence).
+    pub missed: u64,
+    /// Times held-back messages were released by `hold_timeout` with a gap left.
+    pub hold_expired: u64,
+    /// Held-back messages dropped unacked (the server redelivers them) to
+    /// make room for the redeliveries that fill a gap within `high`.
+    pub evicted: u64,
+    /// Open requests found gone from the consumer leader by a probe after a
+    /// reconnect or missed heartbeats (its consumer info showed fewer waiting
+    /// requests), and so no longer counted as demand before their deadline.
+    pub voided: u64,
+}
+
+/// A JetStream pull consumer as a flowctl [`Source`]; see [`Cluster::consume`].
+#[derive(Debug)]
+pub struct PullSource {
+    shared: Arc<Shared>,
+    sub: async_nats::Subscriber,
+    inbox: String,
+    stream: String,
+    consumer: String,
+    opts: ConsumeOptions,
+    gate: Gate,
+    /// Demand, order and dedupe: every decision, without I/O.
+    demand: Demand<Raw>,
+    generation: tokio::sync::watch::Receiver<u64>,
+    cmd: mpsc::UnboundedSender<Cmd>,
+    probes: mpsc::UnboundedReceiver<ProbeReply>,
+    /// Acks and releases of the handles given out in Manual mode.
+    settle_tx: mpsc::UnboundedSender<Settle>,
+    settle_rx: mpsc::UnboundedReceiver<Settle>,
+    budget: Budget,
+    _lease: Lease,
+}
+
+impl Cluster {
+    /// Reads the durable pull consumer `consumer` of `stream`.
+    ///
+    /// The stream and the consumer must exist (create them with
+    /// [`Cluster::jetstream`]). The source must be the only reader of the
+    /// consumer for its order and dedupe guarantees.
+    ///
+    /// Subscription, info request and first pull run inside one
+    /// [`Attempt`]: a cancel or a timeout of this future at any await releases
+    /// the inbox subscription and the sender task, including a subscription
+    /// whose request is still on its way to the server.
+    ///
+    /// # Errors
+    /// [`ClusterError::StreamNotFound`], [`ClusterError::ConsumerNotFound`],
+    /// [`ClusterError::PermissionDenied`], or a transport error.
+    pub async fn consume(
+        &self,
+        stream: &str,
+        consumer: &str,
+        opts: ConsumeOptions,
+    ) -> Result<PullSource, FlowError> {
+        let attempt = Attempt::new(format!("consume {stream}/{consumer}"), &self.shared.ledger);
+        let r = self.consume_in(&attempt, stream, consumer, opts).await;
+        match r {
+            Ok(src) => {
+                attempt.commit();
+                Ok(src)
+            }
+            Err(e) => {
+                attempt.release().await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn consume_in(
+        &self,
+        attempt: &Attempt,
+        stream: &str,
+        consumer: &str,
+        opts: ConsumeOptions,
+    ) -> Result<PullSource, FlowError> {
+        if opts.batch == 0 {
+            return Err(FlowError::Config("pull batch must be at least 1".into()));
+        }
+        let shared = self.shared.clone();
+        let js = &shared.js;
+        // Info first: it tells "stream missing" from "consumer missing".
+        let st = js.get_stream(stream).await.map_err(|e| {
+            use async_nats::jetstream::context::GetStreamErrorKind as K;
+            match e.kind() {
+                K::JetStream(j) if j.code() == 404 => ClusterError::StreamNotFound {
+                    stream: stream.to_owned(),
+                },
+                _ => ClusterError::nats("stream info", e),
+            }
+        })?;
+        let info = st
+            .get_consumer::<async_nats::jetstream::consumer::pull::Config>(consumer)
+            .await
+            .map_err(|e| {
+                let text = e.to_string();
+                if text.contains("not found") || text.contains("10014") {
+                    ClusterError::ConsumerNotFound {
+                        stream: stream.to_owned(),
+                        consumer: consumer.to_owned(),
+                    }
+                } else {
+                    ClusterError::nats("consumer info", e)
+                }
+            })?;
+        // Deliveries lost before this source's first one show as a jump
+        // from here.
+        let last_delivered = info.cached_info().delivered.consumer_sequence;
+        drop(info);
+        let client = shared.client.clone();
+        let inbox = client.new_inbox();
+        // The attempt owns the subscription from before SUB leaves: a slot that
+        // the release empties. `subscribe` has no await after it queues SUB, so
+        // the subscriber lands in the slot in the same poll; a cancel anywhere
+        // later unsubscribes it (UNSUB is queued behind SUB, in order).
+        let slot: Arc<std::sync::Mutex<Option<async_nats::Subscriber>>> = Arc::default();
+        let release_slot = slot.clone();
+        let claim_sub = attempt.own("nats.subscription", move || async move {
+            let sub = release_slot.lock().ok().and_then(|mut s| s.take());
+            if let Some(mut sub) = sub {
+                let _ = sub.unsubscribe().await;
+            }
+        })?;
+        let sub = client
+            .subscribe(format!("{inbox}.*"))
+            .await
+            .map_err(|e| ClusterError::nats("subscribe", e))?;
+        if let Ok(mut s) = slot.lock() {
+            *s = Some(sub);
+        }
+        // The sender task, counted in the ledger, ends when the source drops.
+        let (cmd_tx, mut cmd_rx) = mpsc::unbounded_channel::<Cmd>();
+        let (probe_tx, probe_rx) = mpsc::unbounded_channel::<ProbeReply>();
+        let next = format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}");
+        let info = format!("$JS.API.CONSUMER.INFO.{stream}.{consumer}");
+        let task_client = client.clone();
+        let handle = shared.ledger.spawn("nats.pull_task", async move {
+            // Probes wait for an answer (up to the client's request timeout,
+            // longer than a hung connection takes to be noticed): beside the
+            // commands, so pulls and acks never queue behind one.
+            let mut probes = futures::stream::FuturesUnordered::new();
+            loop {
+                let cmd = tokio::select! {
+                    cmd = cmd_rx.recv() => match cmd {
+                        Some(cmd) => cmd,
+                        None => break,
+                    },
+                    Some(reply) = probes.next(), if !probes.is_empty() => {
+                        let _ = probe_tx.send(reply);
+                        continue;
+                    }
+                };
+                let r = match cmd {
+                    Cmd::Pull(reply, body) => {
+                        task_client
+                            .publish_with_reply(next.clone(), reply, body)
+                            .await
+                    }
+                    Cmd::Ack(reply) => task_client.publish(reply, Bytes::from_static(b"+ACK")).await,
+                    Cmd::Probe(id) => {
+                        // Queued on the connection after every pull sent
+                        // before it: the leader has them when it answers.
+                        let client = task_client.clone();
+                        let info = info.clone();
+                        probes.push(async move {
+                            let waiting = client
+                                .request(info, Bytes::new())
+                                .await
+                                .ok()
+                                .and_then(|m| num_waiting(&m.payload));
+                            (id, waiting)
+                        });
+                        Ok(())
+                    }
+                };
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "pull source: publish failed (the connection is gone)");
+                }
+            }
+        });
+        let abort = handle.abort_handle();
+        let claim_task = attempt.own("nats.pull_task_owner", move || async move {
+            abort.abort();
+        })?;
+        let Some(sub) = slot.lock().ok().and_then(|mut s| s.take()) else {
+            return Err(FlowError::Closed);
+        };
+        attempt.disown(claim_sub);
+        attempt.disown(claim_task);
+        let generation = shared.generation.clone();
+        let lease = shared.ledger.acquire("nats.subscription");
+        let demand = Demand::new(
+            DemandConfig {
+                low: opts.watermarks.low(),
+                high: opts.watermarks.high(),
+                batch: opts.batch,
+                expires: opts.expires,
+                heartbeat: opts.heartbeat,
+                hold_timeout: opts.hold_timeout,
+                ack: opts.ack,
+            },
+            std::time::Instant::now(),
+        );
+        let mut demand = demand;
+        demand.set_last_delivered(last_delivered);
+        let (settle_tx, settle_rx) = mpsc::unbounded_channel();
+        let mut src = PullSource {
+            gate: Gate::new(
+                opts.watermarks,
+                tracing::debug_span!("pull", stream, consumer),
+            ),
+            budget: Budget::new(opts.fairness),
+            shared: shared.clone(),
+            sub,
+            inbox,
+            stream: stream.to_owned(),
+            consumer: consumer.to_owned(),
+            opts,
+            demand,
+            generation,
+            cmd: cmd_tx,
+            probes: probe_rx,
+            settle_tx,
+            settle_rx,
+            _lease: lease,
+        };
+        src.generation.borrow_and_update();
+        src.demand.on_start(std::time::Instant::now());
+        src.run_commands();
+        Ok(src)
+    }
+}
+
+/// `num_waiting` of a consumer info response; `None` for an error response.
+fn num_waiting(payload: &[u8]) -> Option<usize> {
+    let v: serde_json::Value = serde_json::from_slice(payload).ok()?;
+    if v.get("error").is_some() {
+        return None;
+    }
+    v.get("num_waiting")?.as_u64().map(|n| n as usize)
+}
+
+/// The request a status ends: its subject is the reply subject
+/// `<inbox>.<id>` the request was sent with.
+fn request_id(inbox: &str, subject: &str) -> Option<u64> {
+    demand::parse_count(subject.strip_prefix(inbox)?.strip_prefix('.')?)
+}
+
+/// `Nats-Pending-Messages` and `Nats-Pending-Bytes` of a status, when both parse.
+fn pending_counts(headers: Option<&HeaderMap>) -> Option<(u64, u64)> {
+    let h = headers?;
+    let msgs = demand::parse_count(h.get("Nats-Pending-Messages")?.as_str())?;
+    let bytes = demand::parse_count(h.get("Nats-Pending-Bytes")?.as_str())?;
+    Some((msgs, bytes))
+}
+
+impl PullSource {
+    /// Counters beyond [`FlowStats`].
+    pub fn pull_stats(&self) -> PullStats {
+        self.demand.stats()
+    }
+
+    /// The inbox this source's deliveries arrive on.
+    pub fn inbox(&self) -> &str {
+        &self.inbox
+    }
+
+    /// Bytes the open pull requests may still deliver, as the server counts
+    /// them (subject, reply, headers and payload): an upper bound.
+    pub fn outstanding_bytes(&self) -> usize {
+        self.demand.outstanding()
+    }
+
+    /// Makes the gate's count follow the state machine's.
+    fn sync_gate(&self) {
+        let want = self.demand.weight_buffered();
+        let have = self.gate.buffered();
+        if want > have {
+            self.gate.charge(want - have);
+        } else if have > want {
+            self.gate.credit(have - want);
+        }
+    }
+
+    /// Carries out the state machine's commands (queued to the sender task:
+    /// `recv` never awaits a publish), then updates the gate.
+    fn run_commands(&mut self) {
+        while let Some(c) = self.demand.poll_command() {
+            let cmd = match c {
+                Command::Pull {
+                    id,
+                    batch,
+                    max_bytes,
+                    expires,
+                    heartbeat,
+                } => {
+                    let mut body = serde_json::json!({
+                        "batch": batch,
+                        "expires": expires.as_nanos() as u64,
+                        "idle_heartbeat": heartbeat.as_nanos() as u64,
+                    });
+                    if max_bytes > 0 {
+                        body["max_bytes"] = max_bytes.into();
+                    }
+                    let Ok(bytes) = serde_json::to_vec(&body) else {
+                        continue;
+                    };
+                    tracing::trace!(id, batch, max_bytes, "pull");
+                    Cmd::Pull(format!("{}.{id}", self.inbox).into(), bytes.into())
+                }
+                Command::Ack(raw) => Cmd::Ack(raw.reply),
+                Command::Probe { upto } => Cmd::Probe(upto),
+            };
+            // A send error means the task is gone with the client: recv sees
+            // the subscription end.
+            let _ = self.cmd.send(cmd);
+        }
+        self.sync_gate();
+    }
+
+    fn on_message(&mut self, m: async_nats::Message) {
+        let now = std::time::Instant::now();
+        if let Some(status) = m.status {
+            let s = Status {
+                code: status.as_u16(),
+                description: m.description.clone().unwrap_or_default(),
+                pending: pending_counts(m.headers.as_ref()),
+                request: request_id(&self.inbox, &m.subject),
+            };
+            self.demand.on_status(&s, now);
+            return;
+        }
+        let Some(reply) = m.reply.clone() else {
+            tracing::debug!(subject = %m.subject, "pull source: message without a reply subject");
+            return;
+        };
+        let Some((delivered, sseq, cseq)) = demand::parse_ack(&reply) else {
+            tracing::debug!(subject = %m.subject, "pull source: message without a JetStream ack subject");
+            return;
+        };
+        let size = m.length;
+        let weight = m.payload.len();
+        self.demand.on_message(
+            Delivery {
+                item: Raw {
+                    subject: m.subject,
+                    payload: m.payload,
+                    headers: m.headers,
+                    reply,
+                    delivered,
+                },
+                stream_seq: sseq,
+                consumer_seq: cseq,
+                delivered,
+                size,
+                weight,
+            },
+            now,
+        );
+    }
+
+    /// Takes in everything the subscription already holds, without waiting.
+    fn drain(&mut self) {
+        while let Some(Some(m)) = self.sub.next().now_or_never() {
+            self.on_message(m);
+        }
+    }
+
+    fn apply_settles(&mut self) {
+        while let Ok(s) = self.settle_rx.try_recv() {
+            match s {
+                Settle::Acked(seq) => self.demand.on_acked(seq),
+                Settle::Released(seq) => self.demand.on_released(seq),
+            }
+        }
+    }
+
+    fn take_ready(&mut self) -> Option<JsMessage> {
+        let (raw, seq, ack_now) = self.demand.take(std::time::Instant::now())?;
+        let ack = match self.opts.ack {
+            AckMode::Manual => Some(AckHandle {
+                inner: Arc::new(AckInner {
+                    client: self.shared.client.clone(),
+                    reply: raw.reply.clone(),
+                    seq,
+                    settle: self.settle_tx.clone(),
+                    done: AtomicBool::new(false),
+                }),
+            }),
+            AckMode::OnReceive => None,
+        };
+        if ack_now {
+            let _ = self.cmd.send(Cmd::Ack(raw.reply));
+        }
+        self.run_commands();
+        Some(JsMessage {
+            subject: raw.subject,
+            payload: raw.payload,
+            headers: raw.headers,
+            stream_seq: seq,
+            delivered: raw.delivered,
+            ack,
+        })
+    }
+
+    fn failure(&self, f: Failure) -> ClusterError {
+        match f {
+            Failure::ConsumerDeleted => ClusterError::ConsumerNotFound {
+                stream: self.stream.clone(),
+                consumer: self.consumer.clone(),
+            },
+        }
+    }
+}
+
+#[async_trait]
+impl Source for PullSource {
+    type Item = JsMessage;
+
+    async fn recv(&mut self) -> Result<Option<JsMessage>, FlowError> {
+        loop {
+            self.apply_settles();
+            if self.demand.has_ready() {
+                std::future::poll_fn(|cx| self.budget.poll_proceed(cx)).await;
+                if let Some(msg) = self.take_ready() {
+                    self.budget.charge(msg.weight());
+                    return Ok(Some(msg));
+                }
+            }
+            if let Some(f) = self.demand.take_failure() {
+                return Err(self.failure(f).into());
+            }
+            self.budget.reset();
+            if self.generation.has_changed().unwrap_or(false) {
+                self.generation.borrow_and_update();
+                self.demand.on_reconnected(std::time::Instant::now());
+            }
+            self.demand.on_timer(std::time::Instant::now());
+            self.run_commands();
+            if self.demand.has_ready() {
+                continue;
+            }
+            let wake = self.demand.next_timeout(std::time::Instant::now());
+            tokio::select! {
+                m = self.sub.next() => match m {
+                    Some(m) => self.on_message(m),
+                    None => return Err(FlowError::Closed),
+                },
+                Some((upto, waiting)) = self.probes.recv() => {
+                    // What already arrived for the requests counts before
+                    // the leader's answer can void them.
+                    self.drain();
+                    self.demand.on_probe(upto, waiting, std::time::Instant::now());
+                }
+                Some(s) = self.settle_rx.recv() => match s {
+                    Settle::Acked(seq) => self.demand.on_acked(seq),
+                    Settle::Released(seq) => self.demand.on_released(seq),
+                },
+                r = self.generation.changed() => {
+                    if r.is_ok() {
+                        self.generation.borrow_and_update();
+                        self.demand.on_reconnected(std::time::Instant::now());
+                    }
+                }
+                () = tokio::time::sleep_until(wake.into()) => {
+                    self.demand.on_timer(std::time::Instant::now());
+                }
+            }
+            self.drain();
+            self.run_commands();
+        }
+    }
+
+    fn stats(&self) -> FlowStats {
+        self.gate.stats()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_num_waiting() {
+        assert_eq!(
+            num_waiting(
+                br#"{"type":"io.nats.jetstream.api.v1.consumer_info_response","num_waiting":2}"#
+            ),
+            Some(2)
+        );
+        assert_eq!(num_waiting(br#"{"error":{"code":503,"description":"JetStream system temporarily unavailable"}}"#), None);
+        assert_eq!(num_waiting(b"garbage"), None);
+    }
+
+    fn assert_send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn public_types_are_send_and_sync() {
+        assert_send_sync::<AckHandle>();
+        assert_send_sync::<JsMessage>();
+        assert_send_sync::<PullStats>();
+    }
+}
