@@ -156,7 +156,13 @@
 //!   496 MB RSS).
 //! - A dropped channel receiver does not block the loop (`send` fails and is
 //!   ignored), and a dropped `Channel` does **not** close the channel: this
-//!   crate sends `CHANNEL_CLOSE` itself when a process is dropped.
+//!   crate closes it itself when a process is dropped (`signal KILL`, EOF,
+//!   `CHANNEL_CLOSE`). A channel open is confirmed by the server into the
+//!   opener's queue (`CHANNEL_OPEN_CONFIRMATION` -> `ChannelMsg::Open`); an
+//!   opener dropped before that leaves the channel open on both sides. So
+//!   [`Session::exec`] opens the channel and runs the command in a task of
+//!   its own (ledger kind [`LEDGER_OPEN`]) that closes both when the caller
+//!   is gone, whenever the confirmation and the exec reply arrive.
 //! - Writing (`ChannelWriteHalf::data_bytes`) does wait for the peer's window,
 //!   one packet at a time.
 //!
@@ -280,7 +286,7 @@ pub mod testing;
 #[cfg(feature = "russh")]
 pub use process::{Exit, ExitStatus, Output, RemoteProcess, Stdin};
 #[cfg(feature = "russh")]
-pub use session::{LEDGER_SESSION, LEDGER_TASK, Session};
+pub use session::{LEDGER_OPEN, LEDGER_SESSION, LEDGER_TASK, Session};
 
 /// The russh version this crate is built on, re-exported for key types
 /// (`russh::keys::PrivateKey`, ...).

@@ -83,6 +83,7 @@ pub struct EmbeddedServer {
     accept: JoinHandle<()>,
     connections: Arc<std::sync::Mutex<Vec<Connection>>>,
     live: Arc<AtomicUsize>,
+    channels: Arc<AtomicUsize>,
 }
 
 impl EmbeddedServer {
@@ -110,6 +111,7 @@ impl EmbeddedServer {
         });
         let connections = Arc::new(std::sync::Mutex::new(Vec::new()));
         let live = Arc::new(AtomicUsize::new(0));
+        let channels = Arc::new(AtomicUsize::new(0));
         let authorized = Arc::new(Authorized {
             keys: config.authorized_keys.clone(),
             password: config.password.clone(),
@@ -124,6 +126,7 @@ impl EmbeddedServer {
                 ledger.clone(),
                 connections.clone(),
                 live.clone(),
+                channels.clone(),
             ),
         );
         Ok(EmbeddedServer {
@@ -132,6 +135,7 @@ impl EmbeddedServer {
             accept,
             connections,
             live,
+            channels,
         })
     }
 
@@ -154,6 +158,12 @@ impl EmbeddedServer {
     /// Connections being served now.
     pub fn live_connections(&self) -> usize {
         self.live.load(Ordering::Acquire)
+    }
+
+    /// Channels open now: opened by a client and not yet closed, whether
+    /// or not a command runs in them.
+    pub fn live_channels(&self) -> usize {
+        self.channels.load(Ordering::Acquire)
     }
 
     /// Cuts every connection at once (their sockets close without a
@@ -187,6 +197,7 @@ async fn accept_loop(
     ledger: Ledger,
     connections: Arc<std::sync::Mutex<Vec<Connection>>>,
     live: Arc<AtomicUsize>,
+    channels: Arc<AtomicUsize>,
 ) {
     loop {
         let (socket, peer) = match listener.accept().await {
@@ -212,14 +223,14 @@ async fn accept_loop(
         let handler = ServerHandler {
             authorized: authorized.clone(),
             channels: HashMap::new(),
+            open: channels.clone(),
             ledger: ledger.clone(),
             commands: Vec::new(),
         };
         let config = config.clone();
         let live = live.clone();
         let task = ledger.spawn(LEDGER_SERVER_TASK, async move {
-            live.fetch_add(1, Ordering::AcqRel);
-            let _count = LiveCount(live);
+            let _count = LiveCount::new(&live);
             tracing::debug!(%peer, "embedded ssh server: connection");
             match russh::server::run_stream(config, socket, handler).await {
                 Ok(session) => {
@@ -253,6 +264,14 @@ struct Connection {
 
 struct LiveCount(Arc<AtomicUsize>);
 
+impl LiveCount {
+    /// Counts one more in `count` until dropped.
+    fn new(count: &Arc<AtomicUsize>) -> LiveCount {
+        count.fetch_add(1, Ordering::AcqRel);
+        LiveCount(count.clone())
+    }
+}
+
 impl Drop for LiveCount {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
@@ -261,7 +280,9 @@ impl Drop for LiveCount {
 
 struct ServerHandler {
     authorized: Arc<Authorized>,
-    channels: HashMap<ChannelId, russh::Channel<Msg>>,
+    /// Channels opened and not yet exec'd, each counted in `open` while it lives.
+    channels: HashMap<ChannelId, (russh::Channel<Msg>, LiveCount)>,
+    open: Arc<AtomicUsize>,
     ledger: Ledger,
     /// Command tasks of this connection: aborted (children killed) when the
     /// connection ends.
@@ -325,8 +346,20 @@ impl russh::server::Handler for ServerHandler {
         reply: russh::server::ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        self.channels.insert(channel.id(), channel);
+        let count = LiveCount::new(&self.open);
+        self.channels.insert(channel.id(), (channel, count));
         reply.accept().await;
+        Ok(())
+    }
+
+    async fn channel_close(
+        &mut self,
+        channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        // A channel closed before any command ran in it (an exec's channel
+        // with a command is closed by its `run_command`).
+        self.channels.remove(&channel);
         Ok(())
     }
 
@@ -336,7 +369,7 @@ impl russh::server::Handler for ServerHandler {
         data: &[u8],
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let Some(channel) = self.channels.remove(&id) else {
+        let Some((channel, count)) = self.channels.remove(&id) else {
             session.channel_failure(id)?;
             return Ok(());
         };
@@ -344,10 +377,10 @@ impl russh::server::Handler for ServerHandler {
         session.channel_success(id)?;
         let handle = session.handle();
         self.commands.retain(|c| !c.is_finished());
-        self.commands.push(
-            self.ledger
-                .spawn(LEDGER_SERVER_TASK, run_command(channel, command, handle)),
-        );
+        self.commands.push(self.ledger.spawn(
+            LEDGER_SERVER_TASK,
+            run_command(channel, command, handle, count),
+        ));
         Ok(())
     }
 }
@@ -397,7 +430,12 @@ async fn copy_out<R: tokio::io::AsyncRead + Unpin>(
     }
 }
 
-async fn run_command(channel: russh::Channel<Msg>, command: String, handle: russh::server::Handle) {
+async fn run_command(
+    channel: russh::Channel<Msg>,
+    command: String,
+    handle: russh::server::Handle,
+    _count: LiveCount,
+) {
     let id = channel.id();
     let (mut read, write) = channel.split();
     let child = tokio::process::Command::new("sh")

@@ -110,11 +110,12 @@ impl Sshd {
             let config = dir.join("sshd_config");
             std::fs::write(
                 &config,
+                // `extra` first: sshd keeps the first value it reads for a keyword.
                 format!(
-                    "ListenAddress 127.0.0.1:{port}\nHostKey {hk}\nAuthorizedKeysFile {ak}\n\
+                    "{extra}\nListenAddress 127.0.0.1:{port}\nHostKey {hk}\nAuthorizedKeysFile {ak}\n\
                      UsePAM no\nStrictModes no\nPidFile none\nPasswordAuthentication no\n\
                      KbdInteractiveAuthentication no\nPubkeyAuthentication yes\nPermitRootLogin yes\n\
-                     MaxStartups 100\nMaxSessions 100\nLogLevel INFO\nPrintMotd no\nUseDNS no\n{extra}",
+                     MaxStartups 100\nMaxSessions 100\nLogLevel INFO\nPrintMotd no\nUseDNS no\n",
                     hk = host_key.display(),
                     ak = authorized.display(),
                 ),
@@ -229,6 +230,41 @@ impl Sshd {
         killed
     }
 
+    /// The command names (`/proc/PID/comm`) of the processes that clients'
+    /// commands run in, with their children: every process below a session
+    /// process (the sshd whose title reads `sshd: USER@notty` or
+    /// `sshd: USER@pts/N`; it is the listener's child for root, which
+    /// runs without privilege separation, and its grandchild otherwise). A
+    /// command still starting (forked, not yet `exec`ed: named `sshd`) and a
+    /// zombie not yet reaped are included.
+    pub fn commands(&self) -> Vec<String> {
+        let below = descendants_with_depth(self.child.id());
+        let title = |pid: u32| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_default()
+        };
+        let titled = |pid: u32| {
+            let t = title(pid);
+            t.starts_with("sshd: ") && (t.contains("@notty") || t.contains("@pts/"))
+        };
+        // The topmost titled processes: a command forked but not yet
+        // `exec`ed still carries its parent's title.
+        let sessions = below
+            .iter()
+            .map(|&(pid, _)| pid)
+            .filter(|&pid| titled(pid) && !parent_of(pid).is_some_and(titled));
+        let mut out = Vec::new();
+        for session in sessions {
+            for (pid, _) in descendants_with_depth(session) {
+                if let Ok(c) = std::fs::read_to_string(format!("/proc/{pid}/comm")) {
+                    out.push(c.trim().to_owned());
+                }
+            }
+        }
+        out
+    }
+
     /// How many lines sshd logged that contain `needle`.
     pub fn count(&self, needle: &str) -> usize {
         self.lines().iter().filter(|l| l.contains(needle)).count()
@@ -262,6 +298,23 @@ impl Drop for Sshd {
 /// Every process below `root`, from `/proc` (children before their own
 /// children, so the connection's sshd goes first).
 fn descendants(root: u32) -> Vec<u32> {
+    descendants_with_depth(root)
+        .into_iter()
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
+/// The parent of `pid`, from `/proc/PID/stat`.
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // `pid (comm) state ppid ...`: comm may hold spaces, so split after ')'.
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+        .and_then(|p| p.parse::<u32>().ok())
+}
+
+/// Every process below `root` with its depth (1 for a child), from `/proc`.
+fn descendants_with_depth(root: u32) -> Vec<(u32, usize)> {
     let mut parents: Vec<(u32, u32)> = Vec::new();
     if let Ok(entries) = std::fs::read_dir("/proc") {
         for entry in entries.flatten() {
@@ -286,12 +339,12 @@ fn descendants(root: u32) -> Vec<u32> {
         }
     }
     let mut out = Vec::new();
-    let mut frontier = vec![root];
-    while let Some(p) = frontier.pop() {
+    let mut frontier = vec![(root, 0)];
+    while let Some((p, depth)) = frontier.pop() {
         for &(pid, ppid) in &parents {
             if ppid == p {
-                out.push(pid);
-                frontier.push(pid);
+                out.push((pid, depth + 1));
+                frontier.push((pid, depth + 1));
             }
         }
     }

@@ -9,6 +9,8 @@ mod exec;
 mod bounded;
 // Connection refused, auth rejected, host keys, not found, dropped connection, signals.
 mod errors;
+// Cancelled execs close their channels, even an open still in flight (issue 15 item 3).
+mod cancel;
 // Dropping processes and sessions: tasks and connections return to zero.
 mod lifecycle;
 // Authentication through a real ssh-agent.
