@@ -103,7 +103,18 @@
 //! bounds TCP connect and the banner exchange, not authentication);
 //! `keepalive` -> `ServerAliveInterval`; `ciphers` -> a temporary
 //! `-F` file with `Ciphers ...` that then `Include`s `~/.ssh/config` and
-//! `/etc/ssh/ssh_config`. `channel_buffer` and `window` do not apply.
+//! `/etc/ssh/ssh_config` (quoted: a `HOME` with spaces works).
+//! `channel_buffer` and `window` do not apply.
+//!
+//! **Every value that reaches ssh's command line or a config file is
+//! checked** and refused with [`SshError::Config`] before anything runs: a
+//! cipher name is letters, digits and `@._+-` (a newline would add a
+//! directive such as `ProxyCommand`, which runs a local command); the host
+//! and the user must not start with `-` (ssh would read an option) nor hold
+//! whitespace, quotes or control characters; paths must be UTF-8 without
+//! control characters, and those that ssh reads as a config line (`-o
+//! UserKnownHostsFile=`, `Include`) are double-quoted, so a path holding `"`
+//! or `\` is refused.
 //!
 //! **What is parsed from ssh's log** (OpenSSH 9.2 wording):
 //! "REMOTE HOST IDENTIFICATION HAS CHANGED" -> [`SshError::HostKeyMismatch`]
