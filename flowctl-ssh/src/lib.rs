@@ -278,7 +278,7 @@
 mod config;
 mod error;
 
-pub use config::{Auth, Backend, HostKeyPolicy, SshConfig};
+pub use config::{Auth, Backend, HostKeyPolicy, Secret, SshConfig};
 pub use error::SshError;
 
 #[cfg(feature = "russh")]

@@ -218,7 +218,7 @@ impl RemoteProcess {
         let session: Arc<dyn std::any::Any + Send + Sync> = session;
         let write = Arc::new(write);
         let (p, proc) = plumbing(config, session);
-        let span = tracing::debug_span!("flowctl.ssh.exec", command = %command);
+        let span = exec_span(command, config, "russh");
         config.ledger.spawn(
             LEDGER_TASK,
             tracing::Instrument::instrument(
@@ -266,6 +266,17 @@ struct ReadTask {
     exit: watch::Sender<Option<Outcome>>,
     done: watch::Sender<bool>,
     cancel: watch::Receiver<()>,
+}
+
+/// The span of a remote process's tasks. The command line may carry
+/// secrets: only its length is recorded unless
+/// [`SshConfig::log_commands`] is set.
+pub(crate) fn exec_span(command: &str, config: &SshConfig, backend: &'static str) -> tracing::Span {
+    if config.log_commands {
+        tracing::debug_span!("flowctl.ssh.exec", backend, command_len = command.len(), command = %command)
+    } else {
+        tracing::debug_span!("flowctl.ssh.exec", backend, command_len = command.len())
+    }
 }
 
 /// Waits until `pipe` has room; a pipe whose source was dropped is marked

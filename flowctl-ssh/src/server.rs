@@ -27,11 +27,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
+use crate::Secret;
+
 /// Ledger kind of the embedded server's tasks.
 pub const LEDGER_SERVER_TASK: &str = "ssh.server.task";
 
 /// Configuration of an [`EmbeddedServer`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 #[non_exhaustive]
 pub struct ServerConfig {
     /// The host key the server presents.
@@ -39,8 +41,8 @@ pub struct ServerConfig {
     /// Public keys allowed to log in (as any user).
     pub authorized_keys: Vec<PublicKey>,
     /// A `(user, password)` pair accepted by password authentication
-    /// (`None`: public keys only).
-    pub password: Option<(String, String)>,
+    /// (`None`: public keys only). Never printed.
+    pub password: Option<(String, Secret)>,
     /// Messages russh queues per channel before the session loop waits.
     pub channel_buffer: usize,
     /// The largest packet the server accepts (bytes).
@@ -49,6 +51,24 @@ pub struct ServerConfig {
     pub window: u32,
     /// Ledger for the server's tasks ([`LEDGER_SERVER_TASK`]).
     pub ledger: Ledger,
+}
+
+impl std::fmt::Debug for ServerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Neither the host's private key nor the password.
+        f.debug_struct("ServerConfig")
+            .field(
+                "host_key",
+                &self.host_key.public_key().fingerprint(Default::default()),
+            )
+            .field("authorized_keys", &self.authorized_keys.len())
+            .field("password", &self.password.as_ref().map(|(u, p)| (u, p)))
+            .field("channel_buffer", &self.channel_buffer)
+            .field("max_packet", &self.max_packet)
+            .field("window", &self.window)
+            .field("ledger", &self.ledger)
+            .finish()
+    }
 }
 
 impl ServerConfig {
@@ -250,10 +270,11 @@ async fn accept_loop(
     }
 }
 
+/// Who may log in. `Debug` shows the password as `<redacted>` ([`Secret`]).
 #[derive(Debug)]
 struct Authorized {
     keys: Vec<PublicKey>,
-    password: Option<(String, String)>,
+    password: Option<(String, Secret)>,
 }
 
 #[derive(Debug)]
@@ -319,7 +340,7 @@ impl russh::server::Handler for ServerHandler {
 
     async fn auth_password(&mut self, user: &str, password: &str) -> Result<Auth, Self::Error> {
         Ok(match &self.authorized.password {
-            Some((u, p)) if u == user && p == password => Auth::Accept,
+            Some((u, p)) if u == user && p.expose() == password => Auth::Accept,
             _ => Auth::reject(),
         })
     }
@@ -495,7 +516,11 @@ async fn run_command(
     let status = tokio::select! {
         status = to_client => status,
         () = from_client => {
-            tracing::debug!(%command, "client closed the channel: killing the command");
+            // Not the command line: it may carry secrets.
+            tracing::debug!(
+                command_len = command.len(),
+                "client closed the channel: killing the command"
+            );
             return; // dropping the child kills it
         }
     };
@@ -520,4 +545,32 @@ async fn run_command(
     }
     let _ = write.eof().await;
     let _ = write.close().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_prints_the_password_or_the_host_key() {
+        let mut cfg = ServerConfig::new(Vec::new()).expect("config");
+        cfg.password = Some(("deploy".into(), "pw-TOPSECRET-42".into()));
+        let secret_key = cfg
+            .host_key
+            .to_openssh(russh::keys::ssh_key::LineEnding::LF)
+            .expect("openssh encoding");
+        let printed = format!("{cfg:?}");
+        assert!(!printed.contains("TOPSECRET"), "{printed}");
+        assert!(printed.contains("<redacted>"), "{printed}");
+        assert!(
+            !printed.contains(secret_key.lines().nth(1).unwrap_or("-")),
+            "{printed}"
+        );
+        let authorized = Authorized {
+            keys: Vec::new(),
+            password: cfg.password.clone(),
+        };
+        let printed = format!("{authorized:?}");
+        assert!(!printed.contains("TOPSECRET"), "{printed}");
+    }
 }

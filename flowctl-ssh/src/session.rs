@@ -7,7 +7,7 @@ use flowctl_core::lifecycle::Lease;
 use russh::client::{self, AuthResult};
 use russh::keys::{HashAlg, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate};
 
-use crate::config::{Auth, HostKeyPolicy, SshConfig};
+use crate::config::{Auth, HostKeyPolicy, Secret, SshConfig};
 use crate::error::SshError;
 use crate::process::RemoteProcess;
 
@@ -517,12 +517,11 @@ async fn authenticate(
         let ok = match auth {
             Auth::KeyFile { path, passphrase } => {
                 let key =
-                    russh::keys::load_secret_key(path, passphrase.as_deref()).map_err(|e| {
-                        SshError::Key {
+                    russh::keys::load_secret_key(path, passphrase.as_ref().map(Secret::expose))
+                        .map_err(|e| SshError::Key {
                             path: path.display().to_string(),
                             source: Box::new(e),
-                        }
-                    })?;
+                        })?;
                 let hash = handle.best_supported_rsa_hash().await?.flatten();
                 let key = PrivateKeyWithHashAlg::new(Arc::new(key), hash);
                 matches!(
@@ -531,7 +530,9 @@ async fn authenticate(
                 )
             }
             Auth::Password(password) => matches!(
-                handle.authenticate_password(user, password).await?,
+                handle
+                    .authenticate_password(user, password.expose())
+                    .await?,
                 AuthResult::Success
             ),
             Auth::Agent | Auth::AgentSocket(_) => {

@@ -509,7 +509,7 @@ pub(crate) async fn exec(
     let stdout = child.stdout().take();
     let stderr = child.stderr().take();
     let (p, proc) = plumbing(config, master.clone());
-    let span = tracing::debug_span!("flowctl.ssh.exec", command = %command, backend = "openssh");
+    let span = crate::process::exec_span(command, config, "openssh");
     let Plumbing {
         out,
         err,

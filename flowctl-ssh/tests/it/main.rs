@@ -15,6 +15,8 @@ mod cancel;
 mod lifecycle;
 // Authentication through a real ssh-agent.
 mod auth;
+// Secrets stay out of tracing spans unless the command line is opted in.
+mod secrets;
 // Redirection helpers between remote and local processes.
 mod redirect;
 // A stalled reader outlasting sshd's ClientAliveInterval: openssh survives, russh is dropped.
