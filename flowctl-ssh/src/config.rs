@@ -188,6 +188,11 @@ pub struct SshConfig {
     /// The ledger that counts this crate's tasks and connections
     /// (`ssh.task`, `ssh.session`). Default: [`Ledger::global()`].
     pub ledger: Ledger,
+    /// The system-wide known_hosts file, read after the user's (OpenSSH's
+    /// `GlobalKnownHostsFile`). Default `/etc/ssh/ssh_known_hosts`; `None`
+    /// reads only the user's file. The openssh backend leaves this to ssh,
+    /// whose default is the same file.
+    pub global_known_hosts: Option<PathBuf>,
     /// Whether tracing spans of a remote process record its full command
     /// line (`command` field). Default `false`: a command line may carry
     /// secrets (`PGPASSWORD=... psql`), so spans record only its length
@@ -219,6 +224,7 @@ impl SshConfig {
             window: 2 * 1024 * 1024,
             ciphers: Vec::new(),
             ledger: Ledger::global().clone(),
+            global_known_hosts: Some(PathBuf::from("/etc/ssh/ssh_known_hosts")),
             log_commands: false,
             backend: Backend::default(),
         }
@@ -233,6 +239,13 @@ impl SshConfig {
     /// Checks host keys against this known_hosts file.
     pub fn known_hosts(mut self, path: impl Into<PathBuf>) -> Self {
         self.host_key = HostKeyPolicy::KnownHosts(Some(path.into()));
+        self
+    }
+
+    /// Reads this system-wide known_hosts file after the user's (`None`:
+    /// none). Default `/etc/ssh/ssh_known_hosts`.
+    pub fn global_known_hosts(mut self, path: Option<PathBuf>) -> Self {
+        self.global_known_hosts = path;
         self
     }
 

@@ -245,11 +245,20 @@
 //! [`Auth`] lists the methods tried in order: a private key file (with an
 //! optional passphrase), the ssh-agent of `SSH_AUTH_SOCK` or of a given
 //! socket, a password. Host keys are checked against `~/.ssh/known_hosts` (or
-//! [`SshConfig::known_hosts`]) with russh's parser (`host` for port 22,
-//! `[host]:port` otherwise; hashed entries are matched too); an unknown or a
-//! changed key fails with [`SshError::UnknownHostKey`] /
-//! [`SshError::HostKeyMismatch`], which carry the offered key's SHA-256
-//! fingerprint. Only [`HostKeyPolicy::InsecureAcceptAny`] skips the check.
+//! [`SshConfig::known_hosts`]) and then the system-wide
+//! [`SshConfig::global_known_hosts`] (`/etc/ssh/ssh_known_hosts`) by
+//! OpenSSH's rules (sshd(8), "SSH_KNOWN_HOSTS FILE FORMAT"): `host` for port
+//! 22, `[host]:port` otherwise; fields separated by any blanks; host
+//! patterns with `*`, `?` and `!` negation, case-insensitive; hashed entries
+//! (`|1|salt|hash`); `@revoked` keys are refused even when another line
+//! lists them; `@cert-authority` keys never vouch for a plain host key
+//! (host certificates are not supported); any of several keys recorded for
+//! a host is accepted; malformed lines are skipped. An unknown, a changed or
+//! a revoked key fails with [`SshError::UnknownHostKey`] /
+//! [`SshError::HostKeyMismatch`] / [`SshError::HostKeyRevoked`], which carry
+//! the offered key's SHA-256 fingerprint. Only
+//! [`HostKeyPolicy::InsecureAcceptAny`] skips the check. The openssh
+//! backend leaves the check to `ssh` itself.
 //!
 //! # Crypto backend and build time
 //!
@@ -281,6 +290,8 @@ mod error;
 pub use config::{Auth, Backend, HostKeyPolicy, Secret, SshConfig};
 pub use error::SshError;
 
+#[cfg(feature = "russh")]
+mod known_hosts;
 #[cfg(feature = "russh")]
 mod process;
 #[cfg(feature = "russh")]

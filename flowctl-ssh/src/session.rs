@@ -23,7 +23,8 @@ pub const LEDGER_OPEN: &str = "ssh.open";
 #[derive(Debug)]
 enum HostKeyVerdict {
     Unknown(PublicKey),
-    Changed(PublicKey, usize),
+    Changed(PublicKey, crate::known_hosts::Place),
+    Revoked(PublicKey, crate::known_hosts::Place),
     Failed(String),
 }
 
@@ -32,6 +33,7 @@ pub(crate) struct ClientHandler {
     policy: HostKeyPolicy,
     host: String,
     port: u16,
+    global_known_hosts: Option<PathBuf>,
     verdict: Arc<Mutex<Option<HostKeyVerdict>>>,
 }
 
@@ -66,16 +68,14 @@ impl client::Handler for ClientHandler {
                 return Ok(false);
             }
         };
-        let Some(path) = known_hosts_file(&self.policy) else {
-            *self.verdict.lock().unwrap_or_else(|e| e.into_inner()) =
-                Some(HostKeyVerdict::Unknown(key));
-            return Ok(false);
-        };
-        let verdict = match russh::keys::check_known_hosts_path(&self.host, self.port, &key, &path)
-        {
-            Ok(true) => return Ok(true),
-            Ok(false) => HostKeyVerdict::Unknown(key),
-            Err(russh::keys::Error::KeyChanged { line }) => HostKeyVerdict::Changed(key, line),
+        use crate::known_hosts::{Verdict, check, files, host_entry};
+        let user = known_hosts_file(&self.policy);
+        let files = files(user.as_deref(), self.global_known_hosts.as_deref());
+        let verdict = match check(&host_entry(&self.host, self.port), &key, &files) {
+            Ok(Verdict::Known) => return Ok(true),
+            Ok(Verdict::Unknown) => HostKeyVerdict::Unknown(key),
+            Ok(Verdict::Changed(place)) => HostKeyVerdict::Changed(key, place),
+            Ok(Verdict::Revoked(place)) => HostKeyVerdict::Revoked(key, place),
             Err(e) => HostKeyVerdict::Failed(e.to_string()),
         };
         *self.verdict.lock().unwrap_or_else(|e| e.into_inner()) = Some(verdict);
@@ -344,6 +344,7 @@ impl Session {
             policy: config.host_key.clone(),
             host: host.clone(),
             port,
+            global_known_hosts: config.global_known_hosts.clone(),
             verdict: verdict.clone(),
         };
         let socket = tokio::net::TcpStream::connect(&config.addr)
@@ -493,12 +494,19 @@ fn host_key_error(
             fingerprint: fingerprint(&key),
             known_hosts,
         },
-        HostKeyVerdict::Changed(key, line) => SshError::HostKeyMismatch {
+        HostKeyVerdict::Changed(key, place) => SshError::HostKeyMismatch {
             host,
             algorithm: key.algorithm().to_string(),
             fingerprint: fingerprint(&key),
-            line,
-            known_hosts,
+            line: place.line,
+            known_hosts: place.file.display().to_string(),
+        },
+        HostKeyVerdict::Revoked(key, place) => SshError::HostKeyRevoked {
+            host,
+            algorithm: key.algorithm().to_string(),
+            fingerprint: fingerprint(&key),
+            line: place.line,
+            known_hosts: place.file.display().to_string(),
         },
         HostKeyVerdict::Failed(why) => SshError::Config(format!(
             "cannot check the host key of {host} against {known_hosts}: {why}"

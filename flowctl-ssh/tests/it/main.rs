@@ -11,6 +11,8 @@ mod bounded;
 mod errors;
 // Cancelled execs close their channels, even an open still in flight (issue 15 item 3).
 mod cancel;
+// known_hosts by OpenSSH's rules: @revoked, blanks, several keys, the global file.
+mod known_hosts;
 // Dropping processes and sessions: tasks and connections return to zero.
 mod lifecycle;
 // Authentication through a real ssh-agent.
