@@ -193,6 +193,13 @@ pub struct SshConfig {
     /// reads only the user's file. The openssh backend leaves this to ssh,
     /// whose default is the same file.
     pub global_known_hosts: Option<PathBuf>,
+    /// openssh backend: how long the ControlMaster (`ssh -M -f`, a
+    /// process of its own that outlives ours) stays up without any command
+    /// running (`ControlPersist`, whole seconds, at least 1). Default 300 s.
+    /// It bounds how long a master outlives a crash of this process (a
+    /// normal drop closes it at once), and it also closes an idle session:
+    /// an exec after a longer idle time fails.
+    pub control_persist: Duration,
     /// Whether tracing spans of a remote process record its full command
     /// line (`command` field). Default `false`: a command line may carry
     /// secrets (`PGPASSWORD=... psql`), so spans record only its length
@@ -225,6 +232,7 @@ impl SshConfig {
             ciphers: Vec::new(),
             ledger: Ledger::global().clone(),
             global_known_hosts: Some(PathBuf::from("/etc/ssh/ssh_known_hosts")),
+            control_persist: Duration::from_secs(300),
             log_commands: false,
             backend: Backend::default(),
         }
@@ -294,6 +302,13 @@ impl SshConfig {
     /// may carry secrets).
     pub fn log_commands(mut self, on: bool) -> Self {
         self.log_commands = on;
+        self
+    }
+
+    /// Sets how long an idle openssh ControlMaster stays up
+    /// ([`control_persist`](SshConfig::control_persist)).
+    pub fn control_persist(mut self, idle: Duration) -> Self {
+        self.control_persist = idle;
         self
     }
 

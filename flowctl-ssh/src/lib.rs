@@ -57,7 +57,7 @@
 //! # The openssh backend
 //!
 //! Read in openssh 0.11.6's source (`builder.rs`, `process_impl/*.rs`):
-//! `SessionBuilder::connect` runs `ssh -M -f -N -o ControlPersist=yes
+//! `SessionBuilder::connect` runs `ssh -M -f -N -o ControlPersist=<N>s
 //! -o BatchMode=yes -E <log> -S <dir>/master ...` and waits for it to fork
 //! into the background (after authentication); on failure, the text of the
 //! `-E` log is the error. Each command is a *process-mux* client
@@ -140,12 +140,16 @@
 //! **Lifecycle.** Dropping every part of a process kills its mux client
 //! (the master closes the channel). Dropping the session and its last
 //! process runs `ssh -O exit` **synchronously** (a few ms; openssh's `Drop`):
-//! the master was started with `-f` and `ControlPersist=yes`, outlives our
-//! process, and a close deferred to a task that never runs (runtime shutting
-//! down) left masters and their sshd sessions running in our first test
-//! run. [`Session::close`] closes without blocking. The sshd-side proof is
-//! in `tests/it/lifecycle.rs` (every "Accepted publickey" is followed by a
-//! "Disconnected from user").
+//! the master was started with `-f`, outlives our process, and a close
+//! deferred to a task that never runs (runtime shutting down) left masters
+//! and their sshd sessions running in our first test run.
+//! [`Session::close`] closes without blocking. The sshd-side proof is in
+//! `tests/it/lifecycle.rs` (every "Accepted publickey" is followed by a
+//! "Disconnected from user"). A master whose owner crashed (no drop at
+//! all) exits by itself once no command has run for
+//! [`SshConfig::control_persist`] (default 300 s; `ControlPersist=<N>s`
+//! instead of openssh's default `yes`, which kept it forever); the same
+//! bound closes a session left idle that long.
 //!
 //! # What russh does, and how flowctl-ssh bounds memory
 //!
@@ -282,7 +286,8 @@
 //!   through the `openssh` crate (process-mux). It enables `russh` too, for
 //!   the shared process types; the extra cold build is small (`openssh`,
 //!   `shell-escape`, `once_cell`; `tempfile`, `libc` are already built).
-#![forbid(unsafe_code)]
+// Only `sys` (process groups, the parent-death signal) may use `unsafe`.
+#![deny(unsafe_code)]
 
 mod config;
 mod error;
@@ -300,6 +305,8 @@ pub mod redirect;
 pub mod server;
 #[cfg(feature = "russh")]
 mod session;
+#[cfg(any(feature = "server", feature = "testing"))]
+mod sys;
 #[cfg(feature = "openssh")]
 mod system;
 #[cfg(feature = "testing")]

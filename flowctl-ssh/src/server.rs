@@ -11,6 +11,12 @@
 //!
 //! Public-key authentication against a list of keys, and optionally one
 //! user/password pair.
+//!
+//! Each command runs in a process group of its own (with a parent-death
+//! signal on Linux); the whole group is SIGKILLed when the command's task
+//! ends: the command finished, the client closed the channel, or the
+//! connection or the server went away. `sh` and everything it started
+//! (pipelines, background jobs) go, not `sh` alone.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -451,6 +457,17 @@ async fn copy_out<R: tokio::io::AsyncRead + Unpin>(
     }
 }
 
+/// Kills a command's whole process group when the command's task ends
+/// (finished, the client closed the channel, the connection or the server
+/// dropped).
+struct GroupKill(u32);
+
+impl Drop for GroupKill {
+    fn drop(&mut self) {
+        crate::sys::kill_group(self.0);
+    }
+}
+
 async fn run_command(
     channel: russh::Channel<Msg>,
     command: String,
@@ -459,14 +476,18 @@ async fn run_command(
 ) {
     let id = channel.id();
     let (mut read, write) = channel.split();
-    let child = tokio::process::Command::new("sh")
-        .arg("-c")
+    let mut cmd = tokio::process::Command::new("sh");
+    cmd.arg("-c")
         .arg(&command)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn();
+        .kill_on_drop(true);
+    // A group of its own, killed as a whole below: `sh` and everything it
+    // starts (a pipeline, a background job), not `sh` alone.
+    crate::sys::isolate_tokio(&mut cmd);
+    let child = cmd.spawn();
+    let _group = child.as_ref().ok().and_then(|c| c.id()).map(GroupKill);
     let mut child = match child {
         Ok(c) => c,
         Err(e) => {

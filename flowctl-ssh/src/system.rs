@@ -60,8 +60,8 @@ impl Drop for Master {
         // openssh's own Drop runs `ssh -O exit` synchronously (a few ms of
         // blocking). We do not move it into a task: a task may never run
         // (runtime shutting down, process exiting), and a ControlMaster
-        // started with `-f` and `ControlPersist=yes` outlives this process,
-        // keeping its connection to the server open forever. Call
+        // started with `-f` outlives this process, keeping its connection
+        // to the server open until ControlPersist runs out. Call
         // `Session::close().await` to close without blocking.
         if let Some(session) = self.session.take() {
             drop(session);
@@ -199,6 +199,14 @@ impl Master {
             .port(plan.port)
             .connect_timeout(Duration::from_secs(plan.connect_secs))
             .control_directory(std::env::temp_dir())
+            // Bounded (not `yes`): a master whose owner crashed exits by
+            // itself once idle that long.
+            .control_persist(openssh::ControlPersist::IdleFor(
+                std::num::NonZeroUsize::new(
+                    usize::try_from(config.control_persist.as_secs().max(1)).unwrap_or(usize::MAX),
+                )
+                .unwrap_or(std::num::NonZeroUsize::MIN),
+            ))
             .known_hosts_check(if plan.strict {
                 openssh::KnownHosts::Strict
             } else {

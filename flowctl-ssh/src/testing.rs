@@ -1,8 +1,10 @@
 //! A real OpenSSH `sshd` for tests and the soak (feature `testing`).
 //!
 //! [`Sshd::start`] runs the system `sshd` in the foreground on a free
-//! 127.0.0.1 port with a throwaway host key, accepting one client key, and
-//! stops it by pid when dropped. It needs `sshd` (`FLOWCTL_SSHD`, default
+//! 127.0.0.1 port with a throwaway host key, accepting one client key, in a
+//! process group of its own with a parent-death signal (Linux: SIGKILL when
+//! the thread that started it ends), and stops it and every process below
+//! it (connections and their commands) when dropped. It needs `sshd` (`FLOWCTL_SSHD`, default
 //! `/usr/sbin/sshd`) and `ssh-keygen` (`FLOWCTL_SSH_KEYGEN`, default from
 //! `PATH`); a missing one is an error that names the package to install
 //! (`cargo xtask setup` installs both).
@@ -121,14 +123,18 @@ impl Sshd {
                 ),
             )
             .map_err(|e| format!("cannot write {}: {e}", config.display()))?;
-            let mut child = Command::new(&bin)
-                .arg("-D")
+            let mut cmd = Command::new(&bin);
+            cmd.arg("-D")
                 .arg("-e")
                 .arg("-f")
                 .arg(&config)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
-                .stderr(Stdio::piped())
+                .stderr(Stdio::piped());
+            // Its own process group, and SIGKILL when the thread that
+            // started it ends (a test killed by a timeout leaves no sshd).
+            crate::sys::isolate_std(&mut cmd);
+            let mut child = cmd
                 .spawn()
                 .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
             let Some(stderr) = child.stderr.take() else {
@@ -289,10 +295,42 @@ impl Sshd {
 }
 
 impl Drop for Sshd {
+    /// Stops the whole tree: the listener, one or two sshd per connection
+    /// (each in a session of its own: `setsid`) and the commands they run
+    /// (in sessions of their own too), so no group kill reaches them all.
+    /// Every process is first frozen (SIGSTOP: it can fork no more), the
+    /// frozen tree is listed again until it stops growing, then everything
+    /// is SIGKILLed.
     fn drop(&mut self) {
+        let root = self.child.id();
+        crate::sys::signal(root, libc::SIGSTOP);
+        let mut frozen: Vec<u32> = Vec::new();
+        loop {
+            let fresh: Vec<u32> = descendants(root)
+                .into_iter()
+                .filter(|p| !frozen.contains(p))
+                .collect();
+            if fresh.is_empty() || frozen.len() > 100_000 {
+                break;
+            }
+            for &pid in &fresh {
+                crate::sys::signal(pid, libc::SIGSTOP);
+            }
+            frozen.extend(fresh);
+        }
+        for &pid in &frozen {
+            crate::sys::signal(pid, libc::SIGKILL);
+        }
+        crate::sys::kill_group(root);
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Every process below `root` (from `/proc`): to check that a peer left
+/// nothing behind.
+pub fn process_tree(root: u32) -> Vec<u32> {
+    descendants(root)
 }
 
 /// Every process below `root`, from `/proc` (children before their own

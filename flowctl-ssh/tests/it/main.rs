@@ -13,6 +13,8 @@ mod errors;
 mod cancel;
 // known_hosts by OpenSSH's rules: @revoked, blanks, several keys, the global file.
 mod known_hosts;
+// Processes left behind: sshd's whole tree, the embedded server's command groups, idle masters.
+mod processes;
 // Dropping processes and sessions: tasks and connections return to zero.
 mod lifecycle;
 // Authentication through a real ssh-agent.
