@@ -140,3 +140,36 @@ async fn sshd_dies_with_the_thread_that_started_it() {
     .await;
     drop(sshd);
 }
+
+/// Dropping a process whose command waits on its input (`cat`) ends the
+/// command on sshd, with either backend: sshd keeps a command's stdin open
+/// until the client sends EOF, and a CHANNEL_CLOSE alone does not send it.
+async fn dropping_a_process_ends_its_command_on_sshd(backend: flowctl_ssh::Backend) {
+    let fx = Fixture::start(Kind::Sshd).await.with_backend(backend);
+    let sshd = fx.sshd.as_ref().unwrap();
+    let s = Session::connect(fx.config()).await.unwrap();
+    let p = s.exec("cat").await.unwrap();
+    until(Duration::from_secs(30), "cat to run under sshd", || {
+        sshd.commands().iter().any(|c| c == "cat")
+    })
+    .await;
+    drop(p);
+    until(Duration::from_secs(30), "sshd to run no command", || {
+        sshd.commands().is_empty()
+    })
+    .await;
+    // The session still works.
+    let mut q = s.exec("echo alive").await.unwrap();
+    assert_eq!(q.stdout.read_to_end().await.unwrap(), b"alive\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn russh_dropping_a_process_ends_its_command_on_sshd() {
+    dropping_a_process_ends_its_command_on_sshd(flowctl_ssh::Backend::Russh).await
+}
+
+#[cfg(feature = "openssh")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openssh_dropping_a_process_ends_its_command_on_sshd() {
+    dropping_a_process_ends_its_command_on_sshd(flowctl_ssh::Backend::OpenSsh).await
+}
