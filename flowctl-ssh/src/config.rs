@@ -6,6 +6,47 @@ use std::time::Duration;
 use flowctl_core::Watermarks;
 use flowctl_core::lifecycle::Ledger;
 
+/// A password or a passphrase: never printed (`Debug` shows `<redacted>`),
+/// and wiped from memory when dropped.
+///
+/// Build it from a `String` or a `&str`; [`expose`](Secret::expose) gives
+/// the text to whoever must send it. Copies made by the SSH library while
+/// authenticating are out of its reach.
+///
+/// ```
+/// use flowctl_ssh::Secret;
+/// let s = Secret::from("s3cret");
+/// assert_eq!(format!("{s:?}"), "<redacted>");
+/// assert_eq!(s.expose(), "s3cret");
+/// ```
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(zeroize::Zeroizing<String>);
+
+impl Secret {
+    /// The secret text.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for Secret {
+    fn from(s: String) -> Self {
+        Secret(zeroize::Zeroizing::new(s))
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(s: &str) -> Self {
+        Secret(zeroize::Zeroizing::new(s.to_owned()))
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
 /// One way to authenticate. [`SshConfig::auth`] lists them; they are tried
 /// in order until the server accepts one.
 #[derive(Clone)]
@@ -17,14 +58,14 @@ pub enum Auth {
         /// The private key file (`~/.ssh/id_ed25519`).
         path: PathBuf,
         /// The passphrase of an encrypted key.
-        passphrase: Option<String>,
+        passphrase: Option<Secret>,
     },
     /// Every identity of the ssh-agent reached through `SSH_AUTH_SOCK`.
     Agent,
     /// Every identity of the ssh-agent listening on this Unix socket.
     AgentSocket(PathBuf),
     /// A password.
-    Password(String),
+    Password(Secret),
 }
 
 impl std::fmt::Debug for Auth {
@@ -147,6 +188,23 @@ pub struct SshConfig {
     /// The ledger that counts this crate's tasks and connections
     /// (`ssh.task`, `ssh.session`). Default: [`Ledger::global()`].
     pub ledger: Ledger,
+    /// The system-wide known_hosts file, read after the user's (OpenSSH's
+    /// `GlobalKnownHostsFile`). Default `/etc/ssh/ssh_known_hosts`; `None`
+    /// reads only the user's file. The openssh backend leaves this to ssh,
+    /// whose default is the same file.
+    pub global_known_hosts: Option<PathBuf>,
+    /// openssh backend: how long the ControlMaster (`ssh -M -f`, a
+    /// process of its own that outlives ours) stays up without any command
+    /// running (`ControlPersist`, whole seconds, at least 1). Default 300 s.
+    /// It bounds how long a master outlives a crash of this process (a
+    /// normal drop closes it at once), and it also closes an idle session:
+    /// an exec after a longer idle time fails.
+    pub control_persist: Duration,
+    /// Whether tracing spans of a remote process record its full command
+    /// line (`command` field). Default `false`: a command line may carry
+    /// secrets (`PGPASSWORD=... psql`), so spans record only its length
+    /// (`command_len`).
+    pub log_commands: bool,
     /// The SSH implementation. Default: [`Backend::Russh`].
     ///
     /// With [`Backend::OpenSsh`], `channel_buffer`, `max_packet` and `window`
@@ -173,6 +231,9 @@ impl SshConfig {
             window: 2 * 1024 * 1024,
             ciphers: Vec::new(),
             ledger: Ledger::global().clone(),
+            global_known_hosts: Some(PathBuf::from("/etc/ssh/ssh_known_hosts")),
+            control_persist: Duration::from_secs(300),
+            log_commands: false,
             backend: Backend::default(),
         }
     }
@@ -186,6 +247,13 @@ impl SshConfig {
     /// Checks host keys against this known_hosts file.
     pub fn known_hosts(mut self, path: impl Into<PathBuf>) -> Self {
         self.host_key = HostKeyPolicy::KnownHosts(Some(path.into()));
+        self
+    }
+
+    /// Reads this system-wide known_hosts file after the user's (`None`:
+    /// none). Default `/etc/ssh/ssh_known_hosts`.
+    pub fn global_known_hosts(mut self, path: Option<PathBuf>) -> Self {
+        self.global_known_hosts = path;
         self
     }
 
@@ -230,6 +298,20 @@ impl SshConfig {
         self
     }
 
+    /// Records full command lines in tracing spans (off by default: they
+    /// may carry secrets).
+    pub fn log_commands(mut self, on: bool) -> Self {
+        self.log_commands = on;
+        self
+    }
+
+    /// Sets how long an idle openssh ControlMaster stays up
+    /// ([`control_persist`](SshConfig::control_persist)).
+    pub fn control_persist(mut self, idle: Duration) -> Self {
+        self.control_persist = idle;
+        self
+    }
+
     /// Chooses the SSH implementation.
     pub fn backend(mut self, backend: Backend) -> Self {
         self.backend = backend;
@@ -240,5 +322,23 @@ impl SshConfig {
     pub fn channel_buffer(mut self, messages: usize) -> Self {
         self.channel_buffer = messages;
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_prints_a_password_or_a_passphrase() {
+        let cfg = SshConfig::new("deploy", "127.0.0.1:22")
+            .auth(Auth::Password("pw-TOPSECRET-1".into()))
+            .auth(Auth::KeyFile {
+                path: "/k".into(),
+                passphrase: Some("pp-TOPSECRET-2".into()),
+            });
+        let printed = format!("{cfg:?}");
+        assert!(!printed.contains("TOPSECRET"), "{printed}");
+        assert_eq!(format!("{:?}", Secret::from("x")), "<redacted>");
     }
 }

@@ -59,6 +59,22 @@ pub enum SshError {
         /// The known_hosts file consulted.
         known_hosts: String,
     },
+    /// The server's host key is marked `@revoked` in a known_hosts file.
+    #[error(
+        "host key of {host} is revoked: the server offered {algorithm} key {fingerprint}, marked @revoked at line {line} of {known_hosts}"
+    )]
+    HostKeyRevoked {
+        /// `host` or `[host]:port` as written in known_hosts.
+        host: String,
+        /// The offered key's algorithm.
+        algorithm: String,
+        /// The offered key's SHA-256 fingerprint.
+        fingerprint: String,
+        /// The `@revoked` line.
+        line: usize,
+        /// The file holding it.
+        known_hosts: String,
+    },
     /// Every configured authentication method was rejected.
     #[error("authentication of user {user} rejected by the server after trying {tried}")]
     AuthRejected {

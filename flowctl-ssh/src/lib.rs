@@ -57,7 +57,7 @@
 //! # The openssh backend
 //!
 //! Read in openssh 0.11.6's source (`builder.rs`, `process_impl/*.rs`):
-//! `SessionBuilder::connect` runs `ssh -M -f -N -o ControlPersist=yes
+//! `SessionBuilder::connect` runs `ssh -M -f -N -o ControlPersist=<N>s
 //! -o BatchMode=yes -E <log> -S <dir>/master ...` and waits for it to fork
 //! into the background (after authentication); on failure, the text of the
 //! `-E` log is the error. Each command is a *process-mux* client
@@ -103,7 +103,18 @@
 //! bounds TCP connect and the banner exchange, not authentication);
 //! `keepalive` -> `ServerAliveInterval`; `ciphers` -> a temporary
 //! `-F` file with `Ciphers ...` that then `Include`s `~/.ssh/config` and
-//! `/etc/ssh/ssh_config`. `channel_buffer` and `window` do not apply.
+//! `/etc/ssh/ssh_config` (quoted: a `HOME` with spaces works).
+//! `channel_buffer` and `window` do not apply.
+//!
+//! **Every value that reaches ssh's command line or a config file is
+//! checked** and refused with [`SshError::Config`] before anything runs: a
+//! cipher name is letters, digits and `@._+-` (a newline would add a
+//! directive such as `ProxyCommand`, which runs a local command); the host
+//! and the user must not start with `-` (ssh would read an option) nor hold
+//! whitespace, quotes or control characters; paths must be UTF-8 without
+//! control characters, and those that ssh reads as a config line (`-o
+//! UserKnownHostsFile=`, `Include`) are double-quoted, so a path holding `"`
+//! or `\` is refused.
 //!
 //! **What is parsed from ssh's log** (OpenSSH 9.2 wording):
 //! "REMOTE HOST IDENTIFICATION HAS CHANGED" -> [`SshError::HostKeyMismatch`]
@@ -129,12 +140,16 @@
 //! **Lifecycle.** Dropping every part of a process kills its mux client
 //! (the master closes the channel). Dropping the session and its last
 //! process runs `ssh -O exit` **synchronously** (a few ms; openssh's `Drop`):
-//! the master was started with `-f` and `ControlPersist=yes`, outlives our
-//! process, and a close deferred to a task that never runs (runtime shutting
-//! down) left masters and their sshd sessions running in our first test
-//! run. [`Session::close`] closes without blocking. The sshd-side proof is
-//! in `tests/it/lifecycle.rs` (every "Accepted publickey" is followed by a
-//! "Disconnected from user").
+//! the master was started with `-f`, outlives our process, and a close
+//! deferred to a task that never runs (runtime shutting down) left masters
+//! and their sshd sessions running in our first test run.
+//! [`Session::close`] closes without blocking. The sshd-side proof is in
+//! `tests/it/lifecycle.rs` (every "Accepted publickey" is followed by a
+//! "Disconnected from user"). A master whose owner crashed (no drop at
+//! all) exits by itself once no command has run for
+//! [`SshConfig::control_persist`] (default 300 s; `ControlPersist=<N>s`
+//! instead of openssh's default `yes`, which kept it forever); the same
+//! bound closes a session left idle that long.
 //!
 //! # What russh does, and how flowctl-ssh bounds memory
 //!
@@ -156,7 +171,13 @@
 //!   496 MB RSS).
 //! - A dropped channel receiver does not block the loop (`send` fails and is
 //!   ignored), and a dropped `Channel` does **not** close the channel: this
-//!   crate sends `CHANNEL_CLOSE` itself when a process is dropped.
+//!   crate closes it itself when a process is dropped (`signal KILL`, EOF,
+//!   `CHANNEL_CLOSE`). A channel open is confirmed by the server into the
+//!   opener's queue (`CHANNEL_OPEN_CONFIRMATION` -> `ChannelMsg::Open`); an
+//!   opener dropped before that leaves the channel open on both sides. So
+//!   [`Session::exec`] opens the channel and runs the command in a task of
+//!   its own (ledger kind [`LEDGER_OPEN`]) that closes both when the caller
+//!   is gone, whenever the confirmation and the exec reply arrive.
 //! - Writing (`ChannelWriteHalf::data_bytes`) does wait for the peer's window,
 //!   one packet at a time.
 //!
@@ -228,11 +249,20 @@
 //! [`Auth`] lists the methods tried in order: a private key file (with an
 //! optional passphrase), the ssh-agent of `SSH_AUTH_SOCK` or of a given
 //! socket, a password. Host keys are checked against `~/.ssh/known_hosts` (or
-//! [`SshConfig::known_hosts`]) with russh's parser (`host` for port 22,
-//! `[host]:port` otherwise; hashed entries are matched too); an unknown or a
-//! changed key fails with [`SshError::UnknownHostKey`] /
-//! [`SshError::HostKeyMismatch`], which carry the offered key's SHA-256
-//! fingerprint. Only [`HostKeyPolicy::InsecureAcceptAny`] skips the check.
+//! [`SshConfig::known_hosts`]) and then the system-wide
+//! [`SshConfig::global_known_hosts`] (`/etc/ssh/ssh_known_hosts`) by
+//! OpenSSH's rules (sshd(8), "SSH_KNOWN_HOSTS FILE FORMAT"): `host` for port
+//! 22, `[host]:port` otherwise; fields separated by any blanks; host
+//! patterns with `*`, `?` and `!` negation, case-insensitive; hashed entries
+//! (`|1|salt|hash`); `@revoked` keys are refused even when another line
+//! lists them; `@cert-authority` keys never vouch for a plain host key
+//! (host certificates are not supported); any of several keys recorded for
+//! a host is accepted; malformed lines are skipped. An unknown, a changed or
+//! a revoked key fails with [`SshError::UnknownHostKey`] /
+//! [`SshError::HostKeyMismatch`] / [`SshError::HostKeyRevoked`], which carry
+//! the offered key's SHA-256 fingerprint. Only
+//! [`HostKeyPolicy::InsecureAcceptAny`] skips the check. The openssh
+//! backend leaves the check to `ssh` itself.
 //!
 //! # Crypto backend and build time
 //!
@@ -256,14 +286,17 @@
 //!   through the `openssh` crate (process-mux). It enables `russh` too, for
 //!   the shared process types; the extra cold build is small (`openssh`,
 //!   `shell-escape`, `once_cell`; `tempfile`, `libc` are already built).
-#![forbid(unsafe_code)]
+// Only `sys` (process groups, the parent-death signal) may use `unsafe`.
+#![deny(unsafe_code)]
 
 mod config;
 mod error;
 
-pub use config::{Auth, Backend, HostKeyPolicy, SshConfig};
+pub use config::{Auth, Backend, HostKeyPolicy, Secret, SshConfig};
 pub use error::SshError;
 
+#[cfg(feature = "russh")]
+mod known_hosts;
 #[cfg(feature = "russh")]
 mod process;
 #[cfg(feature = "russh")]
@@ -272,6 +305,8 @@ pub mod redirect;
 pub mod server;
 #[cfg(feature = "russh")]
 mod session;
+#[cfg(any(feature = "server", feature = "testing"))]
+mod sys;
 #[cfg(feature = "openssh")]
 mod system;
 #[cfg(feature = "testing")]
@@ -280,7 +315,7 @@ pub mod testing;
 #[cfg(feature = "russh")]
 pub use process::{Exit, ExitStatus, Output, RemoteProcess, Stdin};
 #[cfg(feature = "russh")]
-pub use session::{LEDGER_SESSION, LEDGER_TASK, Session};
+pub use session::{LEDGER_OPEN, LEDGER_SESSION, LEDGER_TASK, Session};
 
 /// The russh version this crate is built on, re-exported for key types
 /// (`russh::keys::PrivateKey`, ...).

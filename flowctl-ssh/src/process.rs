@@ -188,8 +188,11 @@ pub(crate) fn plumbing(
 /// does not want (a dropped stream is discarded, never buffered).
 ///
 /// # Drop
-/// Dropping every part (stdin, stdout, stderr, exit) closes the channel and
-/// ends this process's tasks. The remote command gets EOF on stdin when
+/// Dropping every part (stdin, stdout, stderr, exit) ends this process's
+/// tasks and gives the channel up: with russh, a `signal KILL` request
+/// (OpenSSH's sshd signals the command's process group; it refuses for
+/// root sessions), EOF, and CHANNEL_CLOSE; with the openssh backend, the
+/// local mux client is killed and the master closes the channel. The remote command gets EOF on stdin when
 /// `stdin` is closed or dropped.
 #[derive(Debug)]
 pub struct RemoteProcess {
@@ -204,35 +207,18 @@ pub struct RemoteProcess {
 }
 
 impl RemoteProcess {
-    pub(crate) async fn start(
-        channel: russh::Channel<Msg>,
+    /// Starts the tasks of a process whose exec request the server accepted.
+    pub(crate) fn start(
+        read: ChannelReadHalf,
+        write: ChannelWriteHalf<Msg>,
         command: &str,
         config: &SshConfig,
         session: Arc<SessionInner>,
-    ) -> Result<RemoteProcess, SshError> {
+    ) -> RemoteProcess {
         let session: Arc<dyn std::any::Any + Send + Sync> = session;
-        let (mut read, write) = channel.split();
-        // The reply to the exec request comes first.
-        loop {
-            match read.wait().await {
-                Some(ChannelMsg::Success) => break,
-                Some(ChannelMsg::Failure) => {
-                    return Err(SshError::ExecRefused {
-                        command: command.to_owned(),
-                    });
-                }
-                Some(_) => continue,
-                None => {
-                    return Err(SshError::ConnectionLost {
-                        stream: "exec reply",
-                        delivered: 0,
-                    });
-                }
-            }
-        }
         let write = Arc::new(write);
         let (p, proc) = plumbing(config, session);
-        let span = tracing::debug_span!("flowctl.ssh.exec", command = %command);
+        let span = exec_span(command, config, "russh");
         config.ledger.spawn(
             LEDGER_TASK,
             tracing::Instrument::instrument(
@@ -256,7 +242,7 @@ impl RemoteProcess {
                 span,
             ),
         );
-        Ok(proc)
+        proc
     }
 
     /// Waits for the process to end. Drain or drop stdout and stderr first
@@ -282,6 +268,17 @@ struct ReadTask {
     cancel: watch::Receiver<()>,
 }
 
+/// The span of a remote process's tasks. The command line may carry
+/// secrets: only its length is recorded unless
+/// [`SshConfig::log_commands`] is set.
+pub(crate) fn exec_span(command: &str, config: &SshConfig, backend: &'static str) -> tracing::Span {
+    if config.log_commands {
+        tracing::debug_span!("flowctl.ssh.exec", backend, command_len = command.len(), command = %command)
+    } else {
+        tracing::debug_span!("flowctl.ssh.exec", backend, command_len = command.len())
+    }
+}
+
 /// Waits until `pipe` has room; a pipe whose source was dropped is marked
 /// closed and its data is discarded from then on.
 pub(crate) async fn room(pipe: &mut PipeSink<Bytes>, open: &mut bool) {
@@ -294,6 +291,21 @@ pub(crate) fn deliver(pipe: &mut PipeSink<Bytes>, open: &mut bool, data: Bytes) 
     if *open && pipe.start_send(data).is_err() {
         *open = false;
     }
+}
+
+/// Gives up a channel whose command may run: asks the server to kill the
+/// command (OpenSSH's sshd sends the signal to the command's process
+/// group), sends EOF, then closes the channel.
+///
+/// A CHANNEL_CLOSE alone is not enough: sshd keeps a session whose command
+/// still runs, and keeps the command's stdin open until the command exits,
+/// so a `cat` would never end and its session would count against
+/// `MaxSessions` for ever. The signal and the EOF are best effort (a
+/// server may refuse signals); the close always goes out.
+pub(crate) async fn abandon(write: &ChannelWriteHalf<Msg>) {
+    let _ = write.signal(russh::Sig::KILL).await;
+    let _ = write.eof().await;
+    let _ = write.close().await;
 }
 
 /// The channel reader: takes the next message from russh's channel queue
@@ -310,7 +322,7 @@ async fn read_channel(mut t: ReadTask) {
         tokio::select! {
             _ = t.cancel.changed() => {
                 tracing::debug!("every part of the process dropped: closing the channel");
-                let _ = t.write.close().await;
+                abandon(&t.write).await;
                 return;
             }
             () = async {
@@ -320,7 +332,8 @@ async fn read_channel(mut t: ReadTask) {
         }
         let msg = tokio::select! {
             _ = t.cancel.changed() => {
-                let _ = t.write.close().await;
+                tracing::debug!("every part of the process dropped: closing the channel");
+                abandon(&t.write).await;
                 return;
             }
             msg = t.read.wait() => msg,

@@ -11,6 +11,12 @@
 //!
 //! Public-key authentication against a list of keys, and optionally one
 //! user/password pair.
+//!
+//! Each command runs in a process group of its own (with a parent-death
+//! signal on Linux); the whole group is SIGKILLed when the command's task
+//! ends: the command finished, the client closed the channel, or the
+//! connection or the server went away. `sh` and everything it started
+//! (pipelines, background jobs) go, not `sh` alone.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -27,11 +33,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
+use crate::Secret;
+
 /// Ledger kind of the embedded server's tasks.
 pub const LEDGER_SERVER_TASK: &str = "ssh.server.task";
 
 /// Configuration of an [`EmbeddedServer`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 #[non_exhaustive]
 pub struct ServerConfig {
     /// The host key the server presents.
@@ -39,8 +47,8 @@ pub struct ServerConfig {
     /// Public keys allowed to log in (as any user).
     pub authorized_keys: Vec<PublicKey>,
     /// A `(user, password)` pair accepted by password authentication
-    /// (`None`: public keys only).
-    pub password: Option<(String, String)>,
+    /// (`None`: public keys only). Never printed.
+    pub password: Option<(String, Secret)>,
     /// Messages russh queues per channel before the session loop waits.
     pub channel_buffer: usize,
     /// The largest packet the server accepts (bytes).
@@ -49,6 +57,24 @@ pub struct ServerConfig {
     pub window: u32,
     /// Ledger for the server's tasks ([`LEDGER_SERVER_TASK`]).
     pub ledger: Ledger,
+}
+
+impl std::fmt::Debug for ServerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Neither the host's private key nor the password.
+        f.debug_struct("ServerConfig")
+            .field(
+                "host_key",
+                &self.host_key.public_key().fingerprint(Default::default()),
+            )
+            .field("authorized_keys", &self.authorized_keys.len())
+            .field("password", &self.password.as_ref().map(|(u, p)| (u, p)))
+            .field("channel_buffer", &self.channel_buffer)
+            .field("max_packet", &self.max_packet)
+            .field("window", &self.window)
+            .field("ledger", &self.ledger)
+            .finish()
+    }
 }
 
 impl ServerConfig {
@@ -83,6 +109,7 @@ pub struct EmbeddedServer {
     accept: JoinHandle<()>,
     connections: Arc<std::sync::Mutex<Vec<Connection>>>,
     live: Arc<AtomicUsize>,
+    channels: Arc<AtomicUsize>,
 }
 
 impl EmbeddedServer {
@@ -110,6 +137,7 @@ impl EmbeddedServer {
         });
         let connections = Arc::new(std::sync::Mutex::new(Vec::new()));
         let live = Arc::new(AtomicUsize::new(0));
+        let channels = Arc::new(AtomicUsize::new(0));
         let authorized = Arc::new(Authorized {
             keys: config.authorized_keys.clone(),
             password: config.password.clone(),
@@ -124,6 +152,7 @@ impl EmbeddedServer {
                 ledger.clone(),
                 connections.clone(),
                 live.clone(),
+                channels.clone(),
             ),
         );
         Ok(EmbeddedServer {
@@ -132,6 +161,7 @@ impl EmbeddedServer {
             accept,
             connections,
             live,
+            channels,
         })
     }
 
@@ -154,6 +184,12 @@ impl EmbeddedServer {
     /// Connections being served now.
     pub fn live_connections(&self) -> usize {
         self.live.load(Ordering::Acquire)
+    }
+
+    /// Channels open now: opened by a client and not yet closed, whether
+    /// or not a command runs in them.
+    pub fn live_channels(&self) -> usize {
+        self.channels.load(Ordering::Acquire)
     }
 
     /// Cuts every connection at once (their sockets close without a
@@ -187,6 +223,7 @@ async fn accept_loop(
     ledger: Ledger,
     connections: Arc<std::sync::Mutex<Vec<Connection>>>,
     live: Arc<AtomicUsize>,
+    channels: Arc<AtomicUsize>,
 ) {
     loop {
         let (socket, peer) = match listener.accept().await {
@@ -212,14 +249,14 @@ async fn accept_loop(
         let handler = ServerHandler {
             authorized: authorized.clone(),
             channels: HashMap::new(),
+            open: channels.clone(),
             ledger: ledger.clone(),
             commands: Vec::new(),
         };
         let config = config.clone();
         let live = live.clone();
         let task = ledger.spawn(LEDGER_SERVER_TASK, async move {
-            live.fetch_add(1, Ordering::AcqRel);
-            let _count = LiveCount(live);
+            let _count = LiveCount::new(&live);
             tracing::debug!(%peer, "embedded ssh server: connection");
             match russh::server::run_stream(config, socket, handler).await {
                 Ok(session) => {
@@ -239,10 +276,11 @@ async fn accept_loop(
     }
 }
 
+/// Who may log in. `Debug` shows the password as `<redacted>` ([`Secret`]).
 #[derive(Debug)]
 struct Authorized {
     keys: Vec<PublicKey>,
-    password: Option<(String, String)>,
+    password: Option<(String, Secret)>,
 }
 
 #[derive(Debug)]
@@ -253,6 +291,14 @@ struct Connection {
 
 struct LiveCount(Arc<AtomicUsize>);
 
+impl LiveCount {
+    /// Counts one more in `count` until dropped.
+    fn new(count: &Arc<AtomicUsize>) -> LiveCount {
+        count.fetch_add(1, Ordering::AcqRel);
+        LiveCount(count.clone())
+    }
+}
+
 impl Drop for LiveCount {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
@@ -261,7 +307,9 @@ impl Drop for LiveCount {
 
 struct ServerHandler {
     authorized: Arc<Authorized>,
-    channels: HashMap<ChannelId, russh::Channel<Msg>>,
+    /// Channels opened and not yet exec'd, each counted in `open` while it lives.
+    channels: HashMap<ChannelId, (russh::Channel<Msg>, LiveCount)>,
+    open: Arc<AtomicUsize>,
     ledger: Ledger,
     /// Command tasks of this connection: aborted (children killed) when the
     /// connection ends.
@@ -298,7 +346,7 @@ impl russh::server::Handler for ServerHandler {
 
     async fn auth_password(&mut self, user: &str, password: &str) -> Result<Auth, Self::Error> {
         Ok(match &self.authorized.password {
-            Some((u, p)) if u == user && p == password => Auth::Accept,
+            Some((u, p)) if u == user && p.expose() == password => Auth::Accept,
             _ => Auth::reject(),
         })
     }
@@ -325,8 +373,20 @@ impl russh::server::Handler for ServerHandler {
         reply: russh::server::ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        self.channels.insert(channel.id(), channel);
+        let count = LiveCount::new(&self.open);
+        self.channels.insert(channel.id(), (channel, count));
         reply.accept().await;
+        Ok(())
+    }
+
+    async fn channel_close(
+        &mut self,
+        channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        // A channel closed before any command ran in it (an exec's channel
+        // with a command is closed by its `run_command`).
+        self.channels.remove(&channel);
         Ok(())
     }
 
@@ -336,7 +396,7 @@ impl russh::server::Handler for ServerHandler {
         data: &[u8],
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let Some(channel) = self.channels.remove(&id) else {
+        let Some((channel, count)) = self.channels.remove(&id) else {
             session.channel_failure(id)?;
             return Ok(());
         };
@@ -344,10 +404,10 @@ impl russh::server::Handler for ServerHandler {
         session.channel_success(id)?;
         let handle = session.handle();
         self.commands.retain(|c| !c.is_finished());
-        self.commands.push(
-            self.ledger
-                .spawn(LEDGER_SERVER_TASK, run_command(channel, command, handle)),
-        );
+        self.commands.push(self.ledger.spawn(
+            LEDGER_SERVER_TASK,
+            run_command(channel, command, handle, count),
+        ));
         Ok(())
     }
 }
@@ -397,17 +457,37 @@ async fn copy_out<R: tokio::io::AsyncRead + Unpin>(
     }
 }
 
-async fn run_command(channel: russh::Channel<Msg>, command: String, handle: russh::server::Handle) {
+/// Kills a command's whole process group when the command's task ends
+/// (finished, the client closed the channel, the connection or the server
+/// dropped).
+struct GroupKill(u32);
+
+impl Drop for GroupKill {
+    fn drop(&mut self) {
+        crate::sys::kill_group(self.0);
+    }
+}
+
+async fn run_command(
+    channel: russh::Channel<Msg>,
+    command: String,
+    handle: russh::server::Handle,
+    _count: LiveCount,
+) {
     let id = channel.id();
     let (mut read, write) = channel.split();
-    let child = tokio::process::Command::new("sh")
-        .arg("-c")
+    let mut cmd = tokio::process::Command::new("sh");
+    cmd.arg("-c")
         .arg(&command)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn();
+        .kill_on_drop(true);
+    // A group of its own, killed as a whole below: `sh` and everything it
+    // starts (a pipeline, a background job), not `sh` alone.
+    crate::sys::isolate_tokio(&mut cmd);
+    let child = cmd.spawn();
+    let _group = child.as_ref().ok().and_then(|c| c.id()).map(GroupKill);
     let mut child = match child {
         Ok(c) => c,
         Err(e) => {
@@ -457,7 +537,11 @@ async fn run_command(channel: russh::Channel<Msg>, command: String, handle: russ
     let status = tokio::select! {
         status = to_client => status,
         () = from_client => {
-            tracing::debug!(%command, "client closed the channel: killing the command");
+            // Not the command line: it may carry secrets.
+            tracing::debug!(
+                command_len = command.len(),
+                "client closed the channel: killing the command"
+            );
             return; // dropping the child kills it
         }
     };
@@ -482,4 +566,32 @@ async fn run_command(channel: russh::Channel<Msg>, command: String, handle: russ
     }
     let _ = write.eof().await;
     let _ = write.close().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_prints_the_password_or_the_host_key() {
+        let mut cfg = ServerConfig::new(Vec::new()).expect("config");
+        cfg.password = Some(("deploy".into(), "pw-TOPSECRET-42".into()));
+        let secret_key = cfg
+            .host_key
+            .to_openssh(russh::keys::ssh_key::LineEnding::LF)
+            .expect("openssh encoding");
+        let printed = format!("{cfg:?}");
+        assert!(!printed.contains("TOPSECRET"), "{printed}");
+        assert!(printed.contains("<redacted>"), "{printed}");
+        assert!(
+            !printed.contains(secret_key.lines().nth(1).unwrap_or("-")),
+            "{printed}"
+        );
+        let authorized = Authorized {
+            keys: Vec::new(),
+            password: cfg.password.clone(),
+        };
+        let printed = format!("{authorized:?}");
+        assert!(!printed.contains("TOPSECRET"), "{printed}");
+    }
 }

@@ -7,7 +7,7 @@ use flowctl_core::lifecycle::Lease;
 use russh::client::{self, AuthResult};
 use russh::keys::{HashAlg, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate};
 
-use crate::config::{Auth, HostKeyPolicy, SshConfig};
+use crate::config::{Auth, HostKeyPolicy, Secret, SshConfig};
 use crate::error::SshError;
 use crate::process::RemoteProcess;
 
@@ -15,12 +15,16 @@ use crate::process::RemoteProcess;
 pub const LEDGER_SESSION: &str = "ssh.session";
 /// Ledger kind of a live task spawned by this crate.
 pub const LEDGER_TASK: &str = "ssh.task";
+/// Ledger kind of an exec in progress: the task that opens a channel and
+/// starts a command, and closes both if the caller of `exec` is gone.
+pub const LEDGER_OPEN: &str = "ssh.open";
 
 /// What the host-key check found, kept to build a precise error.
 #[derive(Debug)]
 enum HostKeyVerdict {
     Unknown(PublicKey),
-    Changed(PublicKey, usize),
+    Changed(PublicKey, crate::known_hosts::Place),
+    Revoked(PublicKey, crate::known_hosts::Place),
     Failed(String),
 }
 
@@ -29,6 +33,7 @@ pub(crate) struct ClientHandler {
     policy: HostKeyPolicy,
     host: String,
     port: u16,
+    global_known_hosts: Option<PathBuf>,
     verdict: Arc<Mutex<Option<HostKeyVerdict>>>,
 }
 
@@ -63,16 +68,14 @@ impl client::Handler for ClientHandler {
                 return Ok(false);
             }
         };
-        let Some(path) = known_hosts_file(&self.policy) else {
-            *self.verdict.lock().unwrap_or_else(|e| e.into_inner()) =
-                Some(HostKeyVerdict::Unknown(key));
-            return Ok(false);
-        };
-        let verdict = match russh::keys::check_known_hosts_path(&self.host, self.port, &key, &path)
-        {
-            Ok(true) => return Ok(true),
-            Ok(false) => HostKeyVerdict::Unknown(key),
-            Err(russh::keys::Error::KeyChanged { line }) => HostKeyVerdict::Changed(key, line),
+        use crate::known_hosts::{Verdict, check, files, host_entry};
+        let user = known_hosts_file(&self.policy);
+        let files = files(user.as_deref(), self.global_known_hosts.as_deref());
+        let verdict = match check(&host_entry(&self.host, self.port), &key, &files) {
+            Ok(Verdict::Known) => return Ok(true),
+            Ok(Verdict::Unknown) => HostKeyVerdict::Unknown(key),
+            Ok(Verdict::Changed(place)) => HostKeyVerdict::Changed(key, place),
+            Ok(Verdict::Revoked(place)) => HostKeyVerdict::Revoked(key, place),
             Err(e) => HostKeyVerdict::Failed(e.to_string()),
         };
         *self.verdict.lock().unwrap_or_else(|e| e.into_inner()) = Some(verdict);
@@ -125,6 +128,112 @@ impl Drop for SessionInner {
             return;
         }
         self.ledger.spawn(LEDGER_TASK, shut_down(handle));
+    }
+}
+
+/// A step of [`open_exec`], reported to a test's [`Probe`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ExecStep {
+    /// About to send the channel open request.
+    Opening,
+    /// The server confirmed the channel; the exec request is next.
+    Opened,
+    /// The exec request is sent; its reply is next.
+    ExecSent,
+    /// The server accepted the command; the channel is handed over next.
+    Accepted,
+}
+
+/// Called by [`open_exec`] before each step; the step waits for it.
+pub(crate) type Probe =
+    Arc<dyn Fn(ExecStep) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
+/// The channel halves of an exec whose command the server accepted.
+type Opened = (russh::ChannelReadHalf, russh::ChannelWriteHalf<client::Msg>);
+
+/// Opens a channel and runs `command` in it, then hands the channel to
+/// `reply`. Runs as a task of its own so that every step in flight (the
+/// channel open, the exec request) is finished and undone even when the
+/// caller of [`Session::exec`] is gone: russh delivers the server's
+/// CHANNEL_OPEN_CONFIRMATION into the opener's queue and, if that queue's
+/// receiver was dropped, silently keeps the channel open on both sides.
+async fn open_exec(
+    inner: Arc<SessionInner>,
+    command: String,
+    reply: tokio::sync::oneshot::Sender<Result<Opened, SshError>>,
+    probe: Option<Probe>,
+) {
+    let step = |s: ExecStep| {
+        let probe = probe.clone();
+        async move {
+            if let Some(p) = probe {
+                p(s).await;
+            }
+        }
+    };
+    let handle = match inner.handle() {
+        Ok(h) => h,
+        Err(e) => {
+            let _ = reply.send(Err(e));
+            return;
+        }
+    };
+    step(ExecStep::Opening).await;
+    let channel = match handle.channel_open_session().await {
+        Ok(c) => c,
+        Err(e) => {
+            // Refused or disconnected: nothing is open.
+            let _ = reply.send(Err(e.into()));
+            return;
+        }
+    };
+    let (mut read, write) = channel.split();
+    step(ExecStep::Opened).await;
+    let outcome = if reply.is_closed() {
+        Err(None)
+    } else if let Err(e) = write.exec(true, command.as_bytes()).await {
+        Err(Some(SshError::from(e)))
+    } else {
+        step(ExecStep::ExecSent).await;
+        // The reply to the exec request comes first.
+        loop {
+            match read.wait().await {
+                Some(russh::ChannelMsg::Success) => break Ok(()),
+                Some(russh::ChannelMsg::Failure) => {
+                    break Err(Some(SshError::ExecRefused {
+                        command: command.clone(),
+                    }));
+                }
+                Some(_) => continue,
+                None => {
+                    break Err(Some(SshError::ConnectionLost {
+                        stream: "exec reply",
+                        delivered: 0,
+                    }));
+                }
+            }
+        }
+    };
+    match outcome {
+        Ok(()) => {
+            step(ExecStep::Accepted).await;
+            if let Err(Ok((_, write))) = reply.send(Ok((read, write))) {
+                // The caller is gone: stop the command it would have owned.
+                tracing::debug!("exec abandoned after the command started: closing its channel");
+                crate::process::abandon(&write).await;
+            }
+        }
+        Err(e) => {
+            // No command runs: the caller left before the exec request, or
+            // the server refused it, or the connection failed.
+            if let Some(e) = e {
+                let _ = reply.send(Err(e));
+            }
+            tracing::debug!(
+                "exec abandoned or failed before a command started: closing its channel"
+            );
+            let _ = write.close().await;
+        }
     }
 }
 
@@ -235,6 +344,7 @@ impl Session {
             policy: config.host_key.clone(),
             host: host.clone(),
             port,
+            global_known_hosts: config.global_known_hosts.clone(),
             verdict: verdict.clone(),
         };
         let socket = tokio::net::TcpStream::connect(&config.addr)
@@ -276,12 +386,45 @@ impl Session {
     /// # Errors
     /// [`SshError::ExecRefused`] if the server refuses the command; a russh
     /// error if the connection is gone.
+    ///
+    /// # Cancel safety
+    /// Dropping the returned future at any point leaks nothing: the channel
+    /// is opened and the command started by a task (counted as
+    /// [`LEDGER_OPEN`]) that owns every step in flight. When nobody waits
+    /// for its result any more, it closes what it opened, including a
+    /// channel whose open the server confirms only after the drop. A refused
+    /// command, a lost connection or an error from the exec request close the
+    /// channel too.
     pub async fn exec(&self, command: &str) -> Result<RemoteProcess, SshError> {
+        self.exec_probed(command, None).await
+    }
+
+    /// [`exec`](Session::exec), reporting each step of the open task to
+    /// `probe` (tests cancel the caller at each step).
+    pub(crate) async fn exec_probed(
+        &self,
+        command: &str,
+        probe: Option<Probe>,
+    ) -> Result<RemoteProcess, SshError> {
         match &self.conn {
             Conn::Russh(inner) => {
-                let channel = inner.handle()?.channel_open_session().await?;
-                channel.exec(true, command).await?;
-                RemoteProcess::start(channel, command, &self.config, inner.clone()).await
+                inner.handle()?;
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let task = open_exec(inner.clone(), command.to_owned(), tx, probe);
+                self.config.ledger.spawn(LEDGER_OPEN, task);
+                // The only await point of the caller: dropping it here
+                // leaves the task to close whatever it opens.
+                let (read, write) = rx.await.map_err(|_| SshError::ConnectionLost {
+                    stream: "exec reply",
+                    delivered: 0,
+                })??;
+                Ok(RemoteProcess::start(
+                    read,
+                    write,
+                    command,
+                    &self.config,
+                    inner.clone(),
+                ))
             }
             #[cfg(feature = "openssh")]
             Conn::OpenSsh(master) => crate::system::exec(master, command, &self.config).await,
@@ -351,12 +494,19 @@ fn host_key_error(
             fingerprint: fingerprint(&key),
             known_hosts,
         },
-        HostKeyVerdict::Changed(key, line) => SshError::HostKeyMismatch {
+        HostKeyVerdict::Changed(key, place) => SshError::HostKeyMismatch {
             host,
             algorithm: key.algorithm().to_string(),
             fingerprint: fingerprint(&key),
-            line,
-            known_hosts,
+            line: place.line,
+            known_hosts: place.file.display().to_string(),
+        },
+        HostKeyVerdict::Revoked(key, place) => SshError::HostKeyRevoked {
+            host,
+            algorithm: key.algorithm().to_string(),
+            fingerprint: fingerprint(&key),
+            line: place.line,
+            known_hosts: place.file.display().to_string(),
         },
         HostKeyVerdict::Failed(why) => SshError::Config(format!(
             "cannot check the host key of {host} against {known_hosts}: {why}"
@@ -375,12 +525,11 @@ async fn authenticate(
         let ok = match auth {
             Auth::KeyFile { path, passphrase } => {
                 let key =
-                    russh::keys::load_secret_key(path, passphrase.as_deref()).map_err(|e| {
-                        SshError::Key {
+                    russh::keys::load_secret_key(path, passphrase.as_ref().map(Secret::expose))
+                        .map_err(|e| SshError::Key {
                             path: path.display().to_string(),
                             source: Box::new(e),
-                        }
-                    })?;
+                        })?;
                 let hash = handle.best_supported_rsa_hash().await?.flatten();
                 let key = PrivateKeyWithHashAlg::new(Arc::new(key), hash);
                 matches!(
@@ -389,7 +538,9 @@ async fn authenticate(
                 )
             }
             Auth::Password(password) => matches!(
-                handle.authenticate_password(user, password).await?,
+                handle
+                    .authenticate_password(user, password.expose())
+                    .await?,
                 AuthResult::Success
             ),
             Auth::Agent | Auth::AgentSocket(_) => {
@@ -448,5 +599,149 @@ mod tests {
         assert_eq!(split_host_port("example.org"), ("example.org".into(), 22));
         assert_eq!(split_host_port("[::1]:2200"), ("::1".into(), 2200));
         assert_eq!(split_host_port("::1"), ("::1".into(), 22));
+    }
+
+    /// Issue 15 item 3, step by step: the caller of `exec` is dropped while
+    /// the open task waits at each step (before the channel open is sent,
+    /// so that its confirmation arrives after the drop; after the open;
+    /// after the exec request; after the accepted reply). Each time the
+    /// server lets go of the channel and its command; with sshd's
+    /// `MaxSessions 2`, a leaked one would make the last exec fail.
+    #[cfg(all(feature = "server", feature = "testing"))]
+    mod cancel_at_each_step {
+        use std::sync::Arc;
+        use std::time::{Duration, Instant};
+
+        use super::super::{ExecStep, LEDGER_OPEN, Probe, Session};
+        use crate::{Auth, SshConfig};
+
+        const STEPS: [ExecStep; 4] = [
+            ExecStep::Opening,
+            ExecStep::Opened,
+            ExecStep::ExecSent,
+            ExecStep::Accepted,
+        ];
+
+        /// Drops the caller of an exec of `cat` while the task waits at `at`,
+        /// then lets the task go on.
+        async fn cancel_at(s: &Session, at: ExecStep) {
+            let (reached_tx, mut reached) = tokio::sync::mpsc::unbounded_channel();
+            let go = Arc::new(tokio::sync::Semaphore::new(0));
+            let go2 = go.clone();
+            let probe: Probe = Arc::new(move |step| {
+                let reached_tx = reached_tx.clone();
+                let go = go2.clone();
+                Box::pin(async move {
+                    if step == at {
+                        let _ = reached_tx.send(());
+                        if let Ok(p) = go.acquire().await {
+                            p.forget();
+                        }
+                    }
+                })
+            });
+            {
+                let fut = s.exec_probed("cat", Some(probe));
+                tokio::select! {
+                    r = fut => panic!("exec finished while its task waited at {at:?}: {r:?}"),
+                    _ = reached.recv() => {}
+                }
+            }
+            go.add_permits(1);
+        }
+
+        async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !cond() {
+                assert!(Instant::now() < deadline, "timed out waiting for {what}");
+                tokio::time::sleep(Duration::from_millis(2)).await; // polling the server
+            }
+        }
+
+        fn client(dir: &std::path::Path, addr: &str, known_hosts_line: &str) -> SshConfig {
+            let kh = dir.join("known_hosts");
+            std::fs::write(&kh, format!("{known_hosts_line}\n")).expect("known_hosts");
+            let user = crate::testing::current_user().expect("user");
+            SshConfig::new(user, addr)
+                .auth(Auth::key_file(dir.join("id")))
+                .known_hosts(kh)
+                .ledger(flowctl_core::lifecycle::Ledger::new())
+        }
+
+        async fn exec_echo(s: &Session) {
+            let mut p = s
+                .exec("echo ok")
+                .await
+                .expect("exec after the cancelled ones");
+            assert_eq!(p.stdout.read_to_end().await.expect("stdout"), b"ok\n");
+            assert!(p.wait().await.expect("status").success());
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn sshd_with_max_sessions_2() {
+            let dir = tempfile::tempdir().expect("tempdir");
+            crate::testing::ssh_keygen(&dir.path().join("id")).expect("ssh-keygen");
+            let sshd =
+                crate::testing::Sshd::start(dir.path(), &dir.path().join("id"), "MaxSessions 2\n")
+                    .expect("sshd");
+            let cfg = client(dir.path(), &sshd.addr(), sshd.known_hosts_line());
+            let ledger = cfg.ledger.clone();
+            let s = Session::connect(cfg).await.expect("connect");
+            for at in STEPS {
+                cancel_at(&s, at).await;
+                tokio::time::timeout(
+                    Duration::from_secs(30),
+                    ledger.until_zero(Some(LEDGER_OPEN)),
+                )
+                .await
+                .unwrap_or_else(|_| panic!("exec task alive after a cancel at {at:?}"));
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while !sshd.commands().is_empty() {
+                    assert!(
+                        Instant::now() < deadline,
+                        "sshd still runs {:?} after a cancel at {at:?}",
+                        sshd.commands()
+                    );
+                    tokio::time::sleep(Duration::from_millis(2)).await; // polling /proc
+                }
+            }
+            exec_echo(&s).await;
+            exec_echo(&s).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn embedded_server_channel_count() {
+            let dir = tempfile::tempdir().expect("tempdir");
+            crate::testing::ssh_keygen(&dir.path().join("id")).expect("ssh-keygen");
+            let public = russh::keys::load_public_key(dir.path().join("id.pub")).expect("key");
+            let server = crate::server::EmbeddedServer::start(
+                crate::server::ServerConfig::new(vec![public]).expect("server config"),
+            )
+            .await
+            .expect("server");
+            let cfg = client(
+                dir.path(),
+                &server.addr().to_string(),
+                &server.known_hosts_line(),
+            );
+            let ledger = cfg.ledger.clone();
+            let s = Session::connect(cfg).await.expect("connect");
+            for at in STEPS {
+                cancel_at(&s, at).await;
+                tokio::time::timeout(
+                    Duration::from_secs(30),
+                    ledger.until_zero(Some(LEDGER_OPEN)),
+                )
+                .await
+                .unwrap_or_else(|_| panic!("exec task alive after a cancel at {at:?}"));
+                until(
+                    &format!("the server channels to return to 0 after {at:?}"),
+                    || server.live_channels() == 0,
+                )
+                .await;
+            }
+            exec_echo(&s).await;
+            until("the last channel to close", || server.live_channels() == 0).await;
+        }
     }
 }

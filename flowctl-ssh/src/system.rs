@@ -60,8 +60,8 @@ impl Drop for Master {
         // openssh's own Drop runs `ssh -O exit` synchronously (a few ms of
         // blocking). We do not move it into a task: a task may never run
         // (runtime shutting down, process exiting), and a ControlMaster
-        // started with `-f` and `ControlPersist=yes` outlives this process,
-        // keeping its connection to the server open forever. Call
+        // started with `-f` outlives this process, keeping its connection
+        // to the server open until ControlPersist runs out. Call
         // `Session::close().await` to close without blocking.
         if let Some(session) = self.session.take() {
             drop(session);
@@ -103,6 +103,11 @@ struct Plan {
 impl Plan {
     fn new(config: &SshConfig) -> Result<Plan, SshError> {
         let (host, port) = split_host_port(&config.addr);
+        check_host(&host)?;
+        check_user(&config.user)?;
+        for c in &config.ciphers {
+            check_cipher(c)?;
+        }
         let mut key_file = None;
         let mut agent_socket = None;
         for auth in &config.auth {
@@ -134,10 +139,14 @@ impl Plan {
                                 .into(),
                         ));
                     }
+                    check_path("key file", path)?;
                     key_file = Some(path.clone());
                 }
                 Auth::Agent => {}
-                Auth::AgentSocket(p) => agent_socket = Some(p.clone()),
+                Auth::AgentSocket(p) => {
+                    check_path("agent socket", p)?;
+                    agent_socket = Some(p.clone());
+                }
             }
         }
         let (known_hosts, strict) = match &config.host_key {
@@ -145,6 +154,10 @@ impl Plan {
             HostKeyPolicy::Default => (None, true),
             HostKeyPolicy::InsecureAcceptAny => (Some(PathBuf::from("/dev/null")), false),
         };
+        if let Some(kh) = &known_hosts {
+            // It reaches ssh as `-o UserKnownHostsFile=...`, a config line.
+            quote_config_path("known_hosts file", kh)?;
+        }
         // ssh's ConnectTimeout is in whole seconds: round up, at least 1.
         let t = config.connect_timeout;
         let connect_secs = (t.as_secs() + u64::from(t.subsec_nanos() > 0)).max(1);
@@ -186,6 +199,14 @@ impl Master {
             .port(plan.port)
             .connect_timeout(Duration::from_secs(plan.connect_secs))
             .control_directory(std::env::temp_dir())
+            // Bounded (not `yes`): a master whose owner crashed exits by
+            // itself once idle that long.
+            .control_persist(openssh::ControlPersist::IdleFor(
+                std::num::NonZeroUsize::new(
+                    usize::try_from(config.control_persist.as_secs().max(1)).unwrap_or(usize::MAX),
+                )
+                .unwrap_or(std::num::NonZeroUsize::MIN),
+            ))
             .known_hosts_check(if plan.strict {
                 openssh::KnownHosts::Strict
             } else {
@@ -198,7 +219,9 @@ impl Master {
             b.ssh_auth_sock(s);
         }
         if let Some(kh) = &plan.known_hosts {
-            b.user_known_hosts_file(kh);
+            // ssh parses `-o` as a config line: quoted, a path with spaces
+            // stays one file.
+            b.user_known_hosts_file(quote_config_path("known_hosts file", kh)?);
         }
         if let Some(i) = config.keepalive_interval {
             b.server_alive_interval(i);
@@ -235,21 +258,116 @@ impl Master {
 
 fn write_ssh_config(ciphers: &[String]) -> Result<tempfile::NamedTempFile, SshError> {
     use std::io::Write;
-    let mut text = format!("Ciphers {}\n", ciphers.join(","));
-    let user = std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".ssh").join("config"));
-    for inc in user
-        .into_iter()
-        .chain(std::iter::once(PathBuf::from("/etc/ssh/ssh_config")))
-    {
-        if inc.exists() {
-            text.push_str(&format!("Include {}\n", inc.display()));
-        }
-    }
+    let home = std::env::var_os("HOME").map(PathBuf::from);
+    let text = ssh_config_text(ciphers, home.as_deref())?;
     let mut f = tempfile::NamedTempFile::new()
         .map_err(|e| SshError::Config(format!("cannot write an ssh_config file: {e}")))?;
     f.write_all(text.as_bytes())
         .map_err(|e| SshError::Config(format!("cannot write an ssh_config file: {e}")))?;
     Ok(f)
+}
+
+/// The generated ssh_config: the ciphers, then `Include`s of the user's and
+/// the system's files (quoted: a HOME with spaces). Every value is checked:
+/// a newline in a cipher name would add a directive (`ProxyCommand` runs a
+/// local command).
+fn ssh_config_text(ciphers: &[String], home: Option<&std::path::Path>) -> Result<String, SshError> {
+    for c in ciphers {
+        check_cipher(c)?;
+    }
+    let mut text = format!("Ciphers {}\n", ciphers.join(","));
+    let user = home.map(|h| h.join(".ssh").join("config"));
+    for inc in user
+        .into_iter()
+        .chain(std::iter::once(PathBuf::from("/etc/ssh/ssh_config")))
+    {
+        if inc.exists() {
+            text.push_str(&format!(
+                "Include {}\n",
+                quote_config_path("Include path", &inc)?
+            ));
+        }
+    }
+    Ok(text)
+}
+
+/// A cipher name as SSH writes them (`aes128-gcm@openssh.com`): letters,
+/// digits and `@._+-`, nothing that ssh_config or a shell would read as
+/// syntax.
+fn check_cipher(name: &str) -> Result<(), SshError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"@._+-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(SshError::Config(format!(
+            "invalid cipher name {name:?}: only letters, digits and @._+- are allowed, at most 64 bytes"
+        )))
+    }
+}
+
+/// A host name or address for ssh's command line: it must not look like an
+/// option (`-oProxyCommand=...`) and holds no space, quote or control byte.
+fn check_host(host: &str) -> Result<(), SshError> {
+    let ok = !host.is_empty()
+        && !host.starts_with('-')
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".-_:%".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(SshError::Config(format!(
+            "invalid host {host:?} for the openssh backend: only letters, digits and .-_:% are allowed, and it must not start with '-'"
+        )))
+    }
+}
+
+/// A user name for `ssh -l`: no leading `-`, no whitespace, quote or control byte.
+fn check_user(user: &str) -> Result<(), SshError> {
+    let ok = !user.is_empty()
+        && !user.starts_with('-')
+        && !user
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || "\"'\\".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(SshError::Config(format!(
+            "invalid user {user:?} for the openssh backend: it must not start with '-' or hold whitespace, quotes or control characters"
+        )))
+    }
+}
+
+/// A path given to ssh as its own argument: valid UTF-8 without control
+/// characters (a newline would end a config line).
+fn check_path(what: &str, path: &std::path::Path) -> Result<(), SshError> {
+    match path.to_str() {
+        Some(p) if !p.is_empty() && !p.starts_with('-') && !p.chars().any(char::is_control) => {
+            Ok(())
+        }
+        _ => Err(SshError::Config(format!(
+            "invalid {what} {}: it must be UTF-8 without control characters and must not start with '-'",
+            path.display()
+        ))),
+    }
+}
+
+/// A path as one double-quoted ssh_config word (`"/home/a b/.ssh/config"`).
+/// A path with a double quote or a backslash is refused: ssh_config has no
+/// portable escape for them.
+fn quote_config_path(what: &str, path: &std::path::Path) -> Result<String, SshError> {
+    check_path(what, path)?;
+    let p = path.to_str().unwrap_or_default();
+    if p.contains(['"', '\\']) {
+        return Err(SshError::Config(format!(
+            "invalid {what} {p:?}: ssh_config cannot quote a path holding '\"' or '\\'"
+        )));
+    }
+    Ok(format!("\"{p}\""))
 }
 
 /// Turns what ssh printed when the master failed into our error.
@@ -362,8 +480,10 @@ async fn probe_host_key(plan: &Plan, config: &SshConfig) -> Option<(String, Stri
         .arg("-l")
         .arg(&config.user);
     if let Some(kh) = &plan.known_hosts {
-        cmd.arg("-o")
-            .arg(format!("UserKnownHostsFile={}", kh.display()));
+        cmd.arg("-o").arg(format!(
+            "UserKnownHostsFile={}",
+            quote_config_path("known_hosts file", kh).ok()?
+        ));
     }
     cmd.arg(&plan.host).arg("true");
     let out = tokio::time::timeout(config.connect_timeout, cmd.output())
@@ -397,7 +517,7 @@ pub(crate) async fn exec(
     let stdout = child.stdout().take();
     let stderr = child.stderr().take();
     let (p, proc) = plumbing(config, master.clone());
-    let span = tracing::debug_span!("flowctl.ssh.exec", command = %command, backend = "openssh");
+    let span = crate::process::exec_span(command, config, "openssh");
     let Plumbing {
         out,
         err,
@@ -559,4 +679,93 @@ async fn close_pipe<W: AsyncWrite + Unpin>(mut w: W) -> bool {
     let ok = w.shutdown().await.is_ok();
     drop(w); // the last write end: the master sees EOF and sends it on
     ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `ssh -G` (which evaluates a configuration without connecting)
+    /// makes of a generated file.
+    fn ssh_g(config: &std::path::Path) -> String {
+        let out = std::process::Command::new("ssh")
+            .arg("-G")
+            .arg("-F")
+            .arg(config)
+            .arg("example.invalid")
+            .output()
+            .expect("ssh: run `cargo xtask setup` (installs openssh-client)");
+        assert!(
+            out.status.success(),
+            "ssh -G failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    #[test]
+    fn include_of_a_home_with_spaces_is_quoted_and_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let home = dir.path().join("my home");
+        std::fs::create_dir_all(home.join(".ssh")).expect("mkdir");
+        std::fs::write(home.join(".ssh").join("config"), "Port 2345\n").expect("config");
+        let text = ssh_config_text(&["aes128-ctr".to_owned()], Some(&home)).expect("config text");
+        assert!(
+            text.contains(&format!(
+                "Include \"{}\"",
+                home.join(".ssh/config").display()
+            )),
+            "{text}"
+        );
+        let file = dir.path().join("generated");
+        std::fs::write(&file, &text).expect("write");
+        let effective = ssh_g(&file);
+        assert!(effective.lines().any(|l| l == "port 2345"), "{effective}");
+        assert!(
+            effective.lines().any(|l| l == "ciphers aes128-ctr"),
+            "{effective}"
+        );
+    }
+
+    #[test]
+    fn values_that_would_be_syntax_are_config_errors() {
+        for bad in [
+            "aes128-ctr\nProxyCommand touch /tmp/x",
+            "aes128-ctr ProxyCommand",
+            "",
+            "a\"b",
+        ] {
+            assert!(
+                matches!(check_cipher(bad), Err(SshError::Config(_))),
+                "cipher {bad:?}"
+            );
+        }
+        assert!(check_cipher("aes128-gcm@openssh.com").is_ok());
+        for bad in ["-oProxyCommand=x", "a b", "a\nb", ""] {
+            assert!(
+                matches!(check_host(bad), Err(SshError::Config(_))),
+                "host {bad:?}"
+            );
+        }
+        assert!(check_host("127.0.0.1").is_ok() && check_host("fe80::1%eth0").is_ok());
+        for bad in ["-l", "a b", "a\nb", ""] {
+            assert!(
+                matches!(check_user(bad), Err(SshError::Config(_))),
+                "user {bad:?}"
+            );
+        }
+        for bad in ["/a\nb", "/a\"b", "/a\\b"] {
+            assert!(
+                matches!(
+                    quote_config_path("path", std::path::Path::new(bad)),
+                    Err(SshError::Config(_))
+                ),
+                "path {bad:?}"
+            );
+        }
+        assert_eq!(
+            quote_config_path("path", std::path::Path::new("/a b/c")).expect("quoted"),
+            "\"/a b/c\""
+        );
+    }
 }

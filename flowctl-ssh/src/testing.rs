@@ -1,8 +1,10 @@
 //! A real OpenSSH `sshd` for tests and the soak (feature `testing`).
 //!
 //! [`Sshd::start`] runs the system `sshd` in the foreground on a free
-//! 127.0.0.1 port with a throwaway host key, accepting one client key, and
-//! stops it by pid when dropped. It needs `sshd` (`FLOWCTL_SSHD`, default
+//! 127.0.0.1 port with a throwaway host key, accepting one client key, in a
+//! process group of its own with a parent-death signal (Linux: SIGKILL when
+//! the thread that started it ends), and stops it and every process below
+//! it (connections and their commands) when dropped. It needs `sshd` (`FLOWCTL_SSHD`, default
 //! `/usr/sbin/sshd`) and `ssh-keygen` (`FLOWCTL_SSH_KEYGEN`, default from
 //! `PATH`); a missing one is an error that names the package to install
 //! (`cargo xtask setup` installs both).
@@ -110,24 +112,29 @@ impl Sshd {
             let config = dir.join("sshd_config");
             std::fs::write(
                 &config,
+                // `extra` first: sshd keeps the first value it reads for a keyword.
                 format!(
-                    "ListenAddress 127.0.0.1:{port}\nHostKey {hk}\nAuthorizedKeysFile {ak}\n\
+                    "{extra}\nListenAddress 127.0.0.1:{port}\nHostKey {hk}\nAuthorizedKeysFile {ak}\n\
                      UsePAM no\nStrictModes no\nPidFile none\nPasswordAuthentication no\n\
                      KbdInteractiveAuthentication no\nPubkeyAuthentication yes\nPermitRootLogin yes\n\
-                     MaxStartups 100\nMaxSessions 100\nLogLevel INFO\nPrintMotd no\nUseDNS no\n{extra}",
+                     MaxStartups 100\nMaxSessions 100\nLogLevel INFO\nPrintMotd no\nUseDNS no\n",
                     hk = host_key.display(),
                     ak = authorized.display(),
                 ),
             )
             .map_err(|e| format!("cannot write {}: {e}", config.display()))?;
-            let mut child = Command::new(&bin)
-                .arg("-D")
+            let mut cmd = Command::new(&bin);
+            cmd.arg("-D")
                 .arg("-e")
                 .arg("-f")
                 .arg(&config)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
-                .stderr(Stdio::piped())
+                .stderr(Stdio::piped());
+            // Its own process group, and SIGKILL when the thread that
+            // started it ends (a test killed by a timeout leaves no sshd).
+            crate::sys::isolate_std(&mut cmd);
+            let mut child = cmd
                 .spawn()
                 .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
             let Some(stderr) = child.stderr.take() else {
@@ -229,6 +236,41 @@ impl Sshd {
         killed
     }
 
+    /// The command names (`/proc/PID/comm`) of the processes that clients'
+    /// commands run in, with their children: every process below a session
+    /// process (the sshd whose title reads `sshd: USER@notty` or
+    /// `sshd: USER@pts/N`; it is the listener's child for root, which
+    /// runs without privilege separation, and its grandchild otherwise). A
+    /// command still starting (forked, not yet `exec`ed: named `sshd`) and a
+    /// zombie not yet reaped are included.
+    pub fn commands(&self) -> Vec<String> {
+        let below = descendants_with_depth(self.child.id());
+        let title = |pid: u32| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_default()
+        };
+        let titled = |pid: u32| {
+            let t = title(pid);
+            t.starts_with("sshd: ") && (t.contains("@notty") || t.contains("@pts/"))
+        };
+        // The topmost titled processes: a command forked but not yet
+        // `exec`ed still carries its parent's title.
+        let sessions = below
+            .iter()
+            .map(|&(pid, _)| pid)
+            .filter(|&pid| titled(pid) && !parent_of(pid).is_some_and(titled));
+        let mut out = Vec::new();
+        for session in sessions {
+            for (pid, _) in descendants_with_depth(session) {
+                if let Ok(c) = std::fs::read_to_string(format!("/proc/{pid}/comm")) {
+                    out.push(c.trim().to_owned());
+                }
+            }
+        }
+        out
+    }
+
     /// How many lines sshd logged that contain `needle`.
     pub fn count(&self, needle: &str) -> usize {
         self.lines().iter().filter(|l| l.contains(needle)).count()
@@ -253,15 +295,64 @@ impl Sshd {
 }
 
 impl Drop for Sshd {
+    /// Stops the whole tree: the listener, one or two sshd per connection
+    /// (each in a session of its own: `setsid`) and the commands they run
+    /// (in sessions of their own too), so no group kill reaches them all.
+    /// Every process is first frozen (SIGSTOP: it can fork no more), the
+    /// frozen tree is listed again until it stops growing, then everything
+    /// is SIGKILLed.
     fn drop(&mut self) {
+        let root = self.child.id();
+        crate::sys::signal(root, libc::SIGSTOP);
+        let mut frozen: Vec<u32> = Vec::new();
+        loop {
+            let fresh: Vec<u32> = descendants(root)
+                .into_iter()
+                .filter(|p| !frozen.contains(p))
+                .collect();
+            if fresh.is_empty() || frozen.len() > 100_000 {
+                break;
+            }
+            for &pid in &fresh {
+                crate::sys::signal(pid, libc::SIGSTOP);
+            }
+            frozen.extend(fresh);
+        }
+        for &pid in &frozen {
+            crate::sys::signal(pid, libc::SIGKILL);
+        }
+        crate::sys::kill_group(root);
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }
 
+/// Every process below `root` (from `/proc`): to check that a peer left
+/// nothing behind.
+pub fn process_tree(root: u32) -> Vec<u32> {
+    descendants(root)
+}
+
 /// Every process below `root`, from `/proc` (children before their own
 /// children, so the connection's sshd goes first).
 fn descendants(root: u32) -> Vec<u32> {
+    descendants_with_depth(root)
+        .into_iter()
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
+/// The parent of `pid`, from `/proc/PID/stat`.
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // `pid (comm) state ppid ...`: comm may hold spaces, so split after ')'.
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+        .and_then(|p| p.parse::<u32>().ok())
+}
+
+/// Every process below `root` with its depth (1 for a child), from `/proc`.
+fn descendants_with_depth(root: u32) -> Vec<(u32, usize)> {
     let mut parents: Vec<(u32, u32)> = Vec::new();
     if let Ok(entries) = std::fs::read_dir("/proc") {
         for entry in entries.flatten() {
@@ -286,12 +377,12 @@ fn descendants(root: u32) -> Vec<u32> {
         }
     }
     let mut out = Vec::new();
-    let mut frontier = vec![root];
-    while let Some(p) = frontier.pop() {
+    let mut frontier = vec![(root, 0)];
+    while let Some((p, depth)) = frontier.pop() {
         for &(pid, ppid) in &parents {
             if ppid == p {
-                out.push(pid);
-                frontier.push(pid);
+                out.push((pid, depth + 1));
+                frontier.push((pid, depth + 1));
             }
         }
     }

@@ -9,10 +9,18 @@ mod exec;
 mod bounded;
 // Connection refused, auth rejected, host keys, not found, dropped connection, signals.
 mod errors;
+// Cancelled execs close their channels, even an open still in flight (issue 15 item 3).
+mod cancel;
+// known_hosts by OpenSSH's rules: @revoked, blanks, several keys, the global file.
+mod known_hosts;
+// Processes left behind: sshd's whole tree, the embedded server's command groups, idle masters.
+mod processes;
 // Dropping processes and sessions: tasks and connections return to zero.
 mod lifecycle;
 // Authentication through a real ssh-agent.
 mod auth;
+// Secrets stay out of tracing spans unless the command line is opted in.
+mod secrets;
 // Redirection helpers between remote and local processes.
 mod redirect;
 // A stalled reader outlasting sshd's ClientAliveInterval: openssh survives, russh is dropped.

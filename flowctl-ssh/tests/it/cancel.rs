@@ -1,0 +1,117 @@
+//! Issue 15 item 3: a cancelled exec closes every channel it opened,
+//! including an open still in flight, against sshd (`MaxSessions 2`, so a
+//! leaked channel is felt at once) and the embedded server (which counts
+//! its open channels).
+
+use std::future::Future;
+use std::pin::pin;
+use std::task::Poll;
+use std::time::Duration;
+
+use flowctl_ssh::{LEDGER_OPEN, Session};
+
+use crate::fixture::{Fixture, Kind, until};
+
+/// Cancels three execs of `cat` at different moments: right after the first
+/// poll (the channel open in flight), after a few polls, and once the
+/// command runs on the server (`running` says so; the exec reply may or may
+/// not have arrived). After each, waits until `settled` (the exec task has
+/// closed what it opened and the server has let go of it: closing is
+/// asynchronous, and a session whose command still runs counts against
+/// `MaxSessions`).
+async fn cancel_three_execs<F: Future<Output = ()>>(
+    s: &Session,
+    running: impl Fn() -> bool,
+    settled: impl Fn() -> F,
+) {
+    for polls in [1, 8] {
+        {
+            let mut fut = pin!(s.exec("cat"));
+            for _ in 0..polls {
+                let polled = std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await;
+                if let Poll::Ready(r) = polled {
+                    drop(r.expect("exec")); // finished first: dropping the process
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+        }
+        settled().await;
+    }
+    {
+        let mut fut = pin!(s.exec("cat"));
+        tokio::select! {
+            biased;
+            r = &mut fut => drop(r.expect("exec")),
+            () = async {
+                while !running() {
+                    tokio::time::sleep(Duration::from_millis(2)).await; // polling the server
+                }
+            } => {}
+        }
+    }
+    settled().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_exec_closes_its_channel_on_sshd_with_max_sessions_2() {
+    let fx = Fixture::sshd_with("MaxSessions 2\n");
+    let sshd = fx.sshd.as_ref().expect("sshd");
+    let s = Session::connect(fx.config()).await.unwrap();
+    let settled = || async {
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            fx.ledger.until_zero(Some(LEDGER_OPEN)),
+        )
+        .await
+        .expect("exec tasks still alive after the caller was cancelled");
+        until(
+            Duration::from_secs(30),
+            "sshd to run no orphaned command",
+            || sshd.commands().is_empty(),
+        )
+        .await;
+    };
+    cancel_three_execs(&s, || sshd.commands().iter().any(|c| c == "cat"), settled).await;
+    // Two sessions at most: a leaked channel would make this open fail.
+    let mut p = s.exec("echo next").await.expect("exec after 3 cancelled");
+    assert_eq!(p.stdout.read_to_end().await.unwrap(), b"next\n");
+    assert!(p.wait().await.unwrap().success());
+    drop(p);
+    let mut q = s.exec("echo again").await.expect("second exec");
+    assert_eq!(q.stdout.read_to_end().await.unwrap(), b"again\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_exec_closes_its_channel_on_the_embedded_server() {
+    let fx = Fixture::start(Kind::Embedded).await;
+    let server = fx.embedded.as_ref().expect("embedded");
+    let s = Session::connect(fx.config()).await.unwrap();
+    let baseline = server.live_channels();
+    assert_eq!(baseline, 0);
+    let settled = || async {
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            fx.ledger.until_zero(Some(LEDGER_OPEN)),
+        )
+        .await
+        .expect("exec tasks still alive after the caller was cancelled");
+        until(
+            Duration::from_secs(30),
+            "the server's channels to return to baseline",
+            || server.live_channels() == baseline,
+        )
+        .await;
+    };
+    cancel_three_execs(&s, || server.live_channels() > baseline, settled).await;
+    let mut p = s.exec("echo next").await.unwrap();
+    assert_eq!(p.stdout.read_to_end().await.unwrap(), b"next\n");
+    assert!(p.wait().await.unwrap().success());
+    drop(p);
+    until(
+        Duration::from_secs(30),
+        "the finished command's channel to close",
+        || server.live_channels() == baseline,
+    )
+    .await;
+}
