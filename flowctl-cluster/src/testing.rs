@@ -53,6 +53,15 @@ const START_ATTEMPTS: usize = 3;
 /// The connection name of the fixture's placement probe.
 pub const PROBE_NAME: &str = "flowctl-fixture-probe";
 
+/// Restarts of a node with a stuck replica in one [`NatsCluster::wait_ready`].
+pub const MAX_RECOVERIES: usize = 3;
+
+/// True if a node's readiness error says a replica stopped for good: a
+/// stream, consumer or raft write error in `/healthz`.
+fn is_stuck(why: &str) -> bool {
+    why.contains("/healthz 503") && why.contains(" write error: ")
+}
+
 /// How long [`NatsCluster::start`] waits for a healthy cluster.
 pub const READY_LIMIT: Duration = Duration::from_secs(60);
 
@@ -205,6 +214,8 @@ pub struct NatsCluster {
     nodes: Vec<Node>,
     /// Removed by `stop`/`Drop`; `None` once removed or kept.
     dir: Option<PathBuf>,
+    /// Stuck replicas [`NatsCluster::wait_ready`] recovered, not yet taken.
+    recoveries: Vec<String>,
 }
 
 impl NatsCluster {
@@ -291,6 +302,7 @@ impl NatsCluster {
             bin,
             nodes: Vec::new(),
             dir: Some(dir.clone()),
+            recoveries: Vec::new(),
         };
         // Bind all nine ports at once, then release them, so they are distinct.
         let mut held = Vec::new();
@@ -521,6 +533,22 @@ impl NatsCluster {
     /// replica per running node can be placed (probed with a memory stream,
     /// deleted at once; not probed when `extra` requires credentials or TLS).
     ///
+    /// A node whose `/healthz` reports a *write error* (`stream write error:
+    /// last msgid mismatch: ...` on 2.14 and later) has stopped applying that
+    /// stream for good: the server does not recover on its own, and
+    /// `/healthz` stays 503. Since 2.14 an entry that fails a publish
+    /// condition on a replica stops the replica; and a replica that caught up
+    /// from the stream leader (after a restart) keeps the `Nats-Msg-Id` of
+    /// its own last message from before, so the next message published with
+    /// `Nats-Expected-Last-Msg-Id` (flowctl's strict-order publisher) fails
+    /// there. A restart rebuilds that state from the store, which is what an
+    /// operator does: such a node is SIGKILLed and restarted (at most
+    /// [`MAX_RECOVERIES`] times per wait), logged as a warning and kept for
+    /// [`NatsCluster::take_recoveries`]. Under live traffic the restarted
+    /// node may have to catch up again and stop again: after the last
+    /// restart the wait fails at once, naming the server bug, instead of
+    /// waiting out `limit`.
+    ///
     /// # Errors
     /// [`FixtureError::Start`] at once, with the tail of its log, if a running
     /// node exits (e.g. a node restarted on its old ports after another
@@ -531,8 +559,16 @@ impl NatsCluster {
         })
     }
 
+    /// The stuck replicas recovered by restarting their node since the last
+    /// call (see [`NatsCluster::wait_ready`]), each as
+    /// `n<i>: <what /healthz said>`.
+    pub fn take_recoveries(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.recoveries)
+    }
+
     async fn wait_until_ready(&mut self, limit: Duration) -> Result<(), NotReady> {
         let deadline = Instant::now() + limit;
+        let mut recovered = 0;
         loop {
             if let Some(why) = self.exited_node() {
                 return Err(NotReady::Exited(why));
@@ -540,6 +576,34 @@ impl NatsCluster {
             let Err((node, why)) = self.readiness().await else {
                 return Ok(());
             };
+            if let Some(i) = node.filter(|_| is_stuck(&why)) {
+                if recovered == MAX_RECOVERIES {
+                    // Waiting longer would be waiting silently for nothing.
+                    return Err(NotReady::Timeout(format!(
+                        "n{i} stopped applying a stream again after {MAX_RECOVERIES} restarts \
+                         ({why}): nats-server 2.14 and later stop a replica that caught up \
+                         from the stream leader when the next message carries \
+                         Nats-Expected-Last-Msg-Id, and under live traffic a restarted node \
+                         catches up again; see \"Supported nats-server releases\" in \
+                         docs/src/reference/cluster.md; logs in {}",
+                        self.dir().map_or("?".into(), |d| d.display().to_string())
+                    )));
+                }
+                {
+                    recovered += 1;
+                    tracing::warn!(
+                        "nats fixture: n{i} stopped applying a stream ({why}); \
+                         restarting it, which rebuilds that state from its store"
+                    );
+                    self.recoveries.push(why.clone());
+                    self.kill(i)
+                        .await
+                        .map_err(|e| NotReady::Exited(format!("recovering n{i}: {e}")))?;
+                    self.restart(i)
+                        .map_err(|e| NotReady::Exited(format!("recovering n{i}: {e}")))?;
+                    continue;
+                }
+            }
             if Instant::now() >= deadline {
                 let tail = node.map_or_else(String::new, |i| {
                     format!(
@@ -1161,6 +1225,18 @@ mod tests {
             place_r3(&nats, &format!("restart{i}")).await.unwrap();
         }
         nats.stop(false).await.unwrap();
+    }
+
+    /// What 2.15.1 answered, for good, on a replica that had caught up from
+    /// the stream leader while a publisher chained `Nats-Expected-Last-Msg-Id`
+    /// (reproduced without flowctl, with raw NATS protocol requests).
+    #[test]
+    fn a_write_error_in_healthz_is_a_stuck_replica() {
+        let stuck = r#"n1: /healthz 503: {"status":"unavailable","error":"JetStream stream '$G \u003e C' is not current: stream write error: last msgid mismatch: \"p-106999\" vs \"p-4999\""}"#;
+        assert!(is_stuck(stuck));
+        let catching_up = r#"n1: /healthz 503: {"status":"unavailable","error":"JetStream stream '$G \u003e C' is not current: stream catching up"}"#;
+        assert!(!is_stuck(catching_up));
+        assert!(!is_stuck("n1: no meta leader yet"));
     }
 
     #[test]
