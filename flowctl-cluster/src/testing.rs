@@ -54,7 +54,7 @@ const START_ATTEMPTS: usize = 3;
 pub const PROBE_NAME: &str = "flowctl-fixture-probe";
 
 /// Restarts of a node with a stuck replica in one [`NatsCluster::wait_ready`].
-pub const MAX_RECOVERIES: usize = 3;
+pub const MAX_RECOVERIES: usize = 8;
 
 /// True if a node's readiness error says a replica stopped for good: a
 /// stream, consumer or raft write error in `/healthz`.
