@@ -172,7 +172,11 @@
 //! nkeys (ed25519 crates). rustls is always compiled by async-nats; of its two
 //! crypto backends `ring` builds in well under half the time of `aws-lc-rs`
 //! (which needs cmake and a C build: DESIGN.md measured ~1.2 min more for russh).
-#![forbid(unsafe_code)]
+// The transport has no unsafe code. Only the `testing` fixture has two
+// blocks (process groups and the parent-death signal of its nodes), each
+// allowed where it is and explained by its `SAFETY` comment.
+#![cfg_attr(not(feature = "testing"), forbid(unsafe_code))]
+#![cfg_attr(feature = "testing", deny(unsafe_code))]
 
 mod cluster;
 mod core_sub;

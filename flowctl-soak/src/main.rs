@@ -95,6 +95,35 @@ fn run(opts: &Opts) -> Result<Report, String> {
     })
 }
 
+/// How long processes a scenario stopped get to exit before they count as
+/// left behind (a SIGKILLed process is gone in microseconds; an sshd that
+/// was asked to stop may take a moment).
+const PROCESS_GRACE: Duration = Duration::from_secs(5);
+
+/// The processes descended from the soak that were not there `before` and
+/// still run after [`PROCESS_GRACE`]; each is SIGKILLed once counted, so one
+/// scenario's leftovers do not count against the next (or outlive the soak).
+fn processes_left(before: &[(u32, String)]) -> Vec<(u32, String)> {
+    let deadline = std::time::Instant::now() + PROCESS_GRACE;
+    loop {
+        let left: Vec<(u32, String)> = monitor::descendants()
+            .into_iter()
+            .filter(|p| !before.contains(p))
+            .collect();
+        if left.is_empty() || std::time::Instant::now() >= deadline {
+            for (pid, _) in &left {
+                let _ = std::process::Command::new("kill")
+                    .args(["-9", &pid.to_string()])
+                    .status();
+            }
+            return left;
+        }
+        // A polling interval: /proc has no exit notification for
+        // processes that are not our own children.
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// tokio creates some process-wide state once, on first use, and keeps it for
 /// the life of the process (the signal driver's socket pair, for one). Create
 /// it before any baseline is taken, so it is not mistaken for a leak.
@@ -114,6 +143,7 @@ fn run_one(
     opts: &Opts,
 ) -> Result<ScenarioReport, String> {
     let fds_before = monitor::open_fds();
+    let procs_before = monitor::descendants();
     let ledger_before = Ledger::global().total();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -146,6 +176,7 @@ fn run_one(
     let samples = monitor.finish();
     drop(rt);
     let fds_left = monitor::open_fds().saturating_sub(fds_before);
+    let procs_left = processes_left(&procs_before);
     let ledger_left = Ledger::global().total().saturating_sub(ledger_before);
     if let Some(dir) = &opts.plot {
         let rss_bound = samples.first().map_or(0, |s| s.rss) + RSS_MARGIN;
@@ -161,6 +192,17 @@ fn run_one(
         if left > 0 {
             violations.push(format!("{name}: {left} {what} still open at the end"));
         }
+    }
+    if !procs_left.is_empty() {
+        let list: Vec<String> = procs_left
+            .iter()
+            .map(|(pid, comm)| format!("{pid} ({comm})"))
+            .collect();
+        violations.push(format!(
+            "{name}: {} processes still running at the end (killed now): {}",
+            procs_left.len(),
+            list.join(", ")
+        ));
     }
     Ok(ScenarioReport {
         name: name.to_string(),
@@ -189,7 +231,7 @@ fn run_one(
         timer_wall_p99_us: quantile(&lateness.wall, 0.99),
         timer_bound_us: opts.timer_bound_us,
         faults: outcome.faults,
-        leaks: (tasks_left + fds_left + ledger_left) as u64,
+        leaks: (tasks_left + fds_left + ledger_left + procs_left.len()) as u64,
         violations,
     })
 }

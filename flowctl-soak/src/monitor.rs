@@ -36,6 +36,58 @@ pub(crate) fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
 }
 
+/// Live processes descended from this one (children, their children, ...;
+/// zombies not counted), as `pid (command)`, read from `/proc`. A process
+/// orphaned by a dead parent is re-parented away from us and not seen: each
+/// peer the soak starts (nats-server, sshd) is a direct child it owns.
+pub(crate) fn descendants() -> Vec<(u32, String)> {
+    let me = std::process::id();
+    let mut procs = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // "pid (comm) S ppid ...": comm may hold spaces and parentheses.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let comm = stat[open + 1..close].to_owned();
+        let mut rest = stat[close + 1..].split_whitespace();
+        let state = rest.next().unwrap_or("?");
+        let Some(ppid) = rest.next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        procs.push((pid, ppid, state != "Z", comm));
+    }
+    let parent: std::collections::HashMap<u32, u32> = procs
+        .iter()
+        .map(|(pid, ppid, _, _)| (*pid, *ppid))
+        .collect();
+    let descends = |mut pid: u32| {
+        // Bounded walk: a parent chain is never longer than the table.
+        for _ in 0..parent.len() {
+            match parent.get(&pid) {
+                Some(&p) if p == me => return true,
+                Some(&p) if p > 1 => pid = p,
+                _ => return false,
+            }
+        }
+        false
+    };
+    procs
+        .into_iter()
+        .filter(|(pid, _, live, _)| *live && *pid != me && descends(*pid))
+        .map(|(pid, _, _, comm)| (pid, comm))
+        .collect()
+}
+
 /// A stage whose buffered bytes are sampled: a name and a way to read its stats.
 pub(crate) type Probe = (String, Box<dyn Fn() -> FlowStats + Send + Sync>);
 
@@ -217,4 +269,26 @@ pub(crate) async fn timer_lateness(stop: Arc<AtomicBool>) -> Lateness {
         lateness.runtime.push(late.saturating_sub(os_us));
     }
     lateness
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_running_child_is_a_descendant_until_it_is_reaped() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("sleep");
+        let pid = child.id();
+        assert!(
+            descendants().contains(&(pid, "sleep".to_owned())),
+            "{:?}",
+            descendants()
+        );
+        child.kill().expect("kill");
+        child.wait().expect("reap");
+        assert!(!descendants().iter().any(|(p, _)| *p == pid));
+    }
 }

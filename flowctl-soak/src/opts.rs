@@ -15,6 +15,8 @@ pub(crate) const SSH_SSHD: &str = "ssh-sshd";
 pub(crate) enum Inject {
     /// The consumer silently drops one message.
     DropOne,
+    /// The `pipe` scenario starts a process (`sleep`) and forgets it.
+    LeakProcess,
 }
 
 #[derive(Debug, Clone)]
@@ -61,7 +63,8 @@ usage: flowctl-soak [--duration D] [--seed N] [--scenario NAME[,NAME...]] [--ssh
   --nats URL,...   cluster and pipeline scenarios: use this running NATS cluster (JetStream, 3 nodes)
                    instead of starting a local one; no node is killed then
   --nats-monitor URL,...  its nodes' monitoring URLs (http://host:8222), for the leak check
-  --inject BUG     deliberately break an invariant (drop-one), to prove the soak can fail";
+  --inject BUG     deliberately break an invariant (drop-one, or leak-process: the pipe scenario
+                   leaves a process running), to prove the soak can fail";
 
 /// Parses `90s`, `10m`, `1h`, `250ms` or a plain number of seconds.
 pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -118,8 +121,11 @@ impl Opts {
                 "--inject" => {
                     opts.inject = match value()?.as_str() {
                         "drop-one" => Some(Inject::DropOne),
+                        "leak-process" => Some(Inject::LeakProcess),
                         other => {
-                            return Err(format!("unknown --inject {other:?}: known: drop-one"));
+                            return Err(format!(
+                                "unknown --inject {other:?}: known: drop-one, leak-process"
+                            ));
                         }
                     }
                 }

@@ -79,7 +79,7 @@ impl ScenarioReport {
         }
         if self.leaks > 0 {
             v.push(format!(
-                "{n}: {} resources leaked (tasks, file descriptors or ledger entries)",
+                "{n}: {} resources leaked (tasks, file descriptors, ledger entries or processes)",
                 self.leaks
             ));
         }

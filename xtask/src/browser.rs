@@ -42,13 +42,14 @@ pub(crate) fn check_page(book: &Path, page: &str, screenshot: &Path) -> Result<(
     }
     let server = Server::start(book, "127.0.0.1:0")?;
     let url = format!("http://{}/{page}", server.addr);
-    let scratch = std::env::temp_dir().join(format!("flowctl-chromium-{}", std::process::id()));
+    let scratch = PrivateDir::new("flowctl-chromium")?;
+    let scratch = scratch.path();
     let result = (|| {
         let _ = fs::remove_file(screenshot);
         let shot_arg = format!("--screenshot={}", screenshot.display());
         let (_, log) = run_chromium(
             &chromium,
-            &scratch,
+            scratch,
             &[
                 &shot_arg,
                 "--window-size=1280,900",
@@ -69,7 +70,7 @@ pub(crate) fn check_page(book: &Path, page: &str, screenshot: &Path) -> Result<(
                 "chromium wrote no screenshot of {url}; its log:\n{log}"
             ));
         }
-        let (dom, log) = run_chromium(&chromium, &scratch, &["--dump-dom", &url])?;
+        let (dom, log) = run_chromium(&chromium, scratch, &["--dump-dom", &url])?;
         if !dom.contains("class=\"chapter") || !dom.contains("<main") {
             return Err(format!(
                 "{url} did not render: no sidebar chapter list or no <main> in the DOM \
@@ -78,7 +79,6 @@ pub(crate) fn check_page(book: &Path, page: &str, screenshot: &Path) -> Result<(
         }
         Ok(())
     })();
-    let _ = fs::remove_dir_all(&scratch);
     let missing = server.stop();
     result?;
     if !missing.is_empty() {
@@ -92,6 +92,53 @@ pub(crate) fn check_page(book: &Path, page: &str, screenshot: &Path) -> Result<(
         screenshot.display()
     );
     Ok(())
+}
+
+/// A fresh directory only this user can enter (mode 0700), made like
+/// `mkdtemp(3)`: a random name under the temp dir, created with one `mkdir`
+/// that fails if anything (a file, a directory, a symlink planted by another
+/// user) already has that name, then tried again with another name. Removed
+/// on drop. std only: xtask has no dependencies, so that it builds in
+/// seconds on a fresh machine.
+#[derive(Debug)]
+pub(crate) struct PrivateDir(PathBuf);
+
+impl PrivateDir {
+    pub(crate) fn new(prefix: &str) -> Result<PrivateDir, String> {
+        Self::new_in(&std::env::temp_dir(), prefix)
+    }
+
+    fn new_in(base: &Path, prefix: &str) -> Result<PrivateDir, String> {
+        use std::hash::{BuildHasher, RandomState};
+        use std::os::unix::fs::DirBuilderExt;
+        let mut last = None;
+        for attempt in 0u32..100 {
+            // RandomState is seeded from the OS's random source per process
+            // and varies per instance.
+            let random = RandomState::new().hash_one((std::process::id(), attempt, Instant::now()));
+            let path = base.join(format!("{prefix}-{random:016x}"));
+            match fs::DirBuilder::new().mode(0o700).create(&path) {
+                Ok(()) => return Ok(PrivateDir(path)),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(path),
+                Err(e) => return Err(format!("cannot create {}: {e}", path.display())),
+            }
+        }
+        Err(format!(
+            "cannot create a private directory in {}: 100 names taken (last {:?})",
+            base.display(),
+            last
+        ))
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
 }
 
 /// Serves `book` on `addr` until the process is interrupted.
@@ -327,6 +374,41 @@ fn content_type(path: &Path) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The chromium scratch directory was `<tmp>/flowctl-chromium-<pid>`:
+    /// another user could create it first (or a symlink by that name) and
+    /// read or redirect what chromium writes. Now: a fresh random name, mode
+    /// 0700, never an existing path, removed on drop.
+    #[test]
+    fn the_chromium_scratch_dir_is_private_and_unpredictable() {
+        use std::os::unix::fs::PermissionsExt;
+        let base = std::env::temp_dir();
+        let predictable = base.join(format!("flowctl-chromium-{}", std::process::id()));
+        let (a, b) = (
+            PrivateDir::new("flowctl-chromium").unwrap(),
+            PrivateDir::new("flowctl-chromium").unwrap(),
+        );
+        assert_ne!(a.path(), predictable.as_path());
+        assert_ne!(a.path(), b.path());
+        for dir in [&a, &b] {
+            let meta = fs::symlink_metadata(dir.path()).unwrap();
+            assert!(meta.is_dir(), "{:?} is a real directory", dir.path());
+            assert_eq!(meta.permissions().mode() & 0o777, 0o700, "{:?}", dir.path());
+        }
+        let path = a.path().to_path_buf();
+        drop(a);
+        assert!(!path.exists(), "{path:?} removed on drop");
+    }
+
+    /// A name that is taken (here: every name, through a base that is a
+    /// file) is never reused: creation fails instead.
+    #[test]
+    fn a_taken_name_is_never_used() {
+        let file = PrivateDir::new("flowctl-test").unwrap();
+        let blocker = file.path().join("not-a-dir");
+        fs::write(&blocker, b"x").unwrap();
+        assert!(PrivateDir::new_in(&blocker, "p").is_err());
+    }
 
     #[test]
     fn recognises_javascript_errors() {

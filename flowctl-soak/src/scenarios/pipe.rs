@@ -37,6 +37,12 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> Outcome {
     probe.close_now(); // a closed handle still reads the shared stats
     ctx.monitor.probe("pipe", move || probe.stats());
 
+    if ctx.inject == Some(Inject::LeakProcess) {
+        // A deliberate leak: a child started and forgotten (never waited on).
+        let leaked = std::process::Command::new("sleep").arg("600").spawn();
+        std::mem::forget(leaked);
+    }
+
     let faults = Arc::new(Faults::default());
     let mut producers = Vec::new();
     for p in 0..PRODUCERS {

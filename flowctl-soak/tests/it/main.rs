@@ -131,6 +131,39 @@ fn drop_one_fails(scenario: &str, duration: &str) {
     assert!(violations.contains(&expected.as_str()), "{violations:?}");
 }
 
+// A scenario that leaves a process running (here: a forgotten `sleep`)
+// fails the report, which names the process; the soak kills it.
+#[test]
+fn a_scenario_that_leaves_a_process_behind_fails_the_report() {
+    let json = tmp("pipe-leak-process");
+    let out = soak(
+        &[
+            "--duration",
+            "2s",
+            "--seed",
+            "7",
+            "--scenario",
+            "pipe",
+            "--inject",
+            "leak-process",
+            "--timer-bound-ms",
+            "600000",
+        ],
+        &json,
+    );
+    assert_eq!(out.status.code(), Some(1), "the soak must fail");
+    let r = report(&json);
+    let _ = std::fs::remove_file(json);
+    let s = &r["scenarios"][0];
+    assert_eq!(s["leaks"], 1, "{s}");
+    let violations = s["violations"].to_string();
+    assert!(
+        violations.contains("pipe: 1 processes still running at the end (killed now)")
+            && violations.contains("(sleep)"),
+        "{violations}"
+    );
+}
+
 // A short clean run of the core pipe passes, with stalls and cancelled sends.
 #[test]
 fn a_short_pipe_soak_passes_and_reports_every_figure() {
