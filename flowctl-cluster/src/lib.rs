@@ -171,7 +171,7 @@
 //! `ring`: its defaults add websockets, kv/object-store, the service API and
 //! nkeys (ed25519 crates). rustls is always compiled by async-nats; of its two
 //! crypto backends `ring` builds in well under half the time of `aws-lc-rs`
-//! (which needs cmake and a C build: DESIGN.md measured ~1.2 min more for russh).
+//! (which needs cmake and a C build: about 1.2 min more, measured for russh on 2 cores).
 // The transport has no unsafe code. Only the `testing` fixture has two
 // blocks (process groups and the parent-death signal of its nodes), each
 // allowed where it is and explained by its `SAFETY` comment.

@@ -33,7 +33,7 @@ commands:
             stops at the first failing step (CI=true selects the nextest `ci` profile)
               [--nats all|newest|debian|VERSION,...: only the flowctl-cluster
                suite, once per server; or FLOWCTL_NATS_SERVERS=...]
-  loom      run the loom models of flowctl-core (flowctl-core/tests/loom_gate.rs)
+  loom      run the loom models of flowctl-core (flowctl-core/tests/loom_*.rs)
   soak      long-running failure scenarios (newest nats-server)
               [--duration D] [--seed N] [--json FILE] [--scenario NAME]
               [--nats all|newest|debian|VERSION,...: once per server,

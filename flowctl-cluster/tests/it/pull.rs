@@ -21,35 +21,20 @@ pub(crate) async fn stream_and_consumer(
     create_durable(cluster, name, durable, ack_wait, None).await;
 }
 
-/// Creates an R3 stream. Right after a start the JetStream meta group may
-/// not know every peer yet (`no suitable peers for placement`, 10005, seen
-/// on 2.10 and 2.15): such a refusal is retried for up to 30 s. (On 2.10.26
-/// some fixtures keep refusing beyond 90 s: the fixture's readiness must
-/// wait for every peer to be current, which is the fixture's job.)
+/// Creates an R3 stream. The fixture is ready only once JetStream can place
+/// an R3 stream on every release, so a refusal here (10005, `no suitable
+/// peers for placement`) is a fixture bug and fails the test.
 pub(crate) async fn create_stream(cluster: &Cluster, name: &str, subjects: &[&str]) {
-    let js = cluster.jetstream();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let r = js
-            .create_stream(stream::Config {
-                name: name.into(),
-                subjects: subjects.iter().map(|s| s.to_string()).collect(),
-                num_replicas: 3,
-                ..Default::default()
-            })
-            .await;
-        match r {
-            Ok(_) => return,
-            Err(e)
-                if std::time::Instant::now() < deadline
-                    && (e.to_string().contains("10005")
-                        || e.to_string().contains("suitable peers")) =>
-            {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => panic!("create stream {name}: {e}"),
-        }
-    }
+    cluster
+        .jetstream()
+        .create_stream(stream::Config {
+            name: name.into(),
+            subjects: subjects.iter().map(|s| s.to_string()).collect(),
+            num_replicas: 3,
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("create stream {name}: {e}"));
 }
 
 /// Creates a durable pull consumer with explicit acks.
