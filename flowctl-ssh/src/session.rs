@@ -695,15 +695,11 @@ mod tests {
                 )
                 .await
                 .unwrap_or_else(|_| panic!("exec task alive after a cancel at {at:?}"));
-                let deadline = Instant::now() + Duration::from_secs(30);
-                while !sshd.commands().is_empty() {
-                    assert!(
-                        Instant::now() < deadline,
-                        "sshd still runs {:?} after a cancel at {at:?}",
-                        sshd.commands()
-                    );
-                    tokio::time::sleep(Duration::from_millis(2)).await; // polling /proc
-                }
+                until(
+                    &format!("sshd to run no command after a cancel at {at:?}"),
+                    || sshd.commands().is_empty(),
+                )
+                .await;
             }
             exec_echo(&s).await;
             exec_echo(&s).await;
