@@ -462,6 +462,10 @@ async fn resume(nats: &mut NatsCluster, raw: bool, freeze: bool, tag: &str) -> B
             };
             let idx = u64::from_be_bytes(m.payload[..8].try_into()?);
             if let Some(d) = on_msg(idx, nats) {
+                // What the resume waited for: lost deliveries (held back
+                // until redelivered after the consumer's ack_wait), demand
+                // resets, requests voided by a probe.
+                eprintln!("  flowctl pull source: {:?}", src.pull_stats());
                 break Ok(d);
             }
         }
