@@ -106,6 +106,12 @@ pub(crate) struct Checker {
 const LATENCY_SAMPLE: usize = 65_536;
 
 impl Checker {
+    /// Distinct intact messages received so far: duplicates and corrupted
+    /// ones do not count towards "everything has come".
+    pub(crate) fn distinct(&self) -> u64 {
+        self.tally.messages - self.tally.duplicated - self.tally.corrupted
+    }
+
     /// Records one received message; `now_us` is on the same clock as `sent_us`.
     pub(crate) fn observe(&mut self, msg: &[u8], now_us: u64) {
         self.observe_decoded(decode(msg).as_ref(), now_us);

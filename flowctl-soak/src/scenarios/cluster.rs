@@ -646,9 +646,13 @@ impl<'c, 'm> Soak<'c, 'm> {
         let mut batch = Vec::with_capacity(64);
         let (mut received, mut bytes) = (0u64, 0u64);
         let mut last_progress = Instant::now();
+        // Messages the `drop-one` injection made vanish here.
+        let mut injected_drops = 0u64;
         loop {
             let total = *done.borrow();
-            if total.is_some_and(|t| received >= t) {
+            // Distinct messages: a duplicate must not end the wait for one
+            // still to come (it would then read as lost).
+            if total.is_some_and(|t| checker.distinct() + injected_drops >= t) {
                 break;
             }
             let now = Instant::now();
@@ -710,6 +714,7 @@ impl<'c, 'm> Soak<'c, 'm> {
                 received += 1;
                 bytes += msg.payload.len() as u64;
                 if ctx.inject == Some(Inject::DropOne) && received == 1000 {
+                    injected_drops += 1;
                     continue; // the deliberate bug: message 1000 vanishes
                 }
                 checker.observe(&msg.payload, ctx.now_us());
