@@ -75,16 +75,21 @@
 //! handed out in OnReceive mode) is acked and dropped; anything else (for
 //! example a previous instance's un-acked messages) is delivered. Memory:
 //! the un-acked set is what the application holds (at most the consumer's
-//! `max_ack_pending`), the settled set the last [`SETTLED_WINDOW`] sequences.
+//! `max_ack_pending`), the settled set at most [`SETTLED_RANGES`] ranges of
+//! consecutive sequences.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use super::{AckMode, PullStats};
 
-/// Settled (acked) stream sequences remembered to recognise a redelivery
-/// whose ack was lost: 8192 sequences, about 400 KiB at most.
-pub(crate) const SETTLED_WINDOW: usize = 8192;
+/// Settled (acked) stream sequences are remembered as ranges of consecutive
+/// sequences, to recognise a redelivery whose ack was lost (a consumer leader
+/// that failed over can redeliver from an ack floor far behind). At most this
+/// many ranges, the lowest forgotten first: one range for a stream read in
+/// order, however long; about 400 KiB at most for a filtered consumer whose
+/// sequences have gaps everywhere.
+pub(crate) const SETTLED_RANGES: usize = 8192;
 
 /// Time for a delivery the server made just before a request expired to
 /// reach the subscription.
@@ -206,8 +211,9 @@ pub(crate) struct Demand<T> {
     in_buffer: HashSet<u64>,
     /// Handed out in Manual mode, not acked yet.
     unacked: HashSet<u64>,
-    settled: BTreeSet<u64>,
-    settled_order: VecDeque<u64>,
+    /// Settled sequences as ranges: start -> end, both inclusive, disjoint
+    /// and not adjacent.
+    settled: BTreeMap<u64, u64>,
     last_cseq: u64,
     size_buffered: usize,
     weight_buffered: usize,
@@ -236,8 +242,7 @@ impl<T> Demand<T> {
             last_eviction: None,
             in_buffer: HashSet::new(),
             unacked: HashSet::new(),
-            settled: BTreeSet::new(),
-            settled_order: VecDeque::new(),
+            settled: BTreeMap::new(),
             last_cseq: 0,
             size_buffered: 0,
             weight_buffered: 0,
@@ -362,7 +367,7 @@ impl<T> Demand<T> {
             self.maybe_pull(now);
             return;
         }
-        if self.settled.contains(&seq) {
+        if self.is_settled(seq) {
             // Acked before; that ack was lost or late.
             self.stats.duplicates += 1;
             self.cmds.push_back(Command::Ack(d.item));
@@ -545,14 +550,31 @@ impl<T> Demand<T> {
     // ---- internals ----
 
     fn settle(&mut self, seq: u64) {
-        if self.settled.insert(seq) {
-            self.settled_order.push_back(seq);
-            if self.settled_order.len() > SETTLED_WINDOW
-                && let Some(old) = self.settled_order.pop_front()
-            {
-                self.settled.remove(&old);
-            }
+        if self.is_settled(seq) {
+            return;
         }
+        // Joins the range ending right below and the one starting right above.
+        let below = self
+            .settled
+            .range(..seq)
+            .next_back()
+            .filter(|&(_, &end)| end + 1 == seq)
+            .map(|(&start, _)| start);
+        let above = seq
+            .checked_add(1)
+            .and_then(|next| self.settled.remove(&next));
+        let start = below.unwrap_or(seq);
+        self.settled.insert(start, above.unwrap_or(seq));
+        if self.settled.len() > SETTLED_RANGES {
+            self.settled.pop_first();
+        }
+    }
+
+    fn is_settled(&self, seq: u64) -> bool {
+        self.settled
+            .range(..=seq)
+            .next_back()
+            .is_some_and(|(_, &end)| seq <= end)
     }
 
     /// Releases everything held (the hold-back timed out).
@@ -906,6 +928,48 @@ mod tests {
         d.on_message(msg(1, 6, 3, 100), t);
         assert_eq!(d.take(t).map(|x| (x.0, x.2)), Some((1, false)));
         assert_eq!(d.stats().duplicates, 2);
+    }
+
+    #[test]
+    fn a_redelivery_from_far_behind_is_still_recognised_as_settled() {
+        // A consumer leader that failed over can redeliver from an ack floor
+        // far behind what this source has delivered and acked: a window of
+        // the last few thousand sequences would deliver those again.
+        let t = Instant::now();
+        let mut d = Demand::new(cfg(0, 100_000, 64, AckMode::OnReceive), t);
+        d.on_start(t);
+        let n = 3 * SETTLED_RANGES as u64;
+        for seq in 1..=n {
+            d.on_message(msg(seq, seq, 1, 100), t);
+            assert_eq!(d.take(t).map(|x| x.0), Some(seq));
+        }
+        assert_eq!(d.settled.len(), 1, "one range for a stream read in order");
+        d.on_message(msg(3, n + 1, 2, 100), t);
+        assert!(!d.has_ready(), "seq 3 was delivered and acked here");
+        assert!(std::iter::from_fn(|| d.poll_command()).any(|c| matches!(c, Command::Ack(3))));
+        assert_eq!(d.stats().duplicates, 1);
+    }
+
+    #[test]
+    fn settled_ranges_merge_and_the_lowest_are_forgotten_first() {
+        let t = Instant::now();
+        let mut d: Demand<u64> = Demand::new(cfg(0, 100_000, 64, AckMode::OnReceive), t);
+        // Every other sequence: no two adjacent, one range each.
+        let last = 2 * (SETTLED_RANGES as u64 + 10) - 1;
+        for seq in (1..=last).step_by(2) {
+            d.settle(seq);
+        }
+        assert_eq!(d.settled.len(), SETTLED_RANGES);
+        assert!(!d.is_settled(1), "the lowest ranges go first");
+        assert!(d.is_settled(last) && !d.is_settled(last - 1));
+        // Filling a hole joins the ranges on both sides.
+        d.settle(last - 1);
+        assert_eq!(d.settled.len(), SETTLED_RANGES - 1);
+        assert!(d.is_settled(last - 2) && d.is_settled(last - 1) && d.is_settled(last));
+        assert_eq!(
+            d.settled.range(..=last).next_back(),
+            Some((&(last - 2), &last))
+        );
     }
 
     #[test]
@@ -1368,6 +1432,82 @@ mod tests {
         Ok(())
     }
 
+    /// Applies `op` if it is the server's or the network's doing (the same
+    /// in every property below); false for the application's own ops.
+    fn server_op(
+        d: &mut Demand<u64>,
+        m: &mut Model,
+        op: &Op,
+        manual: bool,
+        high: usize,
+    ) -> Result<bool, TestCaseError> {
+        match *op {
+            Op::Serve(n) => m.serve(n),
+            Op::Expire(n) => {
+                if !m.reqs.is_empty() {
+                    let i = n % m.reqs.len();
+                    m.end(i, Some((408, "Request Timeout")));
+                }
+            }
+            Op::Arrive => {
+                if let Some(w) = m.wire.pop_front() {
+                    arrive(d, m, w);
+                }
+            }
+            Op::Lose(j) => {
+                if !m.wire.is_empty() {
+                    let j = j % m.wire.len();
+                    if let Some(Wire::Msg { seq, .. }) = m.wire.remove(j) {
+                        m.redeliver.push_back(seq);
+                    }
+                }
+            }
+            Op::Tick(ms) => {
+                let to = m.now + Duration::from_millis(ms);
+                // The server ends what expires before then, and what
+                // it sent arrives before the deadline (plus margin).
+                for i in 0..m.reqs.len() {
+                    if m.reqs[i].expires <= to {
+                        m.end(i, Some((408, "Request Timeout")));
+                    }
+                }
+                if m.reqs.iter().any(|r| r.expires + STRAGGLER_MARGIN <= to) {
+                    while let Some(w) = m.wire.pop_front() {
+                        arrive(d, m, w);
+                        run(d, m, manual)?;
+                        check(d, m, high)?;
+                    }
+                }
+                m.now = to;
+                d.on_timer(m.now);
+            }
+            Op::Reconnect => {
+                for r in &mut m.reqs {
+                    if r.live {
+                        r.expires = r.expires.max(m.now + m.expires);
+                    }
+                }
+                d.on_reconnected(m.now);
+            }
+            Op::Answer => {
+                if let Some(upto) = m.probes.pop_front() {
+                    // Truthful: requests before the probe that may still deliver.
+                    let waiting = (0..m.reqs.len().min(upto as usize))
+                        .filter(|&i| {
+                            m.reqs[i].live
+                                || m.wire
+                                    .iter()
+                                    .any(|w| matches!(w, Wire::Msg { req, .. } if *req == i))
+                        })
+                        .count();
+                    d.on_probe(upto, Some(waiting), m.now);
+                }
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
     fn arrive(d: &mut Demand<u64>, m: &mut Model, w: Wire) {
         match w {
             Wire::Msg {
@@ -1426,102 +1566,52 @@ mod tests {
             d.on_start(t0);
             run(&mut d, &mut m, manual)?;
             for op in ops {
-                match op {
-                    Op::Serve(n) => m.serve(n),
-                    Op::Expire(n) if !m.reqs.is_empty() => {
-                        let i = n % m.reqs.len();
-                        m.end(i, Some((408, "Request Timeout")));
-                    }
-                    Op::Vanish(n) if !m.reqs.is_empty() => {
-                        let i = n % m.reqs.len();
-                        if m.reqs[i].live {
-                            m.reqs[i].live = false;
-                            m.wire.push_back(Wire::Status { status: Status { code: 409, description: "Leadership Change".into(), pending: None, request: Some(i as u64) } });
-                        }
-                    }
-                    Op::Arrive => {
-                        if let Some(w) = m.wire.pop_front() {
-                            arrive(&mut d, &mut m, w);
-                        }
-                    }
-                    Op::ArriveAny(j) if !m.wire.is_empty() => {
-                        let j = j % m.wire.len();
-                        if let Some(w) = m.wire.remove(j) {
-                            arrive(&mut d, &mut m, w);
-                        }
-                    }
-                    Op::Lose(j) if !m.wire.is_empty() => {
-                        let j = j % m.wire.len();
-                        if let Some(Wire::Msg { seq, .. }) = m.wire.remove(j) {
-                            m.redeliver.push_back(seq);
-                        }
-                    }
-                    Op::Redeliver(j) if !m.dc.is_empty() => {
-                        let mut seqs: Vec<u64> = m.dc.keys().copied().collect();
-                        seqs.sort_unstable();
-                        m.redeliver.push_back(seqs[j % seqs.len()]);
-                    }
-                    Op::Take => {
-                        if let Some((seq, s, ack)) = d.take(m.now) {
-                            prop_assert_eq!(seq, s);
-                            prop_assert_eq!(ack, !manual);
-                            prop_assert!(!m.app_holds.contains(&seq), "{} handed out twice while held", seq);
-                            let n = m.app_got.entry(seq).or_insert(0);
-                            *n += 1;
-                            prop_assert!(*n == 1 || manual, "{} handed out twice", seq);
-                            if manual {
-                                m.app_holds.push(seq);
-                            } else {
-                                m.app_acked.insert(seq);
+                if !server_op(&mut d, &mut m, &op, manual, high)? {
+                    match op {
+                        Op::Vanish(n) if !m.reqs.is_empty() => {
+                            let i = n % m.reqs.len();
+                            if m.reqs[i].live {
+                                m.reqs[i].live = false;
+                                m.wire.push_back(Wire::Status { status: Status { code: 409, description: "Leadership Change".into(), pending: None, request: Some(i as u64) } });
                             }
                         }
-                    }
-                    Op::Settle(i, ack) if !m.app_holds.is_empty() => {
-                        let seq = m.app_holds.swap_remove(i % m.app_holds.len());
-                        if ack {
-                            m.app_acked.insert(seq);
-                            d.on_acked(seq);
-                        } else {
-                            d.on_released(seq);
-                        }
-                    }
-                    Op::Tick(ms) => {
-                        let to = m.now + Duration::from_millis(ms);
-                        // The server ends what expires before then, and what
-                        // it sent arrives before the deadline (plus margin).
-                        for i in 0..m.reqs.len() {
-                            if m.reqs[i].expires <= to {
-                                m.end(i, Some((408, "Request Timeout")));
-                            }
-                        }
-                        if m.reqs.iter().any(|r| r.expires + STRAGGLER_MARGIN <= to) {
-                            while let Some(w) = m.wire.pop_front() {
+                        Op::ArriveAny(j) if !m.wire.is_empty() => {
+                            let j = j % m.wire.len();
+                            if let Some(w) = m.wire.remove(j) {
                                 arrive(&mut d, &mut m, w);
-                                run(&mut d, &mut m, manual)?;
-                                check(&d, &m, high)?;
                             }
                         }
-                        m.now = to;
-                        d.on_timer(m.now);
-                    }
-                    Op::Reconnect => {
-                        for r in &mut m.reqs {
-                            if r.live {
-                                r.expires = r.expires.max(m.now + m.expires);
+                        Op::Redeliver(j) if !m.dc.is_empty() => {
+                            let mut seqs: Vec<u64> = m.dc.keys().copied().collect();
+                            seqs.sort_unstable();
+                            m.redeliver.push_back(seqs[j % seqs.len()]);
+                        }
+                        Op::Take => {
+                            if let Some((seq, s, ack)) = d.take(m.now) {
+                                prop_assert_eq!(seq, s);
+                                prop_assert_eq!(ack, !manual);
+                                prop_assert!(!m.app_holds.contains(&seq), "{} handed out twice while held", seq);
+                                let n = m.app_got.entry(seq).or_insert(0);
+                                *n += 1;
+                                prop_assert!(*n == 1 || manual, "{} handed out twice", seq);
+                                if manual {
+                                    m.app_holds.push(seq);
+                                } else {
+                                    m.app_acked.insert(seq);
+                                }
                             }
                         }
-                        d.on_reconnected(m.now);
-                    }
-                    Op::Answer => {
-                        if let Some(upto) = m.probes.pop_front() {
-                            // Truthful: requests before the probe that may still deliver.
-                            let waiting = (0..m.reqs.len().min(upto as usize))
-                                .filter(|&i| m.reqs[i].live || m.wire.iter().any(|w| matches!(w, Wire::Msg { req, .. } if *req == i)))
-                                .count();
-                            d.on_probe(upto, Some(waiting), m.now);
+                        Op::Settle(i, ack) if !m.app_holds.is_empty() => {
+                            let seq = m.app_holds.swap_remove(i % m.app_holds.len());
+                            if ack {
+                                m.app_acked.insert(seq);
+                                d.on_acked(seq);
+                            } else {
+                                d.on_released(seq);
+                            }
                         }
+                        _ => {}
                     }
-                    _ => {}
                 }
                 // Pulls only add to what may arrive: checking after them
                 // covers the state before them too.
@@ -1573,64 +1663,14 @@ mod tests {
             run(&mut d, &mut m, false)?;
             let mut last = 0u64;
             for op in ops {
-                match op {
-                    Op::Serve(n) => m.serve(n),
-                    Op::Expire(n) if !m.reqs.is_empty() => {
-                        let i = n % m.reqs.len();
-                        m.end(i, Some((408, "Request Timeout")));
-                    }
-                    Op::Arrive => {
-                        if let Some(w) = m.wire.pop_front() {
-                            arrive(&mut d, &mut m, w);
-                        }
-                    }
-                    Op::Lose(j) if !m.wire.is_empty() => {
-                        let j = j % m.wire.len();
-                        if let Some(Wire::Msg { seq, .. }) = m.wire.remove(j) {
-                            m.redeliver.push_back(seq);
-                        }
-                    }
-                    Op::Take => {
-                        if let Some((seq, _, _)) = d.take(m.now) {
-                            prop_assert!(seq > last, "{} handed out after {}", seq, last);
-                            last = seq;
-                            m.app_got.insert(seq, 1);
-                            m.app_acked.insert(seq);
-                        }
-                    }
-                    Op::Tick(ms) => {
-                        let to = m.now + Duration::from_millis(ms);
-                        for i in 0..m.reqs.len() {
-                            if m.reqs[i].expires <= to {
-                                m.end(i, Some((408, "Request Timeout")));
-                            }
-                        }
-                        if m.reqs.iter().any(|r| r.expires + STRAGGLER_MARGIN <= to) {
-                            while let Some(w) = m.wire.pop_front() {
-                                arrive(&mut d, &mut m, w);
-                                run(&mut d, &mut m, false)?;
-                            }
-                        }
-                        m.now = to;
-                        d.on_timer(m.now);
-                    }
-                    Op::Reconnect => {
-                        for r in &mut m.reqs {
-                            if r.live {
-                                r.expires = r.expires.max(m.now + m.expires);
-                            }
-                        }
-                        d.on_reconnected(m.now);
-                    }
-                    Op::Answer => {
-                        if let Some(upto) = m.probes.pop_front() {
-                            let waiting = (0..m.reqs.len().min(upto as usize))
-                                .filter(|&i| m.reqs[i].live || m.wire.iter().any(|w| matches!(w, Wire::Msg { req, .. } if *req == i)))
-                                .count();
-                            d.on_probe(upto, Some(waiting), m.now);
-                        }
-                    }
-                    _ => {}
+                if !server_op(&mut d, &mut m, &op, false, high)?
+                    && matches!(op, Op::Take)
+                    && let Some((seq, _, _)) = d.take(m.now)
+                {
+                    prop_assert!(seq > last, "{} handed out after {}", seq, last);
+                    last = seq;
+                    m.app_got.insert(seq, 1);
+                    m.app_acked.insert(seq);
                 }
                 run(&mut d, &mut m, false)?;
                 check(&d, &m, high)?;
