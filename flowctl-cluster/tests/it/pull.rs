@@ -37,6 +37,29 @@ pub(crate) async fn create_stream(cluster: &Cluster, name: &str, subjects: &[&st
         .unwrap_or_else(|e| panic!("create stream {name}: {e}"));
 }
 
+/// Polls the consumer's info until `done` holds: the server's own
+/// accounting (redeliveries, acks, waiting requests), which has no event to
+/// wait on. Fails after 30 s naming `what` and the last info.
+pub(crate) async fn until_consumer(
+    st: &stream::Stream,
+    name: &str,
+    what: &str,
+    mut done: impl FnMut(&consumer::Info) -> bool,
+) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let info = st.consumer_info(name).await.unwrap();
+        if done(&info) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "waited 30 s for {what}: {info:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await; // polling the server
+    }
+}
+
 /// Creates a durable pull consumer with explicit acks.
 pub(crate) async fn create_durable(
     cluster: &Cluster,
@@ -171,11 +194,10 @@ async fn manual_held_handles_stay_pending_on_the_server() {
     }
     // Wait (on the server's state) until every unacked message was redelivered.
     let st = js.get_stream("MAN").await.unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while st.consumer_info("c").await.unwrap().num_redelivered < 20 {
-        assert!(std::time::Instant::now() < deadline, "no redelivery seen");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until_consumer(&st, "c", "every unacked message redelivered", |i| {
+        i.num_redelivered >= 20
+    })
+    .await;
     // Delivered after the redeliveries: when it is handed out, the source
     // has seen them all.
     js.publish("man.x", Bytes::from(20u64.to_be_bytes().to_vec()))
@@ -198,11 +220,7 @@ async fn manual_held_handles_stay_pending_on_the_server() {
     }
     m.ack.unwrap().ack().await.unwrap();
     cluster.client().flush().await.unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while st.consumer_info("c").await.unwrap().num_ack_pending != 0 {
-        assert!(std::time::Instant::now() < deadline, "acks not counted");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until_consumer(&st, "c", "the acks counted", |i| i.num_ack_pending == 0).await;
     drop(src);
     drop(cluster);
     released(&ledger, Duration::from_secs(10)).await;
@@ -274,18 +292,10 @@ async fn durable_restart_in_manual_mode_redelivers_what_was_never_acked() {
     }
     cluster.client().flush().await.unwrap();
     let st = js.get_stream("RST").await.unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let info = st.consumer_info("c").await.unwrap();
-        if info.num_ack_pending == 0 && info.num_pending == 0 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "not all acked: {info:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until_consumer(&st, "c", "everything acked", |i| {
+        i.num_ack_pending == 0 && i.num_pending == 0
+    })
+    .await;
     drop(second);
     drop(cluster);
     released(&ledger, Duration::from_secs(10)).await;
@@ -354,11 +364,7 @@ async fn filtered_consumer_with_deletions_keeps_flowing_after_a_lost_delivery() 
     // The source's buffer is full and its requests are over: wait for the
     // server to hold none, then another reader takes the next delivery and
     // never acks it.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while st.consumer_info("c").await.unwrap().num_waiting != 0 {
-        assert!(std::time::Instant::now() < deadline, "requests stay open");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_consumer(&st, "c", "no open pull request", |i| i.num_waiting == 0).await;
     let other: PullConsumer = st.get_consumer("c").await.unwrap();
     let mut batch = other
         .fetch()
