@@ -5,6 +5,7 @@ use bytes::Bytes;
 use flowctl_cluster::{Cluster, ConsumeOptions};
 use flowctl_core::lifecycle::Ledger;
 use flowctl_core::{Source, Watermarks};
+use futures::FutureExt;
 
 use crate::connect::{config, released};
 use flowctl_cluster::testing::NatsCluster;
@@ -448,4 +449,71 @@ async fn message_larger_than_high_is_admitted_alone() {
         assert_eq!((m.payload.len(), m.payload[0]), (BIG, i));
     }
     assert!(src.stats().max_buffered <= high + BIG);
+}
+
+#[tokio::test]
+async fn recv_dropped_at_every_wait_loses_nothing() {
+    // Every `recv` that would wait is polled once and dropped (a `select!`
+    // whose other branch won, a timeout): whatever it took off the
+    // subscription on the way stays in the source, so every message is
+    // handed out once, in order, and acked (nothing left pending).
+    let nats = NatsCluster::start().await.expect("nats cluster");
+    let ledger = Ledger::new();
+    let cluster = Cluster::connect(config(nats.urls(), &ledger))
+        .await
+        .unwrap();
+    stream_and_consumer(&cluster, "DROP", "drop.>", "c", Duration::from_secs(30)).await;
+    const N: u64 = 1000;
+    for i in 0..N {
+        cluster
+            .jetstream()
+            .publish("drop.x", Bytes::from(i.to_be_bytes().to_vec()))
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let mut src = cluster
+        .consume(
+            "DROP",
+            "c",
+            ConsumeOptions {
+                watermarks: Watermarks::new(1024, 4096).unwrap(),
+                batch: 16,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let (mut expect, mut dropped) = (0u64, 0u64);
+    let hang = std::time::Instant::now() + Duration::from_secs(60);
+    while expect < N {
+        assert!(
+            std::time::Instant::now() < hang,
+            "stalled at message {expect} after {dropped} dropped recvs: {:?}",
+            src.pull_stats()
+        );
+        match src.recv().now_or_never() {
+            Some(r) => {
+                let m = r.unwrap().expect("stream ended early");
+                let got = u64::from_be_bytes(m.payload[..8].try_into().unwrap());
+                assert_eq!(got, expect, "lost or out of order");
+                expect += 1;
+            }
+            None => {
+                dropped += 1;
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+    assert!(dropped > 0, "no recv was ever dropped mid-wait");
+    assert_eq!(src.pull_stats().duplicates, 0);
+    let st = cluster.jetstream().get_stream("DROP").await.unwrap();
+    until_consumer(&st, "c", "every message acked", |i| {
+        i.num_ack_pending == 0 && i.num_pending == 0
+    })
+    .await;
+    drop(src);
+    drop(cluster);
+    released(&ledger, Duration::from_secs(10)).await;
 }
