@@ -4,7 +4,7 @@
 //! the time to resume after the SIGKILL or SIGSTOP of the consumer's node.
 //! Starts its own 3-node cluster on 127.0.0.1.
 //!
-//! `cargo run --release -p flowctl-cluster --example bench_cluster [messages] [size] [--json] [--no-failover]`
+//! `cargo run --release -p flowctl-cluster --example bench_cluster [messages] [size] [--json] [--no-failover] [--resume-only]`
 //!
 //! - Core subscriptions are at most once: a publisher faster than the
 //!   subscriber overruns its channel and async-nats drops messages. Both sides
@@ -16,6 +16,8 @@
 //!   throughput round and side, for `cargo xtask bench`.
 //! - `--no-failover` or `BENCH_NO_FAILOVER=1`: stop after the throughput
 //!   rounds (the 8 failover rounds take minutes).
+//! - `--resume-only`: only the failover rounds; `BENCH_RESUME_ROUNDS=K`
+//!   (default 2) rounds per fault and side.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -517,6 +519,9 @@ async fn main() -> BoxResult<()> {
         return Err("size must be at least 1 byte (empty messages are the core probes)".into());
     }
     let mut nats = NatsCluster::start().await?;
+    if std::env::args().any(|a| a == "--resume-only") {
+        return resume_rounds(&mut nats).await;
+    }
     let admin = connect(nats.urls()).await?;
     make_stream(&admin, "BENCH", "bench.x").await?;
     let t = Instant::now();
@@ -571,12 +576,21 @@ async fn main() -> BoxResult<()> {
     if no_failover() {
         return Ok(());
     }
+    resume_rounds(&mut nats).await
+}
+
+/// The failover rounds: SIGKILL, then SIGSTOP, of the consumer's node.
+async fn resume_rounds(nats: &mut NatsCluster) -> BoxResult<()> {
+    let rounds: usize = std::env::var("BENCH_RESUME_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
     let mut i = 0;
     for freeze in [false, true] {
-        for _ in 0..2 {
+        for _ in 0..rounds {
             for raw in [false, true] {
                 i += 1;
-                let d = resume(&mut nats, raw, freeze, &i.to_string()).await;
+                let d = resume(nats, raw, freeze, &i.to_string()).await;
                 println!(
                     "resume after {} of the consumer's node ({}): {:?}",
                     if freeze { "SIGSTOP (hung)" } else { "SIGKILL" },

@@ -68,15 +68,22 @@
 //! acked is acked again and dropped, and anything this source never handed
 //! out (a previous instance's un-acked messages) is delivered. It also
 //! tracks the consumer's delivery sequence: a jump means deliveries were
-//! lost in transit (they went to a node that died or hung); the server
-//! redelivers them after the consumer's `ack_wait`, and meanwhile later
-//! messages are held back until as many redeliveries have arrived, so the
-//! application still sees stream order. Stream sequences need not be
-//! contiguous (filters, deleted messages); held messages are released after
-//! `hold_timeout` if the lost ones never come. Holding needs a pull even
-//! when the buffer is full: to make room for it within `high`, the newest
-//! held messages are dropped unacked (`PullStats::evicted`); the server
-//! delivers them again later and they wait their turn.
+//! lost in transit (they went to a node that died or hung). Later messages
+//! are held back so that the application still sees stream order, and the
+//! missed messages are read from the stream itself
+//! (`$JS.API.STREAM.MSG.GET`, one at a time, from just after the last
+//! message handed out up to the first delivery after the gap, with the
+//! consumer's filter subjects; `PullStats::filled`): a failover costs round
+//! trips to the stream leader, not the consumer's `ack_wait`. Such a message
+//! is acked on the server when the consumer redelivers it (the source acks
+//! that redelivery and drops it). Without permission to read the stream
+//! ([`ConsumeOptions::fill_gaps_from_stream`] off, or refused), the server
+//! redelivers the lost ones after `ack_wait` and held messages wait until as
+//! many redeliveries have arrived. Stream sequences need not be contiguous
+//! (filters, deleted messages); held messages are released after
+//! `hold_timeout` if the lost ones never come. Filling needs room even when
+//! the buffer is full: within `high`, the newest held messages are dropped
+//! unacked (`PullStats::evicted`) and read again in their turn.
 //!
 //! A reconnect does not end the pull requests already sent: they live on the
 //! consumer leader until their `expires` and deliver to the same inbox once
@@ -97,12 +104,13 @@
 //! handles pulls in the route's read loop and API requests in a queue after
 //! it), and what a request delivers arrives within its `expires` plus 1 s.
 //!
-//! Measured (`examples/bench_cluster.rs`, release, 2 shared cores, consumer
-//! `ack_wait` 2 s): the consumer's node SIGKILLed while it leads nothing:
-//! first new message after 0.10-0.13 s, or 2.0 s when deliveries were lost
-//! in transit and waited for `ack_wait` (order is kept, so later messages
-//! wait for the redelivery: the resume time is bounded by the consumer's
-//! `ack_wait`, not by this source); frozen (SIGSTOP): 3.0 s (three 1 s
+//! Measured (`examples/bench_cluster.rs --resume-only`, release, 2 shared
+//! cores, consumer `ack_wait` 2 s, nats-server 2.15.1): the consumer's node
+//! SIGKILLed while it leads nothing: first new message after 0.09-1.6 s
+//! with 256 to 966 deliveries lost in transit and read from the stream
+//! (before the source read them, it waited for their redelivery: up to
+//! 5.1 s, twice `ack_wait` when held messages had to be dropped for room);
+//! frozen (SIGSTOP): 3.0 s (three 1 s
 //! pings to notice), where async-nats with its defaults (60 s pings) had not
 //! resumed after 60 s. Before the probe the same runs took 2.0-6.1 s and
 //! 7-9 s. When the killed node leads the stream or the consumer, the resume

@@ -64,9 +64,15 @@
 //!
 //! Deliveries come in consumer-sequence order; a jump in the consumer
 //! sequence means deliveries lost in transit (a failover), which the server
-//! redelivers after `ack_wait`. Messages after such a gap are held back
-//! until as many redeliveries as deliveries were missed have arrived (or
-//! `hold_timeout`), then released in stream order. Stream sequences need
+//! redelivers after `ack_wait`. Messages after such a gap are held back.
+//! With `fill`, the missed ones are read from the stream ([`Command::Fetch`],
+//! one at a time, within the bound): a scan from just after the highest
+//! sequence released in order (`floor`) up to the first new delivery after
+//! the gap (every lost delivery precedes it in stream order), skipping what
+//! is held, handed out or settled; below the scan's cursor held messages are
+//! released at once. Without `fill` (or while reading fails), held messages
+//! wait until as many redeliveries as deliveries were missed have arrived
+//! (or `hold_timeout`), then go out in stream order. Stream sequences need
 //! not be contiguous (filters, several subjects, deleted messages).
 //!
 //! Only what this source handed out is deduplicated: a redelivery of a
@@ -108,6 +114,9 @@ pub(crate) struct DemandConfig {
     pub(crate) heartbeat: Duration,
     pub(crate) hold_timeout: Duration,
     pub(crate) ack: AckMode,
+    /// Fill gaps by reading the missed messages from the stream
+    /// ([`Command::Fetch`]) instead of waiting for their redelivery.
+    pub(crate) fill: bool,
 }
 
 /// One delivery from the server.
@@ -155,6 +164,56 @@ pub(crate) enum Command<T> {
     /// Ask the consumer leader how many requests it holds, for those sent
     /// before request id `upto`.
     Probe { upto: u64 },
+    /// Read one message from the stream (not through the consumer) and
+    /// answer with [`Demand::on_fetched`]: the message with sequence `from`
+    /// (`exact`), or the first one at or after `from` that the consumer's
+    /// filter matches. At most one is in flight.
+    Fetch { from: u64, exact: bool },
+}
+
+/// The answer to a [`Command::Fetch`].
+#[derive(Debug)]
+pub(crate) enum Fetched<T> {
+    /// The message: its stream sequence, what the server would charge it
+    /// against `max_bytes` and its watermark weight.
+    Found {
+        item: T,
+        seq: u64,
+        size: usize,
+        weight: usize,
+    },
+    /// No such message (deleted, or none matches at or after `from`).
+    NotFound,
+    /// No answer (the stream leader is being elected, a timeout): retried
+    /// after a heartbeat.
+    Failed,
+    /// The stream cannot be read this way (permissions): gaps wait for
+    /// redeliveries from now on.
+    Refused,
+}
+
+/// Filling a gap from the stream: every message of the consumer's filter
+/// below `cursor` is accounted for (handed out, held or settled).
+#[derive(Debug, Clone, Copy)]
+struct Scan {
+    cursor: u64,
+    /// The scan is complete below this: the stream sequence of the first
+    /// new delivery after the (last) gap; lost deliveries all come before
+    /// it in stream order. `None` until such a delivery arrives.
+    to: Option<u64>,
+    /// A gap was seen after `to` was set: the next new delivery raises it.
+    raise: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FetchState {
+    Idle,
+    InFlight {
+        from: u64,
+    },
+    /// The last fetch failed: retry at this time; meanwhile gaps are also
+    /// filled by redeliveries.
+    Backoff(Instant),
 }
 
 /// Why the source cannot go on.
@@ -208,6 +267,13 @@ pub(crate) struct Demand<T> {
     /// so that waiting for a redelivery (which comes after the consumer's
     /// `ack_wait`) does not walk the stream.
     last_eviction: Option<Instant>,
+    /// Highest stream sequence released in order: every message of the
+    /// consumer's filter up to it was handed out or is ready.
+    floor: u64,
+    scan: Option<Scan>,
+    fetch: FetchState,
+    /// Filling from the stream is allowed (not refused).
+    fill: bool,
     in_buffer: HashSet<u64>,
     /// Handed out in Manual mode, not acked yet.
     unacked: HashSet<u64>,
@@ -240,6 +306,10 @@ impl<T> Demand<T> {
             held_since: None,
             evicted: BTreeSet::new(),
             last_eviction: None,
+            floor: 0,
+            scan: None,
+            fetch: FetchState::Idle,
+            fill: cfg.fill,
             in_buffer: HashSet::new(),
             unacked: HashSet::new(),
             settled: BTreeMap::new(),
@@ -254,11 +324,14 @@ impl<T> Demand<T> {
         }
     }
 
-    /// The consumer's last delivery sequence when the source starts (from
-    /// its consumer info): a first delivery after a jump from there was
-    /// preceded by lost ones.
-    pub(crate) fn set_last_delivered(&mut self, consumer_seq: u64) {
+    /// The consumer's last delivery when the source starts (from its
+    /// consumer info): a first delivery after a jump from `consumer_seq` was
+    /// preceded by lost ones, and every message up to `stream_seq` was
+    /// delivered before (to a previous reader: its un-acked ones come as
+    /// redeliveries).
+    pub(crate) fn set_last_delivered(&mut self, consumer_seq: u64, stream_seq: u64) {
         self.last_cseq = consumer_seq;
+        self.floor = stream_seq;
     }
 
     // ---- getters ----
@@ -322,6 +395,9 @@ impl<T> Demand<T> {
         if let Some(d) = self.reqs.iter().map(|r| r.deadline).min() {
             t = t.min(d);
         }
+        if let FetchState::Backoff(at) = self.fetch {
+            t = t.min(at);
+        }
         t
     }
 
@@ -353,6 +429,18 @@ impl<T> Demand<T> {
             self.missing += missed;
             if self.barrier.is_none() {
                 self.barrier = Some(d.stream_seq);
+            }
+            if self.fill {
+                match &mut self.scan {
+                    None => {
+                        self.scan = Some(Scan {
+                            cursor: self.floor + 1,
+                            to: None,
+                            raise: false,
+                        });
+                    }
+                    Some(sc) => sc.raise = sc.to.is_some(),
+                }
             }
             tracing::debug!(
                 missed,
@@ -388,14 +476,91 @@ impl<T> Demand<T> {
             if self.missing > 0 && !evicted && (seq < barrier || d.delivered > 1) {
                 self.missing -= 1;
             }
-            if self.held.is_empty() {
-                self.held_since = Some(now);
+            if d.delivered == 1
+                && let Some(sc) = &mut self.scan
+                && (sc.to.is_none() || sc.raise)
+            {
+                // Every delivery lost before this new one has a lower
+                // stream sequence.
+                sc.to = Some(sc.to.map_or(seq, |to| to.max(seq)));
+                sc.raise = false;
             }
-            self.held.insert(seq, e);
+            self.hold(e, now);
+            self.advance_scan();
             self.release_in_order();
         } else {
-            self.queue.push_back(e);
+            self.ready(e);
         }
+        self.maybe_pull(now);
+    }
+
+    /// The answer to the [`Command::Fetch`] in flight.
+    pub(crate) fn on_fetched(&mut self, f: Fetched<T>, now: Instant) {
+        let FetchState::InFlight { from } = self.fetch else {
+            return;
+        };
+        self.fetch = FetchState::Idle;
+        match f {
+            Fetched::Found {
+                item,
+                seq,
+                size,
+                weight,
+            } => {
+                if let Some(sc) = &mut self.scan
+                    && sc.cursor == from
+                    && !sc.raise
+                    && let Some(to) = sc.to
+                {
+                    // Nothing the filter matches in [cursor, seq).
+                    sc.cursor = seq.min(to).max(sc.cursor);
+                }
+                let wanted = self.scan.is_some_and(|sc| seq < sc.to.unwrap_or(0))
+                    || self.evicted.contains(&seq);
+                if wanted && !self.known(seq) {
+                    self.evicted.remove(&seq);
+                    self.stats.filled += 1;
+                    let e = Entry {
+                        item,
+                        seq,
+                        size,
+                        weight,
+                    };
+                    self.size_buffered += e.size;
+                    self.weight_buffered += e.weight;
+                    self.in_buffer.insert(seq);
+                    if self.barrier.is_some() {
+                        self.hold(e, now);
+                    } else {
+                        self.ready(e);
+                    }
+                }
+            }
+            Fetched::NotFound => {
+                if !self.evicted.remove(&from)
+                    && let Some(sc) = &mut self.scan
+                    && sc.cursor == from
+                    && !sc.raise
+                    && let Some(to) = sc.to
+                {
+                    sc.cursor = sc.cursor.max(to);
+                }
+            }
+            Fetched::Failed => {
+                self.stats.fetch_failures += 1;
+                self.fetch = FetchState::Backoff(now + self.cfg.heartbeat);
+            }
+            Fetched::Refused => {
+                tracing::warn!(
+                    "pull source: reading the stream to fill a gap was refused; gaps wait for redeliveries"
+                );
+                self.stats.fetch_failures += 1;
+                self.fill = false;
+                self.scan = None;
+            }
+        }
+        self.advance_scan();
+        self.release_in_order();
         self.maybe_pull(now);
     }
 
@@ -581,30 +746,142 @@ impl<T> Demand<T> {
     fn release_held(&mut self) {
         self.missing = 0;
         self.evicted.clear();
+        self.scan = None;
         self.release_in_order();
     }
 
-    /// Once the missed deliveries are made up, releases held messages in
-    /// stream order up to the first one dropped to make room (it comes back).
-    fn release_in_order(&mut self) {
-        if self.missing > 0 {
-            return;
+    /// A message ready for the application, in order.
+    fn ready(&mut self, e: Entry<T>) {
+        self.floor = self.floor.max(e.seq);
+        self.queue.push_back(e);
+    }
+
+    /// Holds a message back (after a gap).
+    fn hold(&mut self, e: Entry<T>, now: Instant) {
+        if self.held.is_empty() {
+            self.held_since = Some(now);
         }
-        let until = self.evicted.first().copied().unwrap_or(u64::MAX);
-        while let Some(entry) = self.held.first_entry() {
-            if *entry.key() > until {
+        self.held.insert(e.seq, e);
+    }
+
+    /// Handed out, buffered here, held by the application or settled.
+    fn known(&self, seq: u64) -> bool {
+        self.in_buffer.contains(&seq) || self.unacked.contains(&seq) || self.is_settled(seq)
+    }
+
+    /// Moves the scan's cursor over what is known without asking the
+    /// stream; a scan that reached its end fills the gap.
+    fn advance_scan(&mut self) {
+        let Some(mut sc) = self.scan else {
+            return;
+        };
+        loop {
+            if let Some(to) = sc.to
+                && !sc.raise
+                && sc.cursor >= to
+            {
+                // Every message before the first new delivery after the
+                // gap is accounted for: the missed ones are here or settled.
+                self.scan = None;
+                self.missing = 0;
+                return;
+            }
+            let c = sc.cursor;
+            if let Some((_, &end)) = self.settled.range(..=c).next_back()
+                && c <= end
+            {
+                sc.cursor = end + 1;
+            } else if self.in_buffer.contains(&c)
+                || self.unacked.contains(&c)
+                || self.evicted.contains(&c)
+            {
+                sc.cursor = c + 1;
+            } else {
                 break;
             }
-            self.queue.push_back(entry.remove());
+        }
+        self.scan = Some(sc);
+    }
+
+    /// Once the missed deliveries are made up (or, while a scan fills them
+    /// from the stream, below its cursor), releases held messages in stream
+    /// order up to the first one dropped to make room (it comes back).
+    fn release_in_order(&mut self) {
+        let mut until = self.evicted.first().copied().unwrap_or(u64::MAX);
+        if self.missing > 0 {
+            match self.scan {
+                Some(sc) => until = until.min(sc.cursor),
+                None => return,
+            }
+        }
+        while let Some(entry) = self.held.first_entry() {
+            if *entry.key() >= until {
+                break;
+            }
+            let e = entry.remove();
+            self.ready(e);
         }
         if self.held.is_empty() {
             self.held_since = None;
         }
-        if self.evicted.is_empty() {
+        if self.missing == 0 && self.evicted.is_empty() {
+            // (held is empty here: everything was released)
             self.barrier = None;
             self.held_since = None;
-            // (held is empty here: everything was released)
+            self.scan = None;
         }
+    }
+
+    /// What to read from the stream next: the scan's cursor once its end is
+    /// known, then the held messages dropped for room, lowest first.
+    fn next_fetch(&self) -> Option<(u64, bool)> {
+        match self.scan {
+            Some(sc) if sc.to.is_some() && !sc.raise => Some((sc.cursor, false)),
+            Some(_) => None,
+            None => self.evicted.first().map(|&seq| (seq, true)),
+        }
+    }
+
+    /// Fills a gap from the stream: returns false when the source should
+    /// pull instead (nothing to read yet, or reading failed a moment ago).
+    fn fill_from_stream(&mut self, now: Instant) -> bool {
+        if !self.fill || self.barrier.is_none() {
+            return false;
+        }
+        match self.fetch {
+            FetchState::InFlight { .. } => return true,
+            FetchState::Backoff(at) if at > now => return false,
+            _ => self.fetch = FetchState::Idle,
+        }
+        let Some((from, exact)) = self.next_fetch() else {
+            return false;
+        };
+        let high = self.cfg.high;
+        let room = |d: &Self| !d.unbounded_open() && d.size_buffered + d.outstanding() < high;
+        if !room(self) && self.queue.is_empty() && self.reqs.iter().all(|r| r.ended) {
+            // Nothing to hand out and no request delivering: the held
+            // messages above the one needed make room; they come back by
+            // the same way.
+            while !room(self)
+                && let Some(entry) = self.held.last_entry()
+                && *entry.key() > from
+            {
+                let e = entry.remove();
+                self.size_buffered -= e.size;
+                self.weight_buffered -= e.weight;
+                self.in_buffer.remove(&e.seq);
+                self.evicted.insert(e.seq);
+                self.stats.evicted += 1;
+            }
+            if self.held.is_empty() {
+                self.held_since = None;
+            }
+        }
+        if room(self) {
+            self.fetch = FetchState::InFlight { from };
+            self.cmds.push_back(Command::Fetch { from, exact });
+        }
+        true
     }
 
     /// Forgets requests known to be over: every one, when no message is
@@ -680,6 +957,10 @@ impl<T> Demand<T> {
             // A single message larger than a chunk: admit exactly one.
             self.oversize = false;
             self.send_pull(1, None, now);
+            return;
+        }
+        if self.fill_from_stream(now) {
+            // No new pulls while a gap is filled from the stream.
             return;
         }
         if self.barrier.is_some() && self.queue.is_empty() && self.reqs.iter().all(|r| r.ended) {
@@ -778,6 +1059,7 @@ mod tests {
             heartbeat: Duration::from_millis(500),
             hold_timeout: Duration::from_secs(600),
             ack,
+            fill: false,
         }
     }
 
@@ -1055,6 +1337,171 @@ mod tests {
         assert_eq!(d.take(t).map(|x| x.0), Some(7));
     }
 
+    fn fetches(d: &mut Demand<u64>) -> Vec<(u64, bool)> {
+        std::iter::from_fn(|| d.poll_command())
+            .filter_map(|c| match c {
+                Command::Fetch { from, exact } => Some((from, exact)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn found(seq: u64, size: usize) -> Fetched<u64> {
+        Fetched::Found {
+            item: seq,
+            seq,
+            size,
+            weight: size / 2,
+        }
+    }
+
+    #[test]
+    fn a_gap_is_filled_from_the_stream_without_waiting_for_redeliveries() {
+        let t = Instant::now();
+        let mut c = cfg(0, 100_000, 64, AckMode::OnReceive);
+        c.fill = true;
+        let mut d = Demand::new(c, t);
+        d.on_start(t);
+        pulls(&mut d);
+        // Stream 10, 20, 30, 40, 50 (a filtered consumer); deliveries 2 and
+        // 3 (stream 20 and 30) are lost.
+        d.on_message(msg(10, 1, 1, 100), t);
+        assert_eq!(d.take(t).map(|x| x.0), Some(10));
+        d.on_message(msg(40, 4, 1, 100), t);
+        d.on_message(msg(50, 5, 1, 100), t);
+        assert!(!d.has_ready());
+        d.on_status(&end(0, 408, "Request Timeout", 61, 49_700), t);
+        d.on_status(&end(1, 408, "Request Timeout", 64, 50_000), t);
+        // One read at a time, from just after what was handed out.
+        assert_eq!(fetches(&mut d), [(11, false)]);
+        d.on_fetched(found(20, 100), t);
+        assert_eq!(fetches(&mut d), [(21, false)]);
+        d.on_fetched(found(30, 100), t);
+        assert_eq!(fetches(&mut d), [(31, false)]);
+        // The next one is the first delivery after the gap: the gap is filled.
+        d.on_fetched(found(40, 100), t);
+        assert!(fetches(&mut d).is_empty());
+        let order: Vec<u64> = std::iter::from_fn(|| d.take(t).map(|x| x.0)).collect();
+        assert_eq!(order, [20, 30, 40, 50]);
+        assert_eq!((d.stats().filled, d.stats().hold_expired), (2, 0));
+        // The redeliveries come after ack_wait: acked (they settle the two
+        // read from the stream) and dropped.
+        d.on_message(msg(20, 6, 2, 100), t);
+        d.on_message(msg(30, 7, 2, 100), t);
+        assert!(!d.has_ready());
+        let acks: Vec<u64> = std::iter::from_fn(|| d.poll_command())
+            .filter_map(|c| match c {
+                Command::Ack(seq) => Some(seq),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(acks, [20, 30]);
+        // Back to normal: no hold-back, no reads.
+        d.on_message(msg(60, 8, 1, 100), t);
+        assert_eq!(d.take(t).map(|x| x.0), Some(60));
+        assert!(fetches(&mut d).is_empty());
+    }
+
+    #[test]
+    fn filling_a_gap_makes_room_by_dropping_the_newest_held_and_reads_them_again() {
+        // high 1000: 1 handed out, 2 lost, 3..=7 held (5 x 190 = 950).
+        let t = Instant::now();
+        let mut c = cfg(0, 1000, 8, AckMode::Manual);
+        c.fill = true;
+        let mut d = Demand::new(c, t);
+        d.on_start(t);
+        pulls(&mut d);
+        d.on_message(msg(1, 1, 1, 190), t);
+        assert_eq!(d.take(t).map(|x| x.0), Some(1));
+        for seq in 3..=7 {
+            d.on_message(msg(seq, seq, 1, 190), t);
+        }
+        d.on_status(&end(0, 409, "Message Size Exceeds MaxBytes", 4, 50), t);
+        d.on_status(&end(1, 409, "Message Size Exceeds MaxBytes", 5, 240), t);
+        assert_eq!(d.outstanding(), 0);
+        // 950 held < 1000: room for one read.
+        assert_eq!(fetches(&mut d), [(2, false)]);
+        d.on_fetched(found(2, 190), t);
+        assert!(d.size_buffered() <= 1000 + 190);
+        // 2 and 3 are ready; the rest wait for the scan to end at 3.
+        let got: Vec<u64> = std::iter::from_fn(|| d.take(t).map(|x| x.0)).collect();
+        assert_eq!(got, [2, 3, 4, 5, 6, 7]);
+        assert_eq!(d.stats().evicted, 0);
+
+        // Again, with no room: a new source on a consumer that delivered up
+        // to 8 (stream 8); 9 lost, 10..=13 held (1000 = high).
+        let mut c = cfg(0, 1000, 8, AckMode::Manual);
+        c.fill = true;
+        let mut d = Demand::new(c, t);
+        d.set_last_delivered(8, 8);
+        d.on_start(t);
+        assert_eq!(pulls(&mut d), [(8, 500), (8, 500)]);
+        for seq in 10..=13 {
+            d.on_message(msg(seq, seq, 1, 250), t);
+        }
+        assert!(fetches(&mut d).is_empty(), "no room");
+        d.on_status(&end(0, 409, "Message Size Exceeds MaxBytes", 6, 0), t);
+        d.on_status(&end(1, 409, "Message Size Exceeds MaxBytes", 6, 0), t);
+        // No request delivers any more: 13 is dropped to make room for the
+        // read of 9.
+        assert_eq!(fetches(&mut d), [(9, false)]);
+        assert_eq!(d.stats().evicted, 1);
+        assert!(d.size_buffered() + d.outstanding() < 1000);
+        d.on_fetched(found(9, 250), t);
+        assert!(d.size_buffered() <= 1000 + 250);
+        let got: Vec<u64> = std::iter::from_fn(|| d.take(t).map(|x| x.0)).collect();
+        assert_eq!(got, [9, 10, 11, 12], "13 was dropped: it is read again");
+        assert_eq!(fetches(&mut d), [(13, true)]);
+        assert!(pulls(&mut d).is_empty(), "no pull before 13 is back");
+        d.on_fetched(found(13, 250), t);
+        let got: Vec<u64> = std::iter::from_fn(|| d.take(t).map(|x| x.0)).collect();
+        assert_eq!(got, [13]);
+        assert_eq!(d.stats().filled, 2);
+        // Pulling again; the server's redelivery of 13 is dropped without an
+        // ack while the application holds it (Manual), acked once it acked.
+        assert!(!pulls(&mut d).is_empty());
+        d.on_message(msg(13, 20, 2, 250), t);
+        assert!(!d.has_ready());
+        assert!(!std::iter::from_fn(|| d.poll_command()).any(|c| matches!(c, Command::Ack(_))));
+        d.on_acked(13);
+        d.on_message(msg(13, 21, 3, 250), t);
+        assert!(std::iter::from_fn(|| d.poll_command()).any(|c| matches!(c, Command::Ack(13))));
+    }
+
+    #[test]
+    fn a_refused_or_failed_read_falls_back_to_redeliveries() {
+        let t = Instant::now();
+        let mut c = cfg(0, 100_000, 64, AckMode::OnReceive);
+        c.fill = true;
+        let mut d = Demand::new(c, t);
+        d.on_start(t);
+        pulls(&mut d);
+        d.on_message(msg(1, 1, 1, 100), t);
+        d.on_message(msg(3, 3, 1, 100), t);
+        d.on_status(&end(0, 408, "Request Timeout", 62, 49_800), t);
+        d.on_status(&end(1, 408, "Request Timeout", 64, 50_000), t);
+        assert_eq!(fetches(&mut d), [(2, false)]);
+        // A failed read is retried a heartbeat later.
+        d.on_fetched(Fetched::Failed, t);
+        assert!(fetches(&mut d).is_empty());
+        d.on_timer(t + Duration::from_millis(500));
+        assert_eq!(fetches(&mut d), [(2, false)]);
+        // Refused: no more reads; the redelivery fills the gap.
+        d.on_fetched(Fetched::Refused, t);
+        d.on_message(msg(4, 4, 1, 100), t);
+        assert!(fetches(&mut d).is_empty());
+        assert_eq!(d.take(t).map(|x| x.0), Some(1));
+        assert!(!d.has_ready());
+        d.on_message(msg(2, 5, 2, 100), t);
+        let order: Vec<u64> = std::iter::from_fn(|| d.take(t).map(|x| x.0)).collect();
+        assert_eq!(order, [2, 3, 4]);
+        assert_eq!(d.stats().fetch_failures, 2);
+        // A new gap waits for its redelivery too.
+        d.on_message(msg(9, 7, 1, 100), t);
+        assert!(fetches(&mut d).is_empty());
+        assert!(!d.has_ready());
+    }
+
     #[test]
     fn an_oversized_message_is_asked_for_alone() {
         let t = Instant::now();
@@ -1195,6 +1642,8 @@ mod tests {
         Reconnect,
         /// The leader answers a pending probe.
         Answer,
+        /// The stream leader answers the read in flight (`true`: it fails).
+        Fetch(bool),
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -1211,6 +1660,7 @@ mod tests {
             2 => (0..3000u64).prop_map(Op::Tick),
             1 => Just(Op::Reconnect),
             1 => Just(Op::Answer),
+            3 => prop::bool::weighted(0.1).prop_map(Op::Fetch),
         ]
     }
 
@@ -1255,6 +1705,8 @@ mod tests {
         app_acked: HashSet<u64>,
         batch_completed_status: bool,
         expires: Duration,
+        /// The read of the stream in flight: `(from, exact)`.
+        fetch: Option<(u64, bool)>,
     }
 
     fn seq_of(i: usize) -> u64 {
@@ -1265,6 +1717,18 @@ mod tests {
     impl Model {
         fn size_of(&self, seq: u64) -> usize {
             self.sizes[((seq - 1) / 3) as usize]
+        }
+
+        /// What the stream answers to a read (every message is in it
+        /// from the start).
+        fn read(&self, from: u64, exact: bool) -> Option<u64> {
+            let last = seq_of(self.sizes.len() - 1);
+            let seq = if exact {
+                (from % 3 == 1).then_some(from)?
+            } else {
+                (from.max(1)..).find(|s| s % 3 == 1)?
+            };
+            (seq <= last).then_some(seq)
         }
 
         /// Bytes the source may still receive, as the server counts them.
@@ -1283,7 +1747,11 @@ mod tests {
                 .filter(|r| r.live)
                 .map(|r| r.bytes.unwrap_or(self.max_size))
                 .sum();
-            wire + live
+            let read = self
+                .fetch
+                .and_then(|(from, exact)| self.read(from, exact))
+                .map_or(0, |seq| self.size_of(seq));
+            wire + live + read
         }
 
         fn end(&mut self, i: usize, status: Option<(u16, &str)>) {
@@ -1427,6 +1895,10 @@ mod tests {
                     );
                 }
                 Command::Probe { upto } => m.probes.push_back(upto),
+                Command::Fetch { from, exact } => {
+                    prop_assert!(m.fetch.is_none(), "two reads of the stream at once");
+                    m.fetch = Some((from, exact));
+                }
             }
         }
         Ok(())
@@ -1489,6 +1961,24 @@ mod tests {
                 }
                 d.on_reconnected(m.now);
             }
+            Op::Fetch(fail) => {
+                if let Some((from, exact)) = m.fetch.take() {
+                    let f = if fail {
+                        Fetched::Failed
+                    } else {
+                        match m.read(from, exact) {
+                            Some(seq) => Fetched::Found {
+                                item: seq,
+                                seq,
+                                size: m.size_of(seq),
+                                weight: m.size_of(seq),
+                            },
+                            None => Fetched::NotFound,
+                        }
+                    };
+                    d.on_fetched(f, m.now);
+                }
+            }
             Op::Answer => {
                 if let Some(upto) = m.probes.pop_front() {
                     // Truthful: requests before the probe that may still deliver.
@@ -1548,6 +2038,7 @@ mod tests {
             sizes in proptest::collection::vec(1..3000usize, 1..80),
             manual in any::<bool>(),
             batch_completed_status in any::<bool>(),
+            fill in any::<bool>(),
             ops in proptest::collection::vec(op(), 1..120),
         ) {
             let t0 = Instant::now();
@@ -1555,13 +2046,14 @@ mod tests {
             let mode = if manual { AckMode::Manual } else { AckMode::OnReceive };
             let mut c = cfg(low, high, batch, mode);
             c.hold_timeout = Duration::from_secs(2);
+            c.fill = fill;
             let mut d = Demand::new(c, t0);
             let max_size = sizes.iter().copied().max().unwrap_or(0);
             let mut m = Model {
                 now: t0, sizes, next_first: 0, redeliver: VecDeque::new(), reqs: Vec::new(),
                 wire: VecDeque::new(), cseq: 0, dc: HashMap::new(), probes: VecDeque::new(), max_size,
                 app_holds: Vec::new(), app_got: HashMap::new(), app_acked: HashSet::new(),
-                batch_completed_status, expires: c.expires,
+                batch_completed_status, expires: c.expires, fetch: None,
             };
             d.on_start(t0);
             run(&mut d, &mut m, manual)?;
@@ -1631,6 +2123,7 @@ mod tests {
             2 => (0..3000u64).prop_map(Op::Tick),
             1 => Just(Op::Reconnect),
             1 => Just(Op::Answer),
+            3 => prop::bool::weighted(0.1).prop_map(Op::Fetch),
         ]
     }
 
@@ -1646,18 +2139,20 @@ mod tests {
             low_frac in 0.0..=1.0f64,
             batch in 1..16usize,
             sizes in proptest::collection::vec(1..3000usize, 1..60),
+            fill in any::<bool>(),
             ops in proptest::collection::vec(ordered_op(), 1..120),
         ) {
             let t0 = Instant::now();
             let low = (high as f64 * low_frac) as usize;
-            let c = cfg(low, high, batch, AckMode::OnReceive);
+            let mut c = cfg(low, high, batch, AckMode::OnReceive);
+            c.fill = fill;
             let mut d = Demand::new(c, t0);
             let max_size = sizes.iter().copied().max().unwrap_or(0);
             let mut m = Model {
                 now: t0, sizes, next_first: 0, redeliver: VecDeque::new(), reqs: Vec::new(),
                 wire: VecDeque::new(), cseq: 0, dc: HashMap::new(), probes: VecDeque::new(), max_size,
                 app_holds: Vec::new(), app_got: HashMap::new(), app_acked: HashSet::new(),
-                batch_completed_status: true, expires: c.expires,
+                batch_completed_status: true, expires: c.expires, fetch: None,
             };
             d.on_start(t0);
             run(&mut d, &mut m, false)?;

@@ -22,7 +22,7 @@ use flowctl_core::{Fairness, FlowError, FlowStats, Source, Watermarks, Weighted}
 use futures::{FutureExt, StreamExt};
 use tokio::sync::mpsc;
 
-use demand::{Command, Delivery, Demand, DemandConfig, Failure, Status};
+use demand::{Command, Delivery, Demand, DemandConfig, Failure, Fetched, Status};
 
 use crate::ClusterError;
 use crate::cluster::{Cluster, Shared};
@@ -75,6 +75,17 @@ pub struct ConsumeOptions {
     /// the consumer's `ack_wait`. Without missed deliveries nothing is held,
     /// whatever the stream sequences (filters, deleted messages).
     pub hold_timeout: Duration,
+    /// After missed deliveries, read the missed messages from the stream
+    /// (`$JS.API.STREAM.MSG.GET`, one at a time, within the watermarks)
+    /// instead of waiting `ack_wait` for their redelivery: a failover costs
+    /// round trips to the stream leader, not the consumer's `ack_wait`.
+    /// Such a message is acked on the server when the consumer redelivers
+    /// it (the source acks that redelivery and drops it), its
+    /// [`JsMessage::delivered`] reads 1, and its [`AckHandle::nak`] cannot
+    /// hurry its redelivery. Needs permission to publish to
+    /// `$JS.API.STREAM.MSG.GET.<stream>`; without it (or while the stream
+    /// has no leader) gaps are filled by redeliveries as with `false`.
+    pub fill_gaps_from_stream: bool,
     /// Fair-yield budget.
     pub fairness: Fairness,
 }
@@ -88,6 +99,7 @@ impl Default for ConsumeOptions {
             heartbeat: Duration::from_millis(500),
             ack: AckMode::OnReceive,
             hold_timeout: Duration::from_secs(35),
+            fill_gaps_from_stream: true,
             fairness: Fairness::default(),
         }
     }
@@ -107,7 +119,9 @@ pub struct AckHandle {
 #[derive(Debug)]
 struct AckInner {
     client: async_nats::Client,
-    reply: Subject,
+    /// `None` for a message read from the stream to fill a gap: its
+    /// redelivery is acked when it arrives.
+    reply: Option<Subject>,
     seq: u64,
     settle: mpsc::UnboundedSender<Settle>,
     done: AtomicBool,
@@ -130,26 +144,34 @@ impl Drop for AckInner {
 
 impl AckHandle {
     /// Sends `+ACK` (fire and forget: a lost ack means a redelivery, which the
-    /// source acks again and drops).
+    /// source acks again and drops). A message read from the stream to fill
+    /// a gap (see [`ConsumeOptions::fill_gaps_from_stream`]) is acked on the
+    /// server when its redelivery reaches the source.
     pub async fn ack(&self) -> Result<(), FlowError> {
         let i = &self.inner;
-        i.client
-            .publish(i.reply.clone(), Bytes::from_static(b"+ACK"))
-            .await
-            .map_err(|e| FlowError::from(ClusterError::nats("ack", e)))?;
+        if let Some(reply) = &i.reply {
+            i.client
+                .publish(reply.clone(), Bytes::from_static(b"+ACK"))
+                .await
+                .map_err(|e| FlowError::from(ClusterError::nats("ack", e)))?;
+        }
         if !i.done.swap(true, Ordering::AcqRel) {
             let _ = i.settle.send(Settle::Acked(i.seq));
         }
         Ok(())
     }
 
-    /// Asks for an immediate redelivery (which this source delivers again).
+    /// Asks for an immediate redelivery (which this source delivers again);
+    /// for a message read from the stream to fill a gap, the redelivery
+    /// comes after the consumer's `ack_wait`.
     pub async fn nak(&self) -> Result<(), FlowError> {
         let i = &self.inner;
-        i.client
-            .publish(i.reply.clone(), Bytes::from_static(b"-NAK"))
-            .await
-            .map_err(|e| FlowError::from(ClusterError::nats("nak", e)))?;
+        if let Some(reply) = &i.reply {
+            i.client
+                .publish(reply.clone(), Bytes::from_static(b"-NAK"))
+                .await
+                .map_err(|e| FlowError::from(ClusterError::nats("nak", e)))?;
+        }
         if !i.done.swap(true, Ordering::AcqRel) {
             let _ = i.settle.send(Settle::Released(i.seq));
         }
@@ -187,7 +209,8 @@ struct Raw {
     subject: Subject,
     payload: Bytes,
     headers: Option<HeaderMap>,
-    reply: Subject,
+    /// `None`: read from the stream to fill a gap.
+    reply: Option<Subject>,
     delivered: u64,
 }
 
@@ -197,6 +220,8 @@ enum Cmd {
     /// A pull request and the reply subject it names (`<inbox>.<id>`).
     Pull(Subject, Bytes),
     Ack(Subject),
+    /// Read a message from the stream: `(from, exact)` (see [`Command::Fetch`]).
+    Fetch(u64, bool),
     /// Ask the consumer leader how many pull requests it holds, on behalf of
     /// the requests with an id below this one (all published before it).
     Probe(u64),
@@ -205,6 +230,10 @@ enum Cmd {
 /// A probe's answer: the id it was sent with and the leader's `num_waiting`
 /// (`None`: no answer, e.g. during a leader election).
 type ProbeReply = (u64, Option<usize>);
+
+/// How long one read of the stream may take before it counts as failed
+/// (the source does not pull while it waits).
+const FETCH_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Counters of a [`PullSource`] beyond [`FlowStats`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -221,9 +250,16 @@ pub struct PullStats {
     pub missed: u64,
     /// Times held-back messages were released by `hold_timeout` with a gap left.
     pub hold_expired: u64,
-    /// Held-back messages dropped unacked (the server redelivers them) to
-    /// make room for the redeliveries that fill a gap within `high`.
+    /// Held-back messages dropped unacked (the server redelivers them; with
+    /// [`ConsumeOptions::fill_gaps_from_stream`] they are read again from the
+    /// stream) to make room for what fills a gap within `high`.
     pub evicted: u64,
+    /// Messages read from the stream to fill a gap (missed deliveries, or
+    /// held messages dropped for room).
+    pub filled: u64,
+    /// Reads of the stream that failed or were refused (the gap then waits
+    /// for redeliveries until a retry succeeds).
+    pub fetch_failures: u64,
     /// Open requests found gone from the consumer leader by a probe after a
     /// reconnect or missed heartbeats (its consumer info showed fewer waiting
     /// requests), and so no longer counted as demand before their deadline.
@@ -245,6 +281,7 @@ pub struct PullSource {
     generation: tokio::sync::watch::Receiver<u64>,
     cmd: mpsc::UnboundedSender<Cmd>,
     probes: mpsc::UnboundedReceiver<ProbeReply>,
+    fetched: mpsc::UnboundedReceiver<Fetched<Raw>>,
     /// Acks and releases of the handles given out in Manual mode.
     settle_tx: mpsc::UnboundedSender<Settle>,
     settle_rx: mpsc::UnboundedReceiver<Settle>,
@@ -325,8 +362,19 @@ impl Cluster {
             })?;
         // Deliveries lost before this source's first one show as a jump
         // from here.
-        let last_delivered = info.cached_info().delivered.consumer_sequence;
+        let ci = info.cached_info();
+        let last_delivered = (ci.delivered.consumer_sequence, ci.delivered.stream_sequence);
         drop(info);
+        // What a read of the stream must match to stand for a delivery
+        // (`filter_subjects` is not in async-nats's typed config).
+        let filters = if opts.fill_gaps_from_stream {
+            filters_of(js, stream, consumer).await
+        } else {
+            None
+        };
+        let fill = filters.is_some();
+        let filters = filters.unwrap_or_default();
+        let st = Arc::new(st);
         let client = shared.client.clone();
         let inbox = client.new_inbox();
         // The attempt owns the subscription from before SUB leaves: a slot that
@@ -351,6 +399,7 @@ impl Cluster {
         // The sender task, counted in the ledger, ends when the source drops.
         let (cmd_tx, mut cmd_rx) = mpsc::unbounded_channel::<Cmd>();
         let (probe_tx, probe_rx) = mpsc::unbounded_channel::<ProbeReply>();
+        let (fetch_tx, fetch_rx) = mpsc::unbounded_channel::<Fetched<Raw>>();
         let next = format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}");
         let info = format!("$JS.API.CONSUMER.INFO.{stream}.{consumer}");
         let task_client = client.clone();
@@ -359,6 +408,7 @@ impl Cluster {
             // longer than a hung connection takes to be noticed): beside the
             // commands, so pulls and acks never queue behind one.
             let mut probes = futures::stream::FuturesUnordered::new();
+            let mut fetches = futures::stream::FuturesUnordered::new();
             loop {
                 let cmd = tokio::select! {
                     cmd = cmd_rx.recv() => match cmd {
@@ -369,6 +419,10 @@ impl Cluster {
                         let _ = probe_tx.send(reply);
                         continue;
                     }
+                    Some(f) = fetches.next(), if !fetches.is_empty() => {
+                        let _ = fetch_tx.send(f);
+                        continue;
+                    }
                 };
                 let r = match cmd {
                     Cmd::Pull(reply, body) => {
@@ -377,6 +431,10 @@ impl Cluster {
                             .await
                     }
                     Cmd::Ack(reply) => task_client.publish(reply, Bytes::from_static(b"+ACK")).await,
+                    Cmd::Fetch(from, exact) => {
+                        fetches.push(fetch(st.clone(), filters.clone(), from, exact));
+                        Ok(())
+                    }
                     Cmd::Probe(id) => {
                         // Queued on the connection after every pull sent
                         // before it: the leader has them when it answers.
@@ -418,11 +476,12 @@ impl Cluster {
                 heartbeat: opts.heartbeat,
                 hold_timeout: opts.hold_timeout,
                 ack: opts.ack,
+                fill,
             },
             std::time::Instant::now(),
         );
         let mut demand = demand;
-        demand.set_last_delivered(last_delivered);
+        demand.set_last_delivered(last_delivered.0, last_delivered.1);
         let (settle_tx, settle_rx) = mpsc::unbounded_channel();
         let mut src = PullSource {
             gate: Gate::new(
@@ -440,6 +499,7 @@ impl Cluster {
             generation,
             cmd: cmd_tx,
             probes: probe_rx,
+            fetched: fetch_rx,
             settle_tx,
             settle_rx,
             _lease: lease,
@@ -449,6 +509,118 @@ impl Cluster {
         src.run_commands();
         Ok(src)
     }
+}
+
+/// Reads one message of the stream: the one with sequence `from` (`exact`),
+/// or the first at or after `from` that one of `filters` matches.
+async fn fetch(
+    st: Arc<async_nats::jetstream::stream::Stream>,
+    filters: Vec<String>,
+    from: u64,
+    exact: bool,
+) -> Fetched<Raw> {
+    use async_nats::jetstream::stream::RawMessageErrorKind as K;
+    let one = |filter: Option<String>| {
+        let st = st.clone();
+        async move {
+            let mut b = st.raw_message_builder().sequence(from);
+            if let Some(f) = filter {
+                b = b.next_by_subject(f);
+            }
+            match tokio::time::timeout(FETCH_TIMEOUT, b.send()).await {
+                Ok(Ok(m)) => Ok(Some(m)),
+                Ok(Err(e)) if e.kind() == K::NoMessageFound => Ok(None),
+                Ok(Err(e)) => {
+                    let refused = matches!(e.kind(), K::JetStream(j) if j.code() == 403);
+                    tracing::debug!(error = %e, from, "pull source: reading the stream failed");
+                    Err(refused)
+                }
+                Err(_) => Err(false),
+            }
+        }
+    };
+    let answers = if exact {
+        vec![one(None).await]
+    } else {
+        futures::future::join_all(filters.into_iter().map(|f| one(Some(f)))).await
+    };
+    let mut first: Option<async_nats::jetstream::message::StreamMessage> = None;
+    for a in answers {
+        match a {
+            Ok(Some(m)) => {
+                if first.as_ref().is_none_or(|f| m.sequence < f.sequence) {
+                    first = Some(m);
+                }
+            }
+            Ok(None) => {}
+            Err(true) => return Fetched::Refused,
+            Err(false) => return Fetched::Failed,
+        }
+    }
+    let Some(m) = first else {
+        return Fetched::NotFound;
+    };
+    // As the server would charge it against `max_bytes` (with an ack
+    // reply subject of about 64 bytes).
+    let headers: usize = m
+        .headers
+        .iter()
+        .map(|(k, vs)| {
+            let k: &str = k.as_ref();
+            vs.iter()
+                .map(|v| k.len() + v.as_str().len() + 4)
+                .sum::<usize>()
+        })
+        .sum();
+    let size = m.subject.len() + m.payload.len() + headers + 12 + 64;
+    let weight = m.payload.len();
+    Fetched::Found {
+        seq: m.sequence,
+        size,
+        weight,
+        item: Raw {
+            subject: m.subject,
+            payload: m.payload,
+            headers: (!m.headers.is_empty()).then_some(m.headers),
+            reply: None,
+            delivered: 1,
+        },
+    }
+}
+
+/// The consumer's filter subjects (`>` for none); `None` when its info
+/// cannot be read (gaps then wait for redeliveries).
+async fn filters_of(
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+    consumer: &str,
+) -> Option<Vec<String>> {
+    let v: serde_json::Value = js
+        .request(
+            format!("CONSUMER.INFO.{stream}.{consumer}"),
+            &serde_json::json!({}),
+        )
+        .await
+        .ok()?;
+    let config = v.get("config")?;
+    let mut filters: Vec<String> = config
+        .get("filter_subjects")
+        .and_then(|f| f.as_array())
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    if let Some(f) = config.get("filter_subject").and_then(|f| f.as_str())
+        && !f.is_empty()
+    {
+        filters.push(f.to_owned());
+    }
+    if filters.is_empty() {
+        filters.push(">".to_owned());
+    }
+    Some(filters)
 }
 
 /// `num_waiting` of a consumer info response; `None` for an error response.
@@ -528,8 +700,12 @@ impl PullSource {
                     tracing::trace!(id, batch, max_bytes, "pull");
                     Cmd::Pull(format!("{}.{id}", self.inbox).into(), bytes.into())
                 }
-                Command::Ack(raw) => Cmd::Ack(raw.reply),
+                Command::Ack(raw) => match raw.reply {
+                    Some(reply) => Cmd::Ack(reply),
+                    None => continue,
+                },
                 Command::Probe { upto } => Cmd::Probe(upto),
+                Command::Fetch { from, exact } => Cmd::Fetch(from, exact),
             };
             // A send error means the task is gone with the client: recv sees
             // the subscription end.
@@ -566,7 +742,7 @@ impl PullSource {
                     subject: m.subject,
                     payload: m.payload,
                     headers: m.headers,
-                    reply,
+                    reply: Some(reply),
                     delivered,
                 },
                 stream_seq: sseq,
@@ -609,8 +785,8 @@ impl PullSource {
             }),
             AckMode::OnReceive => None,
         };
-        if ack_now {
-            let _ = self.cmd.send(Cmd::Ack(raw.reply));
+        if ack_now && let Some(reply) = raw.reply {
+            let _ = self.cmd.send(Cmd::Ack(reply));
         }
         self.run_commands();
         Some(JsMessage {
@@ -671,6 +847,9 @@ impl Source for PullSource {
                     // the leader's answer can void them.
                     self.drain();
                     self.demand.on_probe(upto, waiting, std::time::Instant::now());
+                }
+                Some(f) = self.fetched.recv() => {
+                    self.demand.on_fetched(f, std::time::Instant::now());
                 }
                 Some(s) = self.settle_rx.recv() => match s {
                     Settle::Acked(seq) => self.demand.on_acked(seq),

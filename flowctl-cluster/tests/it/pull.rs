@@ -2,7 +2,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{consumer, stream};
 use bytes::Bytes;
-use flowctl_cluster::{Cluster, ConsumeOptions};
+use flowctl_cluster::{Cluster, ConsumeOptions, PullStats};
 use flowctl_core::lifecycle::Ledger;
 use flowctl_core::{Source, Watermarks};
 use futures::FutureExt;
@@ -309,6 +309,21 @@ async fn durable_restart_in_manual_mode_redelivers_what_was_never_acked() {
 /// redelivers it, although `hold_timeout` is 10 minutes.
 #[tokio::test]
 async fn filtered_consumer_with_deletions_keeps_flowing_after_a_lost_delivery() {
+    let s = lost_delivery_on_a_filtered_consumer(false, Duration::from_secs(1)).await;
+    assert_eq!(s.filled, 0, "{s:?}");
+}
+
+/// The same, reading the lost message from the stream: the consumer's
+/// `ack_wait` is 10 minutes, so nothing is redelivered within the test's
+/// limit; the message read from the stream stays pending on the server
+/// (acked when its redelivery comes).
+#[tokio::test]
+async fn a_lost_delivery_is_read_from_the_stream_without_waiting_for_ack_wait() {
+    let s = lost_delivery_on_a_filtered_consumer(true, Duration::from_secs(600)).await;
+    assert_eq!((s.filled, s.fetch_failures), (1, 0), "{s:?}");
+}
+
+async fn lost_delivery_on_a_filtered_consumer(fill: bool, ack_wait: Duration) -> PullStats {
     use async_nats::jetstream::consumer::PullConsumer;
     use futures::StreamExt;
     let nats = NatsCluster::start().await.expect("nats cluster");
@@ -317,7 +332,7 @@ async fn filtered_consumer_with_deletions_keeps_flowing_after_a_lost_delivery() 
         .await
         .unwrap();
     create_stream(&cluster, "ORD", &["ord.a", "ord.b"]).await;
-    create_durable(&cluster, "ORD", "c", Duration::from_secs(1), Some("ord.a")).await;
+    create_durable(&cluster, "ORD", "c", ack_wait, Some("ord.a")).await;
     let js = cluster.jetstream();
     const SIZE: usize = 512;
     let mut expect = Vec::new();
@@ -354,6 +369,7 @@ async fn filtered_consumer_with_deletions_keeps_flowing_after_a_lost_delivery() 
                 watermarks: Watermarks::new(low, high).unwrap(),
                 batch: 16,
                 hold_timeout: Duration::from_secs(600),
+                fill_gaps_from_stream: fill,
                 ..Default::default()
             },
         )
@@ -392,6 +408,9 @@ async fn filtered_consumer_with_deletions_keeps_flowing_after_a_lost_delivery() 
             })
             .unwrap()
             .unwrap();
+        // What was read from the stream has the payload the stream holds.
+        let i = u64::from_be_bytes(m.payload[..8].try_into().unwrap());
+        assert_eq!(kept.get(got.len()), Some(&(m.stream_seq, i)));
         got.push(m.stream_seq);
     }
     let want: Vec<u64> = kept.iter().map(|(seq, _)| *seq).collect();
@@ -403,9 +422,18 @@ async fn filtered_consumer_with_deletions_keeps_flowing_after_a_lost_delivery() 
     );
     let s = src.pull_stats();
     assert_eq!((s.missed, s.hold_expired), (1, 0), "{s:?}");
+    if fill {
+        // Everything else was acked; the one read from the stream waits for
+        // its redelivery.
+        until_consumer(&st, "c", "one message pending", |i| {
+            i.num_ack_pending == 1 && i.ack_floor.stream_sequence < taken_seq
+        })
+        .await;
+    }
     drop(src);
     drop(cluster);
     released(&ledger, Duration::from_secs(10)).await;
+    s
 }
 
 /// A message larger than `high` is admitted alone (the one-item overshoot),
