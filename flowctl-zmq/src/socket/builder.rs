@@ -28,7 +28,7 @@ use crate::error::ZmqError;
 /// [`DEFAULT_EXPECTED_MESSAGE_SIZE`]). So libzmq's queue on each side holds
 /// about `high` bytes of messages of the expected size; larger messages make
 /// it hold proportionally more. The sink's own queue is charged in bytes to a
-/// [`Gate`](flowctl_core::gate::Gate) with the same watermarks, each message at least
+/// [`GateState`](flowctl_core::gate::GateState) with the same watermarks, each message at least
 /// [`MIN_CHARGE`](flowctl_core::weighted::MIN_CHARGE) bytes.
 #[derive(Debug, Clone)]
 pub struct SocketBuilder {

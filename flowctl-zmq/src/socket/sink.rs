@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 
 use async_trait::async_trait;
 use flowctl_core::fair::Budget;
-use flowctl_core::gate::Gate;
+use flowctl_core::gate::GateState;
 use flowctl_core::weighted::charge_of;
 use flowctl_core::{Fairness, FlowError, FlowStats, Sink, Watermarks, Weighted};
 
@@ -71,19 +71,12 @@ pub struct ZmqSink {
     items: u64,
     bytes: u64,
     queue: VecDeque<Multipart>,
-    gate: Gate,
-    /// The queue's watermarks (also the gate's).
-    wm: Watermarks,
-    /// Bytes in `queue`: the gate's `buffered` plus `uncharged`.
-    queued_bytes: usize,
-    /// The gate's pause state, kept here so `ready` needs no lock of the
-    /// gate: set when `queued_bytes` goes above high, cleared at or below low.
-    paused: bool,
-    /// Bytes queued but not yet charged to the gate. The gate gets them in
-    /// one charge before any credit and when the queue goes above high, so
-    /// its `pauses`, `max_buffered` and debug events are what per-message
-    /// charges would give; `stats` adds them to `buffered`.
-    uncharged: usize,
+    /// `queue`'s bytes against the watermarks: each message's
+    /// [`charge_of`] is charged when it is queued and credited when it
+    /// leaves. Only this half touches it, so it needs no lock, and nobody
+    /// waits on it (its resume edge wakes no one): `ready` waits for
+    /// libzmq's room and re-checks `is_paused` after every wait.
+    gate: GateState,
     budget: Budget,
     closed: bool,
     /// Queued messages libzmq rejected for good (dropped by `drain`), and
@@ -108,11 +101,7 @@ impl ZmqSink {
             items: 0,
             bytes: 0,
             queue: VecDeque::new(),
-            gate: Gate::new(wm, span),
-            wm,
-            queued_bytes: 0,
-            paused: false,
-            uncharged: 0,
+            gate: GateState::new(wm, span),
             budget: Budget::new(fairness),
             closed: false,
             rejected: (0, 0),
@@ -139,35 +128,6 @@ impl ZmqSink {
             }
             Sent::WouldBlock => false,
         }
-    }
-
-    /// Charges a message put in the queue: `charge` is its
-    /// [`charge_of`], at least `MIN_CHARGE` bytes even for empty frames, so
-    /// that the watermarks bound the number of queued messages too (see
-    /// `uncharged`).
-    fn charge_queued(&mut self, charge: usize) {
-        self.queued_bytes += charge;
-        self.uncharged += charge;
-        if !self.paused && self.queued_bytes > self.wm.high() {
-            self.paused = true;
-            self.gate.charge(std::mem::take(&mut self.uncharged));
-            debug_assert!(self.gate.is_paused());
-        }
-    }
-
-    /// Credits `charge` bytes (the sum of [`charge_of`] of the messages)
-    /// that left the queue.
-    fn credit_queued(&mut self, charge: usize) {
-        if self.uncharged > 0 {
-            self.gate.charge(std::mem::take(&mut self.uncharged));
-        }
-        self.queued_bytes -= charge;
-        self.gate.credit(charge);
-        if self.paused && self.queued_bytes <= self.wm.low() {
-            self.paused = false;
-        }
-        debug_assert_eq!(self.paused, self.gate.is_paused());
-        debug_assert_eq!(self.queued_bytes, self.gate.buffered());
     }
 
     /// Pushes queued messages into libzmq, under one lock of the socket,
@@ -227,7 +187,7 @@ impl ZmqSink {
             self.refused = 0;
         }
         if credit > 0 {
-            self.credit_queued(credit);
+            self.gate.credit(credit);
         }
         // The sends processed libzmq's commands: re-check for the receiver
         // (also when a later message failed: the earlier ones were sent).
@@ -270,7 +230,7 @@ impl ZmqSink {
             bytes += msg.weight() as u64;
         }
         if charge > 0 {
-            self.credit_queued(charge);
+            self.gate.credit(charge);
         }
         self.refused = 0;
         (messages, bytes)
@@ -412,7 +372,7 @@ impl ZmqSink {
             // when queueing.
             let mut sock = guard.as_mut().and_then(|g| g.as_mut());
             for item in batch.iter() {
-                if taken > 0 && (self.paused || self.budget.spent()) {
+                if taken > 0 && (self.gate.is_paused() || self.budget.spent()) {
                     break;
                 }
                 if item.is_empty() {
@@ -445,7 +405,7 @@ impl ZmqSink {
                         }
                     }
                 } else {
-                    self.charge_queued(charge);
+                    self.gate.charge_item(item);
                 }
                 self.items += 1;
                 self.bytes += weight as u64;
@@ -489,8 +449,8 @@ impl ZmqSink {
             } else {
                 self.refused += 1;
             }
-            // An empty queue is never paused (0 <= low); skip the gate's lock.
-            if self.queue.is_empty() || !self.paused {
+            // An empty queue is never paused (0 <= low).
+            if self.queue.is_empty() || !self.gate.is_paused() {
                 if waited {
                     self.budget.reset();
                 }
@@ -551,7 +511,7 @@ impl Sink for ZmqSink {
         if self.queue.is_empty() {
             self.refused = 1;
         }
-        self.charge_queued(charge);
+        self.gate.charge_item(&item);
         self.items += 1;
         self.bytes += weight as u64;
         self.budget.charge(charge);
@@ -605,7 +565,6 @@ impl Sink for ZmqSink {
         let (mut messages, mut bytes) = self.discard_queue();
         messages += self.rejected.0 - rejected_before.0;
         bytes += self.rejected.1 - rejected_before.1;
-        self.gate.close();
         if let Some(core) = self.core.take()
             && let Ok(mut core) = Arc::try_unwrap(core)
         {
@@ -640,8 +599,6 @@ impl Sink for ZmqSink {
     /// `bytes` count every message accepted.
     fn stats(&self) -> FlowStats {
         let mut s = self.gate.stats();
-        s.buffered += self.uncharged;
-        s.max_buffered = s.max_buffered.max(s.buffered);
         s.items = self.items;
         s.bytes = self.bytes;
         s
