@@ -3,7 +3,7 @@
 //! Every buffer in flowctl is charged through a gate. The rules:
 //!
 //! - [`charge_item`](Gate::charge_item) adds an item's charge,
-//!   [`charge_of`] (its weight, at least [`MIN_CHARGE`](crate::weighted::MIN_CHARGE)
+//!   [`charge_of`](crate::weighted::charge_of) (its weight, at least [`MIN_CHARGE`](crate::weighted::MIN_CHARGE)
 //!   bytes); [`charge`](Gate::charge) adds a raw byte count. When the total
 //!   goes above `high`, the gate pauses (one `tracing` debug event,
 //!   `pauses += 1`).
@@ -19,6 +19,11 @@
 //!   after `ready`.
 //! - [`close`](Gate::close) wakes every waiter with [`FlowError::Closed`].
 //!
+//! The hysteresis itself is [`GateState`]: public, without a lock or
+//! wake-ups, for a stage that owns its buffer and waits in a way of its own
+//! (flowctl-zmq's sink waits for libzmq's room). [`Gate`] is that state plus a
+//! wait list behind a mutex; both read the same [`FlowStats`].
+//!
 //! Check and waker registration happen under the same short lock as every
 //! state change, so a wake-up cannot be lost (see the loom model in
 //! `tests/loom_gate.rs`). Wakers are kept one slot per handle, so a producer
@@ -30,25 +35,207 @@ use std::task::{Context, Poll, Waker};
 use tracing::Span;
 
 use crate::sync::{Arc, Mutex, lock};
-use crate::weighted::charge_of;
 use crate::{FlowError, FlowStats, Watermarks, Weighted};
 
-/// The unsynchronised gate state; embedded by stages that already hold a lock
-/// (the pipe keeps its queue and its gate under one mutex).
+/// Byte-counted hysteresis without a lock or wake-ups: the state machine
+/// every flowctl buffer is charged through, for a stage that owns its buffer
+/// and waits in a way of its own (or already holds a lock around it).
+///
+/// [`Gate`] wraps it, with a wait list of producers, in an `Arc<Mutex>`; a
+/// stage that owns its queue (flowctl-zmq's sink) embeds it directly, so that
+/// asking whether it is paused costs no lock.
+///
+/// - [`charge_item`](Self::charge_item) adds an item's [`charge_of`](crate::weighted::charge_of) (its
+///   weight, at least [`MIN_CHARGE`](crate::weighted::MIN_CHARGE) bytes);
+///   [`charge`](Self::charge) adds raw bytes. Going above `high` pauses
+///   (`pauses += 1`, one `tracing` debug event inside the span).
+/// - [`credit`](Self::credit) removes bytes; a paused state that falls to
+///   `low` or below resumes (one debug event), and `credit` returns `true`
+///   on exactly that edge, so the caller knows when to wake its producers.
+/// - [`stats`](Self::stats) reads `buffered`, `max_buffered`, `paused`,
+///   `pauses`, `items` and `bytes` (weights, not charges) and `violations`.
+///
+/// ```
+/// use flowctl_core::{gate::GateState, Watermarks};
+/// # fn main() -> Result<(), flowctl_core::FlowError> {
+/// let mut state = GateState::new(Watermarks::new(4, 10)?, tracing::Span::none());
+/// state.charge(10);
+/// assert!(!state.is_paused());     // exactly high is not above it
+/// state.charge(1);
+/// assert!(state.is_paused());      // 11 > high: paused
+/// assert!(!state.credit(6));       // 5 > low: still paused
+/// assert!(state.credit(1));        // 4 <= low: the resume edge
+/// assert_eq!(state.stats().pauses, 1);
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
-pub(crate) struct GateState {
+pub struct GateState {
     wm: Watermarks,
     buffered: usize,
     paused: bool,
-    closed: bool,
     max_buffered: usize,
     pauses: u64,
     items: u64,
     bytes: u64,
     violations: u64,
+    span: Span,
+}
+
+/// What a credit did to a [`GateState`]; a violation is reported by its
+/// caller (after waking any producers, so that none is left parked).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Credited {
+    /// The resume edge: paused before, at or below low now.
+    pub(crate) resumed: bool,
+    /// The bytes buffered before a credit that exceeded them.
+    violated: Option<usize>,
+    bytes: usize,
+}
+
+impl Credited {
+    /// Panics in debug builds if the credit exceeded what was buffered.
+    pub(crate) fn check(self) {
+        if let Some(before) = self.violated
+            && cfg!(debug_assertions)
+        {
+            panic!(
+                "invariant violated: credit of {} with {before} buffered",
+                self.bytes
+            );
+        }
+    }
+
+    pub(crate) fn violated(self) -> bool {
+        self.violated.is_some()
+    }
+}
+
+impl GateState {
+    /// Nothing buffered, not paused; pause/resume events are emitted inside `span`.
+    pub fn new(watermarks: Watermarks, span: Span) -> Self {
+        GateState {
+            wm: watermarks,
+            buffered: 0,
+            paused: false,
+            max_buffered: 0,
+            pauses: 0,
+            items: 0,
+            bytes: 0,
+            violations: 0,
+            span,
+        }
+    }
+
+    /// The watermarks.
+    pub fn watermarks(&self) -> Watermarks {
+        self.wm
+    }
+
+    /// Bytes charged and not yet credited.
+    pub fn buffered(&self) -> usize {
+        self.buffered
+    }
+
+    /// True while paused: since going above high, until back at or below low.
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    /// Charges one item: [`charge_of`](crate::weighted::charge_of)`(item)` bytes are buffered and its
+    /// weight is counted in [`FlowStats::bytes`]. Returns the charge: credit
+    /// exactly that much for this item, at once or in parts.
+    pub fn charge_item<T: Weighted + ?Sized>(&mut self, item: &T) -> usize {
+        self.charge_weight(item.weight())
+    }
+
+    /// [`charge_item`](Self::charge_item) of an item of `weight` bytes.
+    pub(crate) fn charge_weight(&mut self, weight: usize) -> usize {
+        let charge = weight.max(crate::weighted::MIN_CHARGE);
+        self.add(charge, weight);
+        charge
+    }
+
+    /// Charges `bytes` raw bytes as one item (no per-item floor: use
+    /// [`charge_item`](Self::charge_item) for items, or items of weight 0
+    /// would pass the watermarks).
+    pub fn charge(&mut self, bytes: usize) {
+        self.add(bytes, bytes);
+    }
+
+    fn add(&mut self, charge: usize, weight: usize) {
+        self.buffered += charge;
+        self.items += 1;
+        self.bytes += weight as u64;
+        self.max_buffered = self.max_buffered.max(self.buffered);
+        if !self.paused && self.buffered > self.wm.high() {
+            self.paused = true;
+            self.pauses += 1;
+            tracing::debug!(parent: &self.span, buffered = self.buffered, high = self.wm.high(), "paused: above high watermark");
+        }
+    }
+
+    /// Credits `bytes`: the next stage has taken them. Returns `true` on the
+    /// resume edge (this credit brought a paused state to low or below).
+    ///
+    /// # Panics
+    /// In debug builds, if `bytes` is more than is buffered (a double credit
+    /// or a credit that does not match its charge). Release builds clamp to
+    /// zero and count the violation in [`FlowStats::violations`].
+    pub fn credit(&mut self, bytes: usize) -> bool {
+        let credited = self.apply_credit(bytes);
+        credited.check();
+        credited.resumed
+    }
+
+    /// [`credit`](Self::credit) without the panic: the caller calls
+    /// [`Credited::check`] once it has woken whoever waits.
+    pub(crate) fn apply_credit(&mut self, bytes: usize) -> Credited {
+        let violated = (bytes > self.buffered).then_some(self.buffered);
+        if violated.is_some() {
+            // A double credit, or credits that do not sum to the charge: a bug
+            // in the stage. Clamp (a wrapped count would be worse), count it so
+            // that it shows in the stats and the soak, and panic in debug builds
+            // once the state is consistent again.
+            self.violations += 1;
+            tracing::warn!(parent: &self.span, credit = bytes, buffered = self.buffered, "invariant violated: credit exceeds buffered bytes");
+        }
+        self.buffered = self.buffered.saturating_sub(bytes);
+        let resumed = self.paused && self.buffered <= self.wm.low();
+        if resumed {
+            self.paused = false;
+            tracing::debug!(parent: &self.span, buffered = self.buffered, low = self.wm.low(), "resumed: at or below low watermark");
+        }
+        Credited {
+            resumed,
+            violated,
+            bytes,
+        }
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> FlowStats {
+        FlowStats {
+            buffered: self.buffered,
+            max_buffered: self.max_buffered,
+            watermarks: self.wm,
+            paused: self.paused,
+            pauses: self.pauses,
+            items: self.items,
+            bytes: self.bytes,
+            violations: self.violations,
+        }
+    }
+}
+
+/// A [`GateState`] with a wait list: one waker slot per producer handle, and
+/// the closed flag. Embedded by stages that already hold a lock (the pipe
+/// keeps its queue and its gate under one mutex) and by [`Gate`].
+#[derive(Debug)]
+pub(crate) struct GateInner {
+    state: GateState,
+    closed: bool,
     waiters: Vec<Option<Waker>>,
     free: Vec<usize>,
-    span: Span,
 }
 
 /// Wakers collected under the lock, to be woken after it is released.
@@ -72,21 +259,13 @@ impl Wakeups {
     }
 }
 
-impl GateState {
+impl GateInner {
     pub(crate) fn new(wm: Watermarks, span: Span) -> Self {
-        GateState {
-            wm,
-            buffered: 0,
-            paused: false,
+        GateInner {
+            state: GateState::new(wm, span),
             closed: false,
-            max_buffered: 0,
-            pauses: 0,
-            items: 0,
-            bytes: 0,
-            violations: 0,
             waiters: Vec::new(),
             free: Vec::new(),
-            span,
         }
     }
 
@@ -106,61 +285,32 @@ impl GateState {
     }
 
     pub(crate) fn buffered(&self) -> usize {
-        self.buffered
+        self.state.buffered()
     }
 
     pub(crate) fn is_closed(&self) -> bool {
         self.closed
     }
 
-    /// Charges one item of `weight` payload bytes: [`charge_of`] it is
-    /// buffered, its `weight` is counted in `bytes`. Returns the charge, which
-    /// the credits for this item must sum to.
+    /// See [`GateState::charge_item`]; takes the item's weight.
     pub(crate) fn charge_item(&mut self, weight: usize) -> usize {
-        let charge = weight.max(crate::weighted::MIN_CHARGE);
-        self.add(charge, weight);
-        charge
+        self.state.charge_weight(weight)
     }
 
-    /// Charges `bytes` raw bytes as one item (no per-item floor).
-    pub(crate) fn charge(&mut self, bytes: usize) {
-        self.add(bytes, bytes);
-    }
-
-    fn add(&mut self, charge: usize, weight: usize) {
-        self.buffered += charge;
-        self.items += 1;
-        self.bytes += weight as u64;
-        self.max_buffered = self.max_buffered.max(self.buffered);
-        if !self.paused && self.buffered > self.wm.high() {
-            self.paused = true;
-            self.pauses += 1;
-            tracing::debug!(parent: &self.span, buffered = self.buffered, high = self.wm.high(), "paused: above high watermark");
-        }
-    }
-
+    /// Credits `weight` bytes; on the resume edge, returns every waiting
+    /// producer's waker. Panics in debug builds on a violation, after waking
+    /// the waiters (so that no producer is left parked).
     pub(crate) fn credit(&mut self, weight: usize) -> Wakeups {
-        let violated = weight > self.buffered;
-        if violated {
-            // A double credit, or credits that do not sum to the charge: a bug
-            // in the stage. Clamp (a wrapped count would be worse), count it so
-            // that it shows in the stats and the soak, and panic in debug builds
-            // once the state is consistent again.
-            self.violations += 1;
-            tracing::warn!(parent: &self.span, credit = weight, buffered = self.buffered, "invariant violated: credit exceeds buffered bytes");
-        }
-        let buffered_before = self.buffered;
-        self.buffered = self.buffered.saturating_sub(weight);
-        let mut wakeups = Wakeups::default();
-        if self.paused && self.buffered <= self.wm.low() {
-            self.paused = false;
-            tracing::debug!(parent: &self.span, buffered = self.buffered, low = self.wm.low(), "resumed: at or below low watermark");
-            wakeups = self.take_waiters();
-        }
-        if violated && cfg!(debug_assertions) {
-            // Wake before panicking so that no producer is left parked.
+        let credited = self.state.apply_credit(weight);
+        let wakeups = if credited.resumed {
+            self.take_waiters()
+        } else {
+            Wakeups::default()
+        };
+        if credited.violated() && cfg!(debug_assertions) {
             wakeups.wake();
-            panic!("invariant violated: credit of {weight} with {buffered_before} buffered");
+            credited.check();
+            return Wakeups::default();
         }
         wakeups
     }
@@ -182,7 +332,7 @@ impl GateState {
         if self.closed {
             return Poll::Ready(Err(FlowError::Closed));
         }
-        if !self.paused {
+        if !self.state.is_paused() {
             return Poll::Ready(Ok(()));
         }
         match &mut self.waiters[slot] {
@@ -193,16 +343,7 @@ impl GateState {
     }
 
     pub(crate) fn stats(&self) -> FlowStats {
-        FlowStats {
-            buffered: self.buffered,
-            max_buffered: self.max_buffered,
-            watermarks: self.wm,
-            paused: self.paused,
-            pauses: self.pauses,
-            items: self.items,
-            bytes: self.bytes,
-            violations: self.violations,
-        }
+        self.state.stats()
     }
 }
 
@@ -230,14 +371,14 @@ pub(crate) fn coop_proceed(cx: &mut Context<'_>) -> Poll<()> {
 /// ```
 #[derive(Debug, Clone)]
 pub struct Gate {
-    state: Arc<Mutex<GateState>>,
+    state: Arc<Mutex<GateInner>>,
 }
 
 impl Gate {
     /// A gate with these watermarks; pause/resume events are emitted inside `span`.
     pub fn new(watermarks: Watermarks, span: Span) -> Self {
         Gate {
-            state: Arc::new(Mutex::new(GateState::new(watermarks, span))),
+            state: Arc::new(Mutex::new(GateInner::new(watermarks, span))),
         }
     }
 
@@ -255,18 +396,15 @@ impl Gate {
     /// Use [`charge_item`](Gate::charge_item) for an item: a raw charge has no
     /// per-item floor, so items of weight 0 would pass the watermarks.
     pub fn charge(&self, weight: usize) {
-        lock(&self.state).charge(weight);
+        lock(&self.state).state.charge(weight);
     }
 
-    /// Charges one item: [`charge_of`]`(item)` bytes (its weight, and at least
+    /// Charges one item: [`charge_of`](crate::weighted::charge_of)`(item)` bytes (its weight, and at least
     /// [`MIN_CHARGE`](crate::weighted::MIN_CHARGE)) are buffered, and its
     /// weight is counted in [`FlowStats::bytes`]. Returns the charge: credit
     /// exactly that much for this item, at once or in parts.
     pub fn charge_item<T: Weighted + ?Sized>(&self, item: &T) -> usize {
-        let charge = charge_of(item);
-        let mut state = lock(&self.state);
-        state.add(charge, item.weight());
-        charge
+        lock(&self.state).state.charge_item(item)
     }
 
     /// Credits `weight` bytes: the next stage has taken them. Wakes the
@@ -289,7 +427,7 @@ impl Gate {
 
     /// True while producers are paused (above high, not yet back at low).
     pub fn is_paused(&self) -> bool {
-        lock(&self.state).paused
+        lock(&self.state).state.is_paused()
     }
 
     /// True once [`close`](Gate::close) has been called.
@@ -415,6 +553,82 @@ mod tests {
             let _h = g.handle();
         }
         assert_eq!(lock(&g.state).waiters.len(), 1);
+    }
+
+    fn state(low: usize, high: usize) -> GateState {
+        GateState::new(Watermarks::new(low, high).unwrap(), Span::none())
+    }
+
+    #[test]
+    fn state_pauses_above_high_and_reports_the_resume_edge_once() {
+        let mut st = state(4, 10);
+        st.charge(10);
+        assert!(!st.is_paused(), "exactly high is not above high");
+        st.charge(1);
+        assert!(st.is_paused());
+        st.charge(5); // already paused: no second pause
+        assert_eq!(st.stats().pauses, 1);
+        assert!(!st.credit(11), "5 left: still above low");
+        assert!(st.is_paused());
+        assert!(st.credit(1), "4 == low: the resume edge");
+        assert!(!st.is_paused());
+        assert!(!st.credit(4), "an open state has no resume edge");
+        let s = st.stats();
+        assert_eq!(
+            (s.buffered, s.max_buffered, s.pauses, s.items, s.bytes),
+            (0, 16, 1, 3, 16)
+        );
+        assert_eq!(s.watermarks, st.watermarks());
+    }
+
+    #[test]
+    fn state_counts_every_pause_and_low_zero_resumes_only_when_empty() {
+        let mut st = state(0, 3);
+        for round in 1..=3u64 {
+            st.charge(4);
+            assert!(st.is_paused());
+            assert!(!st.credit(3));
+            assert!(st.credit(1));
+            assert_eq!(st.stats().pauses, round);
+        }
+        assert_eq!(st.stats().max_buffered, 4);
+    }
+
+    #[test]
+    fn state_charge_item_floors_the_charge_and_counts_the_weight() {
+        let mut st = state(0, 1000);
+        let min = crate::weighted::MIN_CHARGE;
+        assert_eq!(st.charge_item(&bytes::Bytes::new()), min);
+        assert_eq!(st.charge_item(&vec![0u8; 500]), 500);
+        let s = st.stats();
+        assert_eq!((s.buffered, s.items, s.bytes), (min + 500, 2, 500));
+        st.charge_item(&vec![0u8; 1000 - min - 500]);
+        assert!(!st.is_paused(), "exactly high");
+        st.charge_item(&());
+        assert!(st.is_paused(), "an empty item still pauses: it is charged");
+    }
+
+    #[test]
+    fn state_over_credit_is_counted_and_clamped_and_panics_in_debug() {
+        let mut st = state(0, 10);
+        st.charge(12);
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| st.credit(13)));
+        assert_eq!(r.is_err(), cfg!(debug_assertions));
+        let s = st.stats();
+        assert_eq!((s.violations, s.buffered, s.paused), (1, 0, false), "{s:?}");
+    }
+
+    #[test]
+    fn gate_and_state_read_the_same() {
+        let g = gate(2, 5);
+        let mut st = state(2, 5);
+        for (charge, credit) in [(3, 0), (4, 1), (0, 4), (9, 0), (0, 11)] {
+            g.charge(charge);
+            st.charge(charge);
+            g.credit(credit);
+            st.credit(credit);
+            assert_eq!(g.stats(), st.stats());
+        }
     }
 
     #[tokio::test]

@@ -10,7 +10,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::fair::Budget;
-use crate::gate::{GateState, Wakeups};
+use crate::gate::{GateInner, Wakeups};
 use crate::{Fairness, FlowError, FlowStats, Sink, Source, Watermarks};
 
 /// An `AsyncWrite` (a child's stdin, a file, a socket) as a bounded [`Sink`] of
@@ -41,7 +41,7 @@ pub struct WriterSink<W> {
     /// stdin) their end of file, since their `poll_shutdown` does nothing.
     writer: Option<W>,
     queue: VecDeque<Queued>,
-    gate: GateState,
+    gate: GateInner,
     written: u64,
     slot: usize,
     closed: bool,
@@ -59,7 +59,7 @@ impl<W: AsyncWrite + Unpin + Send> WriterSink<W> {
     /// Wraps `writer` with these watermarks.
     pub fn new(writer: W, watermarks: Watermarks) -> Self {
         let span = tracing::debug_span!("flowctl.writer", high = watermarks.high());
-        let mut gate = GateState::new(watermarks, span);
+        let mut gate = GateInner::new(watermarks, span);
         let slot = gate.register();
         WriterSink {
             writer: Some(writer),

@@ -381,7 +381,7 @@ where
     /// Credits the head's charge once its result is emitted.
     fn emitted(&mut self, done: Done<Out>) -> Result<Option<Out>, FlowError> {
         if let Some(charge) = self.weights.pop_front() {
-            drop(self.gate.credit(charge));
+            self.gate.credit(charge);
         }
         done.map(Some).map_err(FlowError::Panicked)
     }

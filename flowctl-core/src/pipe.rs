@@ -7,7 +7,7 @@ use std::task::{Context, Poll, Waker};
 use async_trait::async_trait;
 
 use crate::fair::Budget;
-use crate::gate::{GateState, Wakeups, coop_proceed};
+use crate::gate::{GateInner, Wakeups, coop_proceed};
 use crate::sync::{Arc, Mutex, lock};
 use crate::weighted::charge_of;
 use crate::{Fairness, FlowError, FlowStats, Sink, Source, Watermarks, Weighted};
@@ -57,7 +57,7 @@ pub fn pipe_with<T: Weighted + Send + 'static>(
         high = watermarks.high(),
         low = watermarks.low()
     );
-    let mut gate = GateState::new(watermarks, span);
+    let mut gate = GateInner::new(watermarks, span);
     let slot = gate.register();
     let shared = Arc::new(Shared {
         inner: Mutex::new(Inner {
@@ -89,7 +89,7 @@ struct Shared<T> {
 #[derive(Debug)]
 struct Inner<T> {
     queue: VecDeque<T>,
-    gate: GateState,
+    gate: GateInner,
     senders: usize,
     rx_waker: Option<Waker>,
     rx_alive: bool,

@@ -96,7 +96,7 @@
 //! [`SocketBuilder`] derives `ZMQ_SNDHWM` and `ZMQ_RCVHWM` from the high
 //! watermark and an expected message size (`ceil(high / size)`), or takes them
 //! explicitly. The sink's own queue (messages libzmq refused at its HWM) is
-//! charged in bytes to a [`flowctl_core::gate::Gate`], so a sender holds at
+//! charged in bytes to a [`flowctl_core::gate::GateState`], so a sender holds at
 //! most SNDHWM messages in libzmq plus `high` plus one message. A PUB socket
 //! cannot wait for a slow subscriber; it drops, and flowctl counts the drops
 //! in [`ZmqStats::dropped`] (libzmq's `ZMQ_XPUB_NODROP` turns the silent drop

@@ -3,7 +3,7 @@
 use bytes::Bytes;
 use flowctl_core::compat::{FuturesSink, StreamSource};
 use flowctl_core::frame::Framed;
-use flowctl_core::gate::{Gate, GateHandle};
+use flowctl_core::gate::{Gate, GateHandle, GateState};
 use flowctl_core::io::{ReaderSource, WriterSink};
 use flowctl_core::lifecycle::{Attempt, Claim, Lease, Ledger, RetryPolicy};
 use flowctl_core::*;
@@ -25,6 +25,8 @@ fn public_types_are_send_and_sync() {
     send::<Gate>();
     sync::<Gate>();
     send::<GateHandle>();
+    send::<GateState>();
+    sync::<GateState>();
     send::<Ledger>();
     sync::<Ledger>();
     send::<Lease>();

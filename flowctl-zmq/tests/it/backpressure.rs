@@ -1,6 +1,7 @@
 //! Bounded memory: a fast flowctl PUSH into a slow pyzmq PULL stays within its
 //! watermark; a PUB at its HWM counts what it drops instead of hiding it;
-//! empty messages (weight 0) are charged too, so they pause the sink.
+//! empty messages (weight 0) are charged too, so they pause the sink; the
+//! sink queue's stats read exactly as charges and credits say.
 
 use std::time::{Duration, Instant};
 
@@ -176,4 +177,66 @@ async fn zero_weight_messages_pause_the_sink_at_the_high_watermark() {
         "every queued empty message is charged MIN_CHARGE"
     );
     assert!(tx.queued() <= wm.high() / MIN_CHARGE + 1);
+}
+
+/// The sink's own queue reads like any flowctl buffer: messages libzmq
+/// refuses (a PUSH with no peer yet) are charged, each at least `MIN_CHARGE`;
+/// the sink pauses only above `high`; a flush that empties the queue resumes
+/// it and keeps the peak and the pause count. `items`/`bytes` count payload.
+#[tokio::test]
+async fn queued_messages_are_charged_and_the_queue_pauses_above_high() {
+    let ctx = Context::new();
+    let wm = Watermarks::new(100, 300).unwrap();
+    let mut tx = ZmqSocket::builder(SocketType::Push)
+        .context(&ctx)
+        .watermarks(wm)
+        .send_hwm(16)
+        .linger(Some(Duration::ZERO))
+        .bind("inproc://queue-stats")
+        .build()
+        .unwrap()
+        .into_sink();
+    let hundred = |i: u8| Multipart::from(Bytes::from(vec![i; 100]));
+    for i in 0..3 {
+        Sink::start_send(&mut tx, hundred(i)).unwrap();
+    }
+    let s = tx.stats();
+    assert_eq!(tx.queued(), 3, "no peer: libzmq refused every message");
+    assert_eq!((s.buffered, s.paused, s.pauses), (300, false, 0), "{s:?}");
+    // An empty frame weighs 0 and is charged MIN_CHARGE: above high now.
+    Sink::start_send(&mut tx, Multipart::from(Bytes::new())).unwrap();
+    let s = tx.stats();
+    let peak = 300 + MIN_CHARGE;
+    assert_eq!(
+        (s.buffered, s.max_buffered, s.paused, s.pauses),
+        (peak, peak, true, 1),
+        "{s:?}"
+    );
+    assert_eq!((s.items, s.bytes, s.violations), (4, 300, 0), "{s:?}");
+    assert_eq!(s.watermarks, wm);
+
+    let mut rx = ZmqSocket::builder(SocketType::Pull)
+        .context(&ctx)
+        .recv_hwm(16)
+        .connect("inproc://queue-stats")
+        .build()
+        .unwrap()
+        .into_source();
+    tx.flush().await.unwrap();
+    let s = tx.stats();
+    assert_eq!(tx.queued(), 0);
+    assert_eq!(
+        (s.buffered, s.max_buffered, s.paused, s.pauses),
+        (0, peak, false, 1),
+        "{s:?}"
+    );
+    assert_eq!((s.items, s.bytes, s.violations), (4, 300, 0), "{s:?}");
+    for i in 0..3 {
+        assert_eq!(rx.recv().await.unwrap(), Some(hundred(i)));
+    }
+    assert_eq!(
+        rx.recv().await.unwrap(),
+        Some(Multipart::from(Bytes::new()))
+    );
+    tx.close().await.unwrap();
 }

@@ -1,0 +1,363 @@
+//! [`ZmqSource`], the receiving half: nothing buffered here, batches taken
+//! under one lock of the socket, fair by budget.
+
+use std::future::poll_fn;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use async_trait::async_trait;
+use flowctl_core::fair::Budget;
+use flowctl_core::weighted::{MIN_CHARGE, charge_of};
+use flowctl_core::{Fairness, FlowError, FlowStats, Source, Watermarks, Weighted};
+
+use super::ZmqStats;
+use super::core::{Core, Counters, Dir, finish};
+use crate::backend::SocketType;
+use crate::error::ZmqError;
+use crate::multipart::Multipart;
+
+/// The receiving half of a [`ZmqSocket`](super::ZmqSocket). Items are [`Multipart`] messages;
+/// on a ROUTER, frame 0 is the sender's routing id.
+///
+/// # Backpressure
+/// Nothing is buffered here: a message leaves libzmq's queue only when
+/// `recv` returns it, so RCVHWM (and then the sender's SNDHWM) carries the
+/// pause to the peer. [`stats`](Source::stats) therefore reports `buffered`
+/// (and `max_buffered`) 0: the messages waiting in libzmq's receive queue (up
+/// to RCVHWM) and in the kernel's socket buffer are not ours to count.
+///
+/// # Memory
+/// Frames of up to 512 bytes are copied into a shared 16 KiB receive buffer
+/// (one reference count per frame instead of one allocation): a received
+/// small frame that the application keeps alive keeps its 16 KiB buffer
+/// alive with it. Larger frames up to 4 KiB get an allocation of their own;
+/// above that, a frame keeps libzmq's own buffer (no copy).
+///
+/// # Closing
+/// [`close`](ZmqSource::close) ends this half: later `recv` calls return
+/// [`FlowError::Closed`]. Dropping the source does the same without waiting.
+///
+/// # Fairness
+/// Every `recv` and every `recv_many` call consumes one unit of tokio's coop
+/// budget (a `recv_many` batch one unit in all, as tokio's own mpsc
+/// `recv_many` does), and every message is charged to the [`Fairness`]
+/// budget of items and bytes; a batch ends when that slice is spent, and
+/// when either budget is spent the next call yields once, even if libzmq has
+/// more messages (the PyZMQ asyncio starvation cannot happen).
+///
+/// # End of stream
+/// A ZeroMQ socket has no end: `recv` never returns `Ok(None)`.
+#[derive(Debug)]
+pub struct ZmqSource {
+    /// `None` once closed.
+    core: Option<Arc<Core>>,
+    pub(super) kind: SocketType,
+    pub(super) endpoints: Vec<String>,
+    counters: Arc<Counters>,
+    budget: Budget,
+    frames: Option<usize>,
+    wm: Watermarks,
+    items: u64,
+    bytes: u64,
+    /// Built by `into_source`: no sink half ever existed, so no other
+    /// operation can consume this half's wake-up edge. (A source from
+    /// `split` never is, even once the sink is gone: the sink's last
+    /// operation may have consumed the edge before this half raised its
+    /// waiting flag, and only the `ZMQ_EVENTS` check would see it.)
+    pub(super) alone: bool,
+}
+
+impl ZmqSource {
+    /// A source on `core`; `frames`: the frame count every message must have.
+    pub(super) fn new(
+        core: Arc<Core>,
+        kind: SocketType,
+        endpoints: Vec<String>,
+        counters: Arc<Counters>,
+        fairness: Fairness,
+        frames: Option<usize>,
+        wm: Watermarks,
+    ) -> Self {
+        ZmqSource {
+            core: Some(core),
+            kind,
+            endpoints,
+            counters,
+            budget: Budget::new(fairness),
+            frames,
+            wm,
+            items: 0,
+            bytes: 0,
+            alone: false,
+        }
+    }
+
+    /// Adds a SUB subscription (topic prefix).
+    pub fn subscribe(&self, topic: &[u8]) -> Result<(), FlowError> {
+        self.sub_op(topic, true)
+    }
+
+    /// Removes a SUB subscription.
+    pub fn unsubscribe(&self, topic: &[u8]) -> Result<(), FlowError> {
+        self.sub_op(topic, false)
+    }
+
+    fn sub_op(&self, topic: &[u8], add: bool) -> Result<(), FlowError> {
+        if self.kind != SocketType::Sub {
+            return Err(ZmqError::Unsupported {
+                op: if add { "subscribe" } else { "unsubscribe" },
+                socket: self.kind.name(),
+            }
+            .into());
+        }
+        let core = self.core()?;
+        core.with_sock(|s| {
+            if add {
+                s.subscribe(topic)
+            } else {
+                s.unsubscribe(topic)
+            }
+        })?;
+        // Subscribing processed commands: a waiting direction may need a look.
+        core.events(None)?;
+        Ok(())
+    }
+
+    /// Counters beyond [`FlowStats`].
+    pub fn zmq_stats(&self) -> ZmqStats {
+        let mut s = self.counters.snapshot();
+        s.recv_yields = self.budget.yields();
+        s
+    }
+
+    /// The socket's endpoints (see [`ZmqSocket::endpoints`](super::ZmqSocket::endpoints)).
+    pub fn endpoints(&self) -> &[String] {
+        &self.endpoints
+    }
+
+    /// True once [`close`](Self::close) has run.
+    pub fn is_closed(&self) -> bool {
+        self.core.is_none()
+    }
+
+    /// Closes the receiving half and releases its share of the socket.
+    /// Idempotent; later `recv` calls return [`FlowError::Closed`].
+    ///
+    /// If the sink half is gone (dropped or closed) too, the libzmq socket is
+    /// closed here: messages still in libzmq's receive queue (never returned
+    /// by `recv`, so never accepted) are discarded with it, and with a
+    /// private context this waits (off the async threads) until libzmq has
+    /// terminated, which for a socket with nothing left to send is at once.
+    /// If the sink half is still open, the socket stays open for it: incoming
+    /// messages then wait in libzmq's receive queue, bounded by RCVHWM (a
+    /// full queue pauses the peer, or drops for PUB/SUB), and are discarded
+    /// when the sink closes the socket. Every message `recv` returned before
+    /// `close` is the caller's and is unaffected.
+    ///
+    /// # Errors
+    /// [`FlowError::Transport`] if the task that closes the socket panicked.
+    pub async fn close(&mut self) -> Result<(), FlowError> {
+        let Some(core) = self.core.take() else {
+            return Ok(());
+        };
+        if let Ok(mut core) = Arc::try_unwrap(core) {
+            let (sock, ctx) = core.take_parts();
+            tokio::task::spawn_blocking(move || finish(sock, ctx))
+                .await
+                .map_err(|e| FlowError::transport(format!("linger task failed: {e}")))?;
+            tracing::info!(socket = self.kind.name(), "zmq socket closed");
+        }
+        Ok(())
+    }
+}
+
+impl ZmqSource {
+    pub(super) fn core(&self) -> Result<&Arc<Core>, FlowError> {
+        self.core.as_ref().ok_or(FlowError::Closed)
+    }
+
+    fn unsupported(&self) -> Result<(), FlowError> {
+        if self.kind.can_recv() {
+            return Ok(());
+        }
+        Err(ZmqError::Unsupported {
+            op: "recv",
+            socket: self.kind.name(),
+        }
+        .into())
+    }
+
+    /// Checks and charges a message libzmq handed over (the caller counts
+    /// it in [`ZmqStats::received`]).
+    #[inline]
+    fn accept(&mut self, msg: &Multipart) -> Result<(), FlowError> {
+        let weight = msg.weight();
+        self.budget.charge(charge_of(msg));
+        if let Some(expected) = self.frames
+            && msg.len() != expected
+        {
+            return Err(self.frame_error(expected, msg.len()));
+        }
+        self.items += 1;
+        self.bytes += weight as u64;
+        Ok(())
+    }
+
+    #[cold]
+    fn frame_error(&self, expected: usize, actual: usize) -> FlowError {
+        self.counters.frame_errors.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(expected, actual, "zmq recv: wrong frame count");
+        ZmqError::FrameCount { expected, actual }.into()
+    }
+
+    /// Waits until libzmq has a message, then takes up to `max` (>= 1) under
+    /// one lock of the socket. Spends one unit of tokio's coop budget per
+    /// call; every message is charged to the [`Fairness`] budget, and the
+    /// batch ends early when that slice is spent (the next call then yields
+    /// before it takes anything).
+    async fn recv_batch(&mut self, buf: &mut impl Batch, max: usize) -> Result<usize, FlowError> {
+        self.unsupported()?;
+        // One coop unit for the whole batch (as tokio's own mpsc `recv_many`
+        // does), and a forced yield here if the previous batch spent the slice.
+        poll_fn(|cx| self.budget.poll_proceed(cx)).await;
+        let mut waited = false;
+        let mut waited_at_once = false;
+        loop {
+            let n = self.take_ready(buf, max, waited)?;
+            if n > 0 {
+                return Ok(n);
+            }
+            if waited_at_once {
+                // ZMQ_EVENTS said readable, yet nothing came: yield, do not spin.
+                tokio::task::yield_now().await;
+            }
+            waited = true;
+            // `take_ready` just got EAGAIN; a source alone on its socket
+            // (no sink half ever) skips the check that would repeat it.
+            waited_at_once = self.core()?.wait(Dir::In, !self.alone).await?;
+        }
+    }
+
+    /// Takes up to `max` messages that libzmq has ready, under one lock of
+    /// the socket, while the fairness slice lasts (the first message is
+    /// always taken: the caller's `poll_proceed` found the slice open).
+    /// `waited`: the caller slept for the first message, which ended the
+    /// previous slice (a natural yield).
+    fn take_ready(
+        &mut self,
+        buf: &mut impl Batch,
+        max: usize,
+        waited: bool,
+    ) -> Result<usize, FlowError> {
+        let core = self.core()?.clone();
+        let mut n = 0;
+        let mut received = 0u64;
+        let taken = {
+            let mut guard = core.lock()?;
+            let sock = guard.as_mut().ok_or(FlowError::Closed)?;
+            loop {
+                if n == max || (n > 0 && self.budget.spent()) {
+                    break Ok(());
+                }
+                match sock.try_recv(self.frames) {
+                    Ok(Some(msg)) => {
+                        received += 1;
+                        if received == 1 && waited {
+                            self.budget.reset();
+                        }
+                        if let Err(e) = self.accept(&msg) {
+                            break Err(e);
+                        }
+                        buf.put(msg);
+                        n += 1;
+                    }
+                    Ok(None) => break Ok(()),
+                    Err(ZmqError::FrameCount { expected, actual }) => {
+                        // Too many frames: libzmq handed the message over,
+                        // and it was released frame by frame, not kept.
+                        received += 1;
+                        if received == 1 && waited {
+                            self.budget.reset();
+                        }
+                        self.budget.charge(MIN_CHARGE);
+                        break Err(self.frame_error(expected, actual));
+                    }
+                    Err(e) => break Err(FlowError::from(e)),
+                }
+            }
+        };
+        if received > 0 {
+            self.counters
+                .received
+                .fetch_add(received, Ordering::Relaxed);
+        }
+        // The receives processed libzmq's commands: re-check for the sender.
+        core.after_op(Dir::In);
+        taken.map(|()| n)
+    }
+}
+
+/// Where a receive puts its messages: a caller's `Vec` (`recv_many`) or a
+/// single slot (`recv`, which so needs no allocation of its own).
+trait Batch: Send {
+    fn put(&mut self, msg: Multipart);
+}
+
+impl Batch for Vec<Multipart> {
+    fn put(&mut self, msg: Multipart) {
+        self.push(msg);
+    }
+}
+
+impl Batch for Option<Multipart> {
+    fn put(&mut self, msg: Multipart) {
+        *self = Some(msg);
+    }
+}
+
+#[async_trait]
+impl Source for ZmqSource {
+    type Item = Multipart;
+
+    /// The next message. Never `Ok(None)`: a ZeroMQ socket has no end.
+    ///
+    /// # Errors
+    /// [`ZmqError::FrameCount`] for a message of the wrong frame count (it is
+    /// consumed, the next call returns the next message),
+    /// [`ZmqError::Unsupported`] on a socket type that cannot receive,
+    /// [`FlowError::Closed`] after [`close`](ZmqSource::close).
+    async fn recv(&mut self) -> Result<Option<Multipart>, FlowError> {
+        let mut one = None;
+        self.recv_batch(&mut one, 1).await?;
+        Ok(one)
+    }
+
+    /// Waits for one message, then takes up to `max` in all that libzmq has
+    /// ready, under one lock of the socket. The batch spends one unit of
+    /// tokio's coop budget; each message is charged to the fairness budget,
+    /// and the batch stops early, without waiting, when that slice is spent
+    /// (the next call then yields first), so a batch never holds more than
+    /// `Fairness::max_items` messages or more than `max_bytes` plus one
+    /// message. The fast path for small messages: one boxed future, one
+    /// lock and one coop unit per batch instead of per message.
+    ///
+    /// # Errors
+    /// As `recv`; messages appended before the error stay in `buf`.
+    async fn recv_many(
+        &mut self,
+        buf: &mut Vec<Multipart>,
+        max: usize,
+    ) -> Result<usize, FlowError> {
+        if max == 0 {
+            return Ok(0);
+        }
+        self.recv_batch(buf, max).await
+    }
+
+    fn stats(&self) -> FlowStats {
+        let mut s = FlowStats::empty(self.wm);
+        s.items = self.items;
+        s.bytes = self.bytes;
+        s
+    }
+}
