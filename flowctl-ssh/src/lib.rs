@@ -289,6 +289,8 @@
 // Only `sys` (process groups, the parent-death signal) may use `unsafe`.
 #![deny(unsafe_code)]
 
+#[cfg(any(feature = "russh", feature = "openssh"))]
+mod backend;
 mod config;
 mod error;
 
@@ -307,8 +309,6 @@ pub mod server;
 mod session;
 #[cfg(any(feature = "server", feature = "testing"))]
 mod sys;
-#[cfg(feature = "openssh")]
-mod system;
 #[cfg(feature = "testing")]
 pub mod testing;
 

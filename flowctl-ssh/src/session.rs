@@ -98,7 +98,7 @@ pub struct Session {
 enum Conn {
     Russh(Arc<SessionInner>),
     #[cfg(feature = "openssh")]
-    OpenSsh(Arc<crate::system::Master>),
+    OpenSsh(Arc<crate::backend::openssh::Master>),
 }
 
 /// The connection, shared by the session and its processes. Dropping the
@@ -289,7 +289,7 @@ impl Session {
             crate::Backend::Russh => {}
             #[cfg(feature = "openssh")]
             crate::Backend::OpenSsh => {
-                let master = crate::system::Master::connect(&config).await?;
+                let master = crate::backend::openssh::Master::connect(&config).await?;
                 return Ok(Session {
                     conn: Conn::OpenSsh(Arc::new(master)),
                     config: Arc::new(config),
@@ -427,7 +427,9 @@ impl Session {
                 ))
             }
             #[cfg(feature = "openssh")]
-            Conn::OpenSsh(master) => crate::system::exec(master, command, &self.config).await,
+            Conn::OpenSsh(master) => {
+                crate::backend::openssh::exec(master, command, &self.config).await
+            }
         }
     }
 
