@@ -306,7 +306,7 @@ pub mod redirect;
 #[cfg(feature = "server")]
 pub mod server;
 #[cfg(feature = "russh")]
-mod session;
+use backend::russh as session;
 #[cfg(any(feature = "server", feature = "testing"))]
 mod sys;
 #[cfg(feature = "testing")]

@@ -3,3 +3,5 @@
 
 #[cfg(feature = "openssh")]
 pub(crate) mod openssh;
+#[cfg(feature = "russh")]
+pub(crate) mod russh;
