@@ -293,29 +293,33 @@
 mod backend;
 mod config;
 mod error;
+#[cfg(any(feature = "russh", feature = "openssh"))]
+mod ledger;
 
 pub use config::{Auth, Backend, HostKeyPolicy, Secret, SshConfig};
 pub use error::SshError;
 
 #[cfg(feature = "russh")]
 mod known_hosts;
-#[cfg(feature = "russh")]
+#[cfg(any(feature = "russh", feature = "openssh"))]
 mod process;
-#[cfg(feature = "russh")]
+#[cfg(any(feature = "russh", feature = "openssh"))]
 pub mod redirect;
 #[cfg(feature = "server")]
 pub mod server;
-#[cfg(feature = "russh")]
-use backend::russh as session;
+#[cfg(any(feature = "russh", feature = "openssh"))]
+mod session;
 #[cfg(any(feature = "server", feature = "testing"))]
 mod sys;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-#[cfg(feature = "russh")]
+#[cfg(any(feature = "russh", feature = "openssh"))]
+pub use ledger::{LEDGER_OPEN, LEDGER_SESSION, LEDGER_TASK};
+#[cfg(any(feature = "russh", feature = "openssh"))]
 pub use process::{Exit, ExitStatus, Output, RemoteProcess, Stdin};
-#[cfg(feature = "russh")]
-pub use session::{LEDGER_OPEN, LEDGER_SESSION, LEDGER_TASK, Session};
+#[cfg(any(feature = "russh", feature = "openssh"))]
+pub use session::Session;
 
 /// The russh version this crate is built on, re-exported for key types
 /// (`russh::keys::PrivateKey`, ...).

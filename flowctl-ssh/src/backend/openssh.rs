@@ -16,10 +16,10 @@ use tokio::sync::watch;
 
 use crate::config::{Auth, HostKeyPolicy, SshConfig};
 use crate::error::SshError;
+use crate::ledger::{LEDGER_SESSION, LEDGER_TASK};
 use crate::process::{
     ExitStatus, Outcome, Plumbing, RemoteProcess, StdinWriter, deliver, plumbing, room, write_stdin,
 };
-use crate::session::{LEDGER_SESSION, LEDGER_TASK};
 
 /// A running ControlMaster (`ssh -M -f -N`), closed with `ssh -O exit` when
 /// the last session or process holding it is dropped.

@@ -1,23 +1,27 @@
-//! Connections: connect, authenticate, check the host key, open exec channels.
+//! The russh backend ([`Backend::Russh`](crate::Backend::Russh)): the
+//! client connection (connect, check the host key, authenticate), the task
+//! that opens exec channels, and the tasks that move a channel's data
+//! between russh and a [`RemoteProcess`]'s pipes.
 
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
+use flowctl_core::PipeSink;
 use flowctl_core::lifecycle::Lease;
-use russh::client::{self, AuthResult};
+use russh::client::{self, AuthResult, Msg};
 use russh::keys::{HashAlg, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate};
+use russh::{ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
+use tokio::sync::watch;
 
 use crate::config::{Auth, HostKeyPolicy, Secret, SshConfig};
 use crate::error::SshError;
-use crate::process::RemoteProcess;
-
-/// Ledger kind of a live SSH connection.
-pub const LEDGER_SESSION: &str = "ssh.session";
-/// Ledger kind of a live task spawned by this crate.
-pub const LEDGER_TASK: &str = "ssh.task";
-/// Ledger kind of an exec in progress: the task that opens a channel and
-/// starts a command, and closes both if the caller of `exec` is gone.
-pub const LEDGER_OPEN: &str = "ssh.open";
+use crate::ledger::{LEDGER_OPEN, LEDGER_SESSION, LEDGER_TASK};
+use crate::process::{
+    ExitStatus, Flags, Outcome, RemoteProcess, StdinWriter, deliver, exec_span, plumbing, room,
+    write_stdin,
+};
 
 /// What the host-key check found, kept to build a precise error.
 #[derive(Debug)]
@@ -83,24 +87,6 @@ impl client::Handler for ClientHandler {
     }
 }
 
-/// An authenticated SSH connection.
-///
-/// Open remote processes with [`exec`](Session::exec). The connection stays
-/// up while the session or any of its processes is alive; dropping all of
-/// them closes it and ends russh's session task. [`close`](Session::close)
-/// disconnects at once.
-pub struct Session {
-    conn: Conn,
-    config: Arc<SshConfig>,
-}
-
-/// The connection of one backend.
-enum Conn {
-    Russh(Arc<SessionInner>),
-    #[cfg(feature = "openssh")]
-    OpenSsh(Arc<crate::backend::openssh::Master>),
-}
-
 /// The connection, shared by the session and its processes. Dropping the
 /// last reference disconnects and waits for russh's session task to end, in a
 /// task counted by the ledger: a return to zero proves nothing is left.
@@ -154,7 +140,7 @@ type Opened = (russh::ChannelReadHalf, russh::ChannelWriteHalf<client::Msg>);
 /// Opens a channel and runs `command` in it, then hands the channel to
 /// `reply`. Runs as a task of its own so that every step in flight (the
 /// channel open, the exec request) is finished and undone even when the
-/// caller of [`Session::exec`] is gone: russh delivers the server's
+/// caller of [`Session::exec`](crate::Session::exec) is gone: russh delivers the server's
 /// CHANNEL_OPEN_CONFIRMATION into the opener's queue and, if that queue's
 /// receiver was dropped, silently keeps the channel open on both sides.
 async fn open_exec(
@@ -220,7 +206,7 @@ async fn open_exec(
             if let Err(Ok((_, write))) = reply.send(Ok((read, write))) {
                 // The caller is gone: stop the command it would have owned.
                 tracing::debug!("exec abandoned after the command started: closing its channel");
-                crate::process::abandon(&write).await;
+                abandon(&write).await;
             }
         }
         Err(e) => {
@@ -249,12 +235,101 @@ async fn shut_down(handle: client::Handle<ClientHandler>) {
     }
 }
 
-impl std::fmt::Debug for Session {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Session")
-            .field("user", &self.config.user)
-            .field("addr", &self.config.addr)
-            .finish()
+/// Connects, checks the host key and authenticates (the caller bounds it
+/// with [`SshConfig::connect_timeout`]).
+pub(crate) async fn connect(config: &SshConfig) -> Result<Arc<SessionInner>, SshError> {
+    if config.channel_buffer == 0 {
+        return Err(SshError::Config(
+            "channel_buffer must be at least 1 message".into(),
+        ));
+    }
+    let (host, port) = split_host_port(&config.addr);
+    let mut preferred = russh::Preferred::default();
+    if !config.ciphers.is_empty() {
+        let names = config
+            .ciphers
+            .iter()
+            .map(|c| {
+                russh::cipher::Name::try_from(c.as_str())
+                    .map_err(|_| SshError::Config(format!("unknown cipher {c:?}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        preferred.cipher = names.into();
+    }
+    let russh_config = client::Config {
+        preferred,
+        window_size: config.window,
+        maximum_packet_size: config.max_packet,
+        channel_buffer_size: config.channel_buffer,
+        keepalive_interval: config.keepalive_interval,
+        keepalive_max: config.keepalive_max,
+        nodelay: true,
+        ..Default::default()
+    };
+    let verdict = Arc::new(Mutex::new(None));
+    let handler = ClientHandler {
+        policy: config.host_key.clone(),
+        host: host.clone(),
+        port,
+        global_known_hosts: config.global_known_hosts.clone(),
+        verdict: verdict.clone(),
+    };
+    let socket = tokio::net::TcpStream::connect(&config.addr)
+        .await
+        .map_err(|source| SshError::Connect {
+            addr: config.addr.clone(),
+            source,
+        })?;
+    let _ = socket.set_nodelay(true);
+    let mut handle = match client::connect_stream(Arc::new(russh_config), socket, handler).await {
+        Ok(h) => h,
+        Err(e) => {
+            let found = verdict.lock().unwrap_or_else(|e| e.into_inner()).take();
+            return Err(
+                host_key_error(found, &host, port, &config.host_key).unwrap_or_else(|| e.into())
+            );
+        }
+    };
+    let lease = config.ledger.acquire(LEDGER_SESSION);
+    authenticate(&mut handle, config).await?;
+    tracing::info!(user = %config.user, addr = %config.addr, "ssh session established");
+    Ok(Arc::new(SessionInner {
+        handle: Some(handle),
+        ledger: config.ledger.clone(),
+        _lease: lease,
+    }))
+}
+
+/// Runs `command` in a new channel of `inner` (see [`Session::exec`]).
+///
+/// [`Session::exec`]: crate::Session::exec
+pub(crate) async fn exec(
+    inner: &Arc<SessionInner>,
+    command: &str,
+    config: &SshConfig,
+    probe: Option<Probe>,
+) -> Result<RemoteProcess, SshError> {
+    inner.handle()?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let task = open_exec(inner.clone(), command.to_owned(), tx, probe);
+    config.ledger.spawn(LEDGER_OPEN, task);
+    // The only await point of the caller: dropping it here
+    // leaves the task to close whatever it opens.
+    let (read, write) = rx.await.map_err(|_| SshError::ConnectionLost {
+        stream: "exec reply",
+        delivered: 0,
+    })??;
+    Ok(start(read, write, command, config, inner.clone()))
+}
+
+/// Disconnects now and waits for russh's session task to end, if nothing
+/// else (a process) holds the connection; otherwise the last holder's drop
+/// closes it.
+pub(crate) async fn close(inner: Arc<SessionInner>) {
+    if let Ok(mut inner) = Arc::try_unwrap(inner)
+        && let Some(handle) = inner.handle.take()
+    {
+        shut_down(handle).await;
     }
 }
 
@@ -272,201 +347,6 @@ fn split_host_port(addr: &str) -> (String, u16) {
 
 fn fingerprint(key: &PublicKey) -> String {
     key.fingerprint(HashAlg::Sha256).to_string()
-}
-
-impl Session {
-    /// Connects, checks the host key and authenticates, all within
-    /// [`SshConfig::connect_timeout`].
-    ///
-    /// # Errors
-    /// [`SshError::Connect`] if the TCP connection fails,
-    /// [`SshError::UnknownHostKey`] / [`SshError::HostKeyMismatch`] (with the
-    /// offered key's fingerprint) if the host key is not trusted,
-    /// [`SshError::AuthRejected`] if no method was accepted,
-    /// [`SshError::ConnectTimeout`] if it all took too long.
-    pub async fn connect(config: SshConfig) -> Result<Session, SshError> {
-        match config.backend {
-            crate::Backend::Russh => {}
-            #[cfg(feature = "openssh")]
-            crate::Backend::OpenSsh => {
-                let master = crate::backend::openssh::Master::connect(&config).await?;
-                return Ok(Session {
-                    conn: Conn::OpenSsh(Arc::new(master)),
-                    config: Arc::new(config),
-                });
-            }
-            #[cfg(not(feature = "openssh"))]
-            crate::Backend::OpenSsh => {
-                return Err(SshError::Config(
-                    "Backend::OpenSsh needs the `openssh` feature of flowctl-ssh".into(),
-                ));
-            }
-        }
-        let timeout = config.connect_timeout;
-        let addr = config.addr.clone();
-        match tokio::time::timeout(timeout, Self::connect_inner(config)).await {
-            Ok(r) => r,
-            Err(_) => Err(SshError::ConnectTimeout { addr, timeout }),
-        }
-    }
-
-    async fn connect_inner(config: SshConfig) -> Result<Session, SshError> {
-        if config.channel_buffer == 0 {
-            return Err(SshError::Config(
-                "channel_buffer must be at least 1 message".into(),
-            ));
-        }
-        let (host, port) = split_host_port(&config.addr);
-        let mut preferred = russh::Preferred::default();
-        if !config.ciphers.is_empty() {
-            let names = config
-                .ciphers
-                .iter()
-                .map(|c| {
-                    russh::cipher::Name::try_from(c.as_str())
-                        .map_err(|_| SshError::Config(format!("unknown cipher {c:?}")))
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            preferred.cipher = names.into();
-        }
-        let russh_config = client::Config {
-            preferred,
-            window_size: config.window,
-            maximum_packet_size: config.max_packet,
-            channel_buffer_size: config.channel_buffer,
-            keepalive_interval: config.keepalive_interval,
-            keepalive_max: config.keepalive_max,
-            nodelay: true,
-            ..Default::default()
-        };
-        let verdict = Arc::new(Mutex::new(None));
-        let handler = ClientHandler {
-            policy: config.host_key.clone(),
-            host: host.clone(),
-            port,
-            global_known_hosts: config.global_known_hosts.clone(),
-            verdict: verdict.clone(),
-        };
-        let socket = tokio::net::TcpStream::connect(&config.addr)
-            .await
-            .map_err(|source| SshError::Connect {
-                addr: config.addr.clone(),
-                source,
-            })?;
-        let _ = socket.set_nodelay(true);
-        let mut handle = match client::connect_stream(Arc::new(russh_config), socket, handler).await
-        {
-            Ok(h) => h,
-            Err(e) => {
-                let found = verdict.lock().unwrap_or_else(|e| e.into_inner()).take();
-                return Err(host_key_error(found, &host, port, &config.host_key)
-                    .unwrap_or_else(|| e.into()));
-            }
-        };
-        let lease = config.ledger.acquire(LEDGER_SESSION);
-        authenticate(&mut handle, &config).await?;
-        tracing::info!(user = %config.user, addr = %config.addr, "ssh session established");
-        Ok(Session {
-            conn: Conn::Russh(Arc::new(SessionInner {
-                handle: Some(handle),
-                ledger: config.ledger.clone(),
-                _lease: lease,
-            })),
-            config: Arc::new(config),
-        })
-    }
-
-    /// Runs `command` on the server in a new channel of this connection.
-    ///
-    /// All channels of a connection share russh's session loop: a process
-    /// whose output is not consumed stalls the others once its buffers are
-    /// full (see the crate docs). Use [`exec_isolated`](Session::exec_isolated)
-    /// when that matters.
-    ///
-    /// # Errors
-    /// [`SshError::ExecRefused`] if the server refuses the command; a russh
-    /// error if the connection is gone.
-    ///
-    /// # Cancel safety
-    /// Dropping the returned future at any point leaks nothing: the channel
-    /// is opened and the command started by a task (counted as
-    /// [`LEDGER_OPEN`]) that owns every step in flight. When nobody waits
-    /// for its result any more, it closes what it opened, including a
-    /// channel whose open the server confirms only after the drop. A refused
-    /// command, a lost connection or an error from the exec request close the
-    /// channel too.
-    pub async fn exec(&self, command: &str) -> Result<RemoteProcess, SshError> {
-        self.exec_probed(command, None).await
-    }
-
-    /// [`exec`](Session::exec), reporting each step of the open task to
-    /// `probe` (tests cancel the caller at each step).
-    pub(crate) async fn exec_probed(
-        &self,
-        command: &str,
-        probe: Option<Probe>,
-    ) -> Result<RemoteProcess, SshError> {
-        match &self.conn {
-            Conn::Russh(inner) => {
-                inner.handle()?;
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                let task = open_exec(inner.clone(), command.to_owned(), tx, probe);
-                self.config.ledger.spawn(LEDGER_OPEN, task);
-                // The only await point of the caller: dropping it here
-                // leaves the task to close whatever it opens.
-                let (read, write) = rx.await.map_err(|_| SshError::ConnectionLost {
-                    stream: "exec reply",
-                    delivered: 0,
-                })??;
-                Ok(RemoteProcess::start(
-                    read,
-                    write,
-                    command,
-                    &self.config,
-                    inner.clone(),
-                ))
-            }
-            #[cfg(feature = "openssh")]
-            Conn::OpenSsh(master) => {
-                crate::backend::openssh::exec(master, command, &self.config).await
-            }
-        }
-    }
-
-    /// Opens a new connection with the same configuration and runs `command`
-    /// on it alone, so that a stalled consumer of this process cannot stall
-    /// any other channel. The connection closes when the process is dropped.
-    pub async fn exec_isolated(&self, command: &str) -> Result<RemoteProcess, SshError> {
-        let session = Session::connect((*self.config).clone()).await?;
-        session.exec(command).await
-    }
-
-    /// The configuration this session was opened with.
-    pub fn config(&self) -> &SshConfig {
-        &self.config
-    }
-
-    /// Disconnects now and waits for russh's session task to end, if no
-    /// process of this session is still alive; otherwise the connection is
-    /// closed when the last process is dropped.
-    pub async fn close(self) {
-        match self.conn {
-            Conn::Russh(inner) => match Arc::try_unwrap(inner) {
-                Ok(mut inner) => {
-                    if let Some(handle) = inner.handle.take() {
-                        shut_down(handle).await;
-                    }
-                }
-                Err(_shared) => {}
-            },
-            #[cfg(feature = "openssh")]
-            Conn::OpenSsh(master) => {
-                if let Ok(master) = Arc::try_unwrap(master) {
-                    master.close().await;
-                }
-            }
-        }
-    }
 }
 
 impl std::fmt::Debug for SessionInner {
@@ -588,6 +468,177 @@ async fn authenticate(
     })
 }
 
+/// Starts the tasks of a process whose exec request the server accepted.
+pub(crate) fn start(
+    read: ChannelReadHalf,
+    write: ChannelWriteHalf<Msg>,
+    command: &str,
+    config: &SshConfig,
+    session: Arc<SessionInner>,
+) -> RemoteProcess {
+    let session: Arc<dyn std::any::Any + Send + Sync> = session;
+    let write = Arc::new(write);
+    let (p, proc) = plumbing(config, session);
+    let span = exec_span(command, config, "russh");
+    config.ledger.spawn(
+        LEDGER_TASK,
+        tracing::Instrument::instrument(
+            read_channel(ReadTask {
+                read,
+                write: write.clone(),
+                out: p.out,
+                err: p.err,
+                flags: p.flags,
+                exit: p.exit,
+                done: p.done,
+                cancel: p.cancel.clone(),
+            }),
+            span.clone(),
+        ),
+    );
+    config.ledger.spawn(
+        LEDGER_TASK,
+        tracing::Instrument::instrument(
+            write_stdin(Some(write), p.stdin, p.progress, p.done_rx, p.cancel),
+            span,
+        ),
+    );
+    proc
+}
+
+struct ReadTask {
+    read: ChannelReadHalf,
+    write: Arc<ChannelWriteHalf<Msg>>,
+    out: PipeSink<Bytes>,
+    err: PipeSink<Bytes>,
+    flags: Arc<Flags>,
+    exit: watch::Sender<Option<Outcome>>,
+    done: watch::Sender<bool>,
+    cancel: watch::Receiver<()>,
+}
+
+/// Gives up a channel whose command may run: asks the server to kill the
+/// command (OpenSSH's sshd sends the signal to the command's process
+/// group), sends EOF, then closes the channel.
+///
+/// A CHANNEL_CLOSE alone is not enough: sshd keeps a session whose command
+/// still runs, and keeps the command's stdin open until the command exits,
+/// so a `cat` would never end and its session would count against
+/// `MaxSessions` for ever. The signal and the EOF are best effort (a
+/// server may refuse signals); the close always goes out.
+pub(crate) async fn abandon(write: &ChannelWriteHalf<Msg>) {
+    let _ = write.signal(russh::Sig::KILL).await;
+    let _ = write.eof().await;
+    let _ = write.close().await;
+}
+
+/// The channel reader: takes the next message from russh's channel queue
+/// only when both output pipes are at or below their watermarks.
+async fn read_channel(mut t: ReadTask) {
+    let (mut out_open, mut err_open) = (true, true);
+    let mut status: Option<ExitStatus> = None;
+    let mut eof = false;
+    let mut stdout_bytes = 0u64;
+    let closed_cleanly;
+    loop {
+        // Backpressure: wait for room in both pipes BEFORE taking a message,
+        // since we do not know yet which stream it belongs to.
+        tokio::select! {
+            _ = t.cancel.changed() => {
+                tracing::debug!("every part of the process dropped: closing the channel");
+                abandon(&t.write).await;
+                return;
+            }
+            () = async {
+                room(&mut t.out, &mut out_open).await;
+                room(&mut t.err, &mut err_open).await;
+            } => {}
+        }
+        let msg = tokio::select! {
+            _ = t.cancel.changed() => {
+                tracing::debug!("every part of the process dropped: closing the channel");
+                abandon(&t.write).await;
+                return;
+            }
+            msg = t.read.wait() => msg,
+        };
+        match msg {
+            Some(ChannelMsg::Data { data }) => {
+                tracing::trace!(len = data.len(), "stdout data");
+                stdout_bytes += data.len() as u64;
+                deliver(&mut t.out, &mut out_open, data);
+            }
+            Some(ChannelMsg::ExtendedData { data, ext }) => {
+                tracing::trace!(len = data.len(), ext, "extended data");
+                if ext == 1 {
+                    deliver(&mut t.err, &mut err_open, data);
+                }
+            }
+            Some(ChannelMsg::Eof) => {
+                eof = true;
+                t.out.close_now();
+                t.err.close_now();
+            }
+            Some(ChannelMsg::ExitStatus { exit_status }) => {
+                status = Some(ExitStatus::Code(exit_status));
+            }
+            Some(ChannelMsg::ExitSignal {
+                signal_name,
+                core_dumped,
+                error_message,
+                ..
+            }) => {
+                let name = match signal_name {
+                    russh::Sig::Custom(s) => s,
+                    other => format!("{other:?}"),
+                };
+                status = Some(ExitStatus::Signal {
+                    name,
+                    core_dumped,
+                    message: error_message,
+                });
+            }
+            Some(ChannelMsg::Close) => {
+                closed_cleanly = true;
+                break;
+            }
+            Some(_) => {}
+            None => {
+                closed_cleanly = false;
+                break;
+            }
+        }
+    }
+    if !closed_cleanly && !eof {
+        tracing::debug!(stdout_bytes, "connection lost before the end of the output");
+        t.flags.stdout_lost.store(true, Ordering::Release);
+        t.flags.stderr_lost.store(true, Ordering::Release);
+    }
+    let outcome = match (status, closed_cleanly) {
+        (Some(s), _) => Outcome::Exited(s),
+        (None, true) => Outcome::NoStatus {
+            stdout: stdout_bytes,
+        },
+        (None, false) => Outcome::Lost,
+    };
+    // Flags first, then the end of the pipes: a source that sees its end
+    // also sees whether it was a loss.
+    t.out.close_now();
+    t.err.close_now();
+    let _ = t.exit.send(Some(outcome));
+    let _ = t.done.send(true);
+}
+
+impl StdinWriter for Arc<ChannelWriteHalf<Msg>> {
+    async fn write(&mut self, chunk: Bytes) -> std::io::Result<()> {
+        self.data_bytes(chunk).await.map_err(std::io::Error::other)
+    }
+
+    async fn eof(self) -> bool {
+        ChannelWriteHalf::eof(&self).await.is_ok()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::split_host_port;
@@ -614,7 +665,8 @@ mod tests {
         use std::sync::Arc;
         use std::time::{Duration, Instant};
 
-        use super::super::{ExecStep, LEDGER_OPEN, Probe, Session};
+        use super::super::{ExecStep, LEDGER_OPEN, Probe};
+        use crate::Session;
         use crate::{Auth, SshConfig};
 
         const STEPS: [ExecStep; 4] = [
@@ -643,7 +695,7 @@ mod tests {
                 })
             });
             {
-                let fut = s.exec_probed("cat", Some(probe));
+                let fut = s.exec_probed("cat", probe);
                 tokio::select! {
                     r = fut => panic!("exec finished while its task waited at {at:?}: {r:?}"),
                     _ = reached.recv() => {}

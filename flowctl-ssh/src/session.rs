@@ -1,0 +1,168 @@
+//! [`Session`]: the backend-neutral connection type. It picks a backend from
+//! [`SshConfig::backend`] and hands each call to it; the connection itself
+//! (and everything specific to russh or OpenSSH) lives in `backend/`.
+
+use std::sync::Arc;
+
+use crate::config::SshConfig;
+use crate::error::SshError;
+use crate::process::RemoteProcess;
+
+/// An authenticated SSH connection.
+///
+/// Open remote processes with [`exec`](Session::exec). The connection stays
+/// up while the session or any of its processes is alive; dropping all of
+/// them closes it and ends russh's session task. [`close`](Session::close)
+/// disconnects at once.
+pub struct Session {
+    conn: Conn,
+    config: Arc<SshConfig>,
+}
+
+/// The connection of one backend.
+enum Conn {
+    #[cfg(feature = "russh")]
+    Russh(Arc<crate::backend::russh::SessionInner>),
+    #[cfg(feature = "openssh")]
+    OpenSsh(Arc<crate::backend::openssh::Master>),
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("user", &self.config.user)
+            .field("addr", &self.config.addr)
+            .finish()
+    }
+}
+
+impl Session {
+    /// Connects, checks the host key and authenticates, all within
+    /// [`SshConfig::connect_timeout`].
+    ///
+    /// # Errors
+    /// [`SshError::Connect`] if the TCP connection fails,
+    /// [`SshError::UnknownHostKey`] / [`SshError::HostKeyMismatch`] (with the
+    /// offered key's fingerprint) if the host key is not trusted,
+    /// [`SshError::AuthRejected`] if no method was accepted,
+    /// [`SshError::ConnectTimeout`] if it all took too long,
+    /// [`SshError::Config`] if the configured backend's cargo feature is off.
+    pub async fn connect(config: SshConfig) -> Result<Session, SshError> {
+        let conn = match config.backend {
+            #[cfg(feature = "russh")]
+            crate::Backend::Russh => {
+                let timeout = config.connect_timeout;
+                match tokio::time::timeout(timeout, crate::backend::russh::connect(&config)).await {
+                    Ok(r) => Conn::Russh(r?),
+                    Err(_) => {
+                        return Err(SshError::ConnectTimeout {
+                            addr: config.addr.clone(),
+                            timeout,
+                        });
+                    }
+                }
+            }
+            #[cfg(not(feature = "russh"))]
+            crate::Backend::Russh => {
+                return Err(SshError::Config(
+                    "Backend::Russh needs the `russh` feature of flowctl-ssh".into(),
+                ));
+            }
+            #[cfg(feature = "openssh")]
+            crate::Backend::OpenSsh => {
+                let master = crate::backend::openssh::Master::connect(&config).await?;
+                Conn::OpenSsh(Arc::new(master))
+            }
+            #[cfg(not(feature = "openssh"))]
+            crate::Backend::OpenSsh => {
+                return Err(SshError::Config(
+                    "Backend::OpenSsh needs the `openssh` feature of flowctl-ssh".into(),
+                ));
+            }
+        };
+        Ok(Session {
+            conn,
+            config: Arc::new(config),
+        })
+    }
+
+    /// Runs `command` on the server in a new channel of this connection.
+    ///
+    /// All channels of a connection share russh's session loop: a process
+    /// whose output is not consumed stalls the others once its buffers are
+    /// full (see the crate docs). Use [`exec_isolated`](Session::exec_isolated)
+    /// when that matters.
+    ///
+    /// # Errors
+    /// [`SshError::ExecRefused`] if the server refuses the command; a russh
+    /// error if the connection is gone.
+    ///
+    /// # Cancel safety
+    /// Dropping the returned future at any point leaks nothing: the channel
+    /// is opened and the command started by a task (counted as
+    /// [`LEDGER_OPEN`](crate::LEDGER_OPEN)) that owns every step in flight.
+    /// When nobody waits for its result any more, it closes what it opened,
+    /// including a channel whose open the server confirms only after the
+    /// drop. A refused command, a lost connection or an error from the exec
+    /// request close the channel too.
+    pub async fn exec(&self, command: &str) -> Result<RemoteProcess, SshError> {
+        match &self.conn {
+            #[cfg(feature = "russh")]
+            Conn::Russh(inner) => {
+                crate::backend::russh::exec(inner, command, &self.config, None).await
+            }
+            #[cfg(feature = "openssh")]
+            Conn::OpenSsh(master) => {
+                crate::backend::openssh::exec(master, command, &self.config).await
+            }
+        }
+    }
+
+    /// [`exec`](Session::exec) on a russh session, reporting each step of
+    /// the open task to `probe` (tests cancel the caller at each step).
+    #[cfg(all(test, feature = "russh"))]
+    pub(crate) async fn exec_probed(
+        &self,
+        command: &str,
+        probe: crate::backend::russh::Probe,
+    ) -> Result<RemoteProcess, SshError> {
+        match &self.conn {
+            Conn::Russh(inner) => {
+                crate::backend::russh::exec(inner, command, &self.config, Some(probe)).await
+            }
+            #[cfg(feature = "openssh")]
+            Conn::OpenSsh(_) => Err(SshError::Config(
+                "exec probes need a Backend::Russh session".into(),
+            )),
+        }
+    }
+
+    /// Opens a new connection with the same configuration and runs `command`
+    /// on it alone, so that a stalled consumer of this process cannot stall
+    /// any other channel. The connection closes when the process is dropped.
+    pub async fn exec_isolated(&self, command: &str) -> Result<RemoteProcess, SshError> {
+        let session = Session::connect((*self.config).clone()).await?;
+        session.exec(command).await
+    }
+
+    /// The configuration this session was opened with.
+    pub fn config(&self) -> &SshConfig {
+        &self.config
+    }
+
+    /// Disconnects now and waits for russh's session task to end, if no
+    /// process of this session is still alive; otherwise the connection is
+    /// closed when the last process is dropped.
+    pub async fn close(self) {
+        match self.conn {
+            #[cfg(feature = "russh")]
+            Conn::Russh(inner) => crate::backend::russh::close(inner).await,
+            #[cfg(feature = "openssh")]
+            Conn::OpenSsh(master) => {
+                if let Ok(master) = Arc::try_unwrap(master) {
+                    master.close().await;
+                }
+            }
+        }
+    }
+}
