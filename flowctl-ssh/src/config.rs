@@ -93,7 +93,7 @@ impl Auth {
         }
     }
 
-    #[cfg_attr(not(feature = "russh"), allow(dead_code))]
+    #[cfg_attr(not(any(feature = "russh", feature = "openssh")), allow(dead_code))]
     pub(crate) fn describe(&self) -> String {
         match self {
             Auth::KeyFile { path, .. } => format!("publickey {}", path.display()),

@@ -275,17 +275,24 @@
 //!
 //! # Feature flags
 //!
-//! - `russh` (default): the russh client backend. Without it the crate has
-//!   only its configuration and error types.
+//! - `russh` (default): the russh client backend ([`Backend::Russh`]).
+//!   With neither `russh` nor `openssh` the crate has only its
+//!   configuration and error types.
 //! - `server`: `server::EmbeddedServer`, an in-process SSH server that runs
 //!   commands with `sh -c` and respects backpressure both ways (tests, soak).
 //! - `testing`: [`testing::Sshd`], a real OpenSSH `sshd` on a free loopback
 //!   port, stopped by pid (this crate's tests, the soak's `--sshd`).
 //! - `rsa`: RSA user and host keys (russh's `rsa` feature; longer build).
 //! - `openssh`: [`Backend::OpenSsh`], the system `ssh` as a ControlMaster
-//!   through the `openssh` crate (process-mux). It enables `russh` too, for
-//!   the shared process types; the extra cold build is small (`openssh`,
-//!   `shell-escape`, `once_cell`; `tempfile`, `libc` are already built).
+//!   through the `openssh` crate (process-mux). It does not need `russh`:
+//!   `default-features = false, features = ["openssh"]` builds the crate
+//!   without russh and its crypto (then [`Session::connect`] with
+//!   [`Backend::Russh`], the default, fails with [`SshError::Config`]; set
+//!   [`SshConfig::backend`]). The known_hosts reader, the
+//!   `From<russh::Error>` conversion and the `russh` re-export exist only
+//!   with `russh` (the openssh backend leaves host keys to `ssh`). Next to
+//!   `russh` the extra cold build is small (`openssh`, `shell-escape`,
+//!   `once_cell`; `tempfile`, `libc` are already built).
 // Only `sys` (process groups, the parent-death signal) may use `unsafe`.
 #![deny(unsafe_code)]
 
