@@ -15,7 +15,7 @@ use russh::keys::{HashAlg, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertific
 use russh::{ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
 use tokio::sync::watch;
 
-use crate::config::{Auth, HostKeyPolicy, Secret, SshConfig};
+use crate::config::{Auth, HostKeyPolicy, Secret, SshConfig, split_host_port};
 use crate::error::SshError;
 use crate::ledger::{LEDGER_OPEN, LEDGER_SESSION, LEDGER_TASK};
 use crate::process::{
@@ -333,18 +333,6 @@ pub(crate) async fn close(inner: Arc<SessionInner>) {
     }
 }
 
-fn split_host_port(addr: &str) -> (String, u16) {
-    if let Some(rest) = addr.strip_prefix('[')
-        && let Some((host, port)) = rest.split_once("]:")
-    {
-        return (host.to_owned(), port.parse().unwrap_or(22));
-    }
-    match addr.rsplit_once(':') {
-        Some((host, port)) if !host.contains(':') => (host.to_owned(), port.parse().unwrap_or(22)),
-        _ => (addr.to_owned(), 22),
-    }
-}
-
 fn fingerprint(key: &PublicKey) -> String {
     key.fingerprint(HashAlg::Sha256).to_string()
 }
@@ -641,19 +629,6 @@ impl StdinWriter for Arc<ChannelWriteHalf<Msg>> {
 
 #[cfg(test)]
 mod tests {
-    use super::split_host_port;
-
-    #[test]
-    fn host_and_port_for_known_hosts() {
-        assert_eq!(
-            split_host_port("example.org:2222"),
-            ("example.org".into(), 2222)
-        );
-        assert_eq!(split_host_port("example.org"), ("example.org".into(), 22));
-        assert_eq!(split_host_port("[::1]:2200"), ("::1".into(), 2200));
-        assert_eq!(split_host_port("::1"), ("::1".into(), 22));
-    }
-
     /// Issue 15 item 3, step by step: the caller of `exec` is dropped while
     /// the open task waits at each step (before the channel open is sent,
     /// so that its confirmation arrives after the drop; after the open;
