@@ -93,7 +93,7 @@ impl Auth {
         }
     }
 
-    #[cfg_attr(not(feature = "russh"), allow(dead_code))]
+    #[cfg_attr(not(any(feature = "russh", feature = "openssh")), allow(dead_code))]
     pub(crate) fn describe(&self) -> String {
         match self {
             Auth::KeyFile { path, .. } => format!("publickey {}", path.display()),
@@ -325,6 +325,22 @@ impl SshConfig {
     }
 }
 
+/// `host` and port (22 if none) of an `addr` such as `example.org:2222`,
+/// `[::1]:2200` or `::1`, as both backends name the host (known_hosts
+/// entries, ssh's command line).
+#[cfg_attr(not(any(feature = "russh", feature = "openssh")), allow(dead_code))]
+pub(crate) fn split_host_port(addr: &str) -> (String, u16) {
+    if let Some(rest) = addr.strip_prefix('[')
+        && let Some((host, port)) = rest.split_once("]:")
+    {
+        return (host.to_owned(), port.parse().unwrap_or(22));
+    }
+    match addr.rsplit_once(':') {
+        Some((host, port)) if !host.contains(':') => (host.to_owned(), port.parse().unwrap_or(22)),
+        _ => (addr.to_owned(), 22),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -340,5 +356,16 @@ mod tests {
         let printed = format!("{cfg:?}");
         assert!(!printed.contains("TOPSECRET"), "{printed}");
         assert_eq!(format!("{:?}", Secret::from("x")), "<redacted>");
+    }
+
+    #[test]
+    fn host_and_port_for_known_hosts() {
+        assert_eq!(
+            split_host_port("example.org:2222"),
+            ("example.org".into(), 2222)
+        );
+        assert_eq!(split_host_port("example.org"), ("example.org".into(), 22));
+        assert_eq!(split_host_port("[::1]:2200"), ("::1".into(), 2200));
+        assert_eq!(split_host_port("::1"), ("::1".into(), 22));
     }
 }

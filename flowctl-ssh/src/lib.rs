@@ -275,47 +275,58 @@
 //!
 //! # Feature flags
 //!
-//! - `russh` (default): the russh client backend. Without it the crate has
-//!   only its configuration and error types.
+//! - `russh` (default): the russh client backend ([`Backend::Russh`]).
+//!   With neither `russh` nor `openssh` the crate has only its
+//!   configuration and error types.
 //! - `server`: `server::EmbeddedServer`, an in-process SSH server that runs
 //!   commands with `sh -c` and respects backpressure both ways (tests, soak).
 //! - `testing`: [`testing::Sshd`], a real OpenSSH `sshd` on a free loopback
 //!   port, stopped by pid (this crate's tests, the soak's `--sshd`).
 //! - `rsa`: RSA user and host keys (russh's `rsa` feature; longer build).
 //! - `openssh`: [`Backend::OpenSsh`], the system `ssh` as a ControlMaster
-//!   through the `openssh` crate (process-mux). It enables `russh` too, for
-//!   the shared process types; the extra cold build is small (`openssh`,
-//!   `shell-escape`, `once_cell`; `tempfile`, `libc` are already built).
+//!   through the `openssh` crate (process-mux). It does not need `russh`:
+//!   `default-features = false, features = ["openssh"]` builds the crate
+//!   without russh and its crypto (then [`Session::connect`] with
+//!   [`Backend::Russh`], the default, fails with [`SshError::Config`]; set
+//!   [`SshConfig::backend`]). The known_hosts reader, the
+//!   `From<russh::Error>` conversion and the `russh` re-export exist only
+//!   with `russh` (the openssh backend leaves host keys to `ssh`). Next to
+//!   `russh` the extra cold build is small (`openssh`, `shell-escape`,
+//!   `once_cell`; `tempfile`, `libc` are already built).
 // Only `sys` (process groups, the parent-death signal) may use `unsafe`.
 #![deny(unsafe_code)]
 
+#[cfg(any(feature = "russh", feature = "openssh"))]
+mod backend;
 mod config;
 mod error;
+#[cfg(any(feature = "russh", feature = "openssh"))]
+mod ledger;
 
 pub use config::{Auth, Backend, HostKeyPolicy, Secret, SshConfig};
 pub use error::SshError;
 
 #[cfg(feature = "russh")]
 mod known_hosts;
-#[cfg(feature = "russh")]
+#[cfg(any(feature = "russh", feature = "openssh"))]
 mod process;
-#[cfg(feature = "russh")]
+#[cfg(any(feature = "russh", feature = "openssh"))]
 pub mod redirect;
 #[cfg(feature = "server")]
 pub mod server;
-#[cfg(feature = "russh")]
+#[cfg(any(feature = "russh", feature = "openssh"))]
 mod session;
 #[cfg(any(feature = "server", feature = "testing"))]
 mod sys;
-#[cfg(feature = "openssh")]
-mod system;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-#[cfg(feature = "russh")]
+#[cfg(any(feature = "russh", feature = "openssh"))]
+pub use ledger::{LEDGER_OPEN, LEDGER_SESSION, LEDGER_TASK};
+#[cfg(any(feature = "russh", feature = "openssh"))]
 pub use process::{Exit, ExitStatus, Output, RemoteProcess, Stdin};
-#[cfg(feature = "russh")]
-pub use session::{LEDGER_OPEN, LEDGER_SESSION, LEDGER_TASK, Session};
+#[cfg(any(feature = "russh", feature = "openssh"))]
+pub use session::Session;
 
 /// The russh version this crate is built on, re-exported for key types
 /// (`russh::keys::PrivateKey`, ...).

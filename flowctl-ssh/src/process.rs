@@ -1,5 +1,29 @@
-//! A remote process: stdin as a [`Sink`], stdout and stderr as [`Source`]s,
-//! and its exit status.
+//! A remote process, the same for every backend: stdin as a [`Sink`],
+//! stdout and stderr as [`Source`]s, and its exit status.
+//!
+//! # The backend interface
+//!
+//! A backend does not implement a trait for the user-facing types: it
+//! feeds them. [`plumbing`] builds a [`RemoteProcess`] together with its
+//! task side, [`Plumbing`]: the sending ends of the stdout and stderr pipes,
+//! the receiving end of the stdin pipe, the exit-status and done channels,
+//! the loss flags and the cancel signal (which fires once every user-facing
+//! part is dropped). The backend then spawns its own tasks on that side:
+//!
+//! - a reader that moves the channel's output into `out` / `err` with
+//!   [`room`] (wait until a pipe is at or below its low watermark, *before*
+//!   taking more from the connection: that wait is the backpressure) and
+//!   [`deliver`], and ends with an [`Outcome`];
+//! - the stdin task, [`write_stdin`], shared by both backends, which drives
+//!   a [`StdinWriter`] (the one trait of this interface: a russh channel's
+//!   write half, or the stdin pipe of the OpenSSH mux client).
+//!
+//! We chose this over a trait with one method per channel operation
+//! because the two backends' read loops have nothing in common beyond the
+//! pipes (one russh message queue for both streams against two OS pipes
+//! read separately and a child to wait for), so only the pipes, the bounds
+//! and the stdin writer are shared. This module names no backend: it never
+//! imports `session`, `backend` or russh; the backends import it.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -7,14 +31,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use async_trait::async_trait;
 use bytes::Bytes;
 use flowctl_core::{FlowError, FlowStats, PipeSink, PipeSource, Sink, Source, pipe};
-use russh::ChannelMsg;
-use russh::client::Msg;
-use russh::{ChannelReadHalf, ChannelWriteHalf};
 use tokio::sync::watch;
 
 use crate::config::SshConfig;
 use crate::error::SshError;
-use crate::session::{LEDGER_TASK, SessionInner};
 
 /// How a remote process ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,7 +91,10 @@ impl std::fmt::Display for ExitStatus {
 #[derive(Debug, Clone)]
 pub(crate) enum Outcome {
     Exited(ExitStatus),
-    /// The channel closed without exit-status/exit-signal.
+    /// The channel closed without exit-status/exit-signal. Only the russh
+    /// backend sees the channel itself; the openssh backend's mux client
+    /// always exits with a code.
+    #[cfg_attr(not(feature = "russh"), allow(dead_code))]
     NoStatus {
         stdout: u64,
     },
@@ -207,44 +230,6 @@ pub struct RemoteProcess {
 }
 
 impl RemoteProcess {
-    /// Starts the tasks of a process whose exec request the server accepted.
-    pub(crate) fn start(
-        read: ChannelReadHalf,
-        write: ChannelWriteHalf<Msg>,
-        command: &str,
-        config: &SshConfig,
-        session: Arc<SessionInner>,
-    ) -> RemoteProcess {
-        let session: Arc<dyn std::any::Any + Send + Sync> = session;
-        let write = Arc::new(write);
-        let (p, proc) = plumbing(config, session);
-        let span = exec_span(command, config, "russh");
-        config.ledger.spawn(
-            LEDGER_TASK,
-            tracing::Instrument::instrument(
-                read_channel(ReadTask {
-                    read,
-                    write: write.clone(),
-                    out: p.out,
-                    err: p.err,
-                    flags: p.flags,
-                    exit: p.exit,
-                    done: p.done,
-                    cancel: p.cancel.clone(),
-                }),
-                span.clone(),
-            ),
-        );
-        config.ledger.spawn(
-            LEDGER_TASK,
-            tracing::Instrument::instrument(
-                write_stdin(Some(write), p.stdin, p.progress, p.done_rx, p.cancel),
-                span,
-            ),
-        );
-        proc
-    }
-
     /// Waits for the process to end. Drain or drop stdout and stderr first
     /// (or concurrently): a full output buffer stops the channel.
     pub async fn wait(&mut self) -> Result<ExitStatus, SshError> {
@@ -255,17 +240,6 @@ impl RemoteProcess {
     pub fn split(self) -> (Stdin, Output, Output, Exit) {
         (self.stdin, self.stdout, self.stderr, self.exit)
     }
-}
-
-struct ReadTask {
-    read: ChannelReadHalf,
-    write: Arc<ChannelWriteHalf<Msg>>,
-    out: PipeSink<Bytes>,
-    err: PipeSink<Bytes>,
-    flags: Arc<Flags>,
-    exit: watch::Sender<Option<Outcome>>,
-    done: watch::Sender<bool>,
-    cancel: watch::Receiver<()>,
 }
 
 /// The span of a remote process's tasks. The command line may carry
@@ -293,118 +267,6 @@ pub(crate) fn deliver(pipe: &mut PipeSink<Bytes>, open: &mut bool, data: Bytes) 
     }
 }
 
-/// Gives up a channel whose command may run: asks the server to kill the
-/// command (OpenSSH's sshd sends the signal to the command's process
-/// group), sends EOF, then closes the channel.
-///
-/// A CHANNEL_CLOSE alone is not enough: sshd keeps a session whose command
-/// still runs, and keeps the command's stdin open until the command exits,
-/// so a `cat` would never end and its session would count against
-/// `MaxSessions` for ever. The signal and the EOF are best effort (a
-/// server may refuse signals); the close always goes out.
-pub(crate) async fn abandon(write: &ChannelWriteHalf<Msg>) {
-    let _ = write.signal(russh::Sig::KILL).await;
-    let _ = write.eof().await;
-    let _ = write.close().await;
-}
-
-/// The channel reader: takes the next message from russh's channel queue
-/// only when both output pipes are at or below their watermarks.
-async fn read_channel(mut t: ReadTask) {
-    let (mut out_open, mut err_open) = (true, true);
-    let mut status: Option<ExitStatus> = None;
-    let mut eof = false;
-    let mut stdout_bytes = 0u64;
-    let closed_cleanly;
-    loop {
-        // Backpressure: wait for room in both pipes BEFORE taking a message,
-        // since we do not know yet which stream it belongs to.
-        tokio::select! {
-            _ = t.cancel.changed() => {
-                tracing::debug!("every part of the process dropped: closing the channel");
-                abandon(&t.write).await;
-                return;
-            }
-            () = async {
-                room(&mut t.out, &mut out_open).await;
-                room(&mut t.err, &mut err_open).await;
-            } => {}
-        }
-        let msg = tokio::select! {
-            _ = t.cancel.changed() => {
-                tracing::debug!("every part of the process dropped: closing the channel");
-                abandon(&t.write).await;
-                return;
-            }
-            msg = t.read.wait() => msg,
-        };
-        match msg {
-            Some(ChannelMsg::Data { data }) => {
-                tracing::trace!(len = data.len(), "stdout data");
-                stdout_bytes += data.len() as u64;
-                deliver(&mut t.out, &mut out_open, data);
-            }
-            Some(ChannelMsg::ExtendedData { data, ext }) => {
-                tracing::trace!(len = data.len(), ext, "extended data");
-                if ext == 1 {
-                    deliver(&mut t.err, &mut err_open, data);
-                }
-            }
-            Some(ChannelMsg::Eof) => {
-                eof = true;
-                t.out.close_now();
-                t.err.close_now();
-            }
-            Some(ChannelMsg::ExitStatus { exit_status }) => {
-                status = Some(ExitStatus::Code(exit_status));
-            }
-            Some(ChannelMsg::ExitSignal {
-                signal_name,
-                core_dumped,
-                error_message,
-                ..
-            }) => {
-                let name = match signal_name {
-                    russh::Sig::Custom(s) => s,
-                    other => format!("{other:?}"),
-                };
-                status = Some(ExitStatus::Signal {
-                    name,
-                    core_dumped,
-                    message: error_message,
-                });
-            }
-            Some(ChannelMsg::Close) => {
-                closed_cleanly = true;
-                break;
-            }
-            Some(_) => {}
-            None => {
-                closed_cleanly = false;
-                break;
-            }
-        }
-    }
-    if !closed_cleanly && !eof {
-        tracing::debug!(stdout_bytes, "connection lost before the end of the output");
-        t.flags.stdout_lost.store(true, Ordering::Release);
-        t.flags.stderr_lost.store(true, Ordering::Release);
-    }
-    let outcome = match (status, closed_cleanly) {
-        (Some(s), _) => Outcome::Exited(s),
-        (None, true) => Outcome::NoStatus {
-            stdout: stdout_bytes,
-        },
-        (None, false) => Outcome::Lost,
-    };
-    // Flags first, then the end of the pipes: a source that sees its end
-    // also sees whether it was a loss.
-    t.out.close_now();
-    t.err.close_now();
-    let _ = t.exit.send(Some(outcome));
-    let _ = t.done.send(true);
-}
-
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct StdinProgress {
     /// Bytes handed to the connection (russh, or the ssh client's pipe).
@@ -422,16 +284,6 @@ pub(crate) trait StdinWriter: Send {
     fn write(&mut self, chunk: Bytes) -> impl Future<Output = std::io::Result<()>> + Send;
     /// Sends EOF; `true` if it went out.
     fn eof(self) -> impl Future<Output = bool> + Send;
-}
-
-impl StdinWriter for Arc<ChannelWriteHalf<Msg>> {
-    async fn write(&mut self, chunk: Bytes) -> std::io::Result<()> {
-        self.data_bytes(chunk).await.map_err(std::io::Error::other)
-    }
-
-    async fn eof(self) -> bool {
-        ChannelWriteHalf::eof(&self).await.is_ok()
-    }
 }
 
 /// The stdin writer of both backends: hands each chunk to `writer`, which

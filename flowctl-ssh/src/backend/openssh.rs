@@ -14,12 +14,12 @@ use flowctl_core::lifecycle::Lease;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
-use crate::config::{Auth, HostKeyPolicy, SshConfig};
+use crate::config::{Auth, HostKeyPolicy, SshConfig, split_host_port};
 use crate::error::SshError;
+use crate::ledger::{LEDGER_SESSION, LEDGER_TASK};
 use crate::process::{
     ExitStatus, Outcome, Plumbing, RemoteProcess, StdinWriter, deliver, plumbing, room, write_stdin,
 };
-use crate::session::{LEDGER_SESSION, LEDGER_TASK};
 
 /// A running ControlMaster (`ssh -M -f -N`), closed with `ssh -O exit` when
 /// the last session or process holding it is dropped.
@@ -74,18 +74,6 @@ async fn close_session(session: openssh::Session) {
     match session.close().await {
         Ok(()) => tracing::info!("ssh control master closed"),
         Err(e) => tracing::debug!(error = %e, "ssh control master ended with an error"),
-    }
-}
-
-fn split_host_port(addr: &str) -> (String, u16) {
-    if let Some(rest) = addr.strip_prefix('[')
-        && let Some((host, port)) = rest.split_once("]:")
-    {
-        return (host.to_owned(), port.parse().unwrap_or(22));
-    }
-    match addr.rsplit_once(':') {
-        Some((host, port)) if !host.contains(':') => (host.to_owned(), port.parse().unwrap_or(22)),
-        _ => (addr.to_owned(), 22),
     }
 }
 
