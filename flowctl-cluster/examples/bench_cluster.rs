@@ -4,7 +4,7 @@
 //! the time to resume after the SIGKILL or SIGSTOP of the consumer's node.
 //! Starts its own 3-node cluster on 127.0.0.1.
 //!
-//! `cargo run --release -p flowctl-cluster --example bench_cluster [messages] [size] [--json] [--no-failover] [--resume-only]`
+//! `cargo run --release -p flowctl-cluster --example bench_cluster [messages] [size] [--json] [--no-failover] [--resume-only] [--kill-only]`
 //!
 //! - Core subscriptions are at most once: a publisher faster than the
 //!   subscriber overruns its channel and async-nats drops messages. Both sides
@@ -17,7 +17,8 @@
 //! - `--no-failover` or `BENCH_NO_FAILOVER=1`: stop after the throughput
 //!   rounds (the 8 failover rounds take minutes).
 //! - `--resume-only`: only the failover rounds; `BENCH_RESUME_ROUNDS=K`
-//!   (default 2) rounds per fault and side.
+//!   (default 2) rounds per fault and side; `--kill-only`: no SIGSTOP rounds
+//!   (async-nats's side waits 60 s in each).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -586,7 +587,12 @@ async fn resume_rounds(nats: &mut NatsCluster) -> BoxResult<()> {
         .and_then(|v| v.parse().ok())
         .unwrap_or(2);
     let mut i = 0;
-    for freeze in [false, true] {
+    let faults: &[bool] = if std::env::args().any(|a| a == "--kill-only") {
+        &[false]
+    } else {
+        &[false, true]
+    };
+    for &freeze in faults {
         for _ in 0..rounds {
             for raw in [false, true] {
                 i += 1;

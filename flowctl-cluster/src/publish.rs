@@ -92,6 +92,8 @@ struct Fatal {
 #[derive(Debug)]
 struct State {
     error: Mutex<Option<String>>,
+    /// Times a stale last msg id was answered by chaining on the sequence.
+    rechained: std::sync::atomic::AtomicU64,
     /// Set once by the publishing task, never taken: the error is sticky.
     fatal: Mutex<Option<Fatal>>,
 }
@@ -170,6 +172,7 @@ impl Cluster {
         let state = Arc::new(State {
             error: Mutex::new(None),
             fatal: Mutex::new(None),
+            rechained: Default::default(),
         });
         let (tx, rx) = mpsc::unbounded_channel();
         let js = async_nats::jetstream::ContextBuilder::new()
@@ -211,6 +214,17 @@ impl Publisher {
     /// Messages acknowledged by the stream.
     pub fn acked(&self) -> u64 {
         *self.acked.borrow()
+    }
+
+    /// Times a new stream leader refused a message in strict order with
+    /// `wrong last msg ID` naming an *older* message of this publisher (its
+    /// last msg id was stale: nats-server 2.10.26 after a node restart), and
+    /// the message was re-sent chained on `Nats-Expected-Last-Sequence`, the
+    /// stream sequence of its acknowledged predecessor, instead of failing.
+    pub fn rechained(&self) -> u64 {
+        self.state
+            .rechained
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The last transient failure, if the publisher is retrying now.
@@ -349,6 +363,9 @@ impl Drop for Publisher {
 struct Entry {
     id: String,
     prev: Option<String>,
+    /// Chain on the stream's last sequence instead of `prev`'s id (the
+    /// stream leader's last msg id was stale; see [`stale_own_id`]).
+    after_seq: Option<u64>,
     payload: Bytes,
     /// Left this client at least once (the stream may hold it).
     sent: bool,
@@ -371,7 +388,9 @@ async fn send(
     let mut p = PublishMessage::build()
         .payload(e.payload.clone())
         .message_id(&e.id);
-    if let Some(prev) = &e.prev {
+    if let Some(seq) = e.after_seq {
+        p = p.expected_last_sequence(seq);
+    } else if let Some(prev) = &e.prev {
         p = p.expected_last_message_id(prev);
     }
     match js.send_publish(subject.to_owned(), p).await {
@@ -466,6 +485,8 @@ async fn run(
     let mut closed = false;
     let mut failing_since: Option<Instant> = None;
     let mut attempts = 0u32;
+    // The last message acked: its id and stream sequence.
+    let mut last_acked: Option<(String, u64)> = None;
     let strict = opts.strict_order;
     // Returning drops `acked`, which wakes a waiting flush.
     macro_rules! fail {
@@ -481,6 +502,7 @@ async fn run(
                 Ok((id, payload)) => {
                     let mut e = Entry {
                         prev: prev.replace(id.clone()).filter(|_| opts.strict_order),
+                        after_seq: None,
                         id,
                         payload,
                         sent: false,
@@ -503,6 +525,7 @@ async fn run(
                 Some((id, payload)) => {
                     let mut e = Entry {
                         prev: prev.replace(id.clone()).filter(|_| opts.strict_order),
+                        after_seq: None,
                         id,
                         payload,
                         sent: false,
@@ -520,9 +543,10 @@ async fn run(
             None => Err((PublishErrorKind::Other, "not sent".to_owned())),
         };
         match result {
-            Ok(_) => {
+            Ok(ack) => {
                 if let Some(e) = window.pop_front() {
                     gate.credit(charge_of(&e.payload));
+                    last_acked = Some((e.id, ack.sequence));
                 }
                 failing_since = None;
                 attempts = 0;
@@ -538,7 +562,35 @@ async fn run(
                     limit,
                 });
             }
-            Err((PublishErrorKind::WrongLastMessageId, reason)) if attempts == 0 => {
+            Err((PublishErrorKind::WrongLastMessageId, reason))
+                if front.after_seq.is_none()
+                    && let Some((id, seq)) = &last_acked
+                    && front.prev.as_ref() == Some(id)
+                    && stale_own_id(&reason, id) =>
+            {
+                // The stream stored our predecessor (its ack says where),
+                // but a new stream leader remembers an older id of ours as
+                // the last (seen with nats-server 2.10.26 after a node
+                // restart): chain on the sequence instead, once.
+                tracing::warn!(msg_id = %front.id, %reason, after_seq = seq,
+                    "stream leader's last msg id is stale; re-sending chained on the last sequence");
+                front.after_seq = Some(*seq);
+                state
+                    .rechained
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                for e in window.iter_mut() {
+                    e.ack = None;
+                }
+                for e in window.iter_mut() {
+                    if send(&js, &subject, e).await.is_err() {
+                        break;
+                    }
+                }
+            }
+            Err((
+                PublishErrorKind::WrongLastMessageId | PublishErrorKind::WrongLastSequence,
+                reason,
+            )) if attempts == 0 => {
                 fail!(ClusterError::ConcurrentPublisher {
                     msg_id: front.id.clone(),
                     reason,
@@ -584,14 +636,49 @@ async fn run(
     }
 }
 
+/// The server's `wrong last msg ID: <id>` names an id this publisher sent
+/// before `acked` (its last acked message): the stream holds `acked`, so the
+/// leader's last id is stale, not another writer's.
+fn stale_own_id(reason: &str, acked: &str) -> bool {
+    let Some(named) = reason
+        .split("wrong last msg ID: ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+    else {
+        return false;
+    };
+    let parse = |id: &str| {
+        let (publisher, n) = id.rsplit_once('-')?;
+        Some((publisher.to_owned(), n.parse::<u64>().ok()?))
+    };
+    match (parse(named), parse(acked)) {
+        (Some((p1, n1)), Some((p2, n2))) => p1 == p2 && n1 < n2,
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stale_last_id_is_recognised_only_when_it_is_an_older_one_of_ours() {
+        let r = |id: &str| format!("wrong last message id: wrong last msg ID: {id} (10070)");
+        assert!(stale_own_id(&r("AbC9-100"), "AbC9-1200"));
+        // Another writer's id, ours but not older, garbage: a real conflict.
+        assert!(!stale_own_id(&r("other-100"), "AbC9-1200"));
+        assert!(!stale_own_id(&r("AbC9-1200"), "AbC9-1200"));
+        assert!(!stale_own_id(&r("AbC9-1300"), "AbC9-1200"));
+        assert!(!stale_own_id(&r("AbC9-x"), "AbC9-1200"));
+        assert!(!stale_own_id("wrong last message id", "AbC9-1200"));
+        assert!(!stale_own_id(&r(""), "AbC9-1200"));
+    }
 
     fn entry(n: u32, sent: bool) -> Entry {
         Entry {
             id: format!("p-{n}"),
             prev: None,
+            after_seq: None,
             payload: Bytes::from(vec![0u8; 10]),
             sent,
             ack: None,
@@ -605,6 +692,7 @@ mod tests {
         let state = State {
             error: Mutex::new(None),
             fatal: Mutex::new(None),
+            rechained: Default::default(),
         };
         let window: VecDeque<Entry> = sent
             .iter()

@@ -3,7 +3,8 @@
 //!
 //! Steps: setup, nextest (the whole workspace, with the newest nats-server of
 //! the matrix), the flowctl-cluster suite again with Debian's nats-server
-//! (the oldest supported release), doctests, loom, clippy, fmt, docs. Each
+//! (the oldest supported release), doctests, loom, clippy (also flowctl-ssh
+//! with each backend alone), fmt, docs. Each
 //! prints a `==> step` header and its duration; the first failure stops the
 //! run and is named in the error. A summary of durations ends every run.
 //!
@@ -73,7 +74,23 @@ fn all(steps: &mut Steps) -> Result<(), String> {
             "--",
             "-D",
             "warnings",
-        ]))
+        ]))?;
+        // flowctl-ssh's backends build alone too (test builds always enable
+        // both, through the crate's dev-dependency on itself).
+        for backend in ["russh", "openssh"] {
+            run_cmd(cargo().args([
+                "clippy",
+                "-p",
+                "flowctl-ssh",
+                "--no-default-features",
+                "--features",
+                backend,
+                "--",
+                "-D",
+                "warnings",
+            ]))?;
+        }
+        Ok(())
     })?;
     steps.step("fmt".into(), || {
         run_cmd(cargo().args(["fmt", "--all", "--", "--check"]))

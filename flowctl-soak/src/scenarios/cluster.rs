@@ -351,6 +351,8 @@ struct Produced {
     sent: u64,
     stats: FlowStats,
     error: Option<String>,
+    /// `Publisher::rechained`: stale last msg ids answered.
+    rechained: u64,
 }
 
 impl<'c, 'm> Soak<'c, 'm> {
@@ -446,6 +448,7 @@ impl<'c, 'm> Soak<'c, 'm> {
                     sent: 0,
                     stats: pub_snap.get(),
                     error: None,
+                    rechained: 0,
                 }
             }
             Err(_) => {
@@ -456,6 +459,7 @@ impl<'c, 'm> Soak<'c, 'm> {
                     sent: 0,
                     stats: pub_snap.get(),
                     error: None,
+                    rechained: 0,
                 }
             }
         };
@@ -476,12 +480,14 @@ impl<'c, 'm> Soak<'c, 'm> {
         src_snap.set(src_stats);
         let ps = src.pull_stats();
         self.notes.push(format!(
-            "pull source: {} pulls, {} redeliveries dropped, {} demand resets, {} deliveries missed, {} hold-backs expired; reconnects: publisher {}, consumer {}",
+            "pull source: {} pulls, {} redeliveries dropped, {} demand resets, {} deliveries missed ({} read from the stream), {} hold-backs expired; publisher: {} stale last msg ids re-chained; reconnects: publisher {}, consumer {}",
             ps.pulls,
             ps.duplicates,
             ps.resets,
             ps.missed,
+            ps.filled,
             ps.hold_expired,
+            produced.rechained,
             publisher_cluster.reconnects(),
             consumer_cluster.reconnects()
         ));
@@ -769,7 +775,12 @@ async fn produce(
     snap.set(stats);
     let sent = if error.is_some() { sink.acked() } else { seq };
     let _ = done.send(Some(sent));
-    Produced { sent, stats, error }
+    Produced {
+        sent,
+        stats,
+        error,
+        rechained: sink.rechained(),
+    }
 }
 
 /// Kills a node by pid within the first third of the run, restarts
