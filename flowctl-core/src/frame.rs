@@ -8,8 +8,8 @@
 //! its front in O(1).
 
 use std::any::Any;
+use std::task::{Context, Poll};
 
-use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use tokio_util::codec::{
     AnyDelimiterCodec, AnyDelimiterCodecError, Decoder, LengthDelimitedCodec,
@@ -55,6 +55,7 @@ pub const DEFAULT_MAX_BUFFER: usize = 8 * 1024 * 1024;
 /// ```
 /// use bytes::Bytes;
 /// use flowctl_core::{compat::StreamSource, frame::Framed, Source};
+/// use flowctl_core::prelude::*;
 /// use tokio_util::codec::LinesCodec;
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), flowctl_core::FlowError> {
 /// let chunks = futures::stream::iter(vec![Bytes::from("he"), Bytes::from("llo\nwor"), Bytes::from("ld\n")]);
@@ -322,49 +323,45 @@ where
         self.buf.extend_from_slice(&chunk);
     }
 
-    /// The next frame; see the type's docs for the errors. An inherent
-    /// method, so a call on a `Framed` itself costs no boxed future of its own.
-    pub async fn recv(&mut self) -> Result<Option<D::Item>, FlowError> {
-        loop {
+    /// The next frame; see the type's docs for the errors.
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<D::Item>, FlowError>> {
+        Poll::Ready(loop {
             if self.done {
-                return Ok(None);
+                break Ok(None);
             }
             // Decoding from a large buffer is a ready path too: spend the budget
             // before taking a frame, so the frame is never lost to a cancel.
-            std::future::poll_fn(|cx| self.budget.poll_proceed(cx)).await;
-            self.check_header()?;
+            std::task::ready!(self.budget.poll_proceed(cx));
+            if let Err(e) = self.check_header() {
+                break Err(e);
+            }
             let header_in = self
                 .header
                 .is_some_and(|h| self.at_header && self.buf.len() >= h.head);
             match self.decoder.decode(&mut self.buf) {
-                Ok(Some(frame)) => return Ok(self.deliver(frame)),
+                Ok(Some(frame)) => break Ok(self.deliver(frame)),
                 // A length-delimited codec given its whole header has consumed it.
                 Ok(None) if header_in => self.at_header = false,
                 Ok(None) => {}
-                Err(e) => return Err(self.decode_error(e)),
+                Err(e) => break Err(self.decode_error(e)),
             }
             // A length header is not part of the frame it declares.
             let allowed = self.max_buffer + self.header.map_or(0, |h| h.head);
             if self.buf.len() > allowed {
                 self.done = true;
-                return Err(FlowError::FrameTooLarge {
+                break Err(FlowError::FrameTooLarge {
                     size: self.buf.len(),
                     limit: self.max_buffer,
                 });
             }
-            let mut waited = false;
-            let received = {
-                let mut next = std::pin::pin!(self.src.recv());
-                std::future::poll_fn(|cx| {
-                    let poll = next.as_mut().poll(cx);
-                    waited |= poll.is_pending();
-                    poll
-                })
-                .await
+            let received = match self.src.poll_recv(cx) {
+                Poll::Ready(r) => r,
+                Poll::Pending => {
+                    // A natural yield: the slice starts again.
+                    self.budget.reset();
+                    return Poll::Pending;
+                }
             };
-            if waited {
-                self.budget.reset();
-            }
             match received {
                 Ok(Some(chunk)) => {
                     self.append(chunk);
@@ -373,7 +370,7 @@ where
                 }
                 Ok(None) => {
                     self.done = true;
-                    return match self.decoder.decode_eof(&mut self.buf) {
+                    break match self.decoder.decode_eof(&mut self.buf) {
                         Ok(Some(frame)) => {
                             // More frames may follow in the buffer.
                             self.done = self.buf.is_empty();
@@ -399,10 +396,10 @@ where
                 }
                 Err(e) => {
                     self.done = true;
-                    return Err(e);
+                    break Err(e);
                 }
             }
-        }
+        })
     }
 
     fn deliver(&mut self, frame: D::Item) -> Option<D::Item> {
@@ -416,7 +413,6 @@ where
     }
 }
 
-#[async_trait]
 impl<S, D> Source for Framed<S, D>
 where
     S: Source<Item = Bytes>,
@@ -426,8 +422,8 @@ where
 {
     type Item = D::Item;
 
-    async fn recv(&mut self) -> Result<Option<D::Item>, FlowError> {
-        Framed::recv(self).await
+    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<D::Item>, FlowError>> {
+        self.poll_frame(cx)
     }
 
     fn stats(&self) -> FlowStats {
