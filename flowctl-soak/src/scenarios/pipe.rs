@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use flowctl_core::{FlowError, Watermarks, pipe};
+#[allow(unused_imports)]
+use flowctl_core::prelude::*;
 use futures::FutureExt;
 use tokio::time::Instant;
 

@@ -54,6 +54,8 @@ use std::time::Duration;
 
 use flowctl_cluster::Cluster;
 use flowctl_core::frame::Framed;
+#[allow(unused_imports)]
+use flowctl_core::prelude::*;
 use flowctl_core::offload::ordered;
 use flowctl_core::{FlowError, Sink, Source, Watermarks};
 use flowctl_zmq::{SocketType, ZmqSink, ZmqSocket, ZmqSource};

@@ -69,6 +69,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use flowctl_core::{FlowError, FlowStats, Sink, Source, Watermarks};
+#[allow(unused_imports)]
+use flowctl_core::prelude::*;
 use flowctl_zmq::{Multipart, SocketType, ZmqSink, ZmqSocket, ZmqSource};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
