@@ -4,7 +4,7 @@
 //!
 //! ```
 //! use bytes::Bytes;
-//! use flowctl_core::{Sink, Source};
+//! use flowctl_core::prelude::*;
 //! use flowctl_zmq::{SocketType, ZmqSocket};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
@@ -18,7 +18,7 @@
 //!     .connect(endpoint)
 //!     .build()?
 //!     .into_sink();
-//! tx.send(vec![Bytes::from_static(b"hello"), Bytes::from_static(b"world")]).await?;
+//! tx.send(vec![Bytes::from_static(b"hello"), Bytes::from_static(b"world")].into()).await?;
 //! tx.close().await?; // waits until libzmq has sent it (bounded by the linger)
 //! let msg = rx.recv().await?.expect("a zmq socket never ends");
 //! assert_eq!(msg, vec![Bytes::from_static(b"hello"), Bytes::from_static(b"world")]);

@@ -98,7 +98,7 @@ mod tests {
     use std::sync::atomic::Ordering;
 
     use bytes::Bytes;
-    use flowctl_core::{Sink, Source};
+    use flowctl_core::prelude::*;
 
     use super::core::{Core, Dir};
     use crate::backend::SocketType;
@@ -127,7 +127,10 @@ mod tests {
     async fn until_readable(rx: &ZmqSource) {
         let core = rx.core().unwrap();
         while !core.events(None).unwrap().readable {
-            core.wait(Dir::In, true).await.unwrap();
+            std::future::poll_fn(|cx| core.poll_wait(Dir::In, true, cx))
+                .await
+                .unwrap();
+            core.lower(Dir::In);
         }
     }
 
@@ -165,7 +168,7 @@ mod tests {
         assert_eq!(a_rx.stats().items, 1);
         // The waiting half is woken, to meet the error in its own operation.
         assert!(
-            futures::FutureExt::now_or_never(core.notify_out.notified()).is_some(),
+            core.slots.take_permit(Dir::Out),
             "the waiting sink half was not woken"
         );
         fail_events(&core, false);
@@ -190,7 +193,7 @@ mod tests {
         assert_eq!(a_tx.stats().items, 1);
         assert_eq!(a_tx.zmq_stats().sent, 1);
         assert!(
-            futures::FutureExt::now_or_never(core.notify_in.notified()).is_some(),
+            core.slots.take_permit(Dir::In),
             "the waiting source half was not woken"
         );
         fail_events(&core, false);
@@ -218,7 +221,7 @@ mod tests {
             .build()
             .unwrap()
             .into_sink();
-        tx.send(peer::message(0, 16)).await.unwrap();
+        tx.send(peer::message(0, 16).into()).await.unwrap();
         // Message 1 fails at its frame 1: frame 0 is in libzmq already.
         tx.core()
             .unwrap()
@@ -227,7 +230,7 @@ mod tests {
                 Ok(())
             })
             .unwrap();
-        let err = tx.send(peer::message(1, 16)).await.unwrap_err();
+        let err = tx.send(peer::message(1, 16).into()).await.unwrap_err();
         assert!(
             matches!(
                 err.transport_error::<ZmqError>(),
@@ -241,7 +244,7 @@ mod tests {
         );
         // Sent on this socket, it would reach the peer glued to frame 0 of
         // the broken message.
-        let again = tx.send(peer::message(1, 16)).await;
+        let again = tx.send(peer::message(1, 16).into()).await;
         assert!(
             matches!(&again, Err(e) if matches!(e.transport_error::<ZmqError>(), Some(ZmqError::BrokenSend { .. }))),
             "the socket took a message behind a broken one: {again:?}"
@@ -257,7 +260,7 @@ mod tests {
             .build()
             .unwrap()
             .into_sink();
-        tx.send(peer::message(1, 16)).await.unwrap();
+        tx.send(peer::message(1, 16).into()).await.unwrap();
         tx.close().await.unwrap();
         peer.expect_ok(2); // it checked both messages, in order
     }

@@ -4,7 +4,8 @@
 use std::str::FromStr;
 
 use bytes::Bytes;
-use flowctl_core::{FlowError, Sink, Source};
+use flowctl_core::prelude::*;
+use flowctl_core::{FlowError, Sink};
 use flowctl_zmq::{SocketType, ZmqError, ZmqSocket};
 
 use crate::peer::{Peer, message};
@@ -185,7 +186,7 @@ async fn values_libzmq_refuses_are_clear_errors() {
         .unwrap()
         .into_sink();
     assert!(
-        tx.send(vec![Bytes::new()])
+        tx.send(vec![Bytes::new()].into())
             .await
             .unwrap_err()
             .to_string()
@@ -196,7 +197,7 @@ async fn values_libzmq_refuses_are_clear_errors() {
         .build()
         .unwrap()
         .into_sink();
-    let err = push.send(vec![]).await.unwrap_err();
+    let err = push.send(vec![].into()).await.unwrap_err();
     assert!(err.to_string().contains("0 frames"), "{err}");
 }
 
@@ -208,10 +209,7 @@ async fn router_send_to_unknown_routing_id_is_a_clear_error() {
         .unwrap()
         .into_sink();
     let err = tx
-        .send(vec![
-            Bytes::from_static(b"nobody"),
-            Bytes::from_static(b"hi"),
-        ])
+        .send(vec![Bytes::from_static(b"nobody"), Bytes::from_static(b"hi")].into())
         .await
         .unwrap_err();
     assert!(

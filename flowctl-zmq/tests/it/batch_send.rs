@@ -5,8 +5,9 @@
 use std::collections::VecDeque;
 
 use bytes::Bytes;
+use flowctl_core::prelude::*;
 use flowctl_core::weighted::MIN_CHARGE;
-use flowctl_core::{FlowError, Sink, Source, Watermarks};
+use flowctl_core::{FlowError, Sink, Watermarks};
 use flowctl_zmq::{Context, Multipart, SocketType, ZmqError, ZmqSink, ZmqSocket, ZmqSource};
 
 use crate::peer::{Peer, message};
@@ -33,7 +34,7 @@ async fn slow_pyzmq_pull(send_first: bool) -> flowctl_core::FlowStats {
         .into_sink();
     let mut next = 0;
     while send_first && tx.queued() == 0 {
-        tx.send(message(next, SIZE)).await.unwrap();
+        tx.send(message(next, SIZE).into()).await.unwrap();
         next += 1;
     }
     let mut batch = VecDeque::new();

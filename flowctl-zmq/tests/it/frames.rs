@@ -5,6 +5,7 @@
 //! the same messages as the inherent methods.
 
 use bytes::Bytes;
+use flowctl_core::prelude::*;
 use flowctl_core::{Sink, Source};
 use flowctl_zmq::{Multipart, SocketType, ZmqSocket};
 
