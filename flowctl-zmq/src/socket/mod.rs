@@ -34,13 +34,13 @@ pub const DEFAULT_EXPECTED_MESSAGE_SIZE: usize = 1024;
 /// expected message size and this.
 pub const MIN_DEFAULT_MAX_MESSAGE_SIZE: usize = 1024 * 1024;
 
-/// The default linger of [`Sink::close`](flowctl_core::Sink::close) and of a dropped socket: 30 s.
+/// The default linger of [`SinkExt::close`](flowctl_core::SinkExt::close) and of a dropped socket: 30 s.
 pub const DEFAULT_LINGER: Duration = Duration::from_secs(30);
 
 /// A libzmq context: its I/O thread and its `inproc://` namespace.
 ///
 /// Sockets built without one get a private context each, which lets
-/// [`Sink::close`](flowctl_core::Sink::close) wait until libzmq has really handed every message to the
+/// [`SinkExt::close`](flowctl_core::SinkExt::close) wait until libzmq has really handed every message to the
 /// network (`zmq_ctx_term`). Share a context between sockets that talk over
 /// `inproc://`; then `close` cannot wait for libzmq's own queue (the context
 /// stays alive for the other sockets) and only guarantees that every message

@@ -53,7 +53,7 @@ const RETRY_EVERY: u32 = 32;
 /// # Flushing
 /// As with `futures::Sink`, a message accepted while libzmq is at its HWM
 /// moves on only when the sink is used again: call
-/// [`flush`](Sink::flush) (or `close`) before waiting for something else,
+/// [`flush`](flowctl_core::SinkExt::flush) (or `close`) before waiting for something else,
 /// e.g. before awaiting the reply to a request sent on a DEALER.
 ///
 /// # PUB sockets

@@ -11,12 +11,8 @@ use flowctl_zmq::{SocketType, ZmqError, ZmqSocket};
 use crate::peer::{Peer, message};
 
 fn zmq_err(e: &FlowError) -> &ZmqError {
-    match e {
-        FlowError::Transport(inner) => inner
-            .downcast_ref::<ZmqError>()
-            .unwrap_or_else(|| panic!("not a ZmqError: {e}")),
-        other => panic!("not a transport error: {other}"),
-    }
+    e.transport_error::<ZmqError>()
+        .unwrap_or_else(|| panic!("not a ZmqError: {e}"))
 }
 
 #[tokio::test]
