@@ -298,4 +298,34 @@ mod tests {
         assert_eq!(buf, vec![Multipart::from(peer::message(2, 16))]);
         peer.expect_ok(3);
     }
+
+    /// A `poll_recv` abandoned at `Pending` leaves its waiting flag up (the
+    /// sink half then re-checks for it); the flag goes down when the source
+    /// is polled to completion, and when it is dropped mid-wait: a flag left
+    /// up would cost the sink half an events read per send for ever.
+    #[tokio::test]
+    async fn an_abandoned_wait_lowers_its_flag_on_completion_and_on_drop() {
+        let ctx = Context::new();
+        let ((a_tx, mut a_rx), (mut b_tx, _b_rx)) = pair(&ctx, "abandoned-flag");
+        let core = a_tx.core().unwrap().clone();
+        let mut noop = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(a_rx.poll_recv(&mut noop).is_pending());
+        assert!(
+            core.waiting_in.load(Ordering::SeqCst),
+            "waiting for a message"
+        );
+        b_tx.send(one("m0")).await.unwrap();
+        assert_eq!(a_rx.recv().await.unwrap(), Some(one("m0")));
+        assert!(
+            !core.waiting_in.load(Ordering::SeqCst),
+            "the flag stayed up after the message came"
+        );
+        assert!(a_rx.poll_recv(&mut noop).is_pending());
+        assert!(core.waiting_in.load(Ordering::SeqCst));
+        drop(a_rx);
+        assert!(
+            !core.waiting_in.load(Ordering::SeqCst),
+            "the flag stayed up after the source was dropped"
+        );
+    }
 }
