@@ -372,9 +372,10 @@ pub(crate) async fn write_stdin<W: StdinWriter>(
 /// `start_send` gives the chunk back ([`SendError`]) after `poll_close`, or
 /// once the stdin task has stopped taking chunks (the channel is gone).
 /// `poll_flush` fails with [`FlowError::Closed`] if the writer stopped before
-/// it wrote everything accepted (the process ended, the connection was lost,
-/// or the stdin was closed by a failed `poll_close`); `poll_close` fails with
-/// [`FlowError::Closed`] if EOF could not be sent.
+/// it wrote everything accepted (the process ended or the connection was
+/// lost); `poll_close` fails with [`FlowError::Closed`] if EOF could not be
+/// sent. After an error every later call fails too; after a successful
+/// `poll_close`, `poll_close` and `poll_flush` return `Ready(Ok(()))`.
 #[derive(Debug)]
 pub struct Stdin {
     tx: PipeSink<Bytes>,
