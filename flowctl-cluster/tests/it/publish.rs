@@ -3,8 +3,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use flowctl_cluster::{Cluster, ClusterError, ConsumeOptions, PublishOptions};
 use flowctl_core::lifecycle::Ledger;
+use flowctl_core::prelude::*;
 use flowctl_core::weighted::MIN_CHARGE;
-use flowctl_core::{Sink, Source, Watermarks};
+use flowctl_core::{Sink, Watermarks};
 use futures::FutureExt;
 
 use crate::connect::{config, released};
@@ -54,7 +55,7 @@ async fn publisher_bounds_unacked_bytes_keeps_order_and_rejects_oversize() {
         .send(Bytes::from(vec![0u8; max + 1]))
         .await
         .unwrap_err();
-    match ClusterError::from_flow(&err) {
+    match err.transport_error::<ClusterError>() {
         Some(ClusterError::MessageTooLarge { limit, .. }) => assert_eq!(*limit, max),
         other => panic!("expected MessageTooLarge, got {other:?}"),
     }
@@ -95,7 +96,7 @@ async fn missing_stream_consumer_and_subject_are_named() {
         .await
         .unwrap_err();
     assert!(
-        matches!(ClusterError::from_flow(&err), Some(ClusterError::StreamNotFound { stream }) if stream == "NOPE"),
+        matches!(err.transport_error::<ClusterError>(), Some(ClusterError::StreamNotFound { stream }) if stream == "NOPE"),
         "{err}"
     );
     stream_and_consumer(&cluster, "HAS", "has.>", "c", Duration::from_secs(30)).await;
@@ -104,7 +105,7 @@ async fn missing_stream_consumer_and_subject_are_named() {
         .await
         .unwrap_err();
     assert!(
-        matches!(ClusterError::from_flow(&err), Some(ClusterError::ConsumerNotFound { consumer, .. }) if consumer == "nobody"),
+        matches!(err.transport_error::<ClusterError>(), Some(ClusterError::ConsumerNotFound { consumer, .. }) if consumer == "nobody"),
         "{err}"
     );
     let err = cluster
@@ -113,7 +114,7 @@ async fn missing_stream_consumer_and_subject_are_named() {
         .unwrap_err();
     assert!(
         matches!(
-            ClusterError::from_flow(&err),
+            err.transport_error::<ClusterError>(),
             Some(ClusterError::NoStreamForSubject { .. })
         ),
         "{err}"
@@ -167,7 +168,7 @@ async fn a_fatal_error_is_sticky_and_close_returns_it() {
     sink.send(Bytes::from_static(b"second")).await.unwrap();
     let is_concurrent = |e: &flowctl_core::FlowError| {
         matches!(
-            ClusterError::from_flow(e),
+            e.transport_error::<ClusterError>(),
             Some(ClusterError::ConcurrentPublisher { .. })
         )
     };
@@ -186,7 +187,15 @@ async fn a_fatal_error_is_sticky_and_close_returns_it() {
         .expect("ready hung after the fatal error")
         .unwrap_err();
     assert!(is_concurrent(&err), "ready: {err}");
-    let err = sink.start_send(Bytes::from_static(b"third")).unwrap_err();
+    let (item, err) = sink
+        .start_send(Bytes::from_static(b"third"))
+        .unwrap_err()
+        .into_parts();
+    assert_eq!(
+        &item[..],
+        b"third",
+        "start_send gives the refused item back"
+    );
     assert!(is_concurrent(&err), "start_send: {err}");
     let err = tokio::time::timeout(HANG, sink.close())
         .await
@@ -254,7 +263,7 @@ async fn a_dead_cluster_fails_flush_and_close_instead_of_hanging() {
     }
     let is_failed = |e: &flowctl_core::FlowError| {
         matches!(
-            ClusterError::from_flow(e),
+            e.transport_error::<ClusterError>(),
             Some(ClusterError::PublishFailed { .. })
         )
     };
