@@ -36,7 +36,7 @@ use std::sync::Arc;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum AckMode {
-    /// `+ACK` is sent when [`Source::recv`] hands the message over: at most
+    /// `+ACK` is sent when `recv` ([`Source::poll_recv`]) hands the message over: at most
     /// once for the application (a crash after `recv`, before processing,
     /// loses the message). A redelivery of a message already handed over is
     /// acked again and dropped.
