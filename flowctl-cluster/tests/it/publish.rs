@@ -59,6 +59,33 @@ async fn publisher_bounds_unacked_bytes_keeps_order_and_rejects_oversize() {
         Some(ClusterError::MessageTooLarge { limit, .. }) => assert_eq!(*limit, max),
         other => panic!("expected MessageTooLarge, got {other:?}"),
     }
+    // `start_send` gives it back, not counted.
+    let before = sink.stats().items;
+    let (item, err) = sink
+        .start_send(Bytes::from(vec![7u8; max + 1]))
+        .unwrap_err()
+        .into_parts();
+    assert_eq!(item.len(), max + 1);
+    assert!(
+        matches!(
+            err.transport_error::<ClusterError>(),
+            Some(ClusterError::MessageTooLarge { .. })
+        ),
+        "{err}"
+    );
+    assert_eq!(sink.stats().items, before);
+    sink.close().await.unwrap();
+    // Closed: refused with the item back; close again is a no-op.
+    let (item, err) = sink
+        .start_send(Bytes::from_static(b"late"))
+        .unwrap_err()
+        .into_parts();
+    assert_eq!(&item[..], b"late");
+    assert!(matches!(err, flowctl_core::FlowError::Closed), "{err}");
+    assert!(matches!(
+        sink.ready().await,
+        Err(flowctl_core::FlowError::Closed)
+    ));
     sink.close().await.unwrap();
 
     let mut src = cluster
