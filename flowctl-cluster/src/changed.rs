@@ -67,3 +67,50 @@ impl<T: Send + Sync + 'static> Changed<T> {
         Poll::Ready(true)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::{Wake, Waker};
+
+    use super::*;
+
+    struct Count(AtomicUsize);
+
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn every_change_wakes_once_and_the_end_is_sticky() {
+        let (tx, rx) = watch::channel(0u64);
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut changed = Changed::new(rx);
+        // The value it was built with is not a change.
+        assert_eq!(changed.poll_changed(&mut cx), Poll::Pending);
+        tx.send_modify(|g| *g += 1);
+        assert_eq!(
+            count.0.load(Ordering::SeqCst),
+            1,
+            "the pending poll's waker was woken"
+        );
+        assert_eq!(changed.poll_changed(&mut cx), Poll::Ready(true));
+        assert_eq!(changed.poll_changed(&mut cx), Poll::Pending);
+        // Changes made between two polls count as one, and none is lost.
+        tx.send_modify(|g| *g += 1);
+        tx.send_modify(|g| *g += 1);
+        assert_eq!(changed.poll_changed(&mut cx), Poll::Ready(true));
+        assert_eq!(changed.poll_changed(&mut cx), Poll::Pending);
+        // A change not yet seen comes before the end.
+        tx.send_modify(|g| *g += 1);
+        drop(tx);
+        assert_eq!(changed.poll_changed(&mut cx), Poll::Ready(true));
+        assert_eq!(changed.poll_changed(&mut cx), Poll::Ready(false));
+        assert_eq!(changed.poll_changed(&mut cx), Poll::Ready(false));
+    }
+}

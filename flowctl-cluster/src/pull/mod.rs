@@ -941,5 +941,8 @@ mod tests {
         assert_send_sync::<AckHandle>();
         assert_send_sync::<JsMessage>();
         assert_send_sync::<PullStats>();
+        assert_send_sync::<PullSource>();
+        assert_send_sync::<crate::CoreSource>();
+        assert_send_sync::<crate::Publisher>();
     }
 }
