@@ -1,7 +1,7 @@
 //! The JetStream pull Source: demand follows the watermarks.
 //!
 //! Layout: the public types, then [`Cluster::consume`] (subscription and
-//! sender task inside one [`Attempt`]), then the async shell of
+//! sender task inside one [`Attempt`]), then the poll-based shell of
 //! [`PullSource`]: it turns what arrives on the inbox into events for the
 //! I/O-free state machine in [`demand`] (which decides every pull, ack,
 //! probe, hold-back and dedupe, and documents what each nats-server
