@@ -12,10 +12,10 @@ use criterion::{
 };
 use flowctl_bench::{current_thread, fnv1a_rounds, length_delimited_chunks, multi_thread, payload};
 use flowctl_core::compat::StreamSource;
-#[allow(unused_imports)]
-use flowctl_core::prelude::*;
 use flowctl_core::frame::Framed;
 use flowctl_core::offload::{Offload, ordered};
+#[allow(unused_imports)]
+use flowctl_core::prelude::*;
 use flowctl_core::{
     Fairness, FlowError, FlowStats, Source, SourceExt, Watermarks, Weighted, pipe_with,
 };

@@ -9,9 +9,9 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use bytes::Bytes;
-use flowctl_core::{FlowError, Watermarks, pipe};
 #[allow(unused_imports)]
 use flowctl_core::prelude::*;
+use flowctl_core::{FlowError, Watermarks, pipe};
 use futures::FutureExt;
 use tokio::time::Instant;
 

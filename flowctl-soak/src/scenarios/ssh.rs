@@ -57,21 +57,21 @@ use std::sync::{Arc, Mutex as StdMutex, Weak};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use flowctl_core::SendError;
 use flowctl_core::frame::Framed;
 use flowctl_core::io::WriterSink;
 use flowctl_core::lifecycle::Ledger;
 use flowctl_core::offload::{Offload, ordered};
 use flowctl_core::prelude::*;
-use flowctl_core::SendError;
-use std::future::Future;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use flowctl_ssh::server::{EmbeddedServer, LEDGER_SERVER_TASK, ServerConfig, generate_key};
 use flowctl_ssh::testing::Sshd;
 use flowctl_ssh::{
     Auth, ExitStatus, LEDGER_SESSION, LEDGER_TASK, RemoteProcess, Session, SshConfig, SshError,
     Stdin,
 };
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::codec::{Encoder, LengthDelimitedCodec};
@@ -487,7 +487,7 @@ pub(crate) async fn produce(
             n += 1;
         }
         if let Err(e) = stdin.start_send(chunk.freeze()) {
-            return (seq, Err(e));
+            return (seq, Err(e.into_error()));
         }
         seq += n;
     }
