@@ -6,7 +6,6 @@
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use bytes::Bytes;
 use criterion::{
     BenchmarkId, Criterion, SamplingMode, Throughput, criterion_group, criterion_main,
@@ -15,6 +14,8 @@ use flowctl_bench::{current_thread, fnv1a_rounds, length_delimited_chunks, multi
 use flowctl_core::compat::StreamSource;
 use flowctl_core::frame::Framed;
 use flowctl_core::offload::{Offload, ordered};
+#[allow(unused_imports)]
+use flowctl_core::prelude::*;
 use flowctl_core::{
     Fairness, FlowError, FlowStats, Source, SourceExt, Watermarks, Weighted, pipe_with,
 };
@@ -219,16 +220,18 @@ struct Unfair {
     left: usize,
 }
 
-#[async_trait]
 impl Source for Unfair {
     type Item = Bytes;
 
-    async fn recv(&mut self) -> Result<Option<Bytes>, FlowError> {
+    fn poll_recv(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<Option<Bytes>, FlowError>> {
         if self.left == 0 {
-            return Ok(None);
+            return std::task::Poll::Ready(Ok(None));
         }
         self.left -= 1;
-        Ok(Some(self.item.clone()))
+        std::task::Poll::Ready(Ok(Some(self.item.clone())))
     }
 
     fn stats(&self) -> FlowStats {

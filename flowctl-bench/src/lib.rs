@@ -14,6 +14,7 @@
 //! ```
 //! use flowctl_bench::{current_thread, fnv1a_rounds, payload};
 //! use flowctl_core::{Sink, Watermarks, pipe};
+//! use flowctl_core::prelude::*;
 //!
 //! let rt = current_thread();
 //! let moved = rt.block_on(async {

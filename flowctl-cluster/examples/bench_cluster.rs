@@ -28,7 +28,8 @@ use async_nats::jetstream::{consumer, stream};
 use bytes::Bytes;
 use flowctl_cluster::{Cluster, ClusterConfig, ConsumeOptions, PublishOptions};
 use flowctl_core::lifecycle::Ledger;
-use flowctl_core::{Fairness, FlowError, Sink, Source};
+use flowctl_core::prelude::*;
+use flowctl_core::{Fairness, FlowError};
 use futures::StreamExt;
 use tokio::sync::{Notify, oneshot};
 

@@ -17,7 +17,8 @@ use async_nats::jetstream::{consumer, stream};
 use bytes::Bytes;
 use flowctl_cluster::{Cluster, ClusterConfig, ConsumeOptions, PublishOptions};
 use flowctl_core::lifecycle::Ledger;
-use flowctl_core::{FlowError, Sink, Source, Watermarks};
+use flowctl_core::prelude::*;
+use flowctl_core::{FlowError, Source, Watermarks};
 
 use flowctl_cluster::testing::NatsCluster;
 

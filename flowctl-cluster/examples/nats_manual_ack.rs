@@ -19,8 +19,8 @@ use std::time::Duration;
 use async_nats::jetstream::{consumer, stream};
 use bytes::Bytes;
 use flowctl_cluster::{AckMode, Cluster, ClusterConfig, ConsumeOptions, JsMessage};
-use flowctl_core::Source;
 use flowctl_core::lifecycle::Ledger;
+use flowctl_core::prelude::*;
 
 use flowctl_cluster::testing::NatsCluster;
 

@@ -209,7 +209,7 @@ pub struct Cluster {
 }
 
 fn retry_if(e: &FlowError) -> bool {
-    match ClusterError::from_flow(e) {
+    match e.transport_error::<ClusterError>() {
         Some(ClusterError::AuthRejected { .. } | ClusterError::PermissionDenied(_)) => false,
         _ => e.is_transient(),
     }
@@ -277,7 +277,7 @@ impl Cluster {
         .await;
         match result {
             Ok(c) => Ok(c),
-            Err(e) => Err(match ClusterError::from_flow(&e) {
+            Err(e) => Err(match e.transport_error::<ClusterError>() {
                 Some(ClusterError::NoSeedReachable { seeds, .. }) => {
                     ClusterError::NoSeedReachable {
                         attempts: rounds.load(Ordering::Relaxed) as u32,

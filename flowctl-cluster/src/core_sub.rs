@@ -4,17 +4,17 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use async_nats::{HeaderMap, Subject};
-use async_trait::async_trait;
 use bytes::Bytes;
 use flowctl_core::fair::Budget;
 use flowctl_core::gate::Gate;
 use flowctl_core::lifecycle::Lease;
 use flowctl_core::{Fairness, FlowError, FlowStats, Source, Watermarks, Weighted};
-use std::task::Poll;
+use std::task::{Context, Poll};
 
 use futures::StreamExt;
 
 use crate::ClusterError;
+use crate::changed::Changed;
 use crate::cluster::{Cluster, Events};
 
 /// One core NATS message.
@@ -56,6 +56,9 @@ pub struct CoreSource {
     capacity: usize,
     reported: u64,
     peeked: Option<async_nats::Message>,
+    /// Permission violations of the connection (checked against this
+    /// subject when one is reported).
+    violations: Changed<u64>,
     budget: Budget,
     gate: Gate,
     _lease: Lease,
@@ -99,6 +102,7 @@ impl Cluster {
             capacity: self.shared.subscription_capacity,
             reported: 0,
             peeked: None,
+            violations: Changed::new(self.shared.events.violation_gen.subscribe()),
             budget: Budget::new(fairness),
             gate: Gate::new(
                 Watermarks::new(0, self.shared.subscription_capacity.max(1))
@@ -113,7 +117,7 @@ impl Cluster {
 impl CoreSource {
     /// Peeks a message, then spends the budget: a forced yield keeps the
     /// message here for the next call (cancel-safe).
-    fn poll_peek(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Option<async_nats::Message>> {
+    fn poll_peek(&mut self, cx: &mut Context<'_>) -> Poll<Option<async_nats::Message>> {
         if self.peeked.is_none() {
             match self.sub.poll_next_unpin(cx) {
                 Poll::Ready(Some(m)) => self.peeked = Some(m),
@@ -145,41 +149,35 @@ impl CoreSource {
     }
 }
 
-#[async_trait]
 impl Source for CoreSource {
     type Item = CoreMessage;
 
-    async fn recv(&mut self) -> Result<Option<CoreMessage>, FlowError> {
+    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<CoreMessage>, FlowError>> {
         if let Some(text) = self.events.denied("subscription", &self.subject) {
-            return Err(ClusterError::PermissionDenied(text).into());
+            return Poll::Ready(Err(ClusterError::PermissionDenied(text).into()));
         }
         let dropped = self.dropped();
         if dropped > self.reported {
             self.reported = dropped;
-            return Err(ClusterError::SlowConsumer {
+            return Poll::Ready(Err(ClusterError::SlowConsumer {
                 subject: self.subject.clone(),
                 dropped,
                 capacity: self.capacity,
             }
-            .into());
+            .into()));
+        }
+        // A violation reported while we wait ends the wait; one reported
+        // before this poll was seen by `denied` above (and the watch then
+        // resolves at once, harmlessly). Polled first so that the waker is
+        // registered with it whatever the subscription does.
+        while self.violations.poll_changed(cx) == Poll::Ready(true) {
+            if let Some(text) = self.events.denied("subscription", &self.subject) {
+                return Poll::Ready(Err(ClusterError::PermissionDenied(text).into()));
+            }
         }
         // Peek first, then spend the budget: a forced yield keeps the message
         // here for the next call (cancel-safe).
-        let mut violations = self.events.violation_gen.subscribe();
-        violations.borrow_and_update();
-        let events = self.events.clone();
-        let subject = self.subject.clone();
-        let next = loop {
-            tokio::select! {
-                n = std::future::poll_fn(|cx| self.poll_peek(cx)) => break n,
-                r = violations.changed(), if !violations.is_closed() => {
-                    if r.is_ok() && let Some(text) = events.denied("subscription", &subject) {
-                        return Err(ClusterError::PermissionDenied(text).into());
-                    }
-                }
-            }
-        };
-        match next {
+        match std::task::ready!(self.poll_peek(cx)) {
             Some(m) => {
                 let msg = CoreMessage {
                     subject: m.subject,
@@ -190,9 +188,9 @@ impl Source for CoreSource {
                 self.budget.charge(msg.weight());
                 self.gate.charge(msg.weight());
                 self.gate.credit(msg.weight());
-                Ok(Some(msg))
+                Poll::Ready(Ok(Some(msg)))
             }
-            None => Ok(None),
+            None => Poll::Ready(Ok(None)),
         }
     }
 

@@ -6,7 +6,8 @@ use flowctl_core::FlowError;
 ///
 /// Converts into [`FlowError::Transport`] (`FlowError::from`), so `?` works in
 /// code that returns `FlowError`; get it back with
-/// [`ClusterError::from_flow`].
+/// [`FlowError::transport_error`] (`err.transport_error::<ClusterError>()`,
+/// also from inside [`FlowError::RetriesExhausted`]).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ClusterError {
@@ -171,16 +172,6 @@ impl ClusterError {
                 what,
                 source: source.to_string().into(),
             },
-        }
-    }
-
-    /// The `ClusterError` inside a [`FlowError::Transport`] (also inside
-    /// [`FlowError::RetriesExhausted`]), if there is one.
-    pub fn from_flow(err: &FlowError) -> Option<&ClusterError> {
-        match err {
-            FlowError::Transport(e) => e.downcast_ref::<ClusterError>(),
-            FlowError::RetriesExhausted { last, .. } => Self::from_flow(last),
-            _ => None,
         }
     }
 }

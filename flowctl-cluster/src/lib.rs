@@ -5,7 +5,8 @@
 //!
 //! ```no_run
 //! use flowctl_cluster::{Cluster, ClusterConfig, ConsumeOptions};
-//! use flowctl_core::{Source, Watermarks};
+//! use flowctl_core::Watermarks;
+//! use flowctl_core::prelude::*;
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), flowctl_core::FlowError> {
@@ -186,6 +187,7 @@
 #![cfg_attr(not(feature = "testing"), forbid(unsafe_code))]
 #![cfg_attr(feature = "testing", deny(unsafe_code))]
 
+mod changed;
 mod cluster;
 mod core_sub;
 mod error;

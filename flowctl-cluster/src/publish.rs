@@ -1,23 +1,25 @@
 //! The JetStream publish Sink: bounded un-acked publishes, in order, deduped.
 
 use std::collections::VecDeque;
-use std::future::IntoFuture;
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
-use async_trait::async_trait;
 use bytes::Bytes;
 use flowctl_core::gate::{Gate, GateHandle};
 use flowctl_core::weighted::charge_of;
-use flowctl_core::{FlowError, FlowStats, Sink, Watermarks};
+use flowctl_core::{FlowError, FlowStats, SendError, Sink, Watermarks};
 use futures::future::BoxFuture;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::ClusterError;
+use crate::changed::Changed;
 use crate::cluster::{Cluster, Shared};
 
 /// How [`Cluster::publisher`] publishes.
@@ -138,7 +140,11 @@ pub struct Publisher {
     sent: u64,
     state: Arc<State>,
     acked: watch::Receiver<u64>,
+    /// Wakes a flush on each ack and when the task ends.
+    acked_changed: Changed<u64>,
     task: Option<JoinHandle<()>>,
+    /// What a `close` whose flush failed returns, kept across its polls.
+    close_error: Option<FlowError>,
     max_payload: usize,
 }
 
@@ -198,8 +204,10 @@ impl Cluster {
             id: format!("{:016x}", fastrand::u64(..)),
             sent: 0,
             state,
+            acked_changed: Changed::new(acked_rx.clone()),
             acked: acked_rx,
             task: Some(task),
+            close_error: None,
             max_payload: shared.client.server_info().max_payload,
         })
     }
@@ -257,91 +265,102 @@ impl Publisher {
         let f = self.state.fatal.lock().ok()?;
         f.as_ref().map(|f| f.error.duplicate().into())
     }
-
-    /// Waits for the publishing task to end. Cancel-safe: the handle stays
-    /// until the task has ended.
-    async fn join(&mut self) {
-        if let Some(t) = self.task.as_mut() {
-            let _ = t.await;
-            self.task = None;
-        }
-    }
 }
 
-#[async_trait]
 impl Sink for Publisher {
     type Item = Bytes;
 
-    async fn ready(&mut self) -> Result<(), FlowError> {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), FlowError>> {
         if let Some(e) = self.fatal() {
-            return Err(e);
+            return Poll::Ready(Err(e));
         }
-        match self.handle.ready().await {
-            Ok(()) => Ok(()),
-            Err(e) => Err(self.fatal().unwrap_or(e)),
+        if self.tx.is_none() {
+            return Poll::Ready(Err(FlowError::Closed));
+        }
+        match std::task::ready!(self.handle.poll_ready(cx)) {
+            Ok(()) => Poll::Ready(Ok(())),
+            Err(e) => Poll::Ready(Err(self.fatal().unwrap_or(e))),
         }
     }
 
-    fn start_send(&mut self, item: Bytes) -> Result<(), FlowError> {
+    /// Queues `item` for the publishing task, or gives it back: after a
+    /// fatal error (that error), after `close` ([`FlowError::Closed`]), or
+    /// when it cannot fit the server's `max_payload` with its headers
+    /// ([`ClusterError::MessageTooLarge`], not fatal).
+    fn start_send(&mut self, item: Bytes) -> Result<(), SendError<Bytes>> {
         if let Some(e) = self.fatal() {
-            return Err(e);
+            return Err(SendError::new(item, e));
         }
         // Two headers of about 60 bytes ride along.
         let size = item.len() + 96;
         if self.max_payload > 0 && size > self.max_payload {
-            return Err(ClusterError::MessageTooLarge {
-                size,
-                limit: self.max_payload,
-            }
-            .into());
+            let limit = self.max_payload;
+            return Err(SendError::new(
+                item,
+                ClusterError::MessageTooLarge { size, limit }.into(),
+            ));
         }
-        let tx = self.tx.as_ref().ok_or(FlowError::Closed)?;
+        let Some(tx) = self.tx.as_ref() else {
+            return Err(SendError::closed(item));
+        };
         let id = format!("{}-{}", self.id, self.sent + 1);
         // Charged before it is queued, so the task never credits more than
-        // was charged; taken back if the task is gone.
+        // was charged; taken back (with the item) if the task is gone.
         let len = self.gate.charge_item(&item);
         match tx.send((id, item)) {
             Ok(()) => {
                 self.sent += 1;
                 Ok(())
             }
-            Err(_) => {
+            Err(mpsc::error::SendError((_, item))) => {
                 self.gate.credit(len);
-                Err(self.fatal().unwrap_or(FlowError::Closed))
+                Err(SendError::new(
+                    item,
+                    self.fatal().unwrap_or(FlowError::Closed),
+                ))
             }
         }
     }
 
-    async fn flush(&mut self) -> Result<(), FlowError> {
+    /// Ready once the stream has acknowledged every accepted message, or at
+    /// once with the fatal error (or [`FlowError::Closed`] if the task ended
+    /// without one before the acks came).
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), FlowError>> {
         let target = self.sent;
         loop {
             if let Some(e) = self.fatal() {
-                return Err(e);
+                return Poll::Ready(Err(e));
             }
-            if *self.acked.borrow_and_update() >= target {
-                return Ok(());
+            if *self.acked.borrow() >= target {
+                return Poll::Ready(Ok(()));
             }
-            // Ends when the task ends (its sender drops), whatever the reason.
-            if self.acked.changed().await.is_err() {
+            // Resolves when the task ends too (its sender drops), whatever
+            // the reason.
+            if !std::task::ready!(self.acked_changed.poll_changed(cx)) {
                 if *self.acked.borrow() >= target {
-                    return Ok(());
+                    return Poll::Ready(Ok(()));
                 }
-                return Err(self.fatal().unwrap_or(FlowError::Closed));
+                return Poll::Ready(Err(self.fatal().unwrap_or(FlowError::Closed)));
             }
         }
     }
 
-    async fn close(&mut self) -> Result<(), FlowError> {
-        let flushed = if self.tx.is_some() && self.fatal().is_none() {
-            self.flush().await
-        } else {
-            Ok(())
-        };
+    /// Flushes (unless the publisher failed or is closed already), ends the
+    /// queue, then waits for the publishing task to end. Cancel-safe: a
+    /// `Pending` keeps the task's handle until it has ended.
+    fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), FlowError>> {
+        if self.tx.is_some() && self.fatal().is_none() {
+            let flushed = std::task::ready!(self.poll_flush(cx));
+            self.close_error = flushed.err();
+        }
         self.tx = None;
-        self.join().await;
+        if let Some(t) = self.task.as_mut() {
+            let _ = std::task::ready!(Pin::new(t).poll(cx));
+            self.task = None;
+        }
         match self.fatal() {
-            Some(e) => Err(e),
-            None => flushed,
+            Some(e) => Poll::Ready(Err(e)),
+            None => Poll::Ready(self.close_error.take().map_or(Ok(()), Err)),
         }
     }
 
@@ -352,7 +371,7 @@ impl Sink for Publisher {
 
 impl Drop for Publisher {
     /// Stops the publishing task; messages not yet acknowledged are abandoned
-    /// (call [`Sink::close`] to wait for them).
+    /// (call [`SinkExt::close`](flowctl_core::SinkExt::close) to wait for them).
     fn drop(&mut self) {
         if let Some(t) = self.task.take() {
             t.abort();

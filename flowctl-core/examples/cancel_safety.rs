@@ -2,7 +2,9 @@
 
 use std::time::Duration;
 
-use flowctl_core::{FlowError, Sink, Watermarks, pipe};
+#[allow(unused_imports)]
+use flowctl_core::prelude::*;
+use flowctl_core::{FlowError, Watermarks, pipe};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), FlowError> {

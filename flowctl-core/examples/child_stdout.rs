@@ -7,6 +7,8 @@
 use std::process::Stdio;
 
 use flowctl_core::io::{DEFAULT_CHUNK, ReaderSource, WriterSink};
+#[allow(unused_imports)]
+use flowctl_core::prelude::*;
 use flowctl_core::{FlowError, Sink, Watermarks, pump};
 use tokio::io::AsyncReadExt;
 use tokio::process::Command;

@@ -5,6 +5,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use flowctl_core::compat::StreamSource;
+#[allow(unused_imports)]
+use flowctl_core::prelude::*;
 use flowctl_core::{Fairness, FlowError, SourceExt};
 
 #[tokio::main(flavor = "current_thread")]

@@ -9,6 +9,8 @@ use std::process::Stdio;
 use flowctl_core::frame::Framed;
 use flowctl_core::io::ReaderSource;
 use flowctl_core::offload::{Offload, ordered};
+#[allow(unused_imports)]
+use flowctl_core::prelude::*;
 use flowctl_core::{FlowError, Source};
 use tokio::process::Command;
 use tokio_util::codec::LinesCodec;

@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use flowctl_core::FlowError;
 use flowctl_core::lifecycle::{Ledger, RetryPolicy, retry};
+#[allow(unused_imports)]
+use flowctl_core::prelude::*;
 
 /// A stand-in for a remote server that counts what clients left behind.
 #[derive(Debug, Clone, Default)]

@@ -98,6 +98,7 @@ impl FlowError {
     ///
     /// ```
     /// use flowctl_core::FlowError;
+    /// use flowctl_core::prelude::*;
     /// let err = FlowError::transport(std::fmt::Error);
     /// assert!(err.transport_error::<std::fmt::Error>().is_some());
     /// assert!(FlowError::Closed.transport_error::<std::fmt::Error>().is_none());

@@ -19,12 +19,7 @@
 //! naturally. Every built-in source is fair already; wrap a foreign one with
 //! [`SourceExt::fair`](crate::SourceExt::fair).
 
-use std::future::poll_fn;
-use std::pin::pin;
 use std::task::{Context, Poll};
-
-use async_trait::async_trait;
-use futures::FutureExt;
 
 use crate::{FlowError, FlowStats, Source, Weighted};
 
@@ -32,6 +27,7 @@ use crate::{FlowError, FlowStats, Source, Weighted};
 ///
 /// ```
 /// use flowctl_core::Fairness;
+/// use flowctl_core::prelude::*;
 /// let f = Fairness::new(32, 64 * 1024)?;
 /// assert_eq!((f.max_items(), f.max_bytes()), (32, 65536));
 /// # Ok::<(), flowctl_core::FlowError>(())
@@ -216,65 +212,8 @@ impl<S> Fair<S> {
     }
 }
 
-impl<S> Fair<S>
-where
-    S: Source,
-    S::Item: Weighted,
-{
-    /// The next item, fairly; see [`Source::recv`]. An inherent method, so a
-    /// call on a `Fair<S>` itself costs no boxed future of its own.
-    pub async fn recv(&mut self) -> Result<Option<S::Item>, FlowError> {
-        poll_fn(|cx| self.budget.poll_proceed(cx)).await;
-        let mut waited = false;
-        let mut next = pin!(self.inner.recv());
-        let res = poll_fn(|cx| {
-            let poll = next.as_mut().poll(cx);
-            waited |= poll.is_pending();
-            poll
-        })
-        .await;
-        if waited {
-            self.budget.reset();
-        }
-        if let Ok(Some(item)) = &res {
-            self.budget.charge(item.weight());
-        }
-        res
-    }
-
-    /// Waits for one item, then takes up to `max` in all while the slice lasts
-    /// and the inner source has them ready; see [`Source::recv_many`].
-    pub async fn recv_many(
-        &mut self,
-        buf: &mut Vec<S::Item>,
-        max: usize,
-    ) -> Result<usize, FlowError> {
-        if max == 0 {
-            return Ok(0);
-        }
-        match self.recv().await? {
-            Some(item) => buf.push(item),
-            None => return Ok(0),
-        }
-        let mut n = 1;
-        while n < max && !self.budget.spent() {
-            // The inner source is foreign: its Pending is a natural one, and
-            // dropping it loses nothing (recv is cancel-safe).
-            match self.inner.recv().now_or_never() {
-                Some(Ok(Some(item))) => {
-                    self.budget.charge(item.weight());
-                    buf.push(item);
-                    n += 1;
-                }
-                Some(Err(e)) => return Err(e),
-                Some(Ok(None)) | None => break,
-            }
-        }
-        Ok(n)
-    }
-}
-
-#[async_trait]
+/// Takes up to `max` in all while the slice lasts and the inner source has
+/// them ready.
 impl<S> Source for Fair<S>
 where
     S: Source,
@@ -282,12 +221,51 @@ where
 {
     type Item = S::Item;
 
-    async fn recv(&mut self) -> Result<Option<S::Item>, FlowError> {
-        Fair::recv(self).await
+    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<S::Item>, FlowError>> {
+        std::task::ready!(self.budget.poll_proceed(cx));
+        match self.inner.poll_recv(cx) {
+            Poll::Pending => {
+                // A natural yield: the slice starts again.
+                self.budget.reset();
+                Poll::Pending
+            }
+            Poll::Ready(Ok(Some(item))) => {
+                self.budget.charge(item.weight());
+                Poll::Ready(Ok(Some(item)))
+            }
+            other => other,
+        }
     }
 
-    async fn recv_many(&mut self, buf: &mut Vec<S::Item>, max: usize) -> Result<usize, FlowError> {
-        Fair::recv_many(self, buf, max).await
+    fn poll_recv_many(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut Vec<S::Item>,
+        max: usize,
+    ) -> Poll<Result<usize, FlowError>> {
+        if max == 0 {
+            return Poll::Ready(Ok(0));
+        }
+        match std::task::ready!(self.poll_recv(cx)) {
+            Ok(Some(item)) => buf.push(item),
+            Ok(None) => return Poll::Ready(Ok(0)),
+            Err(e) => return Poll::Ready(Err(e)),
+        }
+        let mut n = 1;
+        while n < max && !self.budget.spent() {
+            // The inner source is foreign: its Pending is a natural one, and
+            // abandoning it loses nothing.
+            match self.inner.poll_recv(cx) {
+                Poll::Ready(Ok(Some(item))) => {
+                    self.budget.charge(item.weight());
+                    buf.push(item);
+                    n += 1;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(None)) | Poll::Pending => break,
+            }
+        }
+        Poll::Ready(Ok(n))
     }
 
     fn stats(&self) -> FlowStats {

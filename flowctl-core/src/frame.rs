@@ -1,4 +1,7 @@
-//! Frames out of a byte stream, without re-copying the buffer per frame.
+//! Frames out of a byte stream ([`FramedRead`], a `tokio_util` `Decoder`
+//! over a [`Source`] of `Bytes`, without re-copying the buffer per frame),
+//! and into one ([`FramedWrite`], an `Encoder` in front of a [`Sink`] of
+//! `Bytes`).
 //!
 //! The mistake this avoids: an asyncio `Protocol` that keeps its unparsed
 //! bytes in a `bytearray` and calls `bytes(self.extra)` on every packet copies
@@ -8,24 +11,28 @@
 //! its front in O(1).
 
 use std::any::Any;
+use std::task::{Context, Poll};
 
-use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use tokio_util::codec::{
-    AnyDelimiterCodec, AnyDelimiterCodecError, Decoder, LengthDelimitedCodec,
+    AnyDelimiterCodec, AnyDelimiterCodecError, Decoder, Encoder, LengthDelimitedCodec,
     LengthDelimitedCodecError, LinesCodec, LinesCodecError,
 };
 
 use crate::fair::Budget;
-use crate::{BoxError, Fairness, FlowError, FlowStats, Source, Watermarks, Weighted};
+use crate::traits::SendError;
+use crate::{BoxError, Fairness, FlowError, FlowStats, Sink, Source, Watermarks, Weighted};
 
-/// The default [`Framed::max_buffer`]: 8 MiB.
+/// The default [`FramedRead::max_buffer`]: 8 MiB.
 pub const DEFAULT_MAX_BUFFER: usize = 8 * 1024 * 1024;
+
+/// The name this stage had before [`FramedWrite`] existed; the same type.
+pub type Framed<S, D> = FramedRead<S, D>;
 
 /// Runs a `tokio_util::codec::Decoder` over a [`Source`] of `Bytes`.
 ///
 /// # Memory
-/// One limit, [`max_buffer`](Framed::max_buffer), bounds what a peer can make
+/// One limit, [`max_buffer`](FramedRead::max_buffer), bounds what a peer can make
 /// this stage hold or allocate: the receive buffer never grows beyond the
 /// limit plus the chunk being appended. For tokio-util's length-prefixed
 /// [`LengthDelimitedCodec`] the limit is also the largest frame: the codec's
@@ -55,6 +62,7 @@ pub const DEFAULT_MAX_BUFFER: usize = 8 * 1024 * 1024;
 /// ```
 /// use bytes::Bytes;
 /// use flowctl_core::{compat::StreamSource, frame::Framed, Source};
+/// use flowctl_core::prelude::*;
 /// use tokio_util::codec::LinesCodec;
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), flowctl_core::FlowError> {
 /// let chunks = futures::stream::iter(vec![Bytes::from("he"), Bytes::from("llo\nwor"), Bytes::from("ld\n")]);
@@ -65,7 +73,7 @@ pub const DEFAULT_MAX_BUFFER: usize = 8 * 1024 * 1024;
 /// # Ok(()) }
 /// ```
 #[derive(Debug)]
-pub struct Framed<S, D> {
+pub struct FramedRead<S, D> {
     src: S,
     decoder: D,
     buf: BytesMut,
@@ -148,7 +156,7 @@ impl LengthHeader {
     }
 }
 
-impl<S, D> Framed<S, D>
+impl<S, D> FramedRead<S, D>
 where
     S: Source<Item = Bytes>,
     D: Decoder + Send + 'static,
@@ -162,7 +170,7 @@ where
             Some(c) => (LengthHeader::probe(c), c.max_frame_length()),
             None => (None, usize::MAX),
         };
-        Framed {
+        FramedRead {
             src,
             decoder,
             buf: BytesMut::new(),
@@ -322,49 +330,45 @@ where
         self.buf.extend_from_slice(&chunk);
     }
 
-    /// The next frame; see the type's docs for the errors. An inherent
-    /// method, so a call on a `Framed` itself costs no boxed future of its own.
-    pub async fn recv(&mut self) -> Result<Option<D::Item>, FlowError> {
-        loop {
+    /// The next frame; see the type's docs for the errors.
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<D::Item>, FlowError>> {
+        Poll::Ready(loop {
             if self.done {
-                return Ok(None);
+                break Ok(None);
             }
             // Decoding from a large buffer is a ready path too: spend the budget
             // before taking a frame, so the frame is never lost to a cancel.
-            std::future::poll_fn(|cx| self.budget.poll_proceed(cx)).await;
-            self.check_header()?;
+            std::task::ready!(self.budget.poll_proceed(cx));
+            if let Err(e) = self.check_header() {
+                break Err(e);
+            }
             let header_in = self
                 .header
                 .is_some_and(|h| self.at_header && self.buf.len() >= h.head);
             match self.decoder.decode(&mut self.buf) {
-                Ok(Some(frame)) => return Ok(self.deliver(frame)),
+                Ok(Some(frame)) => break Ok(self.deliver(frame)),
                 // A length-delimited codec given its whole header has consumed it.
                 Ok(None) if header_in => self.at_header = false,
                 Ok(None) => {}
-                Err(e) => return Err(self.decode_error(e)),
+                Err(e) => break Err(self.decode_error(e)),
             }
             // A length header is not part of the frame it declares.
             let allowed = self.max_buffer + self.header.map_or(0, |h| h.head);
             if self.buf.len() > allowed {
                 self.done = true;
-                return Err(FlowError::FrameTooLarge {
+                break Err(FlowError::FrameTooLarge {
                     size: self.buf.len(),
                     limit: self.max_buffer,
                 });
             }
-            let mut waited = false;
-            let received = {
-                let mut next = std::pin::pin!(self.src.recv());
-                std::future::poll_fn(|cx| {
-                    let poll = next.as_mut().poll(cx);
-                    waited |= poll.is_pending();
-                    poll
-                })
-                .await
+            let received = match self.src.poll_recv(cx) {
+                Poll::Ready(r) => r,
+                Poll::Pending => {
+                    // A natural yield: the slice starts again.
+                    self.budget.reset();
+                    return Poll::Pending;
+                }
             };
-            if waited {
-                self.budget.reset();
-            }
             match received {
                 Ok(Some(chunk)) => {
                     self.append(chunk);
@@ -373,7 +377,7 @@ where
                 }
                 Ok(None) => {
                     self.done = true;
-                    return match self.decoder.decode_eof(&mut self.buf) {
+                    break match self.decoder.decode_eof(&mut self.buf) {
                         Ok(Some(frame)) => {
                             // More frames may follow in the buffer.
                             self.done = self.buf.is_empty();
@@ -399,10 +403,10 @@ where
                 }
                 Err(e) => {
                     self.done = true;
-                    return Err(e);
+                    break Err(e);
                 }
             }
-        }
+        })
     }
 
     fn deliver(&mut self, frame: D::Item) -> Option<D::Item> {
@@ -416,8 +420,7 @@ where
     }
 }
 
-#[async_trait]
-impl<S, D> Source for Framed<S, D>
+impl<S, D> Source for FramedRead<S, D>
 where
     S: Source<Item = Bytes>,
     D: Decoder + Send + 'static,
@@ -426,11 +429,157 @@ where
 {
     type Item = D::Item;
 
-    async fn recv(&mut self) -> Result<Option<D::Item>, FlowError> {
-        Framed::recv(self).await
+    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<D::Item>, FlowError>> {
+        self.poll_frame(cx)
     }
 
     fn stats(&self) -> FlowStats {
         self.stats
+    }
+}
+
+/// Runs a `tokio_util::codec::Encoder` in front of a [`Sink`] of `Bytes`:
+/// a [`Sink`] of the encoder's items.
+///
+/// Each accepted item is encoded into one frame, split off a reused
+/// `BytesMut` without a copy, and handed to the inner sink at once; so
+/// backpressure, flushing and closing are the inner sink's, and
+/// [`stats`](Sink::stats) are the inner sink's too (its `items` are frames,
+/// its `bytes` encoded bytes). `poll_ready` is the inner sink's.
+///
+/// # Errors
+/// An `Encoder` consumes the item it fails on, so an encoding error (or the
+/// inner sink refusing the frame, which cannot happen after its
+/// `poll_ready` unless it failed meanwhile) cannot give the item back: it is
+/// returned by the next `poll_ready`, `poll_flush` or `poll_close`, and the
+/// stage is closed from then on. `start_send` after `poll_close` or after a
+/// failure gives the item back ([`SendError`]). An encoder's `io::Error`
+/// becomes [`FlowError::Io`], any other error [`FlowError::Transport`].
+///
+/// ```
+/// use bytes::Bytes;
+/// use tokio_util::codec::LinesCodec;
+/// use flowctl_core::{frame::{FramedRead, FramedWrite}, prelude::*};
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), FlowError> {
+/// let (tx, rx) = pipe::<Bytes>(Watermarks::default());
+/// let mut lines = FramedWrite::new(tx, LinesCodec::new());
+/// lines.send("hello".to_owned()).await?;
+/// lines.send("world".to_owned()).await?;
+/// lines.close().await?;
+/// let mut back = FramedRead::new(rx, LinesCodec::new());
+/// assert_eq!(back.recv().await?.as_deref(), Some("hello"));
+/// assert_eq!(back.recv().await?.as_deref(), Some("world"));
+/// assert_eq!(back.recv().await?, None);
+/// # Ok(()) }
+/// ```
+///
+/// `I` is the item type the encoder takes (tokio-util's encoders take
+/// several; the first `send` fixes it).
+#[derive(Debug)]
+pub struct FramedWrite<K, E, I> {
+    sink: K,
+    encoder: E,
+    buf: BytesMut,
+    failed: Option<FlowError>,
+    closed: bool,
+    _item: std::marker::PhantomData<fn(I)>,
+}
+
+impl<K, E, I> FramedWrite<K, E, I> {
+    /// Encodes with `encoder` into `sink`.
+    pub fn new(sink: K, encoder: E) -> Self {
+        FramedWrite {
+            sink,
+            encoder,
+            buf: BytesMut::new(),
+            failed: None,
+            closed: false,
+            _item: std::marker::PhantomData,
+        }
+    }
+
+    /// The encoder.
+    pub fn encoder(&self) -> &E {
+        &self.encoder
+    }
+
+    /// The inner sink.
+    pub fn get_ref(&self) -> &K {
+        &self.sink
+    }
+
+    /// The inner sink and the encoder.
+    pub fn into_parts(self) -> (K, E) {
+        (self.sink, self.encoder)
+    }
+
+    /// The deferred error, which closes the stage.
+    fn take_failure(&mut self) -> Option<FlowError> {
+        let e = self.failed.take()?;
+        self.closed = true;
+        Some(e)
+    }
+}
+
+fn encode_error<E: Into<BoxError>>(e: E) -> FlowError {
+    let e: BoxError = e.into();
+    match e.downcast::<std::io::Error>() {
+        Ok(io) => FlowError::Io(*io),
+        Err(e) => FlowError::Transport(e),
+    }
+}
+
+impl<K, E, I> Sink for FramedWrite<K, E, I>
+where
+    K: Sink<Item = Bytes>,
+    E: Encoder<I> + Send,
+    E::Error: Into<BoxError>,
+    I: Send + 'static,
+{
+    type Item = I;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), FlowError>> {
+        if let Some(e) = self.take_failure() {
+            return Poll::Ready(Err(e));
+        }
+        if self.closed {
+            return Poll::Ready(Err(FlowError::Closed));
+        }
+        self.sink.poll_ready(cx)
+    }
+
+    fn start_send(&mut self, item: I) -> Result<(), SendError<I>> {
+        if self.closed || self.failed.is_some() {
+            return Err(SendError::closed(item));
+        }
+        if let Err(e) = self.encoder.encode(item, &mut self.buf) {
+            self.buf.clear();
+            self.failed = Some(encode_error(e));
+            return Ok(());
+        }
+        let frame = self.buf.split().freeze();
+        if let Err(e) = self.sink.start_send(frame) {
+            self.failed = Some(e.into_error());
+        }
+        Ok(())
+    }
+
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), FlowError>> {
+        if let Some(e) = self.take_failure() {
+            return Poll::Ready(Err(e));
+        }
+        self.sink.poll_flush(cx)
+    }
+
+    fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), FlowError>> {
+        if let Some(e) = self.take_failure() {
+            return Poll::Ready(Err(e));
+        }
+        self.closed = true;
+        self.sink.poll_close(cx)
+    }
+
+    fn stats(&self) -> FlowStats {
+        self.sink.stats()
     }
 }

@@ -57,6 +57,7 @@ use crate::{FlowError, FlowStats, Watermarks, Weighted};
 ///
 /// ```
 /// use flowctl_core::{gate::GateState, Watermarks};
+/// use flowctl_core::prelude::*;
 /// # fn main() -> Result<(), flowctl_core::FlowError> {
 /// let mut state = GateState::new(Watermarks::new(4, 10)?, tracing::Span::none());
 /// state.charge(10);
@@ -359,6 +360,7 @@ pub(crate) fn coop_proceed(cx: &mut Context<'_>) -> Poll<()> {
 ///
 /// ```
 /// use flowctl_core::{gate::Gate, Watermarks};
+/// use flowctl_core::prelude::*;
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), flowctl_core::FlowError> {
 /// let gate = Gate::new(Watermarks::new(0, 10)?, tracing::Span::none());
 /// let mut producer = gate.handle();

@@ -1,16 +1,15 @@
 //! Byte streams: any `AsyncWrite` as a [`Sink`], any `AsyncRead` as a [`Source`].
 
 use std::collections::VecDeque;
-use std::future::poll_fn;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use async_trait::async_trait;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::fair::Budget;
 use crate::gate::{GateInner, Wakeups};
+use crate::traits::SendError;
 use crate::{Fairness, FlowError, FlowStats, Sink, Source, Watermarks};
 
 /// An `AsyncWrite` (a child's stdin, a file, a socket) as a bounded [`Sink`] of
@@ -139,6 +138,14 @@ impl<W: AsyncWrite + Unpin + Send> WriterSink<W> {
         }
     }
 
+    fn poll_flush_inner(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), FlowError>> {
+        std::task::ready!(self.poll_write_queue(cx))?;
+        match self.writer.as_mut() {
+            Some(w) => Pin::new(w).poll_flush(cx).map_err(FlowError::Io),
+            None => Poll::Ready(Ok(())),
+        }
+    }
+
     fn fail(&mut self) {
         let queued: usize = self
             .queue
@@ -151,17 +158,16 @@ impl<W: AsyncWrite + Unpin + Send> WriterSink<W> {
     }
 }
 
-#[async_trait]
 impl<W: AsyncWrite + Unpin + Send> Sink for WriterSink<W> {
     type Item = Bytes;
 
-    async fn ready(&mut self) -> Result<(), FlowError> {
-        poll_fn(|cx| self.poll_ready_inner(cx)).await
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), FlowError>> {
+        self.poll_ready_inner(cx)
     }
 
-    fn start_send(&mut self, item: Bytes) -> Result<(), FlowError> {
+    fn start_send(&mut self, item: Bytes) -> Result<(), SendError<Bytes>> {
         if self.closed {
-            return Err(FlowError::Closed);
+            return Err(SendError::closed(item));
         }
         if item.is_empty() {
             return Ok(());
@@ -174,40 +180,36 @@ impl<W: AsyncWrite + Unpin + Send> Sink for WriterSink<W> {
         Ok(())
     }
 
-    async fn flush(&mut self) -> Result<(), FlowError> {
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), FlowError>> {
         if self.closed {
-            return if self.queue.is_empty() {
+            return Poll::Ready(if self.queue.is_empty() {
                 Ok(())
             } else {
                 Err(FlowError::Closed)
-            };
+            });
         }
-        let res = poll_fn(|cx| {
-            std::task::ready!(self.poll_write_queue(cx))?;
-            match self.writer.as_mut() {
-                Some(w) => Pin::new(w).poll_flush(cx).map_err(FlowError::Io),
-                None => Poll::Ready(Ok(())),
-            }
-        })
-        .await;
+        let res = std::task::ready!(self.poll_flush_inner(cx));
         if res.is_err() {
             self.fail();
         }
-        res
+        Poll::Ready(res)
     }
 
-    async fn close(&mut self) -> Result<(), FlowError> {
+    fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), FlowError>> {
         if self.closed {
-            return Ok(());
+            return Poll::Ready(Ok(()));
         }
-        self.flush().await?;
+        if let Err(e) = std::task::ready!(self.poll_flush_inner(cx)) {
+            self.fail();
+            return Poll::Ready(Err(e));
+        }
         let res = match self.writer.as_mut() {
-            Some(w) => poll_fn(|cx| Pin::new(&mut *w).poll_shutdown(cx)).await,
+            Some(w) => std::task::ready!(Pin::new(w).poll_shutdown(cx)),
             None => Ok(()),
         };
         self.closed = true;
         self.writer = None;
-        res.map_err(FlowError::Io)
+        Poll::Ready(res.map_err(FlowError::Io))
     }
 
     fn stats(&self) -> FlowStats {
@@ -294,12 +296,11 @@ impl<R: AsyncRead + Unpin + Send> ReaderSource<R> {
     }
 }
 
-#[async_trait]
 impl<R: AsyncRead + Unpin + Send> Source for ReaderSource<R> {
     type Item = Bytes;
 
-    async fn recv(&mut self) -> Result<Option<Bytes>, FlowError> {
-        poll_fn(|cx| self.poll_chunk(cx)).await
+    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Bytes>, FlowError>> {
+        self.poll_chunk(cx)
     }
 
     fn stats(&self) -> FlowStats {

@@ -25,7 +25,7 @@
 //!
 //! ```
 //! use bytes::Bytes;
-//! use flowctl_core::{pipe, Sink, Source, Watermarks};
+//! use flowctl_core::prelude::*;
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), flowctl_core::FlowError> {
@@ -79,9 +79,21 @@ pub use fair::Fairness;
 pub use pipe::{PipeSink, PipeSource, pipe, pipe_with};
 pub use pump::pump;
 pub use stats::{FlowStats, PumpStats};
-pub use traits::{Sink, Source, SourceExt};
+pub use traits::{
+    CloseFuture, FlushFuture, ReadyFuture, RecvFuture, RecvManyFuture, SendError, SendFuture, Sink,
+    SinkExt, Source, SourceExt, TrySendError,
+};
 pub use watermarks::Watermarks;
 pub use weighted::Weighted;
+
+/// `use flowctl_core::prelude::*;` brings the traits, their async
+/// conveniences and the everyday types.
+pub mod prelude {
+    pub use crate::{
+        Fairness, FlowError, FlowStats, SendError, Sink, SinkExt, Source, SourceExt, TrySendError,
+        Watermarks, Weighted, pipe, pipe_with, pump,
+    };
+}
 
 /// The README's example is compiled and run as a doctest, so it cannot rot.
 #[cfg(doctest)]

@@ -215,6 +215,7 @@ struct AttemptInner {
 ///
 /// ```
 /// use flowctl_core::lifecycle::{Attempt, Ledger};
+/// use flowctl_core::prelude::*;
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), flowctl_core::FlowError> {
 /// let ledger = Ledger::new();
 /// let attempt = Attempt::new("connect", &ledger);
@@ -614,6 +615,7 @@ fn scale_down(d: Duration, factor: f64) -> Duration {
 /// ```
 /// use std::time::Duration;
 /// use flowctl_core::{FlowError, lifecycle::{retry, Ledger, RetryPolicy}};
+/// use flowctl_core::prelude::*;
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), FlowError> {
 /// let ledger = Ledger::new();
 /// let policy = RetryPolicy {

@@ -32,9 +32,6 @@ use std::fmt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::task::{Context, Poll, Waker};
 
-use async_trait::async_trait;
-use futures::FutureExt;
-
 use crate::gate::GateState;
 use crate::sync::{self, Mutex, MutexGuard};
 use crate::weighted::charge_of;
@@ -99,6 +96,7 @@ impl Default for Offload {
 ///
 /// ```
 /// use flowctl_core::{compat::StreamSource, offload::{ordered, Offload}, Source};
+/// use flowctl_core::prelude::*;
 /// # #[tokio::main] async fn main() -> Result<(), flowctl_core::FlowError> {
 /// let src = StreamSource::new(futures::stream::iter((0u64..100).collect::<Vec<_>>()));
 /// let mut squares = ordered(src, Offload::default(), |x: u64| x * x);
@@ -366,14 +364,14 @@ where
     }
 
     /// Takes what `src` has ready without waiting, within the limits, so the
-    /// workers have jobs queued while the consumer is away. `recv` is
-    /// cancel-safe, so a pending poll loses nothing; the next `recv` polls it
-    /// again with the consumer's waker.
-    fn refill(&mut self) {
+    /// workers have jobs queued while the consumer is away. A pending poll
+    /// takes nothing and leaves the consumer's waker with `src` (at worst a
+    /// spurious wake-up).
+    fn refill(&mut self, cx: &mut Context<'_>) {
         while self.can_take() {
-            match self.src.recv().now_or_never() {
-                Some(received) => self.took(received),
-                None => break,
+            match self.src.poll_recv(cx) {
+                Poll::Ready(received) => self.took(received),
+                Poll::Pending => break,
             }
         }
     }
@@ -446,7 +444,6 @@ impl<S, F, Out> Drop for Ordered<S, F, Out> {
     }
 }
 
-#[async_trait]
 impl<S, F, Out> Source for Ordered<S, F, Out>
 where
     S: Source,
@@ -456,38 +453,35 @@ where
 {
     type Item = Out;
 
-    async fn recv(&mut self) -> Result<Option<Out>, FlowError> {
+    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Out>, FlowError>> {
         loop {
             if self.held() == 0 {
                 if self.can_take() {
-                    let received = self.src.recv().await;
+                    let received = std::task::ready!(self.src.poll_recv(cx));
                     self.took(received);
                     continue;
                 }
                 if let Some(e) = self.src_error.take() {
                     self.src_done = true;
-                    return Err(e);
+                    return Poll::Ready(Err(e));
                 }
-                return Ok(None);
+                return Poll::Ready(Ok(None));
             }
-            let done = if self.can_take() {
-                let shared = &self.shared;
-                // Both branches are cancel-safe: the head is taken only in the
-                // poll that returns it, and `src.recv` is cancel-safe.
-                tokio::select! {
-                    biased;
-                    done = std::future::poll_fn(|cx| poll_head(shared, cx)) => done,
-                    received = self.src.recv() => {
-                        self.took(received);
-                        continue;
-                    }
-                }
-            } else {
-                std::future::poll_fn(|cx| poll_head(&self.shared, cx)).await
-            };
-            let out = self.emitted(done);
-            self.refill();
-            return out;
+            // The head first; both are cancel-safe: the head is taken only
+            // in the poll that returns it, and `src` gives an item only when
+            // it returns it.
+            if let Poll::Ready(done) = poll_head(&self.shared, cx) {
+                let out = self.emitted(done);
+                self.refill(cx);
+                return Poll::Ready(out);
+            }
+            if self.can_take()
+                && let Poll::Ready(received) = self.src.poll_recv(cx)
+            {
+                self.took(received);
+                continue;
+            }
+            return Poll::Pending;
         }
     }
 

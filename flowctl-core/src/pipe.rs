@@ -1,14 +1,12 @@
 //! A bounded, byte-counted, many-producer single-consumer channel.
 
 use std::collections::VecDeque;
-use std::future::poll_fn;
 use std::task::{Context, Poll, Waker};
-
-use async_trait::async_trait;
 
 use crate::fair::Budget;
 use crate::gate::{GateInner, Wakeups, coop_proceed};
 use crate::sync::{Arc, Mutex, lock};
+use crate::traits::SendError;
 use crate::weighted::charge_of;
 use crate::{Fairness, FlowError, FlowStats, Sink, Source, Watermarks, Weighted};
 
@@ -26,7 +24,7 @@ use crate::{Fairness, FlowError, FlowStats, Sink, Source, Watermarks, Weighted};
 ///
 /// ```
 /// use bytes::Bytes;
-/// use flowctl_core::{pipe, Sink, Source, Watermarks};
+/// use flowctl_core::prelude::*;
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), flowctl_core::FlowError> {
 /// let (mut tx, mut rx) = pipe::<Bytes>(Watermarks::new(1024, 4096)?);
 /// tokio::spawn(async move {
@@ -141,87 +139,12 @@ impl<T> Clone for PipeSink<T> {
     }
 }
 
-impl<T: Weighted + Send + 'static> PipeSink<T> {
-    /// `Ready(Ok)` when the pipe accepts an item; see [`Sink::ready`].
-    pub fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), FlowError>> {
-        let Some(slot) = self.slot else {
-            return Poll::Ready(Err(FlowError::Closed));
-        };
-        let ready = std::task::ready!(lock(&self.shared.inner).gate.poll_ready(slot, cx));
-        // A producer that is never paused must still yield now and then (tokio's
-        // bounded mpsc does the same in `send`).
-        std::task::ready!(coop_proceed(cx));
-        Poll::Ready(ready)
-    }
-
-    /// Waits until the pipe accepts an item. Cancel-safe.
-    pub async fn ready(&mut self) -> Result<(), FlowError> {
-        poll_fn(|cx| self.poll_ready(cx)).await
-    }
-
-    /// Queues one item; see [`Sink::start_send`]. Fails with
-    /// [`FlowError::Closed`] if this handle was closed or the source dropped.
-    pub fn start_send(&mut self, item: T) -> Result<(), FlowError> {
-        if self.slot.is_none() {
-            return Err(FlowError::Closed);
-        }
-        let weight = item.weight();
-        let waker = {
-            let mut inner = lock(&self.shared.inner);
-            if !inner.rx_alive {
-                return Err(FlowError::Closed);
-            }
-            let charge = inner.gate.charge_item(weight);
-            tracing::trace!(weight, charge, "pipe: queued");
-            inner.queue.push_back(item);
-            inner.rx_waker.take()
-        };
-        if let Some(w) = waker {
-            w.wake();
-        }
-        Ok(())
-    }
-
-    /// `ready().await` then `start_send(item)`.
-    pub async fn send(&mut self, item: T) -> Result<(), FlowError> {
-        self.ready().await?;
-        self.start_send(item)
-    }
-
-    /// `Ready(Ok)` once the pipe is empty; `Ready(Err(Closed))` if the source
-    /// was dropped (the items it had not taken were released with it).
-    pub fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), FlowError>> {
-        let mut inner = lock(&self.shared.inner);
-        if !inner.rx_alive {
-            return Poll::Ready(Err(FlowError::Closed));
-        }
-        if inner.queue.is_empty() {
-            return Poll::Ready(Ok(()));
-        }
-        if !inner.flushers.iter().any(|w| w.will_wake(cx.waker())) {
-            inner.flushers.push(cx.waker().clone());
-        }
-        Poll::Pending
-    }
-
-    /// Waits until every item accepted so far has been taken by the source.
-    /// Cancel-safe.
-    pub async fn flush(&mut self) -> Result<(), FlowError> {
-        poll_fn(|cx| self.poll_flush(cx)).await
-    }
-
+impl<T> PipeSink<T> {
     /// True when the source has been dropped: sending would fail.
     pub fn is_closed(&self) -> bool {
         self.slot.is_none() || !lock(&self.shared.inner).rx_alive
     }
 
-    /// A snapshot of the pipe's counters (shared by every handle and the source).
-    pub fn stats(&self) -> FlowStats {
-        lock(&self.shared.inner).gate.stats()
-    }
-}
-
-impl<T> PipeSink<T> {
     /// Ends this handle (idempotent). The source sees the end of the stream
     /// once every handle has ended and the queue is drained.
     pub fn close_now(&mut self) {
@@ -250,33 +173,66 @@ impl<T> Drop for PipeSink<T> {
     }
 }
 
-#[async_trait]
+/// `poll_flush` waits until the pipe is empty (or fails with
+/// [`FlowError::Closed`] if the source was dropped: the items it had not taken
+/// were released with it); `poll_close` ends this handle without waiting.
 impl<T: Weighted + Send + 'static> Sink for PipeSink<T> {
     type Item = T;
 
-    async fn ready(&mut self) -> Result<(), FlowError> {
-        PipeSink::ready(self).await
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), FlowError>> {
+        let Some(slot) = self.slot else {
+            return Poll::Ready(Err(FlowError::Closed));
+        };
+        let ready = std::task::ready!(lock(&self.shared.inner).gate.poll_ready(slot, cx));
+        // A producer that is never paused must still yield now and then (tokio's
+        // bounded mpsc does the same in `send`).
+        std::task::ready!(coop_proceed(cx));
+        Poll::Ready(ready)
     }
 
-    fn start_send(&mut self, item: T) -> Result<(), FlowError> {
-        PipeSink::start_send(self, item)
-    }
-
-    async fn send(&mut self, item: T) -> Result<(), FlowError> {
-        PipeSink::send(self, item).await
-    }
-
-    async fn flush(&mut self) -> Result<(), FlowError> {
-        PipeSink::flush(self).await
-    }
-
-    async fn close(&mut self) -> Result<(), FlowError> {
-        self.close_now();
+    fn start_send(&mut self, item: T) -> Result<(), SendError<T>> {
+        if self.slot.is_none() {
+            return Err(SendError::closed(item));
+        }
+        let weight = item.weight();
+        let waker = {
+            let mut inner = lock(&self.shared.inner);
+            if !inner.rx_alive {
+                return Err(SendError::closed(item));
+            }
+            let charge = inner.gate.charge_item(weight);
+            tracing::trace!(weight, charge, "pipe: queued");
+            inner.queue.push_back(item);
+            inner.rx_waker.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
         Ok(())
     }
 
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), FlowError>> {
+        let mut inner = lock(&self.shared.inner);
+        if !inner.rx_alive {
+            return Poll::Ready(Err(FlowError::Closed));
+        }
+        if inner.queue.is_empty() {
+            return Poll::Ready(Ok(()));
+        }
+        if !inner.flushers.iter().any(|w| w.will_wake(cx.waker())) {
+            inner.flushers.push(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+
+    fn poll_close(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), FlowError>> {
+        self.close_now();
+        Poll::Ready(Ok(()))
+    }
+
+    /// The pipe's counters (shared by every handle and the source).
     fn stats(&self) -> FlowStats {
-        PipeSink::stats(self)
+        lock(&self.shared.inner).gate.stats()
     }
 }
 
@@ -290,9 +246,11 @@ pub struct PipeSource<T> {
     budget: Budget,
 }
 
-impl<T: Weighted + Send + 'static> PipeSource<T> {
-    /// Polls for the next item; see [`Source::recv`].
-    pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<T>, FlowError>> {
+/// `poll_recv_many` takes a batch under one lock.
+impl<T: Weighted + Send + 'static> Source for PipeSource<T> {
+    type Item = T;
+
+    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<T>, FlowError>> {
         let mut inner = lock(&self.shared.inner);
         if inner.queue.is_empty() {
             if inner.senders == 0 {
@@ -320,15 +278,7 @@ impl<T: Weighted + Send + 'static> PipeSource<T> {
         Poll::Ready(Ok(Some(item)))
     }
 
-    /// The next item; `Ok(None)` once every sink has ended and the queue is empty.
-    /// Cancel-safe and fair.
-    pub async fn recv(&mut self) -> Result<Option<T>, FlowError> {
-        poll_fn(|cx| self.poll_recv(cx)).await
-    }
-
-    /// Polls for a batch: appends up to `max` queued items (at least one, or
-    /// returns 0 at the end of the stream) under one lock.
-    pub fn poll_recv_many(
+    fn poll_recv_many(
         &mut self,
         cx: &mut Context<'_>,
         buf: &mut Vec<T>,
@@ -369,13 +319,7 @@ impl<T: Weighted + Send + 'static> PipeSource<T> {
         Poll::Ready(Ok(n))
     }
 
-    /// Waits for at least one item, then takes up to `max` under one lock.
-    pub async fn recv_many(&mut self, buf: &mut Vec<T>, max: usize) -> Result<usize, FlowError> {
-        poll_fn(|cx| self.poll_recv_many(cx, buf, max)).await
-    }
-
-    /// A snapshot of the pipe's counters.
-    pub fn stats(&self) -> FlowStats {
+    fn stats(&self) -> FlowStats {
         lock(&self.shared.inner).gate.stats()
     }
 }
@@ -396,22 +340,5 @@ impl<T> Drop for PipeSource<T> {
         // Items are dropped outside the lock: their destructors are user code.
         drop(queued);
         wakeups.wake();
-    }
-}
-
-#[async_trait]
-impl<T: Weighted + Send + 'static> Source for PipeSource<T> {
-    type Item = T;
-
-    async fn recv(&mut self) -> Result<Option<T>, FlowError> {
-        PipeSource::recv(self).await
-    }
-
-    async fn recv_many(&mut self, buf: &mut Vec<T>, max: usize) -> Result<usize, FlowError> {
-        PipeSource::recv_many(self, buf, max).await
-    }
-
-    fn stats(&self) -> FlowStats {
-        PipeSource::stats(self)
     }
 }

@@ -3,7 +3,7 @@
 use std::future::poll_fn;
 use std::task::Poll;
 
-use crate::{FlowError, PumpStats, Sink, Source};
+use crate::{FlowError, PumpStats, Sink, SinkExt, Source};
 
 /// Moves every item from `src` into `sink` until the end of the stream, then
 /// closes the sink (flushing it) and returns what was moved.
@@ -28,16 +28,13 @@ use crate::{FlowError, PumpStats, Sink, Source};
 /// and not accepted) is dropped; everything counted in the error was accepted.
 ///
 /// # Cancel safety
-/// Dropping the future loses at most the one item in hand (taken from the
-/// source, not yet accepted by the sink); it happens only while `start_send`
-/// runs, which does not wait, so in practice a cancelled pump loses nothing:
-/// cancellation can only strike while waiting in `ready` or `recv`, both
-/// cancel-safe. The sink is left open. A flush cut short by the drop loses
+/// Dropping the future loses nothing: an item is taken from the source
+/// only after the sink is ready, and handed over in the same poll. The sink is left open. A flush cut short by the drop loses
 /// nothing either: the sink keeps what it has not written yet.
 ///
 /// ```
 /// use bytes::Bytes;
-/// use flowctl_core::{pipe, pump, Sink, Watermarks};
+/// use flowctl_core::prelude::*;
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), flowctl_core::FlowError> {
 /// let wm = Watermarks::new(0, 1 << 16)?;
 /// let (mut tx, mut a) = pipe::<Bytes>(wm);
@@ -54,57 +51,56 @@ use crate::{FlowError, PumpStats, Sink, Source};
 /// ```
 pub async fn pump<S, K>(src: &mut S, sink: &mut K) -> Result<PumpStats, FlowError>
 where
-    S: Source,
-    K: Sink<Item = S::Item>,
+    S: Source + ?Sized,
+    K: Sink<Item = S::Item> + ?Sized,
 {
     // Bytes are the sink's own count of what it accepted, so the pump needs no
     // bound on the item type.
     let bytes_before = sink.stats().bytes;
     let mut items = 0u64;
+    // The sink was flushed during the current wait for the source.
+    let mut flushed = false;
+    let moved = poll_fn(|cx| {
+        loop {
+            if let Err(e) = std::task::ready!(sink.poll_ready(cx)) {
+                return Poll::Ready(Err(e));
+            }
+            match src.poll_recv(cx) {
+                Poll::Ready(Ok(Some(item))) => {
+                    flushed = false;
+                    if let Err(e) = sink.start_send(item) {
+                        return Poll::Ready(Err(e.into_error()));
+                    }
+                    items += 1;
+                }
+                Poll::Ready(Ok(None)) => return Poll::Ready(Ok(())),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    // The source is about to wait: push out what the sink
+                    // holds (as futures' `Forward` does), so that a trickle
+                    // does not stall behind a buffer. An item that arrives
+                    // first cuts the flush short (the sink keeps its
+                    // progress, and the next wait flushes again).
+                    if !flushed {
+                        match sink.poll_flush(cx) {
+                            Poll::Ready(Ok(())) => flushed = true,
+                            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                            Poll::Pending => {}
+                        }
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    })
+    .await;
     let fail = |items: u64, sink: &K, e: FlowError| FlowError::Pump {
         items,
         bytes: sink.stats().bytes.saturating_sub(bytes_before),
         source: Box::new(e),
     };
-    loop {
-        if let Err(e) = sink.ready().await {
-            return Err(fail(items, sink, e));
-        }
-        let received = {
-            let mut recv = src.recv();
-            match poll_fn(|cx| Poll::Ready(recv.as_mut().poll(cx))).await {
-                Poll::Ready(received) => Ok(received),
-                // The source is about to wait: push out what the sink holds
-                // (as futures' `Forward` does), so that a trickle does not
-                // stall behind a buffer. Keep polling the source meanwhile; an
-                // item that arrives first cuts the flush short (the sink keeps
-                // its progress, and the next wait flushes again).
-                Poll::Pending => {
-                    let mut flush = Some(sink.flush());
-                    poll_fn(|cx| {
-                        if let Some(f) = flush.as_mut()
-                            && let Poll::Ready(res) = f.as_mut().poll(cx)
-                        {
-                            flush = None;
-                            if let Err(e) = res {
-                                return Poll::Ready(Err(e));
-                            }
-                        }
-                        recv.as_mut().poll(cx).map(Ok)
-                    })
-                    .await
-                }
-            }
-        };
-        let item = match received {
-            Ok(Ok(Some(item))) => item,
-            Ok(Ok(None)) => break,
-            Ok(Err(e)) | Err(e) => return Err(fail(items, sink, e)),
-        };
-        if let Err(e) = sink.start_send(item) {
-            return Err(fail(items, sink, e));
-        }
-        items += 1;
+    if let Err(e) = moved {
+        return Err(fail(items, sink, e));
     }
     if let Err(e) = sink.close().await {
         return Err(fail(items, sink, e));

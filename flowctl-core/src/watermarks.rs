@@ -12,6 +12,7 @@ use crate::FlowError;
 ///
 /// ```
 /// use flowctl_core::Watermarks;
+/// use flowctl_core::prelude::*;
 /// let wm = Watermarks::new(64 * 1024, 256 * 1024)?;
 /// assert_eq!((wm.low(), wm.high()), (65536, 262144));
 /// assert!(Watermarks::new(10, 5).is_err());

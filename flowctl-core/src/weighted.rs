@@ -41,6 +41,7 @@ pub const MIN_CHARGE: usize = 64;
 /// ```
 /// use bytes::Bytes;
 /// use flowctl_core::weighted::{MIN_CHARGE, charge_of};
+/// use flowctl_core::prelude::*;
 ///
 /// assert_eq!(charge_of(&Bytes::new()), MIN_CHARGE);
 /// assert_eq!(charge_of(&Bytes::from(vec![0u8; 1000])), 1000);

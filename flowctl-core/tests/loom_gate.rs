@@ -8,6 +8,8 @@
 
 use bytes::Bytes;
 use flowctl_core::gate::Gate;
+#[allow(unused_imports)]
+use flowctl_core::prelude::*;
 use flowctl_core::{Fairness, FlowError, Watermarks, pipe_with};
 use loom::future::block_on;
 use loom::thread;

@@ -9,6 +9,8 @@
 
 use bytes::Bytes;
 use flowctl_core::offload::{Offload, ordered};
+#[allow(unused_imports)]
+use flowctl_core::prelude::*;
 use flowctl_core::{Fairness, Source, Watermarks, pipe_with};
 use loom::future::block_on;
 use loom::sync::Mutex;

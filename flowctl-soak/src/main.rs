@@ -22,6 +22,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use flowctl_core::lifecycle::Ledger;
+#[allow(unused_imports)]
+use flowctl_core::prelude::*;
 
 use crate::check::quantile;
 use crate::monitor::{Monitor, Progress};

@@ -10,6 +10,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use flowctl_core::FlowStats;
+#[allow(unused_imports)]
+use flowctl_core::prelude::*;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 /// Reads a `/proc/self/status` field in kB, as bytes.

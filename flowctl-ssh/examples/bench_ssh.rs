@@ -32,7 +32,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use flowctl_core::{Source, Watermarks};
+use flowctl_core::Watermarks;
+use flowctl_core::prelude::*;
 use flowctl_ssh::redirect::output_to_child;
 use flowctl_ssh::{Auth, Backend, Session, SshConfig};
 

@@ -21,7 +21,8 @@
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use flowctl_core::{Source, Watermarks};
+use flowctl_core::Watermarks;
+use flowctl_core::prelude::*;
 use flowctl_ssh::redirect::output_to_child;
 use flowctl_ssh::server::{EmbeddedServer, ServerConfig, generate_key};
 use flowctl_ssh::{Auth, HostKeyPolicy, Session, SshConfig};

@@ -13,7 +13,8 @@
 
 use std::path::Path;
 
-use flowctl_core::{Sink, Watermarks};
+use flowctl_core::Watermarks;
+use flowctl_core::prelude::*;
 use flowctl_ssh::redirect::reader_to_stdin;
 use flowctl_ssh::russh::keys::ssh_key::LineEnding;
 use flowctl_ssh::server::{EmbeddedServer, ServerConfig, generate_key};

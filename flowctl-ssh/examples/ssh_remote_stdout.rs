@@ -14,7 +14,8 @@
 use std::path::Path;
 use std::process::Stdio;
 
-use flowctl_core::{Source, Watermarks};
+use flowctl_core::Watermarks;
+use flowctl_core::prelude::*;
 use flowctl_ssh::redirect::output_to_child;
 use flowctl_ssh::russh::keys::ssh_key::LineEnding;
 use flowctl_ssh::server::{EmbeddedServer, ServerConfig, generate_key};

@@ -9,6 +9,9 @@ use flowctl_core::{BoxError, FlowError};
 /// Converts into [`FlowError`] (as [`FlowError::Transport`], or
 /// [`FlowError::Timeout`] for [`SshError::ConnectTimeout`]), so it travels
 /// through `?` in code that speaks flowctl's error type.
+/// [`FlowError::transport_error::<SshError>()`](FlowError::transport_error)
+/// gets it back, also from inside a [`FlowError::Pump`] or
+/// [`FlowError::RetriesExhausted`].
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum SshError {
@@ -144,17 +147,5 @@ impl From<SshError> for FlowError {
 impl From<russh::Error> for SshError {
     fn from(e: russh::Error) -> Self {
         SshError::Russh(Box::new(e))
-    }
-}
-
-impl SshError {
-    /// The [`SshError`] inside a [`FlowError`], if it carries one (directly,
-    /// or inside a [`FlowError::Pump`]).
-    pub fn find(err: &FlowError) -> Option<&SshError> {
-        match err {
-            FlowError::Transport(inner) => inner.downcast_ref::<SshError>(),
-            FlowError::Pump { source, .. } => SshError::find(source),
-            _ => None,
-        }
     }
 }

@@ -13,7 +13,7 @@
 //! # Example
 //!
 //! ```no_run
-//! use flowctl_core::{Sink, Source};
+//! use flowctl_core::prelude::*; // Sink, Source and their async conveniences
 //! use flowctl_ssh::{Auth, Session, SshConfig};
 //!
 //! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -26,11 +26,13 @@
 //! imports `session`, `backend` or russh; the backends import it.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll};
 
-use async_trait::async_trait;
 use bytes::Bytes;
-use flowctl_core::{FlowError, FlowStats, PipeSink, PipeSource, Sink, Source, pipe};
+use flowctl_core::prelude::*;
+use flowctl_core::{FlowError, FlowStats, PipeSink, PipeSource, SendError, pipe};
+use futures::task::AtomicWaker;
 use tokio::sync::watch;
 
 use crate::config::SshConfig;
@@ -131,7 +133,7 @@ pub(crate) struct Plumbing {
     pub(crate) exit: watch::Sender<Option<Outcome>>,
     pub(crate) done: watch::Sender<bool>,
     pub(crate) done_rx: watch::Receiver<bool>,
-    pub(crate) progress: watch::Sender<StdinProgress>,
+    pub(crate) progress: ProgressTx,
     /// Changes (with an error) once every user-facing part is dropped.
     pub(crate) cancel: watch::Receiver<()>,
 }
@@ -148,7 +150,7 @@ pub(crate) fn plumbing(
     let (cancel_tx, cancel_rx) = watch::channel(());
     let (exit_tx, exit_rx) = watch::channel(None);
     let (done_tx, done_rx) = watch::channel(false);
-    let (written_tx, written_rx) = watch::channel(StdinProgress::default());
+    let progress = Arc::new(StdinProgress::default());
     let flags = Arc::new(Flags::default());
     let guard = Arc::new(Guard {
         _cancel: cancel_tx,
@@ -157,7 +159,7 @@ pub(crate) fn plumbing(
     let proc = RemoteProcess {
         stdin: Stdin {
             tx: in_tx,
-            progress: written_rx,
+            progress: progress.clone(),
             _guard: guard.clone(),
         },
         stdout: Output {
@@ -187,7 +189,7 @@ pub(crate) fn plumbing(
         exit: exit_tx,
         done: done_tx,
         done_rx,
-        progress: written_tx,
+        progress: ProgressTx(progress),
         cancel: cancel_rx,
     };
     (plumbing, proc)
@@ -267,14 +269,43 @@ pub(crate) fn deliver(pipe: &mut PipeSink<Bytes>, open: &mut bool, data: Bytes) 
     }
 }
 
-#[derive(Debug, Clone, Copy, Default)]
+/// What the stdin task has done, read by [`Stdin::poll_flush`] and
+/// [`Stdin::poll_close`] without a future: atomics and the waker of the one
+/// [`Stdin`] (it is not `Clone`, so one waker suffices).
+#[derive(Debug, Default)]
 pub(crate) struct StdinProgress {
     /// Bytes handed to the connection (russh, or the ssh client's pipe).
-    pub(crate) written: u64,
+    written: AtomicU64,
     /// The writer has stopped: EOF sent, or the channel is gone.
-    pub(crate) finished: bool,
-    /// EOF was sent.
-    pub(crate) eof: bool,
+    finished: AtomicBool,
+    /// EOF was sent (set before `finished`).
+    eof: AtomicBool,
+    waker: AtomicWaker,
+}
+
+/// The stdin task's side of [`StdinProgress`]. Dropping it (the task ended,
+/// or was dropped before it ran) marks the writer finished, so a waiting
+/// `flush`/`close` never hangs.
+#[derive(Debug)]
+pub(crate) struct ProgressTx(Arc<StdinProgress>);
+
+impl ProgressTx {
+    fn written(&self, len: u64) {
+        self.0.written.fetch_add(len, Ordering::Release);
+        self.0.waker.wake();
+    }
+
+    fn eof(&self, eof: bool) {
+        self.0.eof.store(eof, Ordering::Release);
+        self.0.waker.wake();
+    }
+}
+
+impl Drop for ProgressTx {
+    fn drop(&mut self) {
+        self.0.finished.store(true, Ordering::Release);
+        self.0.waker.wake();
+    }
 }
 
 /// Where a backend's stdin task writes: a russh channel, or the pipe into
@@ -293,7 +324,7 @@ pub(crate) trait StdinWriter: Send {
 pub(crate) async fn write_stdin<W: StdinWriter>(
     writer: Option<W>,
     mut rx: PipeSource<Bytes>,
-    progress: watch::Sender<StdinProgress>,
+    progress: ProgressTx,
     mut done: watch::Receiver<bool>,
     mut cancel: watch::Receiver<()>,
 ) {
@@ -316,77 +347,111 @@ pub(crate) async fn write_stdin<W: StdinWriter>(
                         tracing::debug!(error = %e, "stdin write failed");
                         break;
                     }
-                    progress.send_modify(|p| p.written += len);
+                    progress.written(len);
                 }
                 Ok(None) | Err(_) => {
                     let eof = w.eof().await;
-                    progress.send_modify(|p| p.eof = eof);
+                    progress.eof(eof);
                     break;
                 }
             }
         }
     }
-    progress.send_modify(|p| p.finished = true);
+    drop(progress);
 }
 
 /// The remote process's stdin: a bounded [`Sink`] of `Bytes`.
 ///
 /// Chunks wait in a pipe bounded by the session's watermarks and are written
-/// by a task as fast as the server's SSH window allows; `ready` waits while
-/// more than `high` bytes wait. `flush` waits until every accepted byte has
-/// been handed to the connection; `close` flushes and sends EOF. Dropping
-/// stdin also sends EOF.
+/// by a task as fast as the server's SSH window allows; `poll_ready` is
+/// pending while more than `high` bytes wait. `poll_flush` is ready once
+/// every accepted byte has been handed to the connection; `poll_close`
+/// flushes and sends EOF. Dropping stdin also sends EOF.
+///
+/// # Errors
+/// `start_send` gives the chunk back ([`SendError`]) after `poll_close`, or
+/// once the stdin task has stopped taking chunks (the channel is gone).
+/// `poll_flush` fails with [`FlowError::Closed`] if the writer stopped before
+/// it wrote everything accepted (the process ended or the connection was
+/// lost); `poll_close` fails with [`FlowError::Closed`] if EOF could not be
+/// sent. After an error every later call fails too; after a successful
+/// `poll_close`, `poll_close` and `poll_flush` return `Ready(Ok(()))`.
 #[derive(Debug)]
 pub struct Stdin {
     tx: PipeSink<Bytes>,
-    progress: watch::Receiver<StdinProgress>,
+    progress: Arc<StdinProgress>,
     _guard: Arc<Guard>,
 }
 
-#[async_trait]
+impl Stdin {
+    /// `Ready(true)` once `done(progress)` holds, `Ready(false)` once the
+    /// writer has finished without it. Registers the waker before the check,
+    /// so no update between the two is missed.
+    fn poll_progress(
+        &self,
+        cx: &mut Context<'_>,
+        done: impl Fn(&StdinProgress) -> bool,
+    ) -> Poll<bool> {
+        let p = &*self.progress;
+        if done(p) {
+            return Poll::Ready(true);
+        }
+        p.waker.register(cx.waker());
+        // `finished` is loaded before the condition is re-checked: the writer
+        // updates the condition before it finishes.
+        let finished = p.finished.load(Ordering::Acquire);
+        if done(p) {
+            Poll::Ready(true)
+        } else if finished {
+            Poll::Ready(false)
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
 impl Sink for Stdin {
     type Item = Bytes;
 
-    async fn ready(&mut self) -> Result<(), FlowError> {
-        self.tx.ready().await
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), FlowError>> {
+        self.tx.poll_ready(cx)
     }
 
-    fn start_send(&mut self, item: Bytes) -> Result<(), FlowError> {
+    fn start_send(&mut self, item: Bytes) -> Result<(), SendError<Bytes>> {
         self.tx.start_send(item)
     }
 
-    async fn flush(&mut self) -> Result<(), FlowError> {
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), FlowError>> {
         let accepted = self.tx.stats().bytes;
-        let p = self
-            .progress
-            .wait_for(|p| p.written >= accepted || p.finished)
-            .await
-            .map(|p| *p)
-            .map_err(|_| FlowError::Closed)?;
-        if p.written >= accepted {
+        let written_all = |p: &StdinProgress| p.written.load(Ordering::Acquire) >= accepted;
+        let written = std::task::ready!(self.poll_progress(cx, written_all));
+        Poll::Ready(if written {
             Ok(())
         } else {
             Err(FlowError::Closed)
-        }
+        })
     }
 
-    async fn close(&mut self) -> Result<(), FlowError> {
-        if self.progress.borrow().eof {
-            return Ok(());
+    fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), FlowError>> {
+        if self.progress.eof.load(Ordering::Acquire) {
+            return Poll::Ready(Ok(()));
         }
-        self.flush().await?;
-        self.tx.close_now();
-        let p = self
-            .progress
-            .wait_for(|p| p.finished)
-            .await
-            .map(|p| *p)
-            .map_err(|_| FlowError::Closed)?;
-        if p.eof {
+        if !self.tx.is_closed() {
+            std::task::ready!(self.poll_flush(cx))?;
+            // The writer sees the end of the pipe, sends EOF and finishes.
+            self.tx.close_now();
+        }
+        let finished =
+            std::task::ready!(self.poll_progress(cx, |p| p.finished.load(Ordering::Acquire)));
+        debug_assert!(
+            finished,
+            "poll_progress on `finished` is ready only once it is set"
+        );
+        Poll::Ready(if self.progress.eof.load(Ordering::Acquire) {
             Ok(())
         } else {
             Err(FlowError::Closed)
-        }
+        })
     }
 
     fn stats(&self) -> FlowStats {
@@ -437,24 +502,52 @@ impl Output {
         }
         Ok(all)
     }
-}
 
-#[async_trait]
-impl Source for Output {
-    type Item = Bytes;
-
-    async fn recv(&mut self) -> Result<Option<Bytes>, FlowError> {
-        match self.rx.recv().await? {
-            Some(chunk) => {
-                self.delivered += chunk.len() as u64;
-                Ok(Some(chunk))
-            }
-            None if self.lost() => Err(SshError::ConnectionLost {
+    /// The end of the stream: an error if the connection ended first.
+    fn end(&self) -> Result<(), FlowError> {
+        if self.lost() {
+            Err(SshError::ConnectionLost {
                 stream: self.stream,
                 delivered: self.delivered,
             }
-            .into()),
-            None => Ok(None),
+            .into())
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Fair and cancel-safe as the pipe it reads (`poll_recv_many` takes a batch
+/// under one lock). After the end of the stream, every call returns the end
+/// again: `Ok(None)`, or the same [`SshError::ConnectionLost`].
+impl Source for Output {
+    type Item = Bytes;
+
+    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Bytes>, FlowError>> {
+        match std::task::ready!(self.rx.poll_recv(cx))? {
+            Some(chunk) => {
+                self.delivered += chunk.len() as u64;
+                Poll::Ready(Ok(Some(chunk)))
+            }
+            None => Poll::Ready(self.end().map(|()| None)),
+        }
+    }
+
+    fn poll_recv_many(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut Vec<Bytes>,
+        max: usize,
+    ) -> Poll<Result<usize, FlowError>> {
+        if max == 0 {
+            return Poll::Ready(Ok(0));
+        }
+        let start = buf.len();
+        let res = std::task::ready!(self.rx.poll_recv_many(cx, buf, max));
+        self.delivered += buf[start..].iter().map(|c| c.len() as u64).sum::<u64>();
+        match res? {
+            0 => Poll::Ready(self.end().map(|()| 0)),
+            n => Poll::Ready(Ok(n)),
         }
     }
 

@@ -5,6 +5,12 @@
 //! remote process → SSH window → russh queue → our pipe → pump →
 //! [`WriterSink`] → local pipe never holds more than the watermarks plus a
 //! packet at each stage.
+//!
+//! An [`Output`] is also a `tokio::io::AsyncBufRead`, through
+//! [`SourceExt::into_async_read`](flowctl_core::SourceExt::into_async_read)
+//! (it lends each SSH packet, no copy), for `tokio::io::copy_buf`, a
+//! decoder or a `FramedRead`: the output stays within the same bound, since
+//! nothing is taken from it faster than the writer takes it.
 
 use flowctl_core::io::{ReaderSource, WriterSink};
 use flowctl_core::{FlowError, PumpStats, Watermarks, pump};

@@ -30,7 +30,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use flowctl_core::{Sink, Source};
+use flowctl_core::Sink;
+use flowctl_core::prelude::*;
 use flowctl_zmq::{Context, Multipart, SocketType, ZmqSocket};
 use tokio::io::unix::AsyncFd;
 
@@ -166,7 +167,7 @@ fn flowctl_push_pull(n: usize, size: usize, batched: bool) -> Duration {
             }
         } else {
             for _ in 0..n {
-                tx.send(payload.clone()).await.unwrap();
+                tx.send(payload.clone().into()).await.unwrap();
             }
         }
         tx.flush().await.unwrap();
@@ -204,7 +205,7 @@ fn mixed(n: usize, size: usize, flowctl_sends: bool) -> Duration {
                 .into_sink();
             let payload = Bytes::from(payload);
             for _ in 0..n {
-                tx.send(payload.clone()).await.unwrap();
+                tx.send(payload.clone().into()).await.unwrap();
             }
             tx.flush().await.unwrap();
             recv.join().unwrap();
@@ -312,7 +313,9 @@ fn stalled_consumer(total: usize) -> (f64, f64, usize) {
             .unwrap()
             .into_sink();
         for i in 0..n {
-            tx.send(Bytes::from(vec![i as u8; SIZE])).await.unwrap();
+            tx.send(Bytes::from(vec![i as u8; SIZE]).into())
+                .await
+                .unwrap();
         }
         tx.flush().await.unwrap();
         // Close only once everything arrived: the linger must not cut it short.
@@ -392,7 +395,7 @@ fn stall_flowctl(n: usize) -> (Duration, u64, Duration) {
             .into_source();
         let m = Bytes::from_static(&[1u8; 100]);
         for _ in 0..n {
-            tx.send(m.clone()).await.unwrap();
+            tx.send(m.clone().into()).await.unwrap();
         }
         worst_stall(async move {
             for _ in 0..n {

@@ -16,7 +16,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use flowctl_core::{FlowError, FlowStats, Sink, Source, Watermarks};
+use flowctl_core::prelude::*;
+use flowctl_core::{FlowError, FlowStats, Sink, Watermarks};
 use flowctl_zmq::{SocketType, ZmqSocket};
 use tokio::time::MissedTickBehavior;
 
@@ -85,7 +86,7 @@ async fn main() -> Result<(), BoxError> {
             .into_sink();
         senders.push(tokio::spawn(async move {
             for seq in 0..PER_SENDER {
-                tx.send(message(id, seq)).await?; // waits while libzmq is at its HWM
+                tx.send(message(id, seq).into()).await?; // waits while libzmq is at its HWM
             }
             tx.close().await?; // returns once libzmq has sent everything
             Ok::<FlowStats, FlowError>(tx.stats())

@@ -4,8 +4,8 @@ use bytes::Bytes;
 use flowctl_core::FlowError;
 
 /// What can go wrong with a ZeroMQ socket. Converts into
-/// [`FlowError::Transport`] (use `downcast_ref::<ZmqError>()` on the source to
-/// match on it).
+/// [`FlowError::Transport`]; [`FlowError::transport_error`] gets it back to
+/// match on it (`err.transport_error::<ZmqError>()`).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ZmqError {

@@ -4,7 +4,7 @@
 //!
 //! ```
 //! use bytes::Bytes;
-//! use flowctl_core::{Sink, Source};
+//! use flowctl_core::prelude::*;
 //! use flowctl_zmq::{SocketType, ZmqSocket};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
@@ -18,7 +18,7 @@
 //!     .connect(endpoint)
 //!     .build()?
 //!     .into_sink();
-//! tx.send(vec![Bytes::from_static(b"hello"), Bytes::from_static(b"world")]).await?;
+//! tx.send(vec![Bytes::from_static(b"hello"), Bytes::from_static(b"world")].into()).await?;
 //! tx.close().await?; // waits until libzmq has sent it (bounded by the linger)
 //! let msg = rx.recv().await?.expect("a zmq socket never ends");
 //! assert_eq!(msg, vec![Bytes::from_static(b"hello"), Bytes::from_static(b"world")]);
@@ -36,14 +36,26 @@
 //! A socket's [`ZmqSink`] and [`ZmqSource`] may live in different tasks: a
 //! send can consume the edge the receiver waits for (and vice versa), so after
 //! every send, receive or events read the other direction, if it waits, is
-//! re-checked and woken through its own [`tokio::sync::Notify`]. The libzmq
-//! socket (`Send`, not `Sync`) sits behind a mutex shared by the halves.
+//! re-checked and woken through its own waker slot (which keeps a permit if
+//! the half has not parked yet). Both halves wait on the descriptor's *read*
+//! readiness, and `AsyncFd::poll_read_ready` keeps only the waker of its
+//! latest caller, so the descriptor is polled with one waker of the socket's
+//! that wakes both slots. The libzmq socket (`Send`, not `Sync`) sits behind
+//! a mutex shared by the halves.
+//!
+//! Both halves implement flowctl-core's poll-based traits directly
+//! ([`Sink::poll_ready`](flowctl_core::Sink::poll_ready),
+//! [`Source::poll_recv`](flowctl_core::Source::poll_recv)): the state of a
+//! wait lives in the half, so no future is held or boxed per message, and a
+//! half abandoned at `Pending` loses nothing (its waiting flag stays up, which
+//! costs the other half an events check per operation, until it is polled
+//! again or dropped).
 //!
 //! # Fairness
 //!
 //! The PyZMQ asyncio failure (a socket that always has a message never
-//! yields, timers starve) cannot happen: every `recv` (and every `ready` of
-//! the sink) spends one unit of tokio's coop budget and is charged to a
+//! yields, timers starve) cannot happen: every `poll_recv` (and every
+//! `poll_ready` of the sink) that does not resume a wait spends one unit of tokio's coop budget and is charged to a
 //! [`flowctl_core::Fairness`] budget of items and bytes; when either is spent
 //! the call yields once. `recv_many` stops at the end of a slice and the next
 //! call yields first, so batching does not skip the yield. `tests/it/fairness.rs`
@@ -61,17 +73,15 @@
 //!
 //! The fast path is a batch call on each side:
 //! [`ZmqSink::send_many`] and
-//! [`Source::recv_many`](flowctl_core::Source::recv_many). Each takes the
+//! [`Source::poll_recv_many`](flowctl_core::Source::poll_recv_many) (through
+//! [`SourceExt::recv_many`](flowctl_core::SourceExt::recv_many)). Each takes the
 //! socket's lock and spends one unit of tokio's coop budget once per round,
 //! and still charges every message to the fairness budget (a round ends when
 //! the slice is spent). `send_many` hands messages straight to libzmq and,
 //! when libzmq refuses one at its SNDHWM, waits for room as a blocking
-//! `zmq_send` would: the caller's batch is the queue. [`ZmqSink::send`] and
-//! [`ZmqSink::ready`] are inherent methods as well as
-//! [`Sink`](flowctl_core::Sink) trait methods (which call them), so a send
-//! per message on the concrete type costs no boxed future. (The source has
-//! no inherent `recv`: it would shadow the trait method and turn every
-//! `use flowctl_core::Source` of existing callers into an unused import.)
+//! `zmq_send` would: the caller's batch is the queue. A send per message
+//! goes through [`SinkExt::send`](flowctl_core::SinkExt::send) (a named
+//! future over `poll_ready` and `start_send`, nothing boxed).
 //!
 //! A [`Multipart`] holds a single frame inline, so neither side allocates per
 //! message. A send is one `zmq_send` call per frame, a receive one
@@ -120,7 +130,7 @@
 //!
 //! # Closing without loss
 //!
-//! [`Sink::close`](flowctl_core::Sink::close) pushes the sink's queue into
+//! [`SinkExt::close`](flowctl_core::SinkExt::close) pushes the sink's queue into
 //! libzmq, closes the socket and, when the socket has its own context (the
 //! default), waits in `zmq_ctx_term` until libzmq has sent everything or the
 //! [linger](SocketBuilder::linger) has expired. Dropping a socket lingers in a
@@ -140,7 +150,7 @@
 //!
 //! As with `futures::Sink`, a message accepted while libzmq is at its HWM
 //! waits in the sink's queue until the sink is used again. Call
-//! [`Sink::flush`](flowctl_core::Sink::flush) before waiting for something
+//! [`SinkExt::flush`](flowctl_core::SinkExt::flush) before waiting for something
 //! else (the reply to a request sent on a DEALER, for instance).
 //!
 //! # What libzmq does, and what this crate relies on

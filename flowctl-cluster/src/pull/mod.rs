@@ -1,7 +1,7 @@
 //! The JetStream pull Source: demand follows the watermarks.
 //!
 //! Layout: the public types, then [`Cluster::consume`] (subscription and
-//! sender task inside one [`Attempt`]), then the async shell of
+//! sender task inside one [`Attempt`]), then the poll-based shell of
 //! [`PullSource`]: it turns what arrives on the inbox into events for the
 //! I/O-free state machine in [`demand`] (which decides every pull, ack,
 //! probe, hold-back and dedupe, and documents what each nats-server
@@ -9,11 +9,13 @@
 
 mod demand;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_nats::{HeaderMap, Subject};
-use async_trait::async_trait;
 use bytes::Bytes;
 use flowctl_core::fair::Budget;
 use flowctl_core::gate::Gate;
@@ -21,10 +23,12 @@ use flowctl_core::lifecycle::{Attempt, Lease};
 use flowctl_core::{Fairness, FlowError, FlowStats, Source, Watermarks, Weighted};
 use futures::{FutureExt, StreamExt};
 use tokio::sync::mpsc;
+use tokio::time::Sleep;
 
 use demand::{Command, Delivery, Demand, DemandConfig, Failure, Fetched, Status};
 
 use crate::ClusterError;
+use crate::changed::Changed;
 use crate::cluster::{Cluster, Shared};
 use std::sync::Arc;
 
@@ -32,7 +36,7 @@ use std::sync::Arc;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum AckMode {
-    /// `+ACK` is sent when [`Source::recv`] hands the message over: at most
+    /// `+ACK` is sent when `recv` ([`Source::poll_recv`]) hands the message over: at most
     /// once for the application (a crash after `recv`, before processing,
     /// loses the message). A redelivery of a message already handed over is
     /// acked again and dropped.
@@ -278,7 +282,10 @@ pub struct PullSource {
     gate: Gate,
     /// Demand, order and dedupe: every decision, without I/O.
     demand: Demand<Raw>,
-    generation: tokio::sync::watch::Receiver<u64>,
+    /// Reconnects of the client (see [`Changed`] for why no wake-up is lost).
+    generation: Changed<u64>,
+    /// Until the state machine's next deadline; reset, never re-allocated.
+    sleep: Pin<Box<Sleep>>,
     cmd: mpsc::UnboundedSender<Cmd>,
     probes: mpsc::UnboundedReceiver<ProbeReply>,
     fetched: mpsc::UnboundedReceiver<Fetched<Raw>>,
@@ -465,7 +472,7 @@ impl Cluster {
         };
         attempt.disown(claim_sub);
         attempt.disown(claim_task);
-        let generation = shared.generation.clone();
+        let generation = Changed::new(shared.generation.clone());
         let lease = shared.ledger.acquire("nats.subscription");
         let demand = Demand::new(
             DemandConfig {
@@ -497,6 +504,7 @@ impl Cluster {
             opts,
             demand,
             generation,
+            sleep: Box::pin(tokio::time::sleep(Duration::ZERO)),
             cmd: cmd_tx,
             probes: probe_rx,
             fetched: fetch_rx,
@@ -504,7 +512,6 @@ impl Cluster {
             settle_rx,
             _lease: lease,
         };
-        src.generation.borrow_and_update();
         src.demand.on_start(std::time::Instant::now());
         src.run_commands();
         Ok(src)
@@ -764,10 +771,7 @@ impl PullSource {
 
     fn apply_settles(&mut self) {
         while let Ok(s) = self.settle_rx.try_recv() {
-            match s {
-                Settle::Acked(seq) => self.demand.on_acked(seq),
-                Settle::Released(seq) => self.demand.on_released(seq),
-            }
+            self.on_settle(s);
         }
     }
 
@@ -799,6 +803,63 @@ impl PullSource {
         })
     }
 
+    /// Polls every event the source waits on once and hands what arrived
+    /// to the state machine: `Ok(true)` if anything did, `Ok(false)` with
+    /// the waker registered everywhere. A closed channel of the sender task
+    /// (probes, fetches) brings nothing, as a disabled `select!` branch; the
+    /// end of the subscription is [`FlowError::Closed`].
+    fn poll_events(&mut self, cx: &mut Context<'_>) -> Result<bool, FlowError> {
+        let mut any = false;
+        match self.sub.poll_next_unpin(cx) {
+            Poll::Ready(Some(m)) => {
+                self.on_message(m);
+                any = true;
+            }
+            Poll::Ready(None) => return Err(FlowError::Closed),
+            Poll::Pending => {}
+        }
+        if let Poll::Ready(Some((upto, waiting))) = self.probes.poll_recv(cx) {
+            // What already arrived for the requests counts before the
+            // leader's answer can void them.
+            self.drain();
+            self.demand
+                .on_probe(upto, waiting, std::time::Instant::now());
+            any = true;
+        }
+        if let Poll::Ready(Some(f)) = self.fetched.poll_recv(cx) {
+            self.demand.on_fetched(f, std::time::Instant::now());
+            any = true;
+        }
+        if let Poll::Ready(Some(s)) = self.settle_rx.poll_recv(cx) {
+            self.on_settle(s);
+            any = true;
+        }
+        if self.generation.poll_changed(cx) == Poll::Ready(true) {
+            self.demand.on_reconnected(std::time::Instant::now());
+            any = true;
+        }
+        let wake =
+            tokio::time::Instant::from_std(self.demand.next_timeout(std::time::Instant::now()));
+        // Re-registered only when the deadline comes earlier (or has
+        // passed): a later one is served by waking early, and `on_timer` at
+        // any time is harmless.
+        if wake < self.sleep.deadline() || self.sleep.is_elapsed() {
+            self.sleep.as_mut().reset(wake);
+        }
+        if self.sleep.as_mut().poll(cx).is_ready() {
+            self.demand.on_timer(std::time::Instant::now());
+            any = true;
+        }
+        Ok(any)
+    }
+
+    fn on_settle(&mut self, s: Settle) {
+        match s {
+            Settle::Acked(seq) => self.demand.on_acked(seq),
+            Settle::Released(seq) => self.demand.on_released(seq),
+        }
+    }
+
     fn failure(&self, f: Failure) -> ClusterError {
         match f {
             Failure::ConsumerDeleted => ClusterError::ConsumerNotFound {
@@ -809,26 +870,31 @@ impl PullSource {
     }
 }
 
-#[async_trait]
 impl Source for PullSource {
     type Item = JsMessage;
 
-    async fn recv(&mut self) -> Result<Option<JsMessage>, FlowError> {
+    /// One turn of the loop takes a ready message (within the fairness
+    /// budget), or lets the state machine act on the clock and a reconnect,
+    /// then polls everything that can bring an event: the inbox, probe and
+    /// fetch answers, the handles' settles, the reconnect generation and the
+    /// state machine's next deadline. Whatever a poll takes is handed to the
+    /// state machine at once, so a `Pending` (or a drop of the caller's
+    /// future) loses nothing; `Pending` is returned only when none of them
+    /// had anything, with every one holding the waker.
+    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<JsMessage>, FlowError>> {
         loop {
             self.apply_settles();
             if self.demand.has_ready() {
-                std::future::poll_fn(|cx| self.budget.poll_proceed(cx)).await;
+                std::task::ready!(self.budget.poll_proceed(cx));
                 if let Some(msg) = self.take_ready() {
                     self.budget.charge(msg.weight());
-                    return Ok(Some(msg));
+                    return Poll::Ready(Ok(Some(msg)));
                 }
             }
             if let Some(f) = self.demand.take_failure() {
-                return Err(self.failure(f).into());
+                return Poll::Ready(Err(self.failure(f).into()));
             }
-            self.budget.reset();
-            if self.generation.has_changed().unwrap_or(false) {
-                self.generation.borrow_and_update();
+            if self.generation.poll_changed(cx) == Poll::Ready(true) {
                 self.demand.on_reconnected(std::time::Instant::now());
             }
             self.demand.on_timer(std::time::Instant::now());
@@ -836,37 +902,14 @@ impl Source for PullSource {
             if self.demand.has_ready() {
                 continue;
             }
-            let wake = self.demand.next_timeout(std::time::Instant::now());
-            tokio::select! {
-                m = self.sub.next() => match m {
-                    Some(m) => self.on_message(m),
-                    None => return Err(FlowError::Closed),
-                },
-                Some((upto, waiting)) = self.probes.recv() => {
-                    // What already arrived for the requests counts before
-                    // the leader's answer can void them.
-                    self.drain();
-                    self.demand.on_probe(upto, waiting, std::time::Instant::now());
-                }
-                Some(f) = self.fetched.recv() => {
-                    self.demand.on_fetched(f, std::time::Instant::now());
-                }
-                Some(s) = self.settle_rx.recv() => match s {
-                    Settle::Acked(seq) => self.demand.on_acked(seq),
-                    Settle::Released(seq) => self.demand.on_released(seq),
-                },
-                r = self.generation.changed() => {
-                    if r.is_ok() {
-                        self.generation.borrow_and_update();
-                        self.demand.on_reconnected(std::time::Instant::now());
-                    }
-                }
-                () = tokio::time::sleep_until(wake.into()) => {
-                    self.demand.on_timer(std::time::Instant::now());
-                }
+            if self.poll_events(cx)? {
+                self.drain();
+                self.run_commands();
+                continue;
             }
-            self.drain();
-            self.run_commands();
+            // A natural `Pending`: the next slice starts afresh.
+            self.budget.reset();
+            return Poll::Pending;
         }
     }
 
@@ -898,5 +941,8 @@ mod tests {
         assert_send_sync::<AckHandle>();
         assert_send_sync::<JsMessage>();
         assert_send_sync::<PullStats>();
+        assert_send_sync::<PullSource>();
+        assert_send_sync::<crate::CoreSource>();
+        assert_send_sync::<crate::Publisher>();
     }
 }

@@ -5,7 +5,8 @@ use async_nats::jetstream::stream;
 use bytes::Bytes;
 use flowctl_cluster::{Cluster, ClusterError, Credentials, PublishOptions};
 use flowctl_core::lifecycle::Ledger;
-use flowctl_core::{Fairness, FlowError, Sink, Source};
+use flowctl_core::prelude::*;
+use flowctl_core::{Fairness, FlowError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -35,7 +36,7 @@ async fn wrong_password_is_auth_rejected_and_not_retried() {
     cfg.allow_plaintext_credentials = true;
     cfg.retry.max_attempts = 5;
     let err = Cluster::connect(cfg).await.unwrap_err();
-    match ClusterError::from_flow(&err) {
+    match err.transport_error::<ClusterError>() {
         Some(ClusterError::AuthRejected { seed, reason }) => {
             assert!(nats.urls().contains(seed), "{seed}");
             assert!(reason.contains("authorization"), "{reason}");
@@ -70,7 +71,7 @@ async fn denied_subscribe_and_publish_are_permission_denied() {
         .await
         .expect("the violation is reported, not waited on forever")
         .unwrap_err();
-    match ClusterError::from_flow(&err) {
+    match err.transport_error::<ClusterError>() {
         Some(ClusterError::PermissionDenied(text)) => assert!(text.contains("secret.x"), "{text}"),
         other => panic!("expected PermissionDenied, got {other:?} ({err})"),
     }
@@ -94,7 +95,7 @@ async fn denied_subscribe_and_publish_are_permission_denied() {
         .await
         .expect("the violation is reported, not retried forever")
         .unwrap_err();
-    match ClusterError::from_flow(&err) {
+    match err.transport_error::<ClusterError>() {
         Some(ClusterError::PermissionDenied(text)) => assert!(text.contains("secret.x"), "{text}"),
         other => panic!("expected PermissionDenied, got {other:?} ({err})"),
     }
@@ -230,7 +231,7 @@ async fn credentials_are_never_sent_without_tls_unless_allowed() {
     let err = Cluster::connect(cfg).await.unwrap_err();
     assert!(
         matches!(
-            ClusterError::from_flow(&err),
+            err.transport_error::<ClusterError>(),
             Some(ClusterError::AuthRejected { .. })
         ),
         "{err}"

@@ -35,7 +35,7 @@ async fn no_seed_reachable_lists_each_seed() {
     let mut cfg = config(seeds.clone(), &ledger);
     cfg.retry.max_attempts = 2;
     let err = Cluster::connect(cfg).await.unwrap_err();
-    match ClusterError::from_flow(&err) {
+    match err.transport_error::<ClusterError>() {
         Some(ClusterError::NoSeedReachable {
             attempts,
             seeds: why,

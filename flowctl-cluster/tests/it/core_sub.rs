@@ -2,8 +2,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use flowctl_cluster::{Cluster, ClusterError};
+use flowctl_core::Fairness;
 use flowctl_core::lifecycle::Ledger;
-use flowctl_core::{Fairness, Source};
+use flowctl_core::prelude::*;
 
 use crate::connect::config;
 use flowctl_cluster::testing::NatsCluster;
@@ -47,7 +48,7 @@ async fn core_slow_consumer_is_reported_with_the_drop_count() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let err = src.recv().await.unwrap_err();
-    let dropped = match ClusterError::from_flow(&err) {
+    let dropped = match err.transport_error::<ClusterError>() {
         Some(ClusterError::SlowConsumer {
             dropped,
             capacity,

@@ -3,7 +3,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use flowctl_cluster::{Cluster, ConsumeOptions, PublishOptions};
 use flowctl_core::lifecycle::Ledger;
-use flowctl_core::{Sink, Source, Watermarks};
+use flowctl_core::prelude::*;
+use flowctl_core::{Source, Watermarks};
 
 use crate::connect::{config, released};
 use crate::pull::stream_and_consumer;

@@ -2,8 +2,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use flowctl_cluster::{Cluster, ConsumeOptions};
+use flowctl_core::FlowError;
 use flowctl_core::lifecycle::Ledger;
-use flowctl_core::{FlowError, Source};
+use flowctl_core::prelude::*;
 
 use crate::connect::{config, released};
 use crate::pull::stream_and_consumer;

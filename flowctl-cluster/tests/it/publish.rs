@@ -3,8 +3,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use flowctl_cluster::{Cluster, ClusterError, ConsumeOptions, PublishOptions};
 use flowctl_core::lifecycle::Ledger;
+use flowctl_core::prelude::*;
 use flowctl_core::weighted::MIN_CHARGE;
-use flowctl_core::{Sink, Source, Watermarks};
+use flowctl_core::{Sink, Watermarks};
 use futures::FutureExt;
 
 use crate::connect::{config, released};
@@ -54,10 +55,37 @@ async fn publisher_bounds_unacked_bytes_keeps_order_and_rejects_oversize() {
         .send(Bytes::from(vec![0u8; max + 1]))
         .await
         .unwrap_err();
-    match ClusterError::from_flow(&err) {
+    match err.transport_error::<ClusterError>() {
         Some(ClusterError::MessageTooLarge { limit, .. }) => assert_eq!(*limit, max),
         other => panic!("expected MessageTooLarge, got {other:?}"),
     }
+    // `start_send` gives it back, not counted.
+    let before = sink.stats().items;
+    let (item, err) = sink
+        .start_send(Bytes::from(vec![7u8; max + 1]))
+        .unwrap_err()
+        .into_parts();
+    assert_eq!(item.len(), max + 1);
+    assert!(
+        matches!(
+            err.transport_error::<ClusterError>(),
+            Some(ClusterError::MessageTooLarge { .. })
+        ),
+        "{err}"
+    );
+    assert_eq!(sink.stats().items, before);
+    sink.close().await.unwrap();
+    // Closed: refused with the item back; close again is a no-op.
+    let (item, err) = sink
+        .start_send(Bytes::from_static(b"late"))
+        .unwrap_err()
+        .into_parts();
+    assert_eq!(&item[..], b"late");
+    assert!(matches!(err, flowctl_core::FlowError::Closed), "{err}");
+    assert!(matches!(
+        sink.ready().await,
+        Err(flowctl_core::FlowError::Closed)
+    ));
     sink.close().await.unwrap();
 
     let mut src = cluster
@@ -95,7 +123,7 @@ async fn missing_stream_consumer_and_subject_are_named() {
         .await
         .unwrap_err();
     assert!(
-        matches!(ClusterError::from_flow(&err), Some(ClusterError::StreamNotFound { stream }) if stream == "NOPE"),
+        matches!(err.transport_error::<ClusterError>(), Some(ClusterError::StreamNotFound { stream }) if stream == "NOPE"),
         "{err}"
     );
     stream_and_consumer(&cluster, "HAS", "has.>", "c", Duration::from_secs(30)).await;
@@ -104,7 +132,7 @@ async fn missing_stream_consumer_and_subject_are_named() {
         .await
         .unwrap_err();
     assert!(
-        matches!(ClusterError::from_flow(&err), Some(ClusterError::ConsumerNotFound { consumer, .. }) if consumer == "nobody"),
+        matches!(err.transport_error::<ClusterError>(), Some(ClusterError::ConsumerNotFound { consumer, .. }) if consumer == "nobody"),
         "{err}"
     );
     let err = cluster
@@ -113,7 +141,7 @@ async fn missing_stream_consumer_and_subject_are_named() {
         .unwrap_err();
     assert!(
         matches!(
-            ClusterError::from_flow(&err),
+            err.transport_error::<ClusterError>(),
             Some(ClusterError::NoStreamForSubject { .. })
         ),
         "{err}"
@@ -167,7 +195,7 @@ async fn a_fatal_error_is_sticky_and_close_returns_it() {
     sink.send(Bytes::from_static(b"second")).await.unwrap();
     let is_concurrent = |e: &flowctl_core::FlowError| {
         matches!(
-            ClusterError::from_flow(e),
+            e.transport_error::<ClusterError>(),
             Some(ClusterError::ConcurrentPublisher { .. })
         )
     };
@@ -186,7 +214,15 @@ async fn a_fatal_error_is_sticky_and_close_returns_it() {
         .expect("ready hung after the fatal error")
         .unwrap_err();
     assert!(is_concurrent(&err), "ready: {err}");
-    let err = sink.start_send(Bytes::from_static(b"third")).unwrap_err();
+    let (item, err) = sink
+        .start_send(Bytes::from_static(b"third"))
+        .unwrap_err()
+        .into_parts();
+    assert_eq!(
+        &item[..],
+        b"third",
+        "start_send gives the refused item back"
+    );
     assert!(is_concurrent(&err), "start_send: {err}");
     let err = tokio::time::timeout(HANG, sink.close())
         .await
@@ -254,7 +290,7 @@ async fn a_dead_cluster_fails_flush_and_close_instead_of_hanging() {
     }
     let is_failed = |e: &flowctl_core::FlowError| {
         matches!(
-            ClusterError::from_flow(e),
+            e.transport_error::<ClusterError>(),
             Some(ClusterError::PublishFailed { .. })
         )
     };

@@ -4,6 +4,7 @@ use async_nats::jetstream::{consumer, stream};
 use bytes::Bytes;
 use flowctl_cluster::{Cluster, ConsumeOptions, PullStats};
 use flowctl_core::lifecycle::Ledger;
+use flowctl_core::prelude::*;
 use flowctl_core::{Source, Watermarks};
 use futures::FutureExt;
 

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use flowctl_cluster::testing::{NatsCluster, READY_LIMIT};
 use flowctl_cluster::{Cluster, ConsumeOptions, Credentials, PublishOptions, Tls};
 use flowctl_core::lifecycle::Ledger;
-use flowctl_core::{Sink, Source};
+use flowctl_core::prelude::*;
 
 use crate::connect::{config, released};
 use crate::pull::stream_and_consumer;

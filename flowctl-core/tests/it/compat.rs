@@ -1,5 +1,7 @@
 use bytes::Bytes;
 use flowctl_core::compat::{FuturesSink, StreamSource};
+#[allow(unused_imports)]
+use flowctl_core::prelude::*;
 use flowctl_core::{FlowError, Sink, Source, SourceExt, Watermarks, pipe};
 use futures::{SinkExt as _, StreamExt as _};
 

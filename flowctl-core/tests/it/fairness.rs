@@ -6,22 +6,25 @@
 //! counted in a burst at the timer's next turn; the real lateness percentiles
 //! are measured by the bench, not here.
 
+#[allow(unused_imports)]
+use flowctl_core::prelude::*;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use bytes::Bytes;
 use flowctl_core::{Fairness, FlowError, FlowStats, Source, SourceExt, Watermarks, pipe};
 
 /// A foreign source that always has an item and never yields.
 struct AlwaysReady(Bytes);
 
-#[async_trait]
 impl Source for AlwaysReady {
     type Item = Bytes;
-    async fn recv(&mut self) -> Result<Option<Bytes>, FlowError> {
-        Ok(Some(self.0.clone()))
+    fn poll_recv(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<Option<Bytes>, FlowError>> {
+        std::task::Poll::Ready(Ok(Some(self.0.clone())))
     }
     fn stats(&self) -> FlowStats {
         FlowStats::empty(Watermarks::default())

@@ -2,6 +2,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 use flowctl_core::FlowError;
 use flowctl_core::compat::StreamSource;
 use flowctl_core::frame::Framed;
+#[allow(unused_imports)]
+use flowctl_core::prelude::*;
 use tokio_util::codec::{LengthDelimitedCodec, LinesCodec};
 
 /// Length-prefixed frames of sizes 0..n, each filled with its index.

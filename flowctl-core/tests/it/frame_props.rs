@@ -8,6 +8,8 @@
 use bytes::{Buf, Bytes, BytesMut};
 use flowctl_core::compat::StreamSource;
 use flowctl_core::frame::Framed;
+#[allow(unused_imports)]
+use flowctl_core::prelude::*;
 use flowctl_core::{FlowError, Weighted};
 use proptest::prelude::*;
 use tokio_util::codec::{Decoder, LengthDelimitedCodec, LinesCodec};

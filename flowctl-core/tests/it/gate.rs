@@ -1,6 +1,8 @@
 use bytes::Bytes;
 use flowctl_core::Watermarks;
 use flowctl_core::gate::Gate;
+#[allow(unused_imports)]
+use flowctl_core::prelude::*;
 use flowctl_core::weighted::MIN_CHARGE;
 
 fn gate() -> Gate {

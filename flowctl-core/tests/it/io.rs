@@ -2,6 +2,8 @@
 //! process's stdin. With `WriterSink` at most `high + one chunk` is ever held,
 //! and every byte arrives in order.
 
+#[allow(unused_imports)]
+use flowctl_core::prelude::*;
 use std::process::Stdio;
 
 use bytes::Bytes;

@@ -1,3 +1,5 @@
+#[allow(unused_imports)]
+use flowctl_core::prelude::*;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;

@@ -24,6 +24,8 @@ mod lifecycle;
 mod tracing_events;
 // Adapters to and from the futures ecosystem.
 mod compat;
+// The 0.2 contract: items given back, try_send, trait objects, interop with futures and tokio::io.
+mod contract;
 // Send/Sync of the public types.
 mod send_sync;
 

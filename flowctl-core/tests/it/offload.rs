@@ -1,3 +1,5 @@
+#[allow(unused_imports)]
+use flowctl_core::prelude::*;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -124,14 +126,16 @@ async fn dropping_the_stage_stops_feeding_work() {
 async fn a_source_error_comes_after_every_result_before_it() {
     use flowctl_core::compat::StreamSource;
     struct ThenFail<S>(S);
-    #[async_trait::async_trait]
     impl<S: Source<Item = u32>> Source for ThenFail<S> {
         type Item = u32;
-        async fn recv(&mut self) -> Result<Option<u32>, FlowError> {
-            match self.0.recv().await? {
+        fn poll_recv(
+            &mut self,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<Option<u32>, FlowError>> {
+            self.0.poll_recv(cx).map(|r| match r? {
                 Some(x) => Ok(Some(x)),
                 None => Err(FlowError::transport("connection reset")),
-            }
+            })
         }
         fn stats(&self) -> flowctl_core::FlowStats {
             self.0.stats()
@@ -155,18 +159,20 @@ struct OpenAt {
     taken: Arc<AtomicUsize>,
 }
 
-#[async_trait::async_trait]
 impl Source for OpenAt {
     type Item = Bytes;
-    async fn recv(&mut self) -> Result<Option<Bytes>, FlowError> {
-        let item = self.inner.recv().await?;
+    fn poll_recv(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<Option<Bytes>, FlowError>> {
+        let item = std::task::ready!(self.inner.poll_recv(cx))?;
         if item.is_some() {
             self.taken.fetch_add(1, Ordering::SeqCst);
         }
         if item.as_ref().is_some_and(|b| seq_of(b) == self.open_at) {
             self.latch.open();
         }
-        Ok(item)
+        std::task::Poll::Ready(Ok(item))
     }
     fn stats(&self) -> flowctl_core::FlowStats {
         self.inner.stats()
@@ -464,23 +470,24 @@ fn a_job_no_worker_will_run_is_an_error_in_its_place() {
 struct Trickle {
     next: u32,
     n: u32,
-    permits: Arc<tokio::sync::Semaphore>,
+    permits: tokio_util::sync::PollSemaphore,
 }
 
-#[async_trait::async_trait]
 impl Source for Trickle {
     type Item = Bytes;
-    async fn recv(&mut self) -> Result<Option<Bytes>, FlowError> {
+    fn poll_recv(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<Option<Bytes>, FlowError>> {
         if self.next == self.n {
-            return Ok(None);
+            return std::task::Poll::Ready(Ok(None));
         }
-        self.permits
-            .acquire()
-            .await
-            .map_err(|_| FlowError::Closed)?
-            .forget();
+        let Some(permit) = std::task::ready!(self.permits.poll_acquire(cx)) else {
+            return std::task::Poll::Ready(Err(FlowError::Closed));
+        };
+        permit.forget();
         self.next += 1;
-        Ok(Some(payload(self.next - 1, 8)))
+        std::task::Poll::Ready(Ok(Some(payload(self.next - 1, 8))))
     }
     fn stats(&self) -> flowctl_core::FlowStats {
         flowctl_core::FlowStats::empty(Watermarks::default())
@@ -496,7 +503,7 @@ async fn trickle_through_one_worker(n: u32) {
     let src = Trickle {
         next: 0,
         n,
-        permits: permits.clone(),
+        permits: tokio_util::sync::PollSemaphore::new(permits.clone()),
     };
     let limits = Offload {
         concurrency: 1,

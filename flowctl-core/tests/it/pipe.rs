@@ -1,3 +1,5 @@
+#[allow(unused_imports)]
+use flowctl_core::prelude::*;
 use std::task::Poll;
 
 use bytes::Bytes;
@@ -226,7 +228,7 @@ async fn flush_waits_until_the_source_has_taken_everything() {
     let (mut tx, mut rx) = pipe::<Bytes>(Watermarks::default());
     tx.send(Bytes::from_static(b"a")).await.unwrap();
     tx.send(Bytes::from_static(b"b")).await.unwrap();
-    let mut flushing = Box::pin(Sink::flush(&mut tx));
+    let mut flushing = Box::pin(SinkExt::flush(&mut tx));
     assert!(futures::poll!(flushing.as_mut()).is_pending());
     rx.recv().await.unwrap();
     assert!(

@@ -4,6 +4,8 @@
 //! exceeds `high + largest item`, and every accepted item is received once, in
 //! order.
 
+#[allow(unused_imports)]
+use flowctl_core::prelude::*;
 use std::collections::VecDeque;
 
 use bytes::Bytes;
@@ -105,7 +107,7 @@ proptest! {
                 }
                 Op::Close(h) => {
                     if let Some(mut tx) = handles[h].take() {
-                        prop_assert!(matches!(flowctl_core::Sink::close(&mut tx).now_or_never(), Some(Ok(()))));
+                        prop_assert!(matches!(flowctl_core::SinkExt::close(&mut tx).now_or_never(), Some(Ok(()))));
                         prop_assert!(matches!(tx.send(item(0, 4)).now_or_never(), Some(Err(FlowError::Closed))));
                     }
                 }

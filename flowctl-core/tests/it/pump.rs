@@ -1,3 +1,6 @@
+#[allow(unused_imports)]
+use flowctl_core::prelude::*;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -92,26 +95,25 @@ struct Refusing {
     stats: flowctl_core::FlowStats,
 }
 
-#[async_trait::async_trait]
 impl Sink for Refusing {
     type Item = Bytes;
-    async fn ready(&mut self) -> Result<(), FlowError> {
-        Ok(())
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> Poll<Result<(), FlowError>> {
+        Poll::Ready(Ok(()))
     }
-    fn start_send(&mut self, item: Bytes) -> Result<(), FlowError> {
+    fn start_send(&mut self, item: Bytes) -> Result<(), SendError<Bytes>> {
         if self.accepted.len() == self.capacity {
-            return Err(FlowError::transport("disk full"));
+            return Err(SendError::new(item, FlowError::transport("disk full")));
         }
         self.stats.items += 1;
         self.stats.bytes += item.len() as u64;
         self.accepted.push(item);
         Ok(())
     }
-    async fn flush(&mut self) -> Result<(), FlowError> {
-        Ok(())
+    fn poll_flush(&mut self, _: &mut std::task::Context<'_>) -> Poll<Result<(), FlowError>> {
+        Poll::Ready(Ok(()))
     }
-    async fn close(&mut self) -> Result<(), FlowError> {
-        Ok(())
+    fn poll_close(&mut self, _: &mut std::task::Context<'_>) -> Poll<Result<(), FlowError>> {
+        Poll::Ready(Ok(()))
     }
     fn stats(&self) -> flowctl_core::FlowStats {
         self.stats
@@ -154,15 +156,17 @@ async fn pump_counts_partial_delivery_before_a_source_error() {
         .chain(std::iter::once(Err(std::io::Error::other("peer vanished"))))
         .collect();
     struct Failing<S>(S);
-    #[async_trait::async_trait]
     impl<S: Source<Item = Result<Bytes, std::io::Error>>> Source for Failing<S> {
         type Item = Bytes;
-        async fn recv(&mut self) -> Result<Option<Bytes>, FlowError> {
-            match self.0.recv().await? {
+        fn poll_recv(
+            &mut self,
+            cx: &mut std::task::Context<'_>,
+        ) -> Poll<Result<Option<Bytes>, FlowError>> {
+            self.0.poll_recv(cx).map(|r| match r? {
                 Some(Ok(b)) => Ok(Some(b)),
                 Some(Err(e)) => Err(FlowError::Io(e)),
                 None => Ok(None),
-            }
+            })
         }
         fn stats(&self) -> flowctl_core::FlowStats {
             self.0.stats()

@@ -6,6 +6,8 @@ use flowctl_core::frame::Framed;
 use flowctl_core::gate::{Gate, GateHandle, GateState};
 use flowctl_core::io::{ReaderSource, WriterSink};
 use flowctl_core::lifecycle::{Attempt, Claim, Lease, Ledger, RetryPolicy};
+#[allow(unused_imports)]
+use flowctl_core::prelude::*;
 use flowctl_core::*;
 
 fn send<T: Send>() {}
@@ -48,9 +50,9 @@ fn public_types_are_send_and_sync() {
 fn trait_futures_are_send() {
     fn assert_send<F: Send>(_: &F) {}
     let (mut tx, mut rx) = pipe::<Bytes>(Watermarks::default());
-    let f = Sink::send(&mut tx, Bytes::new());
+    let f = SinkExt::send(&mut tx, Bytes::new());
     assert_send(&f);
     drop(f);
-    let f = Source::recv(&mut rx);
+    let f = SourceExt::recv(&mut rx);
     assert_send(&f);
 }

@@ -1,3 +1,5 @@
+#[allow(unused_imports)]
+use flowctl_core::prelude::*;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 

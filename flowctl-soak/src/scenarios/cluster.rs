@@ -45,6 +45,8 @@ use flowctl_cluster::{
     Cluster, ClusterConfig, ConsumeOptions, PublishOptions, Publisher, PullSource,
 };
 use flowctl_core::lifecycle::Ledger;
+#[allow(unused_imports)]
+use flowctl_core::prelude::*;
 use flowctl_core::{FlowStats, Sink, Source, Watermarks};
 use tokio::sync::watch;
 use tokio::time::Instant;

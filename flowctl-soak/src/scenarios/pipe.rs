@@ -9,6 +9,8 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use bytes::Bytes;
+#[allow(unused_imports)]
+use flowctl_core::prelude::*;
 use flowctl_core::{FlowError, Watermarks, pipe};
 use futures::FutureExt;
 use tokio::time::Instant;

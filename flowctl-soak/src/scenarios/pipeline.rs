@@ -55,6 +55,8 @@ use std::time::Duration;
 use flowctl_cluster::Cluster;
 use flowctl_core::frame::Framed;
 use flowctl_core::offload::ordered;
+#[allow(unused_imports)]
+use flowctl_core::prelude::*;
 use flowctl_core::{FlowError, Sink, Source, Watermarks};
 use flowctl_zmq::{SocketType, ZmqSink, ZmqSocket, ZmqSource};
 use tokio::sync::watch;
@@ -269,7 +271,7 @@ async fn zmq_hop<S: Source<Item = Verified>>(
             hop.corrupt += 1;
         }
         std::hint::black_box(v.digest);
-        if let Err(e) = s.send(vec![v.msg]).await {
+        if let Err(e) = s.send(vec![v.msg].into()).await {
             hop.violations.push(format!(
                 "pipeline: PUSH failed after {} messages: {e}",
                 hop.sent

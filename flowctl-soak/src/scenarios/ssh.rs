@@ -56,19 +56,22 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex as StdMutex, Weak};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
+use flowctl_core::SendError;
 use flowctl_core::frame::Framed;
 use flowctl_core::io::WriterSink;
 use flowctl_core::lifecycle::Ledger;
 use flowctl_core::offload::{Offload, ordered};
-use flowctl_core::{FlowError, FlowStats, Sink, Source, Watermarks, pump};
+use flowctl_core::prelude::*;
 use flowctl_ssh::server::{EmbeddedServer, LEDGER_SERVER_TASK, ServerConfig, generate_key};
 use flowctl_ssh::testing::Sshd;
 use flowctl_ssh::{
     Auth, ExitStatus, LEDGER_SESSION, LEDGER_TASK, RemoteProcess, Session, SshConfig, SshError,
     Stdin,
 };
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::codec::{Encoder, LengthDelimitedCodec};
@@ -190,14 +193,13 @@ impl<T> Published<T> {
     }
 }
 
-#[async_trait]
 impl<S: Source> Source for Published<S> {
     type Item = S::Item;
 
-    async fn recv(&mut self) -> Result<Option<S::Item>, FlowError> {
-        let r = self.inner.recv().await;
+    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<S::Item>, FlowError>> {
+        let r = std::task::ready!(self.inner.poll_recv(cx));
         self.stage.record(self.inner.stats());
-        r
+        Poll::Ready(r)
     }
 
     fn stats(&self) -> FlowStats {
@@ -205,30 +207,29 @@ impl<S: Source> Source for Published<S> {
     }
 }
 
-#[async_trait]
 impl<K: Sink> Sink for Published<K> {
     type Item = K::Item;
 
-    async fn ready(&mut self) -> Result<(), FlowError> {
-        let r = self.inner.ready().await;
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), FlowError>> {
+        let r = self.inner.poll_ready(cx);
         self.stage.record(self.inner.stats());
         r
     }
 
-    fn start_send(&mut self, item: K::Item) -> Result<(), FlowError> {
+    fn start_send(&mut self, item: K::Item) -> Result<(), SendError<K::Item>> {
         let r = self.inner.start_send(item);
         self.stage.record(self.inner.stats());
         r
     }
 
-    async fn flush(&mut self) -> Result<(), FlowError> {
-        let r = self.inner.flush().await;
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), FlowError>> {
+        let r = self.inner.poll_flush(cx);
         self.stage.record(self.inner.stats());
         r
     }
 
-    async fn close(&mut self) -> Result<(), FlowError> {
-        let r = self.inner.close().await;
+    fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), FlowError>> {
+        let r = self.inner.poll_close(cx);
         self.stage.record(self.inner.stats());
         r
     }
@@ -249,19 +250,20 @@ pub(crate) type Samplers = Arc<StdMutex<Vec<Box<dyn Fn() -> bool + Send>>>>;
 ///
 /// [`Output`]: flowctl_ssh::Output
 pub(crate) struct Live<S: Source + 'static> {
-    inner: Arc<tokio::sync::Mutex<S>>,
+    /// Locked by a poll (which never waits) or by the sampler's `try_lock`.
+    inner: Arc<StdMutex<S>>,
     stage: Arc<Stage>,
 }
 
 impl<S: Source + 'static> Live<S> {
     pub(crate) fn new(inner: S, stage: &Arc<Stage>, samplers: &Samplers) -> Self {
-        let inner = Arc::new(tokio::sync::Mutex::new(inner));
-        let weak: Weak<tokio::sync::Mutex<S>> = Arc::downgrade(&inner);
+        let inner = Arc::new(StdMutex::new(inner));
+        let weak: Weak<StdMutex<S>> = Arc::downgrade(&inner);
         let sampled = stage.clone();
         lock(samplers).push(Box::new(move || match weak.upgrade() {
             Some(stage) => {
-                // Locked only while a `recv` is pending: then it is being
-                // drained and the last recorded figure is current enough.
+                // Locked only while a poll runs: then it is being drained
+                // and the last recorded figure is current enough.
                 if let Ok(s) = stage.try_lock() {
                     sampled.record(s.stats());
                 }
@@ -292,15 +294,14 @@ impl<S: Source + 'static> Drop for Live<S> {
     }
 }
 
-#[async_trait]
 impl<S: Source + 'static> Source for Live<S> {
     type Item = S::Item;
 
-    async fn recv(&mut self) -> Result<Option<S::Item>, FlowError> {
-        let mut s = self.inner.lock().await;
-        let r = s.recv().await;
+    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<S::Item>, FlowError>> {
+        let mut s = lock(&self.inner);
+        let r = std::task::ready!(s.poll_recv(cx));
         self.stage.record(s.stats());
-        r
+        Poll::Ready(r)
     }
 
     fn stats(&self) -> FlowStats {
@@ -370,30 +371,46 @@ struct Consumer {
     faults: Arc<Faults>,
     received: u64,
     bytes: u64,
+    /// The pause in progress (armed when `pausing`), reused for every pause.
+    pause: Pin<Box<tokio::time::Sleep>>,
+    pausing: bool,
 }
 
 impl Consumer {
-    /// Slows down or stalls, on the seeded schedule.
-    async fn pace(&mut self) {
-        if Instant::now() >= self.phase_end {
-            self.phase = match self.rng.u32(..10) {
-                0..=4 => Phase::Fast,
-                5..=7 => Phase::Slow,
-                _ => Phase::Stalled,
-            };
-            let len = match self.phase {
-                Phase::Stalled => self.rng.u64(20..300),
-                _ => self.rng.u64(50..500),
-            };
-            self.phase_end = Instant::now() + Duration::from_millis(len);
-            if let Phase::Stalled = self.phase {
-                self.faults.stalls.fetch_add(1, Relaxed);
-                tokio::time::sleep_until(self.phase_end).await;
+    /// Slows down or stalls, on the seeded schedule: `Ready` when the next
+    /// message may be taken. Decides once per message (a pause in progress
+    /// is resumed, not decided again).
+    fn poll_pace(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if !self.pausing {
+            let mut until = None;
+            if Instant::now() >= self.phase_end {
+                self.phase = match self.rng.u32(..10) {
+                    0..=4 => Phase::Fast,
+                    5..=7 => Phase::Slow,
+                    _ => Phase::Stalled,
+                };
+                let len = match self.phase {
+                    Phase::Stalled => self.rng.u64(20..300),
+                    _ => self.rng.u64(50..500),
+                };
+                self.phase_end = Instant::now() + Duration::from_millis(len);
+                if let Phase::Stalled = self.phase {
+                    self.faults.stalls.fetch_add(1, Relaxed);
+                    until = Some(self.phase_end);
+                }
             }
+            if until.is_none() && matches!(self.phase, Phase::Slow) && self.received % 16 == 15 {
+                until = Some(Instant::now() + Duration::from_millis(1));
+            }
+            let Some(until) = until else {
+                return Poll::Ready(());
+            };
+            self.pause.as_mut().reset(until);
+            self.pausing = true;
         }
-        if matches!(self.phase, Phase::Slow) && self.received % 16 == 15 {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        std::task::ready!(self.pause.as_mut().poll(cx));
+        self.pausing = false;
+        Poll::Ready(())
     }
 }
 
@@ -402,17 +419,23 @@ impl Consumer {
 struct Verifier<'a, S> {
     src: S,
     state: &'a mut Consumer,
+    /// The pace of the next message has been kept.
+    paced: bool,
 }
 
-#[async_trait]
 impl<S: Source<Item = Verified>> Source for Verifier<'_, S> {
     type Item = Bytes;
 
-    async fn recv(&mut self) -> Result<Option<Bytes>, FlowError> {
-        self.state.pace().await;
-        loop {
-            let Some(v) = self.src.recv().await? else {
-                return Ok(None);
+    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Bytes>, FlowError>> {
+        if !self.paced {
+            std::task::ready!(self.state.poll_pace(cx));
+            self.paced = true;
+        }
+        Poll::Ready(loop {
+            let v = match std::task::ready!(self.src.poll_recv(cx)) {
+                Ok(Some(v)) => v,
+                Ok(None) => break Ok(None),
+                Err(e) => break Err(e),
             };
             let st = &mut *self.state;
             st.received += 1;
@@ -425,8 +448,9 @@ impl<S: Source<Item = Verified>> Source for Verifier<'_, S> {
             }
             let now_us = st.start.elapsed().as_micros() as u64;
             st.checker.observe_decoded(v.decoded.as_ref(), now_us);
-            return Ok(Some(v.msg));
-        }
+            self.paced = false;
+            break Ok(Some(v.msg));
+        })
     }
 
     fn stats(&self) -> FlowStats {
@@ -463,7 +487,7 @@ pub(crate) async fn produce(
             n += 1;
         }
         if let Err(e) = stdin.start_send(chunk.freeze()) {
-            return (seq, Err(e));
+            return (seq, Err(e.into_error()));
         }
         seq += n;
     }
@@ -629,6 +653,7 @@ impl Run<'_, '_> {
         let mut verifier = Verifier {
             src: verified,
             state: &mut self.consumer,
+            paced: false,
         };
         self.streaming.send_replace(true);
         let pumped = tokio::time::timeout_at(
@@ -1022,6 +1047,8 @@ pub(crate) async fn run(ctx: &Ctx<'_>, openssh: bool) -> Outcome {
             faults: faults.clone(),
             received: 0,
             bytes: 0,
+            pause: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            pausing: false,
         },
         sink: Published::new(WriterSink::new(child_stdin, child_wm), &stages.child),
         stages,

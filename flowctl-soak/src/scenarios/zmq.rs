@@ -68,7 +68,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use flowctl_core::{FlowError, FlowStats, Sink, Source, Watermarks};
+#[allow(unused_imports)]
+use flowctl_core::prelude::*;
+use flowctl_core::{FlowError, FlowStats, Sink, Watermarks};
 use flowctl_zmq::{Multipart, SocketType, ZmqSink, ZmqSocket, ZmqSource};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -297,7 +299,7 @@ async fn pusher(
                 // One message per `send`.
                 let len = rng.usize(MIN_MESSAGE..=PUSH_MAX);
                 let msg = encode(id, seq, start.elapsed().as_micros() as u64, len);
-                if let Err(e) = sink.send(msg).await {
+                if let Err(e) = sink.send(msg.into()).await {
                     failed = Some(e);
                     break;
                 }
@@ -580,7 +582,7 @@ async fn publisher(
             break;
         }
         if let Err(e) = sink
-            .send(vec![Bytes::from_static(SYNC), Bytes::new()])
+            .send(vec![Bytes::from_static(SYNC), Bytes::new()].into())
             .await
         {
             out.violations.push(format!("zmq: PUB failed: {e}"));
@@ -608,7 +610,10 @@ async fn publisher(
                 len,
             );
             let before = sink.zmq_stats().dropped;
-            if let Err(e) = sink.send(vec![Bytes::from_static(TOPICS[k]), msg]).await {
+            if let Err(e) = sink
+                .send(vec![Bytes::from_static(TOPICS[k]), msg].into())
+                .await
+            {
                 out.violations.push(format!("zmq: PUB failed: {e}"));
                 break 'run;
             }

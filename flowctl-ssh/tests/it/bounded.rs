@@ -5,7 +5,7 @@ use std::io::Read;
 use std::time::Duration;
 
 use bytes::Bytes;
-use flowctl_core::{Sink, Source};
+use flowctl_core::prelude::*;
 use flowctl_ssh::Session;
 
 use crate::fixture::{Fixture, both_servers, pattern, until};

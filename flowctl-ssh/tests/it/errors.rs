@@ -2,7 +2,8 @@
 
 use std::time::Duration;
 
-use flowctl_core::{FlowError, Source};
+use flowctl_core::FlowError;
+use flowctl_core::prelude::*;
 use flowctl_ssh::{Auth, ExitStatus, HostKeyPolicy, Session, SshError};
 
 use crate::fixture::{Fixture, Kind, both_servers, free_port, ssh_keygen};
@@ -157,7 +158,7 @@ async fn dropped_mid_stream(fx: Fixture) {
             Err(e) => break e,
         }
     };
-    match SshError::find(&err) {
+    match err.transport_error::<SshError>() {
         Some(SshError::ConnectionLost { stream, delivered }) => {
             assert_eq!(*stream, "stdout");
             assert_eq!(*delivered, got);

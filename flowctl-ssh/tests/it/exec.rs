@@ -1,7 +1,7 @@
 //! The same exec tests against the embedded server and sshd.
 
 use bytes::Bytes;
-use flowctl_core::{Sink, Source};
+use flowctl_core::prelude::*;
 use flowctl_ssh::{ExitStatus, Session};
 
 use crate::fixture::{Fixture, both_servers};

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use flowctl_core::Source;
+use flowctl_core::prelude::*;
 use flowctl_ssh::{LEDGER_SESSION, LEDGER_TASK, Session};
 
 use crate::fixture::{Fixture, Kind, both_servers, until};

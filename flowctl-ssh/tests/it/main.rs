@@ -23,6 +23,8 @@ mod auth;
 mod secrets;
 // Redirection helpers between remote and local processes.
 mod redirect;
+// Stdin and Output through the poll-based contract: refusals, abandoned flushes, batches, AsyncRead.
+mod contract;
 // A stalled reader outlasting sshd's ClientAliveInterval: openssh survives, russh is dropped.
 mod stall;
 // The openssh backend's own rules: no password auth.

@@ -3,7 +3,8 @@
 
 use std::process::Stdio;
 
-use flowctl_core::{Source, Watermarks};
+use flowctl_core::Watermarks;
+use flowctl_core::prelude::*;
 use flowctl_ssh::Session;
 use flowctl_ssh::redirect::{output_to_child, reader_to_stdin};
 use tokio::io::AsyncReadExt;

@@ -11,7 +11,7 @@
 
 use std::time::{Duration, Instant};
 
-use flowctl_core::Source;
+use flowctl_core::prelude::*;
 use flowctl_ssh::{Backend, Output, Session, SshError};
 
 use crate::fixture::{Fixture, until};
@@ -152,7 +152,7 @@ async fn russh_stalled_reader_is_dropped_by_client_alive() {
     // After the stall the first stream ends with ConnectionLost, short of
     // its length.
     let err = drain(&mut first.stdout, &mut sum).await.unwrap_err();
-    match SshError::find(&err) {
+    match err.transport_error::<SshError>() {
         Some(SshError::ConnectionLost { stream, delivered }) => {
             assert_eq!(*stream, "stdout");
             assert_eq!(*delivered, sum.len);

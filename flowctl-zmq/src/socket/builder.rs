@@ -3,14 +3,14 @@
 
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
+use std::task::Waker;
 use std::time::Duration;
 
 use bytes::Bytes;
 use flowctl_core::{Fairness, FlowError, Watermarks};
 use tokio::io::unix::AsyncFd;
-use tokio::sync::Notify;
 
-use super::core::{Core, Counters};
+use super::core::{Core, Counters, Slots};
 use super::sink::ZmqSink;
 use super::source::ZmqSource;
 use super::{Context, DEFAULT_EXPECTED_MESSAGE_SIZE, DEFAULT_LINGER, MIN_DEFAULT_MAX_MESSAGE_SIZE};
@@ -357,6 +357,7 @@ impl SocketBuilder {
         );
         let counters = Arc::new(Counters::default());
         let source_counters = counters.clone();
+        let slots = Arc::new(Slots::default());
         let core = Arc::new(Core {
             afd: Some(afd),
             sock: Mutex::new(Some(sock)),
@@ -365,8 +366,8 @@ impl SocketBuilder {
             linger: self.linger,
             waiting_in: AtomicBool::new(false),
             waiting_out: AtomicBool::new(false),
-            notify_in: Notify::new(),
-            notify_out: Notify::new(),
+            fd_waker: Waker::from(slots.clone()),
+            slots,
             counters: counters.clone(),
         });
         let span = tracing::debug_span!("zmq", socket = self.kind.name());

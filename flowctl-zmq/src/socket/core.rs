@@ -2,15 +2,14 @@
 //! notification fd in tokio's reactor, one waker slot per direction, and the
 //! counters both halves update.
 
-use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
 use flowctl_core::FlowError;
 use tokio::io::unix::AsyncFd;
-use tokio::sync::Notify;
 
 use super::ZmqStats;
 use crate::backend::{Events, NotifyFd, RawContext, RawSocket, Sent, SocketType};
@@ -54,9 +53,86 @@ pub(super) struct Core {
     pub(super) linger: Option<Duration>,
     pub(super) waiting_in: AtomicBool,
     pub(super) waiting_out: AtomicBool,
-    pub(super) notify_in: Notify,
-    pub(super) notify_out: Notify,
+    pub(super) slots: Arc<Slots>,
+    /// Wakes both slots: the one waker the fd's readiness is polled with.
+    /// `AsyncFd::poll_read_ready` keeps only the waker of its latest call,
+    /// and both halves wait on the fd's *read* readiness (libzmq signals
+    /// both directions through it), so each half parks its own waker in its
+    /// slot and polls the fd with this one, which every call replaces with
+    /// itself.
+    pub(super) fd_waker: Waker,
     pub(super) counters: Arc<Counters>,
+}
+
+/// One waker slot per direction, and a wake-up that arrived while its
+/// direction was not parked (a permit, as `tokio::sync::Notify` keeps one).
+#[derive(Debug, Default)]
+pub(super) struct Slots {
+    in_: Slot,
+    out: Slot,
+}
+
+#[derive(Debug, Default)]
+struct Slot {
+    waker: Mutex<Option<Waker>>,
+    permit: AtomicBool,
+}
+
+impl Slots {
+    fn slot(&self, dir: Dir) -> &Slot {
+        match dir {
+            Dir::In => &self.in_,
+            Dir::Out => &self.out,
+        }
+    }
+
+    /// Wakes `dir` and leaves it a permit: a half that has not parked its
+    /// waker yet sees the permit before it sleeps.
+    pub(super) fn notify(&self, dir: Dir) {
+        let slot = self.slot(dir);
+        slot.permit.store(true, Ordering::SeqCst);
+        slot.wake();
+    }
+
+    /// Takes `dir`'s permit (true if it had one).
+    pub(super) fn take_permit(&self, dir: Dir) -> bool {
+        self.slot(dir).permit.swap(false, Ordering::SeqCst)
+    }
+}
+
+impl Slot {
+    fn lock(&self) -> MutexGuard<'_, Option<Waker>> {
+        // A panic while holding it cannot leave a waker half-written.
+        self.waker.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn park(&self, waker: &Waker) {
+        let mut w = self.lock();
+        match &*w {
+            Some(old) if old.will_wake(waker) => {}
+            _ => *w = Some(waker.clone()),
+        }
+    }
+
+    fn wake(&self) {
+        let waker = self.lock().take();
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+}
+
+impl Wake for Slots {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    /// The fd became readable: both directions re-check (each reads
+    /// `ZMQ_EVENTS` before it sleeps again), no permits.
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.in_.wake();
+        self.out.wake();
+    }
 }
 
 impl Core {
@@ -96,10 +172,10 @@ impl Core {
 
     pub(super) fn cross_wake(&self, ev: Events, me: Option<Dir>) {
         if me != Some(Dir::In) && ev.readable && self.waiting_in.load(Ordering::SeqCst) {
-            self.notify_in.notify_one();
+            self.slots.notify(Dir::In);
         }
         if me != Some(Dir::Out) && ev.writable && self.waiting_out.load(Ordering::SeqCst) {
-            self.notify_out.notify_one();
+            self.slots.notify(Dir::Out);
         }
     }
 
@@ -118,8 +194,8 @@ impl Core {
         };
         if other_waits && self.events(Some(me)).is_err() {
             match me {
-                Dir::In => self.notify_out.notify_one(),
-                Dir::Out => self.notify_in.notify_one(),
+                Dir::In => self.slots.notify(Dir::Out),
+                Dir::Out => self.slots.notify(Dir::In),
             }
         }
     }
@@ -130,13 +206,20 @@ impl Core {
         Ok(sent)
     }
 
-    /// Waits until `dir` may be ready. Never sleeps without a registered
-    /// waker: the notification is armed and the flag raised before the final
-    /// `ZMQ_EVENTS` check, and the fd's readiness is cleared only after a
-    /// wake-up, before the caller re-checks.
+    /// Polls until `dir` may be ready. Never sleeps without a registered
+    /// waker: the waker is parked in `dir`'s slot and the waiting flag
+    /// raised before the final `ZMQ_EVENTS` check, and the fd's readiness
+    /// is cleared only after a wake-up, before the caller re-checks.
     ///
-    /// Returns `Ok(true)` if `ZMQ_EVENTS` said ready at once (no sleep): a
-    /// caller whose next attempt still fails must yield rather than spin.
+    /// The flag stays raised (also at `Pending`) until the caller lowers it
+    /// with [`lower`](Self::lower) once its operation is done: while it is
+    /// up, the other half's operations re-check the events for this one.
+    /// A caller abandoned at `Pending` costs the other half those checks,
+    /// and one spurious wake-up, until it is polled again or dropped.
+    ///
+    /// Returns `Ready(Ok(true))` if `ZMQ_EVENTS` said ready at once (no
+    /// sleep): a caller whose next attempt still fails must yield rather
+    /// than spin.
     ///
     /// `check: false` skips that `ZMQ_EVENTS` read (a getsockopt that costs
     /// libzmq a `poll` syscall). Only for a caller whose last operation in
@@ -144,34 +227,55 @@ impl Core {
     /// commands, as the read would) and whose socket never had another half
     /// in use, which could have consumed the edge before the flag above was
     /// raised: the read is what makes that cross-wake safe.
-    pub(super) async fn wait(&self, dir: Dir, check: bool) -> Result<bool, FlowError> {
-        let (flag, notify) = match dir {
-            Dir::In => (&self.waiting_in, &self.notify_in),
-            Dir::Out => (&self.waiting_out, &self.notify_out),
+    pub(super) fn poll_wait(
+        &self,
+        dir: Dir,
+        check: bool,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<bool, FlowError>> {
+        let flag = match dir {
+            Dir::In => &self.waiting_in,
+            Dir::Out => &self.waiting_out,
         };
-        let mut notified = pin!(notify.notified());
-        notified.as_mut().enable();
+        self.slots.slot(dir).park(cx.waker());
         flag.store(true, Ordering::SeqCst);
-        let _lower = LowerOnDrop(flag);
         if check {
-            let ev = self.events(Some(dir))?;
+            let ev = match self.events(Some(dir)) {
+                Ok(ev) => ev,
+                Err(e) => return Poll::Ready(Err(e)),
+            };
             let ready = match dir {
                 Dir::In => ev.readable,
                 Dir::Out => ev.writable,
             };
             if ready {
-                return Ok(true);
+                return Poll::Ready(Ok(true));
             }
         }
-        let afd = self.afd()?;
-        tokio::select! {
-            guard = afd.readable() => {
-                let mut guard = guard?;
+        if self.slots.take_permit(dir) {
+            return Poll::Ready(Ok(false));
+        }
+        let afd = match self.afd() {
+            Ok(afd) => afd,
+            Err(e) => return Poll::Ready(Err(e)),
+        };
+        match afd.poll_read_ready(&mut Context::from_waker(&self.fd_waker)) {
+            Poll::Ready(Ok(mut guard)) => {
                 guard.clear_ready();
+                Poll::Ready(Ok(false))
             }
-            () = &mut notified => {}
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e.into())),
+            // The fd waker wakes `dir`'s slot (parked above) on readiness.
+            Poll::Pending => Poll::Pending,
         }
-        Ok(false)
+    }
+
+    /// Lowers `dir`'s waiting flag: its operation is done.
+    pub(super) fn lower(&self, dir: Dir) {
+        match dir {
+            Dir::In => self.waiting_in.store(false, Ordering::SeqCst),
+            Dir::Out => self.waiting_out.store(false, Ordering::SeqCst),
+        }
     }
 
     /// Takes everything out for closing. The fd leaves the reactor first.
@@ -215,13 +319,5 @@ impl Drop for Core {
                 tracing::warn!(error = %e, "cannot spawn the linger thread; the socket's unsent messages are dropped");
             }
         }
-    }
-}
-
-struct LowerOnDrop<'a>(&'a AtomicBool);
-
-impl Drop for LowerOnDrop<'_> {
-    fn drop(&mut self) {
-        self.0.store(false, Ordering::SeqCst);
     }
 }

@@ -34,13 +34,13 @@ pub const DEFAULT_EXPECTED_MESSAGE_SIZE: usize = 1024;
 /// expected message size and this.
 pub const MIN_DEFAULT_MAX_MESSAGE_SIZE: usize = 1024 * 1024;
 
-/// The default linger of [`Sink::close`](flowctl_core::Sink::close) and of a dropped socket: 30 s.
+/// The default linger of [`SinkExt::close`](flowctl_core::SinkExt::close) and of a dropped socket: 30 s.
 pub const DEFAULT_LINGER: Duration = Duration::from_secs(30);
 
 /// A libzmq context: its I/O thread and its `inproc://` namespace.
 ///
 /// Sockets built without one get a private context each, which lets
-/// [`Sink::close`](flowctl_core::Sink::close) wait until libzmq has really handed every message to the
+/// [`SinkExt::close`](flowctl_core::SinkExt::close) wait until libzmq has really handed every message to the
 /// network (`zmq_ctx_term`). Share a context between sockets that talk over
 /// `inproc://`; then `close` cannot wait for libzmq's own queue (the context
 /// stays alive for the other sockets) and only guarantees that every message
@@ -98,7 +98,7 @@ mod tests {
     use std::sync::atomic::Ordering;
 
     use bytes::Bytes;
-    use flowctl_core::{Sink, Source};
+    use flowctl_core::prelude::*;
 
     use super::core::{Core, Dir};
     use crate::backend::SocketType;
@@ -127,7 +127,10 @@ mod tests {
     async fn until_readable(rx: &ZmqSource) {
         let core = rx.core().unwrap();
         while !core.events(None).unwrap().readable {
-            core.wait(Dir::In, true).await.unwrap();
+            std::future::poll_fn(|cx| core.poll_wait(Dir::In, true, cx))
+                .await
+                .unwrap();
+            core.lower(Dir::In);
         }
     }
 
@@ -165,7 +168,7 @@ mod tests {
         assert_eq!(a_rx.stats().items, 1);
         // The waiting half is woken, to meet the error in its own operation.
         assert!(
-            futures::FutureExt::now_or_never(core.notify_out.notified()).is_some(),
+            core.slots.take_permit(Dir::Out),
             "the waiting sink half was not woken"
         );
         fail_events(&core, false);
@@ -190,7 +193,7 @@ mod tests {
         assert_eq!(a_tx.stats().items, 1);
         assert_eq!(a_tx.zmq_stats().sent, 1);
         assert!(
-            futures::FutureExt::now_or_never(core.notify_in.notified()).is_some(),
+            core.slots.take_permit(Dir::In),
             "the waiting source half was not woken"
         );
         fail_events(&core, false);
@@ -218,7 +221,7 @@ mod tests {
             .build()
             .unwrap()
             .into_sink();
-        tx.send(peer::message(0, 16)).await.unwrap();
+        tx.send(peer::message(0, 16).into()).await.unwrap();
         // Message 1 fails at its frame 1: frame 0 is in libzmq already.
         tx.core()
             .unwrap()
@@ -227,7 +230,7 @@ mod tests {
                 Ok(())
             })
             .unwrap();
-        let err = tx.send(peer::message(1, 16)).await.unwrap_err();
+        let err = tx.send(peer::message(1, 16).into()).await.unwrap_err();
         assert!(
             matches!(
                 err.transport_error::<ZmqError>(),
@@ -241,7 +244,7 @@ mod tests {
         );
         // Sent on this socket, it would reach the peer glued to frame 0 of
         // the broken message.
-        let again = tx.send(peer::message(1, 16)).await;
+        let again = tx.send(peer::message(1, 16).into()).await;
         assert!(
             matches!(&again, Err(e) if matches!(e.transport_error::<ZmqError>(), Some(ZmqError::BrokenSend { .. }))),
             "the socket took a message behind a broken one: {again:?}"
@@ -257,7 +260,7 @@ mod tests {
             .build()
             .unwrap()
             .into_sink();
-        tx.send(peer::message(1, 16)).await.unwrap();
+        tx.send(peer::message(1, 16).into()).await.unwrap();
         tx.close().await.unwrap();
         peer.expect_ok(2); // it checked both messages, in order
     }
@@ -294,5 +297,35 @@ mod tests {
         rx.recv_many(&mut buf, 8).await.unwrap();
         assert_eq!(buf, vec![Multipart::from(peer::message(2, 16))]);
         peer.expect_ok(3);
+    }
+
+    /// A `poll_recv` abandoned at `Pending` leaves its waiting flag up (the
+    /// sink half then re-checks for it); the flag goes down when the source
+    /// is polled to completion, and when it is dropped mid-wait: a flag left
+    /// up would cost the sink half an events read per send for ever.
+    #[tokio::test]
+    async fn an_abandoned_wait_lowers_its_flag_on_completion_and_on_drop() {
+        let ctx = Context::new();
+        let ((a_tx, mut a_rx), (mut b_tx, _b_rx)) = pair(&ctx, "abandoned-flag");
+        let core = a_tx.core().unwrap().clone();
+        let mut noop = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(a_rx.poll_recv(&mut noop).is_pending());
+        assert!(
+            core.waiting_in.load(Ordering::SeqCst),
+            "waiting for a message"
+        );
+        b_tx.send(one("m0")).await.unwrap();
+        assert_eq!(a_rx.recv().await.unwrap(), Some(one("m0")));
+        assert!(
+            !core.waiting_in.load(Ordering::SeqCst),
+            "the flag stayed up after the message came"
+        );
+        assert!(a_rx.poll_recv(&mut noop).is_pending());
+        assert!(core.waiting_in.load(Ordering::SeqCst));
+        drop(a_rx);
+        assert!(
+            !core.waiting_in.load(Ordering::SeqCst),
+            "the flag stayed up after the source was dropped"
+        );
     }
 }

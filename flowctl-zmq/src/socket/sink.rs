@@ -2,15 +2,19 @@
 //! own when libzmq is at its SNDHWM.
 
 use std::collections::VecDeque;
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
-use async_trait::async_trait;
 use flowctl_core::fair::Budget;
 use flowctl_core::gate::GateState;
 use flowctl_core::weighted::charge_of;
-use flowctl_core::{Fairness, FlowError, FlowStats, Sink, Watermarks, Weighted};
+use flowctl_core::{Fairness, FlowError, FlowStats, SendError, Sink, Watermarks, Weighted};
+use tokio::task::JoinHandle;
+use tokio::time::Sleep;
 
 use super::ZmqStats;
 use super::core::{Core, Counters, Dir, finish};
@@ -49,7 +53,7 @@ const RETRY_EVERY: u32 = 32;
 /// # Flushing
 /// As with `futures::Sink`, a message accepted while libzmq is at its HWM
 /// moves on only when the sink is used again: call
-/// [`flush`](Sink::flush) (or `close`) before waiting for something else,
+/// [`flush`](flowctl_core::SinkExt::flush) (or `close`) before waiting for something else,
 /// e.g. before awaiting the reply to a request sent on a DEALER.
 ///
 /// # PUB sockets
@@ -79,6 +83,17 @@ pub struct ZmqSink {
     gate: GateState,
     budget: Budget,
     closed: bool,
+    /// `poll_ready` returned `Pending` waiting for libzmq's room (not a
+    /// forced yield): the next poll resumes the wait without spending
+    /// another coop unit, and ends the slice when it is ready.
+    waited: bool,
+    /// This half's waiting flag is up (see `Core::poll_wait`).
+    raised: bool,
+    /// A wait yielded (writable at once, yet libzmq refused): the next poll
+    /// of it is done.
+    yielded: bool,
+    /// `poll_close` has started and not finished.
+    closing: Option<CloseJob>,
     /// Queued messages libzmq rejected for good (dropped by `drain`), and
     /// their payload bytes: what `close` counts as dropped besides the queue.
     rejected: (u64, u64),
@@ -104,6 +119,10 @@ impl ZmqSink {
             gate: GateState::new(wm, span),
             budget: Budget::new(fairness),
             closed: false,
+            waited: false,
+            raised: false,
+            yielded: false,
+            closing: None,
             rejected: (0, 0),
         }
     }
@@ -113,6 +132,14 @@ impl ZmqSink {
             Some(c) if !self.closed => Ok(c),
             _ => Err(FlowError::Closed),
         }
+    }
+
+    /// The core for a new message: none once `poll_close` has started.
+    fn open_core(&self) -> Result<&Arc<Core>, FlowError> {
+        if self.closing.is_some() {
+            return Err(FlowError::Closed);
+        }
+        self.core()
     }
 
     /// Handles the outcome of a send attempt; true if the message left our
@@ -198,22 +225,26 @@ impl ZmqSink {
         Ok(moved)
     }
 
-    /// `flush` for `close`: a queued message libzmq rejects for good (dropped
-    /// by `drain`, counted in `rejected`) does not stop it, the messages
-    /// behind it still go. It stops when the queue is empty or at an error
-    /// that made no progress; the first error is left in `first`.
-    async fn flush_for_close(&mut self, first: &mut Option<FlowError>) {
+    /// `flush` for `close`: a queued message libzmq rejects for good
+    /// (dropped by `drain`, counted in `rejected`) does not stop it, the
+    /// messages behind it still go. It is ready when the queue is empty or
+    /// at an error that made no progress; the first error is left in `first`.
+    fn poll_flush_for_close(
+        &mut self,
+        cx: &mut Context<'_>,
+        first: &mut Option<FlowError>,
+    ) -> Poll<()> {
         loop {
             let before = self.queue.len();
             let step = match self.drain() {
-                Ok(_) if self.queue.is_empty() => return,
-                Ok(_) => self.wait_writable().await,
+                Ok(_) if self.queue.is_empty() => return Poll::Ready(()),
+                Ok(_) => ready!(self.poll_wait_writable(cx)),
                 Err(e) => Err(e),
             };
             if let Err(e) = step {
                 first.get_or_insert(e);
                 if self.queue.len() >= before {
-                    return;
+                    return Poll::Ready(());
                 }
             }
         }
@@ -236,15 +267,35 @@ impl ZmqSink {
         (messages, bytes)
     }
 
-    /// Waits for libzmq to have room. `ZMQ_EVENTS` may say "writable" while a
-    /// send is still refused (a ROUTER whose addressed peer is full, with
-    /// `ZMQ_ROUTER_MANDATORY`): then this yields instead of spinning.
-    async fn wait_writable(&mut self) -> Result<(), FlowError> {
-        let core = self.core()?.clone();
-        if core.wait(Dir::Out, true).await? && self.drain()? == 0 {
-            tokio::task::yield_now().await;
+    /// Polls until libzmq may have room. `ZMQ_EVENTS` may say "writable"
+    /// while a send is still refused (a ROUTER whose addressed peer is full,
+    /// with `ZMQ_ROUTER_MANDATORY`): then this yields (one `Pending`, the
+    /// waker woken) instead of spinning. The caller ends the wait with
+    /// [`end_wait`](Self::end_wait) when its operation is done.
+    fn poll_wait_writable(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), FlowError>> {
+        if std::mem::take(&mut self.yielded) {
+            return Poll::Ready(Ok(()));
         }
-        Ok(())
+        self.raised = true;
+        let at_once = ready!(self.core()?.poll_wait(Dir::Out, true, cx))?;
+        if at_once && self.drain()? == 0 {
+            self.yielded = true;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// An operation is done: lowers this half's waiting flag, if it is up,
+    /// and forgets any wait in progress.
+    fn end_wait(&mut self) {
+        if std::mem::take(&mut self.raised)
+            && let Some(core) = &self.core
+        {
+            core.lower(Dir::Out);
+        }
+        self.waited = false;
+        self.yielded = false;
     }
 
     /// Counters beyond [`FlowStats`]: PUB drops, forced yields.
@@ -261,42 +312,11 @@ impl ZmqSink {
 }
 
 impl ZmqSink {
-    /// Resolves when the sink accepts another message; see [`Sink::ready`].
-    /// An inherent method, so a call on a `ZmqSink` itself costs no boxed
-    /// future; the [`Sink`] impl calls it.
-    ///
-    /// # Errors
-    /// [`FlowError::Closed`] after `close`; a queued message libzmq rejected
-    /// for good ([`ZmqError::Unroutable`]).
-    pub async fn ready(&mut self) -> Result<(), FlowError> {
-        self.ready_inner().await
-    }
-
-    /// [`ready`](Self::ready), then [`Sink::start_send`]; see [`Sink::send`].
-    /// Inherent for the same reason as `ready`, and it takes anything that
-    /// converts into a [`Multipart`]: a `Bytes` (one frame), a `Vec<Bytes>`
-    /// or an array of them.
-    ///
-    /// # Errors
-    /// As `ready` and `start_send`.
-    pub fn send(
-        &mut self,
-        item: impl Into<Multipart>,
-    ) -> impl Future<Output = Result<(), FlowError>> + Send + '_ {
-        // Converted here, so that the future is one type for every `item`.
-        self.send_inner(item.into())
-    }
-
-    async fn send_inner(&mut self, item: Multipart) -> Result<(), FlowError> {
-        self.ready_inner().await?;
-        Sink::start_send(self, item)
-    }
-
     /// Sends every message of `batch`, in order, taking them out of it: the
-    /// batch counterpart of [`send`](Self::send), as
-    /// [`Source::recv_many`](flowctl_core::Source::recv_many) is of `recv`.
+    /// batch counterpart of [`SinkExt::send`](flowctl_core::SinkExt::send), as
+    /// [`SourceExt::recv_many`](flowctl_core::SourceExt::recv_many) is of `recv`.
     ///
-    /// Each round passes [`ready`](Self::ready) (one unit of tokio's coop
+    /// Each round passes [`poll_ready`](Sink::poll_ready) (one unit of tokio's coop
     /// budget; a forced yield when the [`Fairness`] slice is spent), then
     /// hands messages straight to libzmq under one lock of the socket until
     /// libzmq refuses one (its SNDHWM) or the slice is spent. After a
@@ -310,7 +330,7 @@ impl ZmqSink {
     /// Returns how many messages were accepted (all of them, on `Ok`). A
     /// `VecDeque`, because every round takes its messages off the front
     /// (`VecDeque::from(vec)` reuses a `Vec`'s buffer). Accepted is not yet
-    /// sent: as after `send`, [`flush`](Sink::flush) or `close` pushes what
+    /// sent: as after `send`, [`flush`](flowctl_core::SinkExt::flush) or `close` pushes what
     /// the sink still queues into libzmq.
     ///
     /// # Cancel safety
@@ -318,7 +338,7 @@ impl ZmqSink {
     /// are still in `batch`, in order, and nothing else was taken.
     ///
     /// # Errors
-    /// As [`send`](Self::send). A message that fails on its own (an empty
+    /// As `send`. A message that fails on its own (an empty
     /// one, an unroutable ROUTER message) is taken out of `batch` and
     /// dropped, as `start_send` would; the messages before it were accepted
     /// and the ones after it stay in `batch`. On a socket whose sending side
@@ -328,14 +348,16 @@ impl ZmqSink {
     pub async fn send_many(&mut self, batch: &mut VecDeque<Multipart>) -> Result<usize, FlowError> {
         let mut accepted = 0;
         while !batch.is_empty() {
-            self.ready_inner().await?;
+            poll_fn(|cx| Sink::poll_ready(self, cx)).await?;
             let (taken, refused) = self.accept_many(batch)?;
             accepted += taken;
             if refused {
                 // libzmq is at its SNDHWM: wait for room, as a blocking
                 // `zmq_send` would, instead of moving the rest of `batch`
                 // into the sink's own queue.
-                Box::pin(self.wait_writable()).await?;
+                let waited = poll_fn(|cx| self.poll_wait_writable(cx)).await;
+                self.end_wait();
+                waited?;
             }
         }
         Ok(accepted)
@@ -346,7 +368,7 @@ impl ZmqSink {
     /// the fairness slice is spent, and removes them from `batch`. Returns
     /// how many, and whether libzmq refused one (that one stays in `batch`).
     fn accept_many(&mut self, batch: &mut VecDeque<Multipart>) -> Result<(usize, bool), FlowError> {
-        let core = self.core()?.clone();
+        let core = self.open_core()?.clone();
         if !core.kind.can_send() {
             return Err(ZmqError::Unsupported {
                 op: "send",
@@ -432,15 +454,15 @@ impl ZmqSink {
         Ok((taken, refused))
     }
 
-    async fn ready_inner(&mut self) -> Result<(), FlowError> {
-        self.core()?;
-        poll_fn(|cx| self.budget.poll_proceed(cx)).await;
-        if self.queue.is_empty() {
-            // Nothing to push into libzmq, and an empty queue is never paused.
-            return Ok(());
-        }
-        let mut waited = false;
-        loop {
+    /// `poll_ready` until it is done; see [`Sink::poll_ready`].
+    fn poll_ready_steps(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), FlowError>> {
+        self.open_core()?;
+        if !self.waited {
+            ready!(self.budget.poll_proceed(cx));
+            if self.queue.is_empty() {
+                // Nothing to push into libzmq, and an empty queue is never paused.
+                return Poll::Ready(Ok(()));
+            }
             // After a refusal, retry only every RETRY_EVERY calls until the
             // queue reaches the high watermark: a sender at the HWM then pays
             // one refused send per RETRY_EVERY messages, not one per message.
@@ -451,53 +473,156 @@ impl ZmqSink {
             }
             // An empty queue is never paused (0 <= low).
             if self.queue.is_empty() || !self.gate.is_paused() {
-                if waited {
-                    self.budget.reset();
-                }
-                return Ok(());
+                return Poll::Ready(Ok(()));
             }
-            waited = true;
-            // Boxed: the wait's futures (a `Notified`, the fd's readiness)
-            // would otherwise make every `send` future, moved once per
-            // message, several times larger. A wait is not per message.
-            Box::pin(self.wait_writable()).await?;
-            self.refused = 0;
+            self.waited = true;
         }
+        loop {
+            ready!(self.poll_wait_writable(cx))?;
+            self.refused = 0;
+            self.drain()?;
+            if self.queue.is_empty() || !self.gate.is_paused() {
+                // It waited: a natural end of the fairness slice.
+                self.budget.reset();
+                return Poll::Ready(Ok(()));
+            }
+        }
+    }
+
+    /// `poll_flush` until it is done.
+    fn poll_flush_steps(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), FlowError>> {
+        loop {
+            self.drain()?;
+            if self.queue.is_empty() {
+                return Poll::Ready(Ok(()));
+            }
+            ready!(self.poll_wait_writable(cx))?;
+        }
+    }
+
+    /// `poll_close`'s work, once `job` is set up.
+    fn poll_close_job(
+        &mut self,
+        cx: &mut Context<'_>,
+        job: &mut CloseJob,
+    ) -> Poll<Result<(), FlowError>> {
+        if job.unsent.is_none() {
+            if self.poll_flush_for_close(cx, &mut job.first).is_pending() {
+                let expired = job
+                    .deadline
+                    .as_mut()
+                    .is_some_and(|d| d.as_mut().poll(cx).is_ready());
+                match job.linger {
+                    Some(linger) if expired => {
+                        job.first.get_or_insert(FlowError::Timeout(linger));
+                    }
+                    _ => return Poll::Pending,
+                }
+            }
+            self.end_wait();
+            self.closed = true;
+            let (mut messages, mut bytes) = self.discard_queue();
+            messages += self.rejected.0 - job.rejected_before.0;
+            bytes += self.rejected.1 - job.rejected_before.1;
+            job.unsent = Some((messages, bytes));
+            if let Some(core) = self.core.take()
+                && let Ok(mut core) = Arc::try_unwrap(core)
+            {
+                let (sock, ctx) = core.take_parts();
+                job.task = Some(tokio::task::spawn_blocking(move || finish(sock, ctx)));
+            }
+        }
+        if let Some(task) = &mut job.task {
+            match ready!(Pin::new(task).poll(cx)) {
+                Ok(()) => tracing::info!("zmq socket closed"),
+                Err(e) => {
+                    job.first
+                        .get_or_insert(FlowError::transport(format!("linger task failed: {e}")));
+                }
+            }
+            job.task = None;
+        }
+        let (messages, bytes) = job.unsent.unwrap_or_default();
+        Poll::Ready(match job.first.take() {
+            None if messages == 0 => Ok(()),
+            None => Err(ZmqError::Unsent {
+                messages,
+                bytes,
+                source: FlowError::Closed,
+            }
+            .into()),
+            Some(e) if messages == 0 => Err(e),
+            Some(e) => Err(ZmqError::Unsent {
+                messages,
+                bytes,
+                source: e,
+            }
+            .into()),
+        })
     }
 }
 
-#[async_trait]
+/// A `close` in progress: it survives a `Pending`, so a caller that stops
+/// polling and comes back resumes it (with the same linger deadline).
+#[derive(Debug)]
+struct CloseJob {
+    linger: Option<Duration>,
+    /// Boxed once per close (a `Sleep` is not `Unpin`).
+    deadline: Option<Pin<Box<Sleep>>>,
+    rejected_before: (u64, u64),
+    first: Option<FlowError>,
+    /// Set when the flush is over: the messages and bytes dropped.
+    unsent: Option<(u64, u64)>,
+    /// The blocking task that closes the socket (for the linger).
+    task: Option<JoinHandle<()>>,
+}
+
 impl Sink for ZmqSink {
     type Item = Multipart;
 
-    async fn ready(&mut self) -> Result<(), FlowError> {
-        ZmqSink::ready(self).await
+    /// `Ready(Ok(()))` when the sink accepts another message: pushes the
+    /// queue into libzmq and, while it is above the high watermark, waits
+    /// for libzmq's room.
+    ///
+    /// # Errors
+    /// [`FlowError::Closed`] after `close`; a queued message libzmq rejected
+    /// for good ([`ZmqError::Unroutable`]).
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), FlowError>> {
+        let polled = self.poll_ready_steps(cx);
+        if polled.is_ready() && (self.waited || self.raised) {
+            self.end_wait();
+        }
+        polled
     }
 
-    async fn send(&mut self, item: Multipart) -> Result<(), FlowError> {
-        self.send_inner(item).await
-    }
-
-    fn start_send(&mut self, item: Multipart) -> Result<(), FlowError> {
-        let core = match &self.core {
-            Some(c) if !self.closed => c,
-            _ => return Err(FlowError::Closed),
+    /// Hands the message to libzmq, or queues it (charged) if libzmq is at
+    /// its HWM. Gives the message back on a closed sink, a socket type that
+    /// cannot send, an empty message, or an error of libzmq's send (the
+    /// socket's sending side broken mid-message, an unroutable ROUTER
+    /// message): a message libzmq did not take is never half-sent.
+    fn start_send(&mut self, item: Multipart) -> Result<(), SendError<Multipart>> {
+        let core = match self.open_core() {
+            Ok(c) => c,
+            Err(e) => return Err(SendError::new(item, e)),
         };
         if !core.kind.can_send() {
-            return Err(ZmqError::Unsupported {
+            let e = ZmqError::Unsupported {
                 op: "send",
                 socket: core.kind.name(),
-            }
-            .into());
+            };
+            return Err(SendError::new(item, e.into()));
         }
         if item.is_empty() {
-            return Err(ZmqError::EmptyMessage.into());
+            return Err(SendError::new(item, ZmqError::EmptyMessage.into()));
         }
         let weight = item.weight();
         let charge = charge_of(&item);
         if self.queue.is_empty() {
             // Fast path: straight into libzmq, nothing buffered here.
-            let sent = core.try_send(&item)?;
+            let sent = match core.try_send(&item) {
+                Ok(sent) => sent,
+                Err(e) => return Err(SendError::new(item, e)),
+            };
             if Self::account(core, sent) {
                 if sent == Sent::Taken {
                     core.counters.sent.fetch_add(1, Ordering::Relaxed);
@@ -519,79 +644,60 @@ impl Sink for ZmqSink {
         Ok(())
     }
 
-    async fn flush(&mut self) -> Result<(), FlowError> {
-        loop {
-            self.drain()?;
-            if self.queue.is_empty() {
-                return Ok(());
-            }
-            self.wait_writable().await?;
+    /// Pushes the queue into libzmq, waiting for its room. A queued message
+    /// libzmq rejected for good is dropped and its error returned.
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), FlowError>> {
+        let polled = self.poll_flush_steps(cx);
+        if polled.is_ready() {
+            self.end_wait();
         }
+        polled
     }
 
     /// Flushes the queue into libzmq (waiting at most the linger), then closes
     /// the sending side. If the source half is gone too, the libzmq socket is
     /// closed; with a private context `close` then waits until libzmq has sent
-    /// every message or the linger has expired.
+    /// every message or the linger has expired. Abandoned at `Pending`, it
+    /// resumes when polled again (the linger counts from the first poll);
+    /// `poll_ready` and `start_send` refuse from the first poll on.
     ///
     /// A queued message libzmq rejects for good (an unroutable ROUTER
     /// message) is dropped and the flush goes on with the messages behind it.
     /// Every message accepted is then either handed to libzmq or counted in
     /// the error, and `stats().buffered` is 0 afterwards, even after an error.
+    /// Once it has returned, later calls return `Ready(Ok(()))`.
     ///
     /// # Errors
     /// [`ZmqError::Unsent`] if messages the sink had accepted were dropped
     /// (how many, their bytes, and the first error as its source: the
     /// linger's [`FlowError::Timeout`], [`ZmqError::Unroutable`], ...);
     /// the first error itself if none were.
-    async fn close(&mut self) -> Result<(), FlowError> {
-        if self.closed || self.core.is_none() {
-            self.closed = true;
-            return Ok(());
-        }
-        let linger = self.core()?.linger;
-        let rejected_before = self.rejected;
-        let mut first = None;
-        let flushing = self.flush_for_close(&mut first);
-        match linger {
-            Some(l) => {
-                if tokio::time::timeout(l, flushing).await.is_err() {
-                    first.get_or_insert(FlowError::Timeout(l));
+    fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), FlowError>> {
+        let mut job = match self.closing.take() {
+            Some(job) => job,
+            None => {
+                let linger = match &self.core {
+                    Some(core) if !self.closed => core.linger,
+                    _ => {
+                        self.closed = true;
+                        return Poll::Ready(Ok(()));
+                    }
+                };
+                CloseJob {
+                    linger,
+                    deadline: linger.map(|l| Box::pin(tokio::time::sleep(l))),
+                    rejected_before: self.rejected,
+                    first: None,
+                    unsent: None,
+                    task: None,
                 }
             }
-            None => flushing.await,
+        };
+        let polled = self.poll_close_job(cx, &mut job);
+        if polled.is_pending() {
+            self.closing = Some(job);
         }
-        self.closed = true;
-        let (mut messages, mut bytes) = self.discard_queue();
-        messages += self.rejected.0 - rejected_before.0;
-        bytes += self.rejected.1 - rejected_before.1;
-        if let Some(core) = self.core.take()
-            && let Ok(mut core) = Arc::try_unwrap(core)
-        {
-            let (sock, ctx) = core.take_parts();
-            match tokio::task::spawn_blocking(move || finish(sock, ctx)).await {
-                Ok(()) => tracing::info!("zmq socket closed"),
-                Err(e) => {
-                    first.get_or_insert(FlowError::transport(format!("linger task failed: {e}")));
-                }
-            }
-        }
-        match first {
-            None if messages == 0 => Ok(()),
-            None => Err(ZmqError::Unsent {
-                messages,
-                bytes,
-                source: FlowError::Closed,
-            }
-            .into()),
-            Some(e) if messages == 0 => Err(e),
-            Some(e) => Err(ZmqError::Unsent {
-                messages,
-                bytes,
-                source: e,
-            }
-            .into()),
-        }
+        polled
     }
 
     /// `buffered`, `max_buffered`, `paused` and `pauses` are those of the
@@ -602,5 +708,12 @@ impl Sink for ZmqSink {
         s.items = self.items;
         s.bytes = self.bytes;
         s
+    }
+}
+
+impl Drop for ZmqSink {
+    fn drop(&mut self) {
+        // Abandoned mid-wait: the source half need not re-check for us.
+        self.end_wait();
     }
 }

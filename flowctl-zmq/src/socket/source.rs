@@ -1,11 +1,10 @@
 //! [`ZmqSource`], the receiving half: nothing buffered here, batches taken
 //! under one lock of the socket, fair by budget.
 
-use std::future::poll_fn;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::{Context, Poll, ready};
 
-use async_trait::async_trait;
 use flowctl_core::fair::Budget;
 use flowctl_core::weighted::{MIN_CHARGE, charge_of};
 use flowctl_core::{Fairness, FlowError, FlowStats, Source, Watermarks, Weighted};
@@ -59,6 +58,14 @@ pub struct ZmqSource {
     wm: Watermarks,
     items: u64,
     bytes: u64,
+    /// The last poll returned `Pending` waiting for libzmq (not a forced
+    /// yield): the next poll resumes the wait without spending another
+    /// coop unit, and the slice ends at the first message (a natural yield).
+    /// While it is set, this half's waiting flag is up.
+    waiting: bool,
+    /// The last wait found `ZMQ_EVENTS` readable at once: if nothing comes,
+    /// yield instead of spinning.
+    at_once: bool,
     /// Built by `into_source`: no sink half ever existed, so no other
     /// operation can consume this half's wake-up edge. (A source from
     /// `split` never is, even once the sink is gone: the sink's last
@@ -88,6 +95,8 @@ impl ZmqSource {
             wm,
             items: 0,
             bytes: 0,
+            waiting: false,
+            at_once: false,
             alone: false,
         }
     }
@@ -157,6 +166,7 @@ impl ZmqSource {
     /// # Errors
     /// [`FlowError::Transport`] if the task that closes the socket panicked.
     pub async fn close(&mut self) -> Result<(), FlowError> {
+        self.end_wait();
         let Some(core) = self.core.take() else {
             return Ok(());
         };
@@ -210,32 +220,64 @@ impl ZmqSource {
         ZmqError::FrameCount { expected, actual }.into()
     }
 
-    /// Waits until libzmq has a message, then takes up to `max` (>= 1) under
-    /// one lock of the socket. Spends one unit of tokio's coop budget per
-    /// call; every message is charged to the [`Fairness`] budget, and the
-    /// batch ends early when that slice is spent (the next call then yields
-    /// before it takes anything).
-    async fn recv_batch(&mut self, buf: &mut impl Batch, max: usize) -> Result<usize, FlowError> {
+    /// Polls until libzmq has a message, then takes up to `max` (>= 1)
+    /// under one lock of the socket. Spends one unit of tokio's coop budget
+    /// per call (a poll that resumes a wait spends none); every message is
+    /// charged to the [`Fairness`] budget, and the batch ends early when
+    /// that slice is spent (the next call then yields before it takes
+    /// anything). Nothing is taken at a `Pending`.
+    fn poll_batch(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut impl Batch,
+        max: usize,
+    ) -> Poll<Result<usize, FlowError>> {
+        let polled = self.poll_batch_steps(cx, buf, max);
+        if polled.is_ready() {
+            self.end_wait();
+        }
+        polled
+    }
+
+    fn poll_batch_steps(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut impl Batch,
+        max: usize,
+    ) -> Poll<Result<usize, FlowError>> {
         self.unsupported()?;
-        // One coop unit for the whole batch (as tokio's own mpsc `recv_many`
-        // does), and a forced yield here if the previous batch spent the slice.
-        poll_fn(|cx| self.budget.poll_proceed(cx)).await;
-        let mut waited = false;
-        let mut waited_at_once = false;
+        if !self.waiting {
+            // One coop unit for the whole batch (as tokio's own mpsc
+            // `recv_many` does), and a forced yield here if the previous
+            // batch spent the slice.
+            ready!(self.budget.poll_proceed(cx));
+        }
         loop {
-            let n = self.take_ready(buf, max, waited)?;
+            let n = self.take_ready(buf, max, self.waiting)?;
             if n > 0 {
-                return Ok(n);
+                return Poll::Ready(Ok(n));
             }
-            if waited_at_once {
+            self.waiting = true;
+            if std::mem::take(&mut self.at_once) {
                 // ZMQ_EVENTS said readable, yet nothing came: yield, do not spin.
-                tokio::task::yield_now().await;
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
             }
-            waited = true;
             // `take_ready` just got EAGAIN; a source alone on its socket
             // (no sink half ever) skips the check that would repeat it.
-            waited_at_once = self.core()?.wait(Dir::In, !self.alone).await?;
+            let check = !self.alone;
+            self.at_once = ready!(self.core()?.poll_wait(Dir::In, check, cx))?;
         }
+    }
+
+    /// The operation is done: lowers the waiting flag, if it is up.
+    fn end_wait(&mut self) {
+        if std::mem::take(&mut self.waiting)
+            && let Some(core) = &self.core
+        {
+            core.lower(Dir::In);
+        }
+        self.at_once = false;
     }
 
     /// Takes up to `max` messages that libzmq has ready, under one lock of
@@ -315,7 +357,6 @@ impl Batch for Option<Multipart> {
     }
 }
 
-#[async_trait]
 impl Source for ZmqSource {
     type Item = Multipart;
 
@@ -326,32 +367,33 @@ impl Source for ZmqSource {
     /// consumed, the next call returns the next message),
     /// [`ZmqError::Unsupported`] on a socket type that cannot receive,
     /// [`FlowError::Closed`] after [`close`](ZmqSource::close).
-    async fn recv(&mut self) -> Result<Option<Multipart>, FlowError> {
+    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Multipart>, FlowError>> {
         let mut one = None;
-        self.recv_batch(&mut one, 1).await?;
-        Ok(one)
+        ready!(self.poll_batch(cx, &mut one, 1))?;
+        Poll::Ready(Ok(one))
     }
 
-    /// Waits for one message, then takes up to `max` in all that libzmq has
+    /// Polls for one message, then takes up to `max` in all that libzmq has
     /// ready, under one lock of the socket. The batch spends one unit of
     /// tokio's coop budget; each message is charged to the fairness budget,
     /// and the batch stops early, without waiting, when that slice is spent
     /// (the next call then yields first), so a batch never holds more than
     /// `Fairness::max_items` messages or more than `max_bytes` plus one
-    /// message. The fast path for small messages: one boxed future, one
-    /// lock and one coop unit per batch instead of per message.
+    /// message. The fast path for small messages: one lock and one coop
+    /// unit per batch instead of per message.
     ///
     /// # Errors
-    /// As `recv`; messages appended before the error stay in `buf`.
-    async fn recv_many(
+    /// As `poll_recv`; messages appended before the error stay in `buf`.
+    fn poll_recv_many(
         &mut self,
+        cx: &mut Context<'_>,
         buf: &mut Vec<Multipart>,
         max: usize,
-    ) -> Result<usize, FlowError> {
+    ) -> Poll<Result<usize, FlowError>> {
         if max == 0 {
-            return Ok(0);
+            return Poll::Ready(Ok(0));
         }
-        self.recv_batch(buf, max).await
+        self.poll_batch(cx, buf, max)
     }
 
     fn stats(&self) -> FlowStats {
@@ -359,5 +401,12 @@ impl Source for ZmqSource {
         s.items = self.items;
         s.bytes = self.bytes;
         s
+    }
+}
+
+impl Drop for ZmqSource {
+    fn drop(&mut self) {
+        // Abandoned mid-wait: the sink half need not re-check for us.
+        self.end_wait();
     }
 }

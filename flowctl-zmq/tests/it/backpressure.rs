@@ -6,8 +6,9 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use flowctl_core::prelude::*;
 use flowctl_core::weighted::MIN_CHARGE;
-use flowctl_core::{Sink, Source, Watermarks};
+use flowctl_core::{Sink, Watermarks};
 use flowctl_zmq::{Context, Multipart, SocketType, ZmqSocket};
 
 use crate::peer::{DEADLINE, Peer, message};
@@ -34,7 +35,7 @@ async fn fast_push_into_slow_pyzmq_pull_stays_within_watermark() {
     let msgs: Vec<_> = (0..n).map(|i| message(i, SIZE)).collect();
     let mut max_queued = 0;
     for msg in msgs {
-        tx.send(msg).await.unwrap();
+        tx.send(msg.into()).await.unwrap();
         max_queued = max_queued.max(tx.queued());
     }
     tx.close().await.unwrap();
@@ -76,7 +77,9 @@ async fn pub_counts_what_it_drops_at_hwm() {
     let start = Instant::now();
     loop {
         assert!(start.elapsed() < DEADLINE, "subscription never arrived");
-        tx.send(vec![Bytes::from_static(b"probe")]).await.unwrap();
+        tx.send(vec![Bytes::from_static(b"probe")].into())
+            .await
+            .unwrap();
         if let Ok(r) = tokio::time::timeout(Duration::from_millis(5), rx.recv()).await {
             assert_eq!(r.unwrap().unwrap()[0], Bytes::from_static(b"probe"));
             break;
@@ -85,7 +88,7 @@ async fn pub_counts_what_it_drops_at_hwm() {
     let before = tx.zmq_stats();
     let total = 1000u64;
     for i in 0..total as usize {
-        tx.send(message(i, 16)).await.unwrap();
+        tx.send(message(i, 16).into()).await.unwrap();
     }
     tx.flush().await.unwrap();
     let after = tx.zmq_stats();

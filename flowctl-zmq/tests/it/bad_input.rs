@@ -4,18 +4,15 @@
 use std::str::FromStr;
 
 use bytes::Bytes;
-use flowctl_core::{FlowError, Sink, Source};
+use flowctl_core::prelude::*;
+use flowctl_core::{FlowError, Sink};
 use flowctl_zmq::{SocketType, ZmqError, ZmqSocket};
 
 use crate::peer::{Peer, message};
 
 fn zmq_err(e: &FlowError) -> &ZmqError {
-    match e {
-        FlowError::Transport(inner) => inner
-            .downcast_ref::<ZmqError>()
-            .unwrap_or_else(|| panic!("not a ZmqError: {e}")),
-        other => panic!("not a transport error: {other}"),
-    }
+    e.transport_error::<ZmqError>()
+        .unwrap_or_else(|| panic!("not a ZmqError: {e}"))
 }
 
 #[tokio::test]
@@ -185,7 +182,7 @@ async fn values_libzmq_refuses_are_clear_errors() {
         .unwrap()
         .into_sink();
     assert!(
-        tx.send(vec![Bytes::new()])
+        tx.send(vec![Bytes::new()].into())
             .await
             .unwrap_err()
             .to_string()
@@ -196,7 +193,7 @@ async fn values_libzmq_refuses_are_clear_errors() {
         .build()
         .unwrap()
         .into_sink();
-    let err = push.send(vec![]).await.unwrap_err();
+    let err = push.send(vec![].into()).await.unwrap_err();
     assert!(err.to_string().contains("0 frames"), "{err}");
 }
 
@@ -208,10 +205,7 @@ async fn router_send_to_unknown_routing_id_is_a_clear_error() {
         .unwrap()
         .into_sink();
     let err = tx
-        .send(vec![
-            Bytes::from_static(b"nobody"),
-            Bytes::from_static(b"hi"),
-        ])
+        .send(vec![Bytes::from_static(b"nobody"), Bytes::from_static(b"hi")].into())
         .await
         .unwrap_err();
     assert!(

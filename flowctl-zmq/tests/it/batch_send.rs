@@ -5,8 +5,9 @@
 use std::collections::VecDeque;
 
 use bytes::Bytes;
+use flowctl_core::prelude::*;
 use flowctl_core::weighted::MIN_CHARGE;
-use flowctl_core::{FlowError, Sink, Source, Watermarks};
+use flowctl_core::{Sink, Watermarks};
 use flowctl_zmq::{Context, Multipart, SocketType, ZmqError, ZmqSink, ZmqSocket, ZmqSource};
 
 use crate::peer::{Peer, message};
@@ -33,7 +34,7 @@ async fn slow_pyzmq_pull(send_first: bool) -> flowctl_core::FlowStats {
         .into_sink();
     let mut next = 0;
     while send_first && tx.queued() == 0 {
-        tx.send(message(next, SIZE)).await.unwrap();
+        tx.send(message(next, SIZE).into()).await.unwrap();
         next += 1;
     }
     let mut batch = VecDeque::new();
@@ -210,7 +211,10 @@ async fn an_empty_message_in_a_batch_is_reported_and_the_rest_kept() {
     let mut batch = VecDeque::from([numbered(0), numbered(1), Multipart::new(), numbered(2)]);
     let err = tx.send_many(&mut batch).await.unwrap_err();
     assert!(
-        matches!(&err, FlowError::Transport(e) if e.downcast_ref::<ZmqError>().is_some_and(|z| matches!(z, ZmqError::EmptyMessage))),
+        matches!(
+            err.transport_error::<ZmqError>(),
+            Some(ZmqError::EmptyMessage)
+        ),
         "unexpected error: {err:?}"
     );
     // The two before it were accepted, the empty one is gone, the last stays.

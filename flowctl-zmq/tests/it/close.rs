@@ -4,6 +4,7 @@
 //! `recv` and releases the socket (its port can be bound again).
 
 use bytes::Bytes;
+use flowctl_core::prelude::*;
 use flowctl_core::{FlowError, Sink, Source};
 use flowctl_zmq::{Context, SocketType, ZmqError, ZmqSocket};
 
@@ -27,13 +28,13 @@ async fn push_closing_right_after_last_send_loses_nothing() {
         .unwrap()
         .into_sink();
     for i in 0..n {
-        tx.send(message(i, 20)).await.unwrap();
+        tx.send(message(i, 20).into()).await.unwrap();
     }
     tx.close().await.unwrap();
     tx.close().await.unwrap(); // idempotent
     assert_eq!(tx.zmq_stats().sent, n as u64);
     assert!(
-        tx.send(message(0, 1)).await.is_err(),
+        tx.send(message(0, 1).into()).await.is_err(),
         "closed sink refuses items"
     );
     peer.expect_ok(n); // the peer checked every message's content and order
@@ -57,7 +58,7 @@ async fn dropped_push_still_delivers_within_linger() {
         .unwrap()
         .into_sink();
     for i in 0..n {
-        tx.send(message(i, 20)).await.unwrap();
+        tx.send(message(i, 20).into()).await.unwrap();
     }
     tx.flush().await.unwrap();
     drop(tx); // lingers in a background thread, does not block the runtime
@@ -85,7 +86,7 @@ async fn close_without_peer_reports_the_linger_timeout_and_what_it_dropped() {
         .unwrap()
         .into_sink();
     // No peer: a PUSH has nowhere to put the message, so it stays queued here.
-    tx.send(message(0, 10)).await.unwrap();
+    tx.send(message(0, 10).into()).await.unwrap();
     assert_eq!(tx.queued(), 1);
     assert!(tx.stats().buffered > 0);
     let err = tx.close().await.unwrap_err();
@@ -124,7 +125,10 @@ async fn close_after_an_unroutable_message_delivers_the_rest_and_counts_the_drop
         .unwrap()
         .split();
     // The ROUTER knows the dealer once its first message arrives.
-    dealer_tx.send(Bytes::from_static(b"hello")).await.unwrap();
+    dealer_tx
+        .send(Bytes::from_static(b"hello").into())
+        .await
+        .unwrap();
     let hello = router_rx.recv().await.unwrap().unwrap();
     assert_eq!(
         hello,
@@ -136,18 +140,15 @@ async fn close_after_an_unroutable_message_delivers_the_rest_and_counts_the_drop
     // then the sink queues.
     let mut n = 0;
     while tx.queued() == 0 {
-        tx.send(to_d1(n)).await.unwrap();
+        tx.send(to_d1(n).into()).await.unwrap();
         n += 1;
     }
     // Behind it: one message to a peer that does not exist, then more.
-    tx.send(vec![
-        Bytes::from_static(b"ghost"),
-        Bytes::from_static(b"lost"),
-    ])
-    .await
-    .unwrap();
+    tx.send(vec![Bytes::from_static(b"ghost"), Bytes::from_static(b"lost")].into())
+        .await
+        .unwrap();
     for _ in 0..5 {
-        tx.send(to_d1(n)).await.unwrap();
+        tx.send(to_d1(n).into()).await.unwrap();
         n += 1;
     }
     let accepted = tx.stats().items;
@@ -256,7 +257,7 @@ async fn closing_the_source_leaves_the_sink_working_until_it_closes() {
         "20",
     ]);
     for i in 0..n {
-        tx.send(message(i, 20)).await.unwrap();
+        tx.send(message(i, 20).into()).await.unwrap();
     }
     // The sink is the last holder: its close flushes, then closes the socket.
     tx.close().await.unwrap();

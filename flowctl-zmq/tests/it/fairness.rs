@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use flowctl_core::{Fairness, Sink, Source};
+use flowctl_core::prelude::*;
+use flowctl_core::{Fairness, Source};
 use flowctl_zmq::{Context, SocketType, ZmqSink, ZmqSocket, ZmqSource};
 use tokio::io::unix::AsyncFd;
 use tokio::time::MissedTickBehavior;
@@ -104,7 +105,7 @@ fn flowctl_flood(batched: bool) {
         let ctx = Context::new();
         let (mut tx, mut rx) = unlimited_pair(&ctx, "flood-fair", Fairness::default());
         for i in 0..FLOOD {
-            tx.send(vec![Bytes::from((i as u64).to_le_bytes().to_vec())])
+            tx.send(vec![Bytes::from((i as u64).to_le_bytes().to_vec())].into())
                 .await
                 .unwrap();
         }
@@ -252,7 +253,7 @@ fn always_writable_push(batched: bool) {
                     assert_eq!(sent, FLOOD);
                 } else {
                     for i in 0..FLOOD as u64 {
-                        tx.send(msg(i)).await.unwrap();
+                        tx.send(msg(i).into()).await.unwrap();
                     }
                 }
                 tx
@@ -305,7 +306,7 @@ async fn recv_many_batches_never_exceed_the_slice() {
         for i in 0..N {
             let mut m = vec![0u8; SIZE];
             m[..8].copy_from_slice(&(i as u64).to_le_bytes());
-            tx.send(vec![Bytes::from(m)]).await.unwrap();
+            tx.send(vec![Bytes::from(m)].into()).await.unwrap();
         }
         tx.flush().await.unwrap();
         let mut next = 0u64;

@@ -11,7 +11,8 @@
 use std::cell::RefCell;
 
 use bytes::Bytes;
-use flowctl_core::{FlowError, Source};
+use flowctl_core::FlowError;
+use flowctl_core::prelude::*;
 use flowctl_zmq::{Context, Multipart, SocketType, ZmqError, ZmqSink, ZmqSocket, ZmqSource};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};

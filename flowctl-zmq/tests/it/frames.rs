@@ -1,10 +1,12 @@
 //! Received frames of every size class (shared 16 KiB slab up to 512 B, own
 //! copy up to 4 KiB, libzmq's buffer above) arrive intact, and frames the
 //! application keeps stay intact while later messages reuse the slab. Also
-//! drives the `Sink`/`Source` trait objects (the boxed path), which must move
-//! the same messages as the inherent methods.
+//! drives the halves as `Box<dyn Sink>`/`Box<dyn Source>` trait objects
+//! (object safety, dynamic dispatch), which must move the same messages as
+//! the concrete types.
 
 use bytes::Bytes;
+use flowctl_core::prelude::*;
 use flowctl_core::{Sink, Source};
 use flowctl_zmq::{Multipart, SocketType, ZmqSocket};
 

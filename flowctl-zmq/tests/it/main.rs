@@ -29,3 +29,5 @@ mod frame_props;
 mod send_sync;
 // Lost wake-ups: both directions at once, halves in different tasks and threads.
 mod wakeups;
+// The poll contract on the halves: refused messages come back, abandoned polls lose nothing.
+mod poll_contract;

@@ -6,7 +6,7 @@
 //! that its handshake is one libzmq accepts.
 
 use bytes::Bytes;
-use flowctl_core::Source;
+use flowctl_core::prelude::*;
 use flowctl_zmq::{SocketType, ZmqSocket, ZmqSource};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

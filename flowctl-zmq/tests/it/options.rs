@@ -5,7 +5,7 @@
 use std::mem::MaybeUninit;
 use std::os::fd::RawFd;
 
-use flowctl_core::Source;
+use flowctl_core::prelude::*;
 use flowctl_zmq::{SocketType, ZmqSocket};
 
 use crate::peer::{Peer, message};

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+use flowctl_core::prelude::*;
 use flowctl_core::{Sink, Source};
 use flowctl_zmq::{SocketType, ZmqSocket};
 
@@ -28,7 +29,7 @@ async fn push_to_pyzmq_pull() {
         .unwrap()
         .into_sink();
     for i in 0..N {
-        tx.send(message(i, 100)).await.unwrap();
+        tx.send(message(i, 100).into()).await.unwrap();
     }
     tx.close().await.unwrap();
     assert_eq!(tx.zmq_stats().sent, N as u64);
@@ -114,16 +115,18 @@ async fn pub_to_pyzmq_sub_with_topic_filter() {
             start.elapsed() < crate::peer::DEADLINE,
             "subscriber never saw a probe"
         );
-        tx.send(vec![Bytes::from_static(b"probe")]).await.unwrap();
+        tx.send(vec![Bytes::from_static(b"probe")].into())
+            .await
+            .unwrap();
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     for i in 0..N {
         let mut a = vec![Bytes::from_static(b"A")];
         a.extend(message(i, 50));
-        tx.send(a).await.unwrap();
+        tx.send(a.into()).await.unwrap();
         let mut b = vec![Bytes::from_static(b"B")];
         b.extend(message(i, 50));
-        tx.send(b).await.unwrap();
+        tx.send(b.into()).await.unwrap();
     }
     tx.flush().await.unwrap();
     assert_eq!(tx.zmq_stats().dropped, 0);
@@ -152,7 +155,7 @@ async fn dealer_round_trips_with_pyzmq_router() {
     // must not steal each other's edges.
     let sender = tokio::spawn(async move {
         for i in 0..N {
-            tx.send(message(i, 64)).await.unwrap();
+            tx.send(message(i, 64).into()).await.unwrap();
         }
         tx.flush().await.unwrap();
         tx
@@ -214,7 +217,7 @@ async fn pair_round_trips_with_pyzmq() {
     // Interleaved in one task: windows of 100 in flight.
     let mut next_rx = 0;
     for i in 0..N {
-        tx.send(message(i, 128)).await.unwrap();
+        tx.send(message(i, 128).into()).await.unwrap();
         if i >= 100 {
             assert_eq!(rx.recv().await.unwrap().unwrap(), message(next_rx, 128));
             next_rx += 1;
@@ -246,7 +249,7 @@ async fn req_round_trips_with_pyzmq_rep() {
         .unwrap()
         .split();
     for i in 0..n {
-        tx.send(message(i, 40)).await.unwrap();
+        tx.send(message(i, 40).into()).await.unwrap();
         assert_eq!(
             rx.recv().await.unwrap().unwrap(),
             message(i, 40),
@@ -303,7 +306,7 @@ async fn ipc_and_inproc_endpoints() {
             .unwrap()
             .into_sink();
         for i in 0..100 {
-            tx.send(message(i, 10)).await.unwrap();
+            tx.send(message(i, 10).into()).await.unwrap();
         }
         for i in 0..100 {
             assert_eq!(rx.recv().await.unwrap().unwrap(), message(i, 10), "{ep}");

@@ -4,7 +4,7 @@
 //! lost wake-up hangs the exchange and fails the deadline.
 
 use bytes::Bytes;
-use flowctl_core::{Sink, Source};
+use flowctl_core::prelude::*;
 use flowctl_zmq::{Context, SocketType, ZmqSocket};
 
 use crate::peer::DEADLINE;
@@ -33,7 +33,7 @@ async fn both_directions_at_once_with_tiny_hwm_never_hang() {
         let (mut tx, mut rx) = sock.split();
         tasks.push(tokio::spawn(async move {
             for i in 0..N {
-                tx.send(vec![Bytes::copy_from_slice(&i.to_le_bytes())])
+                tx.send(vec![Bytes::copy_from_slice(&i.to_le_bytes())].into())
                     .await
                     .unwrap();
             }
