@@ -88,7 +88,9 @@ pub struct ConsumeOptions {
     /// [`JsMessage::delivered`] reads 1, and its [`AckHandle::nak`] cannot
     /// hurry its redelivery. Needs permission to publish to
     /// `$JS.API.STREAM.MSG.GET.<stream>`; without it (or while the stream
-    /// has no leader) gaps are filled by redeliveries as with `false`.
+    /// has no leader) gaps are filled by redeliveries as with `false`, and
+    /// so they are for a consumer with `DeliverPolicy::LastPerSubject` or
+    /// `headers_only`, whose deliveries a read of the stream cannot stand for.
     pub fill_gaps_from_stream: bool,
     /// Fair-yield budget.
     pub fairness: Fairness,
@@ -596,7 +598,9 @@ async fn fetch(
 }
 
 /// The consumer's filter subjects (`>` for none); `None` when its info
-/// cannot be read (gaps then wait for redeliveries).
+/// cannot be read, or for a consumer whose deliveries a read of the stream
+/// cannot stand for (last per subject, headers only): gaps then wait for
+/// redeliveries.
 async fn filters_of(
     js: &async_nats::jetstream::Context,
     stream: &str,
@@ -609,7 +613,19 @@ async fn filters_of(
         )
         .await
         .ok()?;
-    let config = v.get("config")?;
+    fill_filters(v.get("config")?)
+}
+
+/// [`filters_of`] for a consumer's `config` object.
+fn fill_filters(config: &serde_json::Value) -> Option<Vec<String>> {
+    // A read of the stream would not stand for a delivery of these: a
+    // last-per-subject consumer skips older messages of each subject while
+    // it starts, a headers-only one delivers no payload.
+    if config.get("deliver_policy").and_then(|p| p.as_str()) == Some("last_per_subject")
+        || config.get("headers_only").and_then(|h| h.as_bool()) == Some(true)
+    {
+        return None;
+    }
     let mut filters: Vec<String> = config
         .get("filter_subjects")
         .and_then(|f| f.as_array())
@@ -932,6 +948,29 @@ mod tests {
         );
         assert_eq!(num_waiting(br#"{"error":{"code":503,"description":"JetStream system temporarily unavailable"}}"#), None);
         assert_eq!(num_waiting(b"garbage"), None);
+    }
+
+    #[test]
+    fn stream_reads_stand_for_deliveries_only_where_they_can() {
+        let f = |v: serde_json::Value| fill_filters(&v);
+        assert_eq!(f(serde_json::json!({})), Some(vec![">".to_owned()]));
+        assert_eq!(
+            f(serde_json::json!({"filter_subject": "a.b"})),
+            Some(vec!["a.b".to_owned()])
+        );
+        assert_eq!(
+            f(serde_json::json!({"filter_subjects": ["a.*", "c"]})),
+            Some(vec!["a.*".to_owned(), "c".to_owned()])
+        );
+        assert_eq!(
+            f(serde_json::json!({"deliver_policy": "last_per_subject"})),
+            None
+        );
+        assert_eq!(f(serde_json::json!({"headers_only": true})), None);
+        assert_eq!(
+            f(serde_json::json!({"deliver_policy": "all", "headers_only": false})),
+            Some(vec![">".to_owned()])
+        );
     }
 
     fn assert_send_sync<T: Send + Sync>() {}
