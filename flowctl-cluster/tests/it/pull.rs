@@ -37,6 +37,23 @@ pub(crate) async fn create_stream(cluster: &Cluster, name: &str, subjects: &[&st
         })
         .await
         .unwrap_or_else(|e| panic!("create stream {name}: {e}"));
+    // The create answer can come before the stream's own raft group has a
+    // leader: a publish then finds no responder (async-nats says
+    // `StreamNotFound`; seen once on 2.12.8). Wait for the leader.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut st = cluster.jetstream().get_stream(name).await.unwrap();
+    loop {
+        let info = st.info().await.unwrap();
+        if info.cluster.as_ref().is_some_and(|c| c.leader.is_some()) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "stream {name} has no leader after 30 s: {:?}",
+            info.cluster
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await; // polling the server
+    }
 }
 
 /// Polls the consumer's info until `done` holds: the server's own

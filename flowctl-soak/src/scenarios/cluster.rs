@@ -566,8 +566,11 @@ impl<'c, 'm> Soak<'c, 'm> {
             )
             .await
             .map_err(|e| format!("cannot make the publisher: {e}"))?;
-        let src = consumer_cluster
-            .consume(
+        // The consumer's info request meets the same raft group: on a loaded
+        // machine it can time out while the group elects its leader (seen
+        // once); `consume` releases everything it started when it fails.
+        let src = retry_create(|| {
+            consumer_cluster.consume(
                 &self.names.stream,
                 "verify",
                 ConsumeOptions {
@@ -579,8 +582,9 @@ impl<'c, 'm> Soak<'c, 'm> {
                     ..Default::default()
                 },
             )
-            .await
-            .map_err(|e| format!("cannot start the pull source: {e}"))?;
+        })
+        .await
+        .map_err(|e| format!("cannot start the pull source: {e}"))?;
         Ok((sink, src))
     }
 
