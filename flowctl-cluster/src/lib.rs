@@ -60,6 +60,15 @@
 //!   drops are reported as [`ClusterError::SlowConsumer`], permission
 //!   violations as [`ClusterError::PermissionDenied`].
 //!
+//! # Errors
+//!
+//! Every public fallible function of this crate, the constructors
+//! ([`Cluster::connect`], [`Cluster::publisher`], [`Cluster::consume`],
+//! [`Cluster::subscribe`]) as well as the stage methods, returns
+//! `Result<_, FlowError>`; the typed [`ClusterError`] is inside
+//! [`FlowError::Transport`](flowctl_core::FlowError::Transport) and is read
+//! with `err.transport_error::<ClusterError>()`.
+//!
 //! # Failover: in order, deduplicated
 //!
 //! A [`PullSource`] must be the only reader of its durable consumer. It

@@ -6,9 +6,9 @@ use flowctl_core::{BoxError, FlowError};
 
 /// Everything that can go wrong in an SSH session or a remote process.
 ///
-/// Converts into [`FlowError`] (as [`FlowError::Transport`], or
-/// [`FlowError::Timeout`] for [`SshError::ConnectTimeout`]), so it travels
-/// through `?` in code that speaks flowctl's error type.
+/// Every public fallible function of flowctl-ssh returns
+/// `Result<_, FlowError>`; the `SshError` is inside [`FlowError::Transport`]
+/// (every variant, [`SshError::ConnectTimeout`] included) and
 /// [`FlowError::transport_error::<SshError>()`](FlowError::transport_error)
 /// gets it back, also from inside a [`FlowError::Pump`] or
 /// [`FlowError::RetriesExhausted`].
@@ -135,11 +135,11 @@ pub enum SshError {
 }
 
 impl From<SshError> for FlowError {
+    /// [`FlowError::Transport`] for every variant: a connect timeout too, so
+    /// that `transport_error::<SshError>()` finds it with its address (it
+    /// counts as transient either way).
     fn from(e: SshError) -> Self {
-        match e {
-            SshError::ConnectTimeout { timeout, .. } => FlowError::Timeout(timeout),
-            other => FlowError::transport(other),
-        }
+        FlowError::transport(e)
     }
 }
 
@@ -147,5 +147,32 @@ impl From<SshError> for FlowError {
 impl From<russh::Error> for SshError {
     fn from(e: russh::Error) -> Self {
         SshError::Russh(Box::new(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_variant_is_read_back_from_the_flow_error() {
+        let err = FlowError::from(SshError::ConnectTimeout {
+            addr: "127.0.0.1:22".into(),
+            timeout: Duration::from_millis(300),
+        });
+        assert!(err.is_transient());
+        assert!(
+            matches!(
+                err.transport_error::<SshError>(),
+                Some(SshError::ConnectTimeout { addr, timeout })
+                    if addr == "127.0.0.1:22" && *timeout == Duration::from_millis(300)
+            ),
+            "{err:?}"
+        );
+        let err = FlowError::from(SshError::Config("x".into()));
+        assert!(matches!(
+            err.transport_error::<SshError>(),
+            Some(SshError::Config(m)) if m == "x"
+        ));
     }
 }

@@ -31,6 +31,15 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # Errors
+//!
+//! Every public fallible function of this crate, the constructors
+//! ([`Session::connect`], [`Session::exec`], [`Session::exec_isolated`])
+//! as well as the stage methods and [`RemoteProcess::wait`], returns
+//! `Result<_, FlowError>`; the typed [`SshError`] is inside
+//! [`FlowError::Transport`](flowctl_core::FlowError::Transport) and is read
+//! with `err.transport_error::<SshError>()`.
+//!
 //! # Choosing a backend
 //!
 //! [`SshConfig::backend`] picks one; the API, the types, the bounds, the

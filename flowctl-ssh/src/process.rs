@@ -234,7 +234,10 @@ pub struct RemoteProcess {
 impl RemoteProcess {
     /// Waits for the process to end. Drain or drop stdout and stderr first
     /// (or concurrently): a full output buffer stops the channel.
-    pub async fn wait(&mut self) -> Result<ExitStatus, SshError> {
+    ///
+    /// # Errors
+    /// Those of [`Exit::wait`].
+    pub async fn wait(&mut self) -> Result<ExitStatus, FlowError> {
         self.exit.wait().await
     }
 
@@ -567,10 +570,16 @@ impl Exit {
     /// Waits until the channel has closed and returns how the process ended.
     ///
     /// # Errors
-    /// [`SshError::ConnectionLost`] if the connection ended first;
-    /// [`SshError::NoExitStatus`] if the server closed the channel without
-    /// reporting a status.
-    pub async fn wait(&mut self) -> Result<ExitStatus, SshError> {
+    /// A [`FlowError::Transport`] holding an [`SshError`] (read it with
+    /// `err.transport_error::<SshError>()`): [`SshError::ConnectionLost`] if
+    /// the connection ended first; [`SshError::NoExitStatus`] if the server
+    /// closed the channel without reporting a status.
+    pub async fn wait(&mut self) -> Result<ExitStatus, FlowError> {
+        Ok(self.wait_typed().await?)
+    }
+
+    /// [`wait`](Exit::wait) with the typed error.
+    async fn wait_typed(&mut self) -> Result<ExitStatus, SshError> {
         let outcome = self
             .rx
             .wait_for(Option::is_some)

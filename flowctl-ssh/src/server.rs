@@ -79,7 +79,11 @@ impl std::fmt::Debug for ServerConfig {
 
 impl ServerConfig {
     /// A server with a fresh random Ed25519 host key that admits `authorized_keys`.
-    pub fn new(authorized_keys: Vec<PublicKey>) -> Result<Self, crate::SshError> {
+    ///
+    /// # Errors
+    /// A [`FlowError::Transport`](flowctl_core::FlowError::Transport) holding
+    /// [`SshError::Config`](crate::SshError::Config) if no key can be generated.
+    pub fn new(authorized_keys: Vec<PublicKey>) -> Result<Self, flowctl_core::FlowError> {
         let host_key = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519)
             .map_err(|e| crate::SshError::Config(format!("cannot generate a host key: {e}")))?;
         Ok(ServerConfig {
@@ -95,9 +99,13 @@ impl ServerConfig {
 }
 
 /// A fresh random Ed25519 private key (for clients of an embedded server).
-pub fn generate_key() -> Result<PrivateKey, crate::SshError> {
+///
+/// # Errors
+/// A [`FlowError::Transport`](flowctl_core::FlowError::Transport) holding
+/// [`SshError::Config`](crate::SshError::Config) if no key can be generated.
+pub fn generate_key() -> Result<PrivateKey, flowctl_core::FlowError> {
     PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519)
-        .map_err(|e| crate::SshError::Config(format!("cannot generate a key: {e}")))
+        .map_err(|e| crate::SshError::Config(format!("cannot generate a key: {e}")).into())
 }
 
 /// A running in-process SSH server on 127.0.0.1. Dropping it stops accepting

@@ -4,6 +4,8 @@
 
 use std::sync::Arc;
 
+use flowctl_core::FlowError;
+
 use crate::config::SshConfig;
 use crate::error::SshError;
 use crate::process::RemoteProcess;
@@ -41,13 +43,20 @@ impl Session {
     /// [`SshConfig::connect_timeout`].
     ///
     /// # Errors
+    /// A [`FlowError::Transport`] holding an [`SshError`] (read it with
+    /// `err.transport_error::<SshError>()`):
     /// [`SshError::Connect`] if the TCP connection fails,
     /// [`SshError::UnknownHostKey`] / [`SshError::HostKeyMismatch`] (with the
     /// offered key's fingerprint) if the host key is not trusted,
     /// [`SshError::AuthRejected`] if no method was accepted,
     /// [`SshError::ConnectTimeout`] if it all took too long,
     /// [`SshError::Config`] if the configured backend's cargo feature is off.
-    pub async fn connect(config: SshConfig) -> Result<Session, SshError> {
+    pub async fn connect(config: SshConfig) -> Result<Session, FlowError> {
+        Ok(Session::open(config).await?)
+    }
+
+    /// [`connect`](Session::connect) with the typed error.
+    async fn open(config: SshConfig) -> Result<Session, SshError> {
         let conn = match config.backend {
             #[cfg(feature = "russh")]
             crate::Backend::Russh => {
@@ -94,8 +103,10 @@ impl Session {
     /// when that matters.
     ///
     /// # Errors
-    /// [`SshError::ExecRefused`] if the server refuses the command; a russh
-    /// error if the connection is gone.
+    /// A [`FlowError::Transport`] holding an [`SshError`] (read it with
+    /// `err.transport_error::<SshError>()`): [`SshError::ExecRefused`] if
+    /// the server refuses the command; a russh error if the connection is
+    /// gone.
     ///
     /// # Cancel safety
     /// Dropping the returned future at any point leaks nothing: the channel
@@ -105,7 +116,12 @@ impl Session {
     /// including a channel whose open the server confirms only after the
     /// drop. A refused command, a lost connection or an error from the exec
     /// request close the channel too.
-    pub async fn exec(&self, command: &str) -> Result<RemoteProcess, SshError> {
+    pub async fn exec(&self, command: &str) -> Result<RemoteProcess, FlowError> {
+        Ok(self.exec_typed(command).await?)
+    }
+
+    /// [`exec`](Session::exec) with the typed error.
+    async fn exec_typed(&self, command: &str) -> Result<RemoteProcess, SshError> {
         match &self.conn {
             #[cfg(feature = "russh")]
             Conn::Russh(inner) => {
@@ -140,9 +156,13 @@ impl Session {
     /// Opens a new connection with the same configuration and runs `command`
     /// on it alone, so that a stalled consumer of this process cannot stall
     /// any other channel. The connection closes when the process is dropped.
-    pub async fn exec_isolated(&self, command: &str) -> Result<RemoteProcess, SshError> {
-        let session = Session::connect((*self.config).clone()).await?;
-        session.exec(command).await
+    ///
+    /// # Errors
+    /// Those of [`connect`](Session::connect) and [`exec`](Session::exec): a
+    /// [`FlowError::Transport`] holding an [`SshError`].
+    pub async fn exec_isolated(&self, command: &str) -> Result<RemoteProcess, FlowError> {
+        let session = Session::open((*self.config).clone()).await?;
+        Ok(session.exec_typed(command).await?)
     }
 
     /// The configuration this session was opened with.

@@ -191,8 +191,11 @@
 //!
 //! # Errors and bad input
 //!
-//! Everything converts into [`flowctl_core::FlowError::Transport`] wrapping a
-//! [`ZmqError`]: a bind that fails names the endpoint
+//! Every public fallible function of this crate, the stage methods and the
+//! constructors ([`SocketBuilder::build`], [`SocketBuilder::option`]) alike,
+//! returns `Result<_, FlowError>`; the typed [`ZmqError`] is inside
+//! [`flowctl_core::FlowError::Transport`] and is read with
+//! `err.transport_error::<ZmqError>()`. A bind that fails names the endpoint
 //! ([`ZmqError::Bind`]); an unknown option or value is
 //! [`ZmqError::InvalidOption`]; with [`SocketBuilder::expect_frames`] a
 //! message of another frame count is consumed and reported as

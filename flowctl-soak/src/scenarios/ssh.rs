@@ -553,14 +553,14 @@ impl Remote {
 
 /// Why a remote command's end is a problem, if it is.
 pub(crate) fn exit_problem(
-    exit: Result<ExitStatus, SshError>,
+    exit: Result<ExitStatus, FlowError>,
     cut_injected: bool,
 ) -> Option<String> {
     match exit {
         Ok(status) if status.success() => None,
         Ok(status) => Some(status.to_string()),
         // A drop after the stream's end can still take the exit status.
-        Err(SshError::ConnectionLost { .. }) if cut_injected => None,
+        Err(e) if cut_injected && is_connection_lost(&e) => None,
         Err(e) => Some(e.to_string()),
     }
 }

@@ -22,8 +22,8 @@ async fn connection_refused() {
     let cfg = flowctl_ssh::SshConfig::new("nobody", format!("127.0.0.1:{port}"))
         .connect_timeout(Duration::from_secs(20));
     let err = Session::connect(cfg).await.unwrap_err();
-    match &err {
-        SshError::Connect { source, .. } => {
+    match err.transport_error::<SshError>() {
+        Some(SshError::Connect { source, .. }) => {
             assert_eq!(source.kind(), std::io::ErrorKind::ConnectionRefused)
         }
         other => panic!("expected Connect, got {other:?}"),
@@ -38,7 +38,7 @@ async fn auth_rejected_with_unknown_key(fx: Fixture) {
     cfg.auth = vec![Auth::key_file(&other)];
     let err = Session::connect(cfg).await.unwrap_err();
     assert!(
-        matches!(&err, SshError::AuthRejected { tried, .. } if tried.contains("publickey")),
+        matches!(err.transport_error::<SshError>(), Some(SshError::AuthRejected { tried, .. }) if tried.contains("publickey")),
         "{err:?}"
     );
 }
@@ -56,8 +56,8 @@ async fn unknown_host_key_names_fingerprint(fx: Fixture) {
     let cfg = fx.config().known_hosts(&empty);
     let err = Session::connect(cfg).await.unwrap_err();
     let fp = server_fingerprint(&fx);
-    match &err {
-        SshError::UnknownHostKey { fingerprint, .. } => assert_eq!(fingerprint, &fp),
+    match err.transport_error::<SshError>() {
+        Some(SshError::UnknownHostKey { fingerprint, .. }) => assert_eq!(fingerprint, &fp),
         other => panic!("expected UnknownHostKey, got {other:?}"),
     }
     assert!(err.to_string().contains(&fp), "{err}");
@@ -81,10 +81,10 @@ async fn changed_host_key_is_refused(fx: Fixture) {
         .await
         .unwrap_err();
     let fp = server_fingerprint(&fx);
-    match &err {
-        SshError::HostKeyMismatch {
+    match err.transport_error::<SshError>() {
+        Some(SshError::HostKeyMismatch {
             fingerprint, line, ..
-        } => {
+        }) => {
             assert_eq!(fingerprint, &fp);
             assert_eq!(*line, 1);
         }
@@ -166,10 +166,14 @@ async fn dropped_mid_stream(fx: Fixture) {
         _ => panic!("expected ConnectionLost, got {err:?}"),
     }
     assert!(err.to_string().contains(&format!("{got} bytes")), "{err}");
-    assert!(matches!(
-        p.exit.wait().await,
-        Err(SshError::ConnectionLost { .. })
-    ));
+    let err = p.exit.wait().await.unwrap_err();
+    assert!(
+        matches!(
+            err.transport_error::<SshError>(),
+            Some(SshError::ConnectionLost { .. })
+        ),
+        "{err:?}"
+    );
 }
 
 #[tokio::test]
@@ -180,12 +184,14 @@ async fn connect_timeout_when_server_never_answers() {
     let cfg = flowctl_ssh::SshConfig::new("nobody", addr.to_string())
         .connect_timeout(Duration::from_millis(300));
     let err = Session::connect(cfg).await.unwrap_err();
+    // Like every SshError, the timeout is inside FlowError::Transport, with
+    // the address dialled; it counts as transient for retries.
     assert!(
-        matches!(err, SshError::ConnectTimeout { timeout, .. } if timeout == Duration::from_millis(300)),
+        matches!(err.transport_error::<SshError>(), Some(SshError::ConnectTimeout { addr: a, timeout }) if *timeout == Duration::from_millis(300) && *a == addr.to_string()),
         "{err:?}"
     );
-    let flow: FlowError = err.into();
-    assert!(matches!(flow, FlowError::Timeout(_)));
+    assert!(matches!(err, FlowError::Transport(_)), "{err:?}");
+    assert!(err.is_transient());
     drop(listener);
 }
 

@@ -83,7 +83,10 @@ async fn known_hosts_global_file_is_read_after_the_user_file() {
         .await
         .unwrap_err();
     assert!(
-        matches!(err, flowctl_ssh::SshError::UnknownHostKey { .. }),
+        matches!(
+            err.transport_error::<flowctl_ssh::SshError>(),
+            Some(flowctl_ssh::SshError::UnknownHostKey { .. })
+        ),
         "{err:?}"
     );
 }

@@ -12,8 +12,8 @@ async fn password_auth_is_refused_with_a_config_error() {
     let mut cfg = fx.config();
     cfg.auth = vec![Auth::Password("s3cret".into())];
     let err = Session::connect(cfg).await.unwrap_err();
-    match &err {
-        SshError::Config(msg) => assert!(
+    match err.transport_error::<SshError>() {
+        Some(SshError::Config(msg)) => assert!(
             msg.contains("password authentication is not supported by the openssh backend"),
             "{msg}"
         ),
@@ -37,8 +37,8 @@ async fn ssh_config_injection_through_a_cipher_name_is_a_config_error() {
     )]);
     let err = Session::connect(cfg).await.unwrap_err();
     assert!(!witness.exists(), "the injected ProxyCommand ran");
-    match &err {
-        SshError::Config(msg) => assert!(msg.contains("invalid cipher name"), "{msg}"),
+    match err.transport_error::<SshError>() {
+        Some(SshError::Config(msg)) => assert!(msg.contains("invalid cipher name"), "{msg}"),
         other => panic!("expected a Config error, got {other:?}"),
     }
     assert_eq!(fx.ledger.total(), 0);
@@ -56,7 +56,7 @@ async fn a_host_that_looks_like_an_option_is_a_config_error() {
     let err = Session::connect(cfg).await.unwrap_err();
     assert!(!witness.exists(), "the injected ProxyCommand ran");
     assert!(
-        matches!(&err, SshError::Config(m) if m.contains("invalid host")),
+        matches!(err.transport_error::<SshError>(), Some(SshError::Config(m)) if m.contains("invalid host")),
         "{err:?}"
     );
 }

@@ -129,11 +129,9 @@ async fn russh_stalled_reader_is_dropped_by_client_alive() {
     let second = tokio::spawn(async move {
         let mut p = s2.exec(&format!("seq 1 {SMALL}")).await?;
         let mut small = Sum::new();
-        drain(&mut p.stdout, &mut small)
-            .await
-            .map_err(|e| SshError::Config(e.to_string()))?;
+        drain(&mut p.stdout, &mut small).await?;
         p.wait().await?;
-        Ok::<Sum, SshError>(small)
+        Ok::<Sum, flowctl_core::FlowError>(small)
     });
     // The known failure, as sshd sees it: it gives up on the silent client.
     let sshd = fx.sshd.as_ref().unwrap();

@@ -221,8 +221,10 @@ impl SocketBuilder {
     /// `subscribe`, `bind`, `connect`.
     ///
     /// # Errors
-    /// [`ZmqError::InvalidOption`] for an unknown name or a value that does not parse.
-    pub fn option(self, name: &str, value: &str) -> Result<Self, ZmqError> {
+    /// [`FlowError::Transport`] holding [`ZmqError::InvalidOption`] (read it
+    /// with `err.transport_error::<ZmqError>()`) for an unknown name or a
+    /// value that does not parse.
+    pub fn option(self, name: &str, value: &str) -> Result<Self, FlowError> {
         let bad = |reason: &str| ZmqError::InvalidOption {
             option: name.into(),
             value: value.into(),
@@ -267,7 +269,8 @@ impl SocketBuilder {
             _ => {
                 return Err(bad(
                     "unknown option (known: send_hwm, recv_hwm, expected_message_size, max_message_size, linger_ms, send_buffer, recv_buffer, expect_frames, routing_id, subscribe, bind, connect)",
-                ));
+                )
+                .into());
             }
         })
     }

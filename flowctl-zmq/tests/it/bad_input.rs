@@ -129,18 +129,32 @@ async fn malformed_endpoint_is_a_clear_error() {
 #[test]
 fn unknown_option_or_value_is_a_clear_error() {
     let b = ZmqSocket::builder(SocketType::Push);
+    // `option` returns a FlowError; the typed error is inside it.
     let err = b.clone().option("send_hwm", "lots").unwrap_err();
+    let zerr = zmq_err(&err);
+    assert!(
+        matches!(zerr, ZmqError::InvalidOption { option, value, .. } if option == "send_hwm" && value == "lots"),
+        "{err}"
+    );
     assert_eq!(
-        err.to_string(),
+        zerr.to_string(),
         "invalid value \"lots\" for socket option send_hwm: expected a non-negative integer"
     );
+    assert!(err.to_string().contains(&zerr.to_string()), "{err}");
     let err = b.clone().option("sndhwmm", "10").unwrap_err();
+    assert!(
+        matches!(zmq_err(&err), ZmqError::InvalidOption { option, .. } if option == "sndhwmm"),
+        "{err}"
+    );
     assert!(
         err.to_string().contains("sndhwmm") && err.to_string().contains("unknown option"),
         "{err}"
     );
     let err = b.clone().option("linger_ms", "-5").unwrap_err();
-    assert!(err.to_string().contains("linger_ms"), "{err}");
+    assert!(
+        matches!(zmq_err(&err), ZmqError::InvalidOption { option, .. } if option == "linger_ms"),
+        "{err}"
+    );
     assert!(b.option("send_hwm", "100").is_ok());
     let err = SocketType::from_str("PUSHH").unwrap_err();
     assert!(
@@ -243,6 +257,10 @@ async fn invalid_kernel_buffer_sizes_are_clear_errors() {
     let err = ZmqSocket::builder(SocketType::Pull)
         .option("recv_buffer", "-1")
         .unwrap_err();
+    assert!(
+        matches!(zmq_err(&err), ZmqError::InvalidOption { option, .. } if option == "recv_buffer"),
+        "{err}"
+    );
     assert!(
         err.to_string().contains("recv_buffer") && err.to_string().contains("non-negative integer"),
         "{err}"

@@ -241,7 +241,7 @@ async fn max_message_size_default_none_and_by_name_read_back_from_libzmq() {
     );
     let err = pull().option("max_message_size", "big").unwrap_err();
     assert!(
-        matches!(&err, flowctl_zmq::ZmqError::InvalidOption { option, .. } if option == "max_message_size"),
+        matches!(err.transport_error::<flowctl_zmq::ZmqError>(), Some(flowctl_zmq::ZmqError::InvalidOption { option, .. }) if option == "max_message_size"),
         "{err}"
     );
     let err = pull()
