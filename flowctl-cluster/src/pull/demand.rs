@@ -117,6 +117,10 @@ pub(crate) struct DemandConfig {
     /// Fill gaps by reading the missed messages from the stream
     /// ([`Command::Fetch`]) instead of waiting for their redelivery.
     pub(crate) fill: bool,
+    /// The consumer's `ack_wait`: when waiting for redeliveries, the pull
+    /// that makes room for them goes out once they are due (a pull before
+    /// then only brings new messages to hold and drop again).
+    pub(crate) redelivery: Option<Duration>,
 }
 
 /// One delivery from the server.
@@ -263,10 +267,12 @@ pub(crate) struct Demand<T> {
     /// server redelivers them. Held messages after the smallest of them wait
     /// for it. Cleared when the hold-back ends.
     evicted: BTreeSet<u64>,
-    /// The last time held messages were dropped: at most once a heartbeat,
-    /// so that waiting for a redelivery (which comes after the consumer's
-    /// `ack_wait`) does not walk the stream.
+    /// The last time held messages were dropped: at most once a heartbeat
+    /// (once an `ack_wait` when it is known), so that waiting for a
+    /// redelivery does not walk the stream.
     last_eviction: Option<Instant>,
+    /// When the last gap was seen: its redeliveries are due `ack_wait` later.
+    gap_at: Option<Instant>,
     /// Highest stream sequence released in order: every message of the
     /// consumer's filter up to it was handed out or is ready.
     floor: u64,
@@ -306,6 +312,7 @@ impl<T> Demand<T> {
             held_since: None,
             evicted: BTreeSet::new(),
             last_eviction: None,
+            gap_at: None,
             floor: 0,
             scan: None,
             fetch: FetchState::Idle,
@@ -398,7 +405,24 @@ impl<T> Demand<T> {
         if let FetchState::Backoff(at) = self.fetch {
             t = t.min(at);
         }
+        if self.barrier.is_some()
+            && let Some(due) = self.redeliveries_due()
+            && due > now
+        {
+            t = t.min(due);
+        }
         t
+    }
+
+    /// When the redeliveries a hold-back waits for are due: an `ack_wait`
+    /// after the last gap or the last drop of held messages.
+    fn redeliveries_due(&self) -> Option<Instant> {
+        let wait = self.cfg.redelivery?;
+        let since = match (self.gap_at, self.last_eviction) {
+            (Some(a), Some(b)) => a.max(b),
+            (a, b) => a.or(b)?,
+        };
+        Some(since + wait)
     }
 
     fn silence(&self) -> Duration {
@@ -427,6 +451,7 @@ impl<T> Demand<T> {
             let missed = d.consumer_seq - self.last_cseq - 1;
             self.stats.missed += missed;
             self.missing += missed;
+            self.gap_at = Some(now);
             if self.barrier.is_none() {
                 self.barrier = Some(d.stream_seq);
             }
@@ -967,6 +992,12 @@ impl<T> Demand<T> {
             // Held-back messages wait for redeliveries, which need a request
             // even with a full buffer: drop the newest held ones unacked (the
             // server redelivers them) to make room, at most once a heartbeat.
+            // With the consumer's `ack_wait` known, the request waits until
+            // the redeliveries are due: the server sends them first then,
+            // while a request before then brings only new messages to hold.
+            if self.redeliveries_due().is_some_and(|due| now < due) {
+                return;
+            }
             let needed = |d: &Self| d.size_buffered + d.outstanding() + chunk;
             if needed(self) > high {
                 if self
@@ -1060,6 +1091,7 @@ mod tests {
             hold_timeout: Duration::from_secs(600),
             ack,
             fill: false,
+            redelivery: None,
         }
     }
 
@@ -1500,6 +1532,42 @@ mod tests {
         d.on_message(msg(9, 7, 1, 100), t);
         assert!(fetches(&mut d).is_empty());
         assert!(!d.has_ready());
+    }
+
+    #[test]
+    fn waiting_for_redeliveries_pulls_once_they_are_due() {
+        // Without reading the stream: 1 handed out, 2 lost, 3..=6 held and
+        // every request over. With ack_wait 2 s the pull that makes room for
+        // the redelivery waits until it is due; without, it goes at once.
+        for (ack_wait, first_pull_at) in [(Some(2000), 2000), (None, 0)] {
+            let t = Instant::now();
+            let mut c = cfg(0, 1000, 8, AckMode::OnReceive);
+            c.redelivery = ack_wait.map(Duration::from_millis);
+            let mut d = Demand::new(c, t);
+            d.on_start(t);
+            assert_eq!(pulls(&mut d).len(), 2);
+            d.on_message(msg(1, 1, 1, 150), t);
+            assert_eq!(d.take(t).map(|x| x.0), Some(1));
+            for seq in 3..=6 {
+                d.on_message(msg(seq, seq, 1, 150), t);
+            }
+            d.on_status(&end(0, 409, "Message Size Exceeds MaxBytes", 5, 50), t);
+            d.on_status(&end(1, 409, "Message Size Exceeds MaxBytes", 5, 50), t);
+            let mut at = 0;
+            while pulls(&mut d).is_empty() {
+                at += 100;
+                assert!(at <= 5000, "no pull within 5 s");
+                d.on_timer(t + Duration::from_millis(at));
+            }
+            assert!(
+                at >= first_pull_at && at <= first_pull_at + 100,
+                "first pull at {at} ms, due at {first_pull_at} ms"
+            );
+            // The redelivery fills the gap.
+            d.on_message(msg(2, 7, 2, 150), t + Duration::from_millis(at));
+            let got: Vec<u64> = std::iter::from_fn(|| d.take(t).map(|x| x.0)).collect();
+            assert_eq!(got.first(), Some(&2));
+        }
     }
 
     #[test]
@@ -2039,6 +2107,7 @@ mod tests {
             manual in any::<bool>(),
             batch_completed_status in any::<bool>(),
             fill in any::<bool>(),
+            ack_wait in proptest::option::of(100..2000u64),
             ops in proptest::collection::vec(op(), 1..120),
         ) {
             let t0 = Instant::now();
@@ -2047,6 +2116,7 @@ mod tests {
             let mut c = cfg(low, high, batch, mode);
             c.hold_timeout = Duration::from_secs(2);
             c.fill = fill;
+            c.redelivery = ack_wait.map(Duration::from_millis);
             let mut d = Demand::new(c, t0);
             let max_size = sizes.iter().copied().max().unwrap_or(0);
             let mut m = Model {
@@ -2140,12 +2210,14 @@ mod tests {
             batch in 1..16usize,
             sizes in proptest::collection::vec(1..3000usize, 1..60),
             fill in any::<bool>(),
+            ack_wait in proptest::option::of(100..2000u64),
             ops in proptest::collection::vec(ordered_op(), 1..120),
         ) {
             let t0 = Instant::now();
             let low = (high as f64 * low_frac) as usize;
             let mut c = cfg(low, high, batch, AckMode::OnReceive);
             c.fill = fill;
+            c.redelivery = ack_wait.map(Duration::from_millis);
             let mut d = Demand::new(c, t0);
             let max_size = sizes.iter().copied().max().unwrap_or(0);
             let mut m = Model {

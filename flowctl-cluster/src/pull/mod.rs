@@ -373,6 +373,7 @@ impl Cluster {
         // from here.
         let ci = info.cached_info();
         let last_delivered = (ci.delivered.consumer_sequence, ci.delivered.stream_sequence);
+        let ack_wait = (!ci.config.ack_wait.is_zero()).then_some(ci.config.ack_wait);
         drop(info);
         // What a read of the stream must match to stand for a delivery
         // (`filter_subjects` is not in async-nats's typed config).
@@ -486,6 +487,7 @@ impl Cluster {
                 hold_timeout: opts.hold_timeout,
                 ack: opts.ack,
                 fill,
+                redelivery: ack_wait,
             },
             std::time::Instant::now(),
         );
