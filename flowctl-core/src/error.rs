@@ -78,6 +78,20 @@ pub enum FlowError {
         #[source]
         last: Box<FlowError>,
     },
+    /// A send found the stage full under [`Overflow::Fail`](crate::Overflow::Fail);
+    /// the item comes back in the [`SendError`](crate::SendError). Transient:
+    /// the same send may succeed once the consumer has caught up.
+    #[error(
+        "stage full: {buffered} bytes buffered, and an item of {charge} bytes would exceed the {high} byte high watermark"
+    )]
+    Overflow {
+        /// Bytes buffered when the item was refused.
+        buffered: usize,
+        /// The refused item's charge.
+        charge: usize,
+        /// The high watermark.
+        high: usize,
+    },
     /// A configuration value out of range.
     #[error("invalid configuration: {0}")]
     Config(String),
@@ -112,8 +126,8 @@ impl FlowError {
         }
     }
 
-    /// True for errors that a retry may cure: timeouts, I/O errors and
-    /// transport errors. Never for a protocol violation: a frame too large, a
+    /// True for errors that a retry may cure: timeouts, I/O errors, transport
+    /// errors and a full stage under [`Overflow::Fail`](crate::Overflow::Fail). Never for a protocol violation: a frame too large, a
     /// malformed frame, or an I/O error of kind `InvalidData` (what
     /// tokio-util's decoders return for bytes they reject): the same bytes
     /// would be rejected again.
@@ -126,7 +140,7 @@ impl FlowError {
     pub fn is_transient(&self) -> bool {
         match self {
             FlowError::Io(e) => e.kind() != std::io::ErrorKind::InvalidData,
-            FlowError::Timeout(_) | FlowError::Transport(_) => true,
+            FlowError::Timeout(_) | FlowError::Transport(_) | FlowError::Overflow { .. } => true,
             _ => false,
         }
     }

@@ -268,7 +268,10 @@ where
         Poll::Ready(Ok(n))
     }
 
+    /// The inner source's stats, with this wrapper's forced yields added.
     fn stats(&self) -> FlowStats {
-        self.inner.stats()
+        let mut stats = self.inner.stats();
+        stats.forced_yields += self.budget.yields();
+        stats
     }
 }

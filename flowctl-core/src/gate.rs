@@ -34,6 +34,7 @@ use std::task::{Context, Poll, Waker};
 
 use tracing::Span;
 
+use crate::stage::{DropReason, Overflow, Stage, StageState, Writability};
 use crate::sync::{Arc, Mutex, lock};
 use crate::{FlowError, FlowStats, Watermarks, Weighted};
 
@@ -79,7 +80,10 @@ pub struct GateState {
     items: u64,
     bytes: u64,
     violations: u64,
+    dropped: u64,
+    forced_yields: u64,
     span: Span,
+    stage: StageState,
 }
 
 /// What a credit did to a [`GateState`]; a violation is reported by its
@@ -123,8 +127,69 @@ impl GateState {
             items: 0,
             bytes: 0,
             violations: 0,
+            dropped: 0,
+            forced_yields: 0,
             span,
+            stage: StageState::new(),
         }
+    }
+
+    /// Names this state's stage: its pause/resume events carry the name, and
+    /// with the `metrics` feature it exports the stage's metrics (see
+    /// [`stage`](crate::stage)).
+    pub fn with_stage(mut self, stage: Stage) -> Self {
+        self.set_stage(stage);
+        self
+    }
+
+    /// See [`with_stage`](Self::with_stage).
+    pub fn set_stage(&mut self, stage: Stage) {
+        self.stage.set_stage(stage, self.wm);
+    }
+
+    /// The stage's name, if it has one.
+    pub fn stage(&self) -> Option<&Stage> {
+        self.stage.stage()
+    }
+
+    /// Sets what the stage does when full (see [`Overflow`]). The state only
+    /// records it; the stage that owns the buffer applies it, with
+    /// [`fits`](Self::fits) and [`record_drop`](Self::record_drop).
+    pub fn set_overflow(&mut self, overflow: Overflow) {
+        self.stage.overflow = overflow;
+    }
+
+    /// The overflow policy (default [`Overflow::Block`]).
+    pub fn overflow(&self) -> Overflow {
+        self.stage.overflow
+    }
+
+    /// True when an item charged `charge` bytes may be admitted under a
+    /// dropping [`Overflow`] policy: it fits under `high`, or nothing is
+    /// buffered (so an item larger than `high` is never refused for ever).
+    pub fn fits(&self, charge: usize) -> bool {
+        self.buffered == 0 || self.buffered + charge <= self.wm.high()
+    }
+
+    /// Counts `items` dropped for `reason`: in [`FlowStats::dropped`], the
+    /// `flowctl_dropped_total` metric and a `tracing` warn at most once per
+    /// second. For items a stage drops (its [`Overflow`] policy, or a
+    /// transport's own drops, such as ZeroMQ PUB at its high-water mark).
+    pub fn record_drop(&mut self, reason: DropReason, items: u64) {
+        self.dropped += items;
+        self.stage.on_drop(reason, items, self.dropped);
+    }
+
+    /// Counts one forced yield of the stage's source (its fairness slice was
+    /// spent): [`FlowStats::forced_yields`] and `flowctl_forced_yields_total`.
+    pub fn record_forced_yield(&mut self) {
+        self.forced_yields += 1;
+        self.stage.on_forced_yield();
+    }
+
+    /// A handle that observes this state's paused/resumed edges.
+    pub fn writability(&self) -> Writability {
+        self.stage.writability()
     }
 
     /// The watermarks.
@@ -167,11 +232,16 @@ impl GateState {
         self.buffered += charge;
         self.items += 1;
         self.bytes += weight as u64;
-        self.max_buffered = self.max_buffered.max(self.buffered);
+        let new_max = self.buffered > self.max_buffered;
+        if new_max {
+            self.max_buffered = self.buffered;
+        }
+        self.stage.on_charge(self.buffered, weight, new_max);
         if !self.paused && self.buffered > self.wm.high() {
             self.paused = true;
             self.pauses += 1;
-            tracing::debug!(parent: &self.span, buffered = self.buffered, high = self.wm.high(), "paused: above high watermark");
+            self.stage.on_pause(self.pauses);
+            tracing::debug!(parent: &self.span, stage = self.stage_name(), buffered = self.buffered, high = self.wm.high(), "paused: above high watermark");
         }
     }
 
@@ -201,10 +271,12 @@ impl GateState {
             tracing::warn!(parent: &self.span, credit = bytes, buffered = self.buffered, "invariant violated: credit exceeds buffered bytes");
         }
         self.buffered = self.buffered.saturating_sub(bytes);
+        self.stage.on_credit(self.buffered);
         let resumed = self.paused && self.buffered <= self.wm.low();
         if resumed {
             self.paused = false;
-            tracing::debug!(parent: &self.span, buffered = self.buffered, low = self.wm.low(), "resumed: at or below low watermark");
+            self.stage.on_resume(self.pauses);
+            tracing::debug!(parent: &self.span, stage = self.stage_name(), buffered = self.buffered, low = self.wm.low(), "resumed: at or below low watermark");
         }
         Credited {
             resumed,
@@ -224,7 +296,14 @@ impl GateState {
             items: self.items,
             bytes: self.bytes,
             violations: self.violations,
+            dropped: self.dropped,
+            forced_yields: self.forced_yields,
+            paused_time: self.stage.paused_time(),
         }
+    }
+
+    fn stage_name(&self) -> &str {
+        self.stage.stage().map_or("", |s| s.name())
     }
 }
 
@@ -333,7 +412,7 @@ impl GateInner {
         if self.closed {
             return Poll::Ready(Err(FlowError::Closed));
         }
-        if !self.state.is_paused() {
+        if !self.state.is_paused() || !self.state.overflow().blocks() {
             return Poll::Ready(Ok(()));
         }
         match &mut self.waiters[slot] {
@@ -345,6 +424,14 @@ impl GateInner {
 
     pub(crate) fn stats(&self) -> FlowStats {
         self.state.stats()
+    }
+
+    pub(crate) fn state(&self) -> &GateState {
+        &self.state
+    }
+
+    pub(crate) fn state_mut(&mut self) -> &mut GateState {
+        &mut self.state
     }
 }
 
@@ -445,6 +532,32 @@ impl Gate {
     /// A snapshot of the gate's counters.
     pub fn stats(&self) -> FlowStats {
         lock(&self.state).stats()
+    }
+
+    /// Names the gate's stage; see [`GateState::with_stage`].
+    pub fn set_stage(&self, stage: Stage) {
+        lock(&self.state).state.set_stage(stage);
+    }
+
+    /// Sets the overflow policy; see [`GateState::set_overflow`]. Under a
+    /// policy other than [`Overflow::Block`], [`GateHandle::ready`] never waits.
+    pub fn set_overflow(&self, overflow: Overflow) {
+        lock(&self.state).state.set_overflow(overflow);
+    }
+
+    /// See [`GateState::record_drop`].
+    pub fn record_drop(&self, reason: DropReason, items: u64) {
+        lock(&self.state).state.record_drop(reason, items);
+    }
+
+    /// See [`GateState::record_forced_yield`].
+    pub fn record_forced_yield(&self) {
+        lock(&self.state).state.record_forced_yield();
+    }
+
+    /// A handle that observes the gate's paused/resumed edges.
+    pub fn writability(&self) -> Writability {
+        lock(&self.state).state.writability()
     }
 }
 
@@ -629,7 +742,12 @@ mod tests {
             st.charge(charge);
             g.credit(credit);
             st.credit(credit);
-            assert_eq!(g.stats(), st.stats());
+            // Everything but the time paused, which each clock reads for itself.
+            let counts = |s: FlowStats| FlowStats {
+                paused_time: std::time::Duration::ZERO,
+                ..s
+            };
+            assert_eq!(counts(g.stats()), counts(st.stats()));
         }
     }
 

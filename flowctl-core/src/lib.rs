@@ -50,8 +50,12 @@
 //!
 //! # Feature flags
 //!
-//! `flowctl-core` has no optional features: it depends only on tokio, bytes,
-//! futures and tracing. Heavy backends are features of the transport crates.
+//! - `metrics`: every named [`Stage`] reports its buffered bytes, pauses,
+//!   items, drops and forced yields through the [`metrics`](https://docs.rs/metrics)
+//!   facade (see [`stage`]). Off by default; without it the calls compile to
+//!   nothing, and core depends only on tokio, bytes, futures and tracing.
+//!
+//! Heavy backends are features of the transport crates.
 //! The `flowctl_loom` cfg (`RUSTFLAGS="--cfg flowctl_loom"`, run by
 //! `cargo xtask loom`) swaps the gate's and the pipe's locks for loom's.
 
@@ -73,11 +77,13 @@ pub mod gate;
 pub mod io;
 pub mod lifecycle;
 pub mod offload;
+pub mod stage;
 
 pub use error::{BoxError, FlowError};
 pub use fair::Fairness;
-pub use pipe::{PipeSink, PipeSource, pipe, pipe_with};
+pub use pipe::{PipeBuilder, PipeSink, PipeSource, pipe, pipe_with};
 pub use pump::pump;
+pub use stage::{Overflow, Stage, Writability};
 pub use stats::{FlowStats, PumpStats};
 pub use traits::{
     CloseFuture, FlushFuture, ReadyFuture, RecvFuture, RecvManyFuture, SendError, SendFuture, Sink,
@@ -90,8 +96,8 @@ pub use weighted::Weighted;
 /// conveniences and the everyday types.
 pub mod prelude {
     pub use crate::{
-        Fairness, FlowError, FlowStats, SendError, Sink, SinkExt, Source, SourceExt, TrySendError,
-        Watermarks, Weighted, pipe, pipe_with, pump,
+        Fairness, FlowError, FlowStats, Overflow, PipeBuilder, SendError, Sink, SinkExt, Source,
+        SourceExt, TrySendError, Watermarks, Weighted, pipe, pipe_with, pump,
     };
 }
 

@@ -5,6 +5,7 @@ use std::task::{Context, Poll, Waker};
 
 use crate::fair::Budget;
 use crate::gate::{GateInner, Wakeups, coop_proceed};
+use crate::stage::{DropReason, Overflow, Stage, Writability};
 use crate::sync::{Arc, Mutex, lock};
 use crate::traits::SendError;
 use crate::weighted::charge_of;
@@ -50,33 +51,113 @@ pub fn pipe_with<T: Weighted + Send + 'static>(
     watermarks: Watermarks,
     fairness: Fairness,
 ) -> (PipeSink<T>, PipeSource<T>) {
-    let span = tracing::debug_span!(
-        "flowctl.pipe",
-        high = watermarks.high(),
-        low = watermarks.low()
-    );
-    let mut gate = GateInner::new(watermarks, span);
-    let slot = gate.register();
-    let shared = Arc::new(Shared {
-        inner: Mutex::new(Inner {
-            queue: VecDeque::new(),
-            gate,
-            senders: 1,
-            rx_waker: None,
-            rx_alive: true,
-            flushers: Vec::new(),
-        }),
-    });
-    (
-        PipeSink {
-            shared: shared.clone(),
-            slot: Some(slot),
-        },
-        PipeSource {
-            shared,
-            budget: Budget::new(fairness),
-        },
-    )
+    PipeBuilder::new(watermarks).fairness(fairness).build()
+}
+
+/// Builds a [`pipe`] with a name, a [`Fairness`] budget and an [`Overflow`]
+/// policy.
+///
+/// ```
+/// use bytes::Bytes;
+/// use flowctl_core::{Overflow, PipeBuilder};
+/// use flowctl_core::prelude::*;
+/// # fn main() -> Result<(), flowctl_core::FlowError> {
+/// let (tx, rx) = PipeBuilder::new(Watermarks::new(16 * 1024, 64 * 1024)?)
+///     .name("telemetry.in")          // tracing span and metrics label
+///     .overflow(Overflow::DropOldest) // never block the producer
+///     .build::<Bytes>();
+/// assert_eq!(rx.stage().unwrap().name(), "telemetry.in");
+/// # drop(tx); Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+#[must_use = "call build() to get the pipe"]
+pub struct PipeBuilder {
+    watermarks: Watermarks,
+    fairness: Fairness,
+    overflow: Overflow,
+    stage: Option<Stage>,
+}
+
+impl PipeBuilder {
+    /// A pipe bounded by `watermarks`, unnamed, with the default
+    /// [`Fairness`] and [`Overflow::Block`].
+    pub fn new(watermarks: Watermarks) -> Self {
+        PipeBuilder {
+            watermarks,
+            fairness: Fairness::default(),
+            overflow: Overflow::Block,
+            stage: None,
+        }
+    }
+
+    /// The source's fairness budget.
+    pub fn fairness(mut self, fairness: Fairness) -> Self {
+        self.fairness = fairness;
+        self
+    }
+
+    /// What a full pipe does with the next item (default [`Overflow::Block`]).
+    pub fn overflow(mut self, overflow: Overflow) -> Self {
+        self.overflow = overflow;
+        self
+    }
+
+    /// Names the pipe: its `tracing` span and, with the `metrics` feature,
+    /// the `stage` label of its metrics. Unnamed pipes export no metrics.
+    pub fn name(mut self, name: impl Into<std::sync::Arc<str>>) -> Self {
+        self.stage = Some(Stage::new(name));
+        self
+    }
+
+    /// Names the pipe with an existing [`Stage`].
+    pub fn stage(mut self, stage: Stage) -> Self {
+        self.stage = Some(stage);
+        self
+    }
+
+    /// The pipe.
+    pub fn build<T: Weighted + Send + 'static>(self) -> (PipeSink<T>, PipeSource<T>) {
+        let watermarks = self.watermarks;
+        let span = match &self.stage {
+            Some(stage) => tracing::debug_span!(
+                "flowctl.pipe",
+                stage = stage.name(),
+                high = watermarks.high(),
+                low = watermarks.low()
+            ),
+            None => tracing::debug_span!(
+                "flowctl.pipe",
+                high = watermarks.high(),
+                low = watermarks.low()
+            ),
+        };
+        let mut gate = GateInner::new(watermarks, span);
+        if let Some(stage) = self.stage {
+            gate.state_mut().set_stage(stage);
+        }
+        gate.state_mut().set_overflow(self.overflow);
+        let slot = gate.register();
+        let shared = Arc::new(Shared {
+            inner: Mutex::new(Inner {
+                queue: VecDeque::new(),
+                gate,
+                senders: 1,
+                rx_waker: None,
+                rx_alive: true,
+                flushers: Vec::new(),
+            }),
+        });
+        (
+            PipeSink {
+                shared: shared.clone(),
+                slot: Some(slot),
+            },
+            PipeSource {
+                shared,
+                budget: Budget::new(self.fairness),
+            },
+        )
+    }
 }
 
 #[derive(Debug)]
@@ -140,6 +221,18 @@ impl<T> Clone for PipeSink<T> {
 }
 
 impl<T> PipeSink<T> {
+    /// A handle that observes the pipe's paused/resumed edges (shared by
+    /// every handle): await [`Writability::changed`] to shed load before a
+    /// send would wait.
+    pub fn writability(&self) -> Writability {
+        lock(&self.shared.inner).gate.state().writability()
+    }
+
+    /// The pipe's name, if it was given one.
+    pub fn stage(&self) -> Option<Stage> {
+        lock(&self.shared.inner).gate.state().stage().cloned()
+    }
+
     /// True when the source has been dropped: sending would fail.
     pub fn is_closed(&self) -> bool {
         self.slot.is_none() || !lock(&self.shared.inner).rx_alive
@@ -195,16 +288,58 @@ impl<T: Weighted + Send + 'static> Sink for PipeSink<T> {
             return Err(SendError::closed(item));
         }
         let weight = item.weight();
+        let mut dropped = Vec::new();
+        let mut wakeups = Wakeups::default();
         let waker = {
             let mut inner = lock(&self.shared.inner);
             if !inner.rx_alive {
                 return Err(SendError::closed(item));
+            }
+            let charge = weight.max(crate::weighted::MIN_CHARGE);
+            let state = inner.gate.state();
+            if !state.overflow().blocks() && !state.fits(charge) {
+                match state.overflow() {
+                    Overflow::DropNewest => {
+                        inner
+                            .gate
+                            .state_mut()
+                            .record_drop(DropReason::DropNewest, 1);
+                        drop(inner);
+                        drop(item); // user code: outside the lock
+                        return Ok(());
+                    }
+                    Overflow::DropOldest => {
+                        while !inner.gate.state().fits(charge) {
+                            let Some(old) = inner.queue.pop_front() else {
+                                break;
+                            };
+                            wakeups.extend(inner.gate.credit(charge_of(&old)));
+                            dropped.push(old);
+                        }
+                        let n = dropped.len() as u64;
+                        inner
+                            .gate
+                            .state_mut()
+                            .record_drop(DropReason::DropOldest, n);
+                    }
+                    _ => {
+                        let state = inner.gate.state();
+                        let err = FlowError::Overflow {
+                            buffered: state.buffered(),
+                            charge,
+                            high: state.watermarks().high(),
+                        };
+                        return Err(SendError::new(item, err));
+                    }
+                }
             }
             let charge = inner.gate.charge_item(weight);
             tracing::trace!(weight, charge, "pipe: queued");
             inner.queue.push_back(item);
             inner.rx_waker.take()
         };
+        drop(dropped); // user code: outside the lock
+        wakeups.wake();
         if let Some(w) = waker {
             w.wake();
         }
@@ -264,6 +399,7 @@ impl<T: Weighted + Send + 'static> Source for PipeSource<T> {
             return Poll::Pending;
         }
         if self.budget.poll_proceed(cx).is_pending() {
+            inner.gate.state_mut().record_forced_yield();
             return Poll::Pending;
         }
         let item = inner
@@ -300,6 +436,7 @@ impl<T: Weighted + Send + 'static> Source for PipeSource<T> {
             return Poll::Pending;
         }
         if self.budget.poll_proceed(cx).is_pending() {
+            inner.gate.state_mut().record_forced_yield();
             return Poll::Pending;
         }
         let n = max.min(inner.queue.len());
@@ -321,6 +458,13 @@ impl<T: Weighted + Send + 'static> Source for PipeSource<T> {
 
     fn stats(&self) -> FlowStats {
         lock(&self.shared.inner).gate.stats()
+    }
+}
+
+impl<T> PipeSource<T> {
+    /// The pipe's name, if it was given one.
+    pub fn stage(&self) -> Option<Stage> {
+        lock(&self.shared.inner).gate.state().stage().cloned()
     }
 }
 

@@ -1,5 +1,7 @@
 //! Plain-data statistics of a stream.
 
+use std::time::Duration;
+
 use crate::Watermarks;
 
 /// What a [`Sink`](crate::Sink) or [`Source`](crate::Source) holds and has moved.
@@ -31,6 +33,16 @@ pub struct FlowStats {
     /// more bytes than were buffered: a double credit). Always 0 unless the
     /// stage has a bug; debug builds panic instead of counting.
     pub violations: u64,
+    /// Items this stage dropped: by its [`Overflow`](crate::Overflow) policy,
+    /// or by its transport (ZeroMQ PUB at its high-water mark, a NATS server's
+    /// slow-consumer drops). Always 0 under [`Overflow::Block`](crate::Overflow::Block)
+    /// for a stage that does not drop by itself.
+    pub dropped: u64,
+    /// Slices this stage's source ended to let its task yield (its
+    /// [`Fairness`](crate::Fairness) budget or tokio's coop budget was spent).
+    pub forced_yields: u64,
+    /// Time spent paused so far, including a pause in progress.
+    pub paused_time: Duration,
 }
 
 impl FlowStats {
@@ -45,6 +57,9 @@ impl FlowStats {
             items: 0,
             bytes: 0,
             violations: 0,
+            dropped: 0,
+            forced_yields: 0,
+            paused_time: Duration::ZERO,
         }
     }
 }

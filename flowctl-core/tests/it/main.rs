@@ -28,6 +28,11 @@ mod compat;
 mod contract;
 // Send/Sync of the public types.
 mod send_sync;
+// Overflow policies against a model (10,000 cases), Fail, writability edges.
+mod overflow;
+// The `metrics` feature: a named stage's counters through a real Prometheus exposition.
+#[cfg(feature = "metrics")]
+mod metrics;
 
 /// Payload of `len` bytes whose content encodes `seq`, so reordering or loss shows.
 pub(crate) fn payload(seq: u32, len: usize) -> bytes::Bytes {

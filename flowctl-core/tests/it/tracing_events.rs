@@ -60,3 +60,41 @@ fn pause_and_resume_are_debug_events_inside_the_pipe_span() {
     );
     assert!(resumed.contains("buffered=0"), "{resumed}");
 }
+
+#[test]
+fn drops_are_warned_at_most_once_per_second_per_stage_with_the_stage_s_name() {
+    let out = Captured::default();
+    let writer = out.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let started = std::time::Instant::now();
+    let stats = tracing::subscriber::with_default(subscriber, || {
+        let (mut tx, rx) = flowctl_core::PipeBuilder::new(Watermarks::new(0, 1000).unwrap())
+            .name("telemetry.test")
+            .overflow(flowctl_core::Overflow::DropNewest)
+            .build::<Bytes>();
+        for _ in 0..100_000 {
+            tx.try_send(Bytes::from_static(&[1; 100])).unwrap();
+        }
+        rx.stats()
+    });
+    let elapsed = started.elapsed();
+    assert_eq!(stats.dropped, 100_000 - 10);
+    let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+    let warns: Vec<&str> = text.lines().filter(|l| l.contains("WARN")).collect();
+    // One warn for the first drop, then at most one per full second since.
+    assert!(!warns.is_empty());
+    assert!(
+        warns.len() as u64 <= 1 + elapsed.as_secs(),
+        "{} warns in {elapsed:?}",
+        warns.len()
+    );
+    assert!(
+        warns[0].contains("telemetry.test") && warns[0].contains("drop_newest"),
+        "{}",
+        warns[0]
+    );
+}
