@@ -582,4 +582,8 @@ where
     fn stats(&self) -> FlowStats {
         self.sink.stats()
     }
+
+    fn writability(&self) -> Option<crate::Writability> {
+        self.sink.writability()
+    }
 }

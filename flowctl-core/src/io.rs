@@ -215,6 +215,10 @@ impl<W: AsyncWrite + Unpin + Send> Sink for WriterSink<W> {
     fn stats(&self) -> FlowStats {
         self.gate.stats()
     }
+
+    fn writability(&self) -> Option<crate::Writability> {
+        Some(self.gate.state().writability())
+    }
 }
 
 /// An `AsyncRead` (a child's stdout, a file, a socket) as a fair [`Source`] of

@@ -52,6 +52,21 @@ pub struct Ledger {
 struct LedgerInner {
     counts: Mutex<BTreeMap<&'static str, usize>>,
     changed: Notify,
+    /// Report every count as the `flowctl_live_resources{kind}` gauge.
+    export: bool,
+}
+
+impl LedgerInner {
+    /// Sets the `flowctl_live_resources{kind}` gauge (under the counts' lock,
+    /// so the gauge never goes backwards past a newer count).
+    fn report(&self, kind: &'static str, live: usize) {
+        #[cfg(feature = "metrics")]
+        if self.export {
+            metrics::gauge!("flowctl_live_resources", "kind" => kind).set(live as f64);
+        }
+        #[cfg(not(feature = "metrics"))]
+        let _ = (kind, live, self.export);
+    }
 }
 
 impl fmt::Debug for Ledger {
@@ -66,15 +81,28 @@ impl Ledger {
         Ledger::default()
     }
 
-    /// The process-wide ledger that flowctl's transports count into unless given another.
+    /// The process-wide ledger that flowctl's transports count into unless
+    /// given another. With the `metrics` feature it reports its counts as the
+    /// gauge `flowctl_live_resources{kind}` (other ledgers do not: tests make
+    /// their own).
     pub fn global() -> &'static Ledger {
         static GLOBAL: OnceLock<Ledger> = OnceLock::new();
-        GLOBAL.get_or_init(Ledger::new)
+        GLOBAL.get_or_init(|| Ledger {
+            inner: Arc::new(LedgerInner {
+                export: true,
+                ..LedgerInner::default()
+            }),
+        })
     }
 
     /// Counts one live resource of `kind` until the lease is dropped.
     pub fn acquire(&self, kind: &'static str) -> Lease {
-        *lock(&self.inner.counts).entry(kind).or_insert(0) += 1;
+        {
+            let mut counts = lock(&self.inner.counts);
+            let n = counts.entry(kind).or_insert(0);
+            *n += 1;
+            self.inner.report(kind, *n);
+        }
         tracing::trace!(kind, "ledger: acquired");
         Lease {
             ledger: self.clone(),
@@ -162,6 +190,7 @@ impl Drop for Lease {
             let mut counts = lock(&self.ledger.inner.counts);
             if let Some(n) = counts.get_mut(self.kind) {
                 *n = n.saturating_sub(1);
+                self.ledger.inner.report(self.kind, *n);
             }
         }
         tracing::trace!(kind = self.kind, "ledger: released");

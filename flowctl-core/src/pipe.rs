@@ -221,13 +221,6 @@ impl<T> Clone for PipeSink<T> {
 }
 
 impl<T> PipeSink<T> {
-    /// A handle that observes the pipe's paused/resumed edges (shared by
-    /// every handle): await [`Writability::changed`] to shed load before a
-    /// send would wait.
-    pub fn writability(&self) -> Writability {
-        lock(&self.shared.inner).gate.state().writability()
-    }
-
     /// The pipe's name, if it was given one.
     pub fn stage(&self) -> Option<Stage> {
         lock(&self.shared.inner).gate.state().stage().cloned()
@@ -368,6 +361,11 @@ impl<T: Weighted + Send + 'static> Sink for PipeSink<T> {
     /// The pipe's counters (shared by every handle and the source).
     fn stats(&self) -> FlowStats {
         lock(&self.shared.inner).gate.stats()
+    }
+
+    /// Always `Some`: the pipe's edges, shared by every handle.
+    fn writability(&self) -> Option<Writability> {
+        Some(lock(&self.shared.inner).gate.state().writability())
     }
 }
 

@@ -30,6 +30,7 @@
 //! | `flowctl_bytes_total` | counter | their bytes (weights) |
 //! | `flowctl_dropped_total{reason}` | counter | items dropped: `drop_newest`, `drop_oldest` (an [`Overflow`] policy) or a transport's own (`hwm`, `slow_consumer`) |
 //! | `flowctl_forced_yields_total` | counter | slices a source ended to let its task yield |
+//! | `flowctl_live_resources{kind}` | gauge | live resources of [`Ledger::global`](crate::lifecycle::Ledger::global) by kind (no `stage` label) |
 //!
 //! [`describe_metrics`] registers their help texts and units with the
 //! installed recorder. `docs/src/reference/metrics.md` lists the transports'
@@ -391,6 +392,10 @@ pub fn describe_metrics() {
             "flowctl_forced_yields_total",
             "Slices the stage's source ended to let its task yield to the scheduler."
         );
+        describe_gauge!(
+            "flowctl_live_resources",
+            "Live resources (sessions, subscriptions, tasks) of flowctl's global ledger, by kind."
+        );
     }
 }
 
@@ -408,7 +413,7 @@ pub fn describe_metrics() {
 /// use flowctl_core::prelude::*;
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), flowctl_core::FlowError> {
 /// let (mut tx, mut rx) = pipe::<Bytes>(Watermarks::new(0, 100)?);
-/// let mut writable = tx.writability();
+/// let mut writable = tx.writability().unwrap();
 /// assert!(!writable.is_paused());
 /// tx.send(Bytes::from(vec![0; 101])).await?; // above high: paused
 /// assert!(writable.changed().await?);     // the pause edge

@@ -21,7 +21,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
 use crate::fair::Fair;
-use crate::{Fairness, FlowError, FlowStats, Weighted};
+use crate::{Fairness, FlowError, FlowStats, Weighted, Writability};
 
 /// Where items go: a bounded, byte-counted entry into the next stage.
 ///
@@ -86,6 +86,14 @@ pub trait Sink: Send {
 
     /// A snapshot of what the sink holds and has accepted.
     fn stats(&self) -> FlowStats;
+
+    /// A handle on this sink's paused/resumed edges (Netty's
+    /// `channelWritabilityChanged`), to shed load upstream before a send
+    /// would wait. `None` for a sink without watermarks of its own (the
+    /// default). Every flowctl sink with a buffer returns one.
+    fn writability(&self) -> Option<Writability> {
+        None
+    }
 }
 
 /// Where items come from.
@@ -568,6 +576,10 @@ impl<K: Sink + ?Sized> Sink for Box<K> {
     fn stats(&self) -> FlowStats {
         (**self).stats()
     }
+
+    fn writability(&self) -> Option<Writability> {
+        (**self).writability()
+    }
 }
 
 impl<K: Sink + ?Sized> Sink for &mut K {
@@ -591,5 +603,9 @@ impl<K: Sink + ?Sized> Sink for &mut K {
 
     fn stats(&self) -> FlowStats {
         (**self).stats()
+    }
+
+    fn writability(&self) -> Option<Writability> {
+        (**self).writability()
     }
 }

@@ -38,7 +38,7 @@ async fn a_named_pipe_exports_what_its_stats_say() {
     });
     // Fill it above high: the producer would now wait.
     let mut sent = 0;
-    while !tx.writability().is_paused() {
+    while !tx.writability().unwrap().is_paused() {
         tx.send(payload(sent, 500)).await.unwrap();
         sent += 1;
     }
@@ -147,4 +147,35 @@ fn a_stage_s_own_counters_carry_its_label() {
         Some(2.0),
         "{text}"
     );
+}
+
+#[test]
+fn the_global_ledger_reports_live_resources_by_kind() {
+    use flowctl_core::lifecycle::Ledger;
+    let (recorder, handle) = recorder();
+    let kind = "test.metrics.ledger";
+    let (a, b) = metrics::with_local_recorder(&recorder, || {
+        (
+            Ledger::global().acquire(kind),
+            Ledger::global().acquire(kind),
+        )
+    });
+    let l = format!(r#"kind="{kind}""#);
+    assert_eq!(
+        value(&handle.render(), "flowctl_live_resources", &l),
+        Some(2.0)
+    );
+    metrics::with_local_recorder(&recorder, || {
+        drop(a);
+        drop(b);
+    });
+    assert_eq!(
+        value(&handle.render(), "flowctl_live_resources", &l),
+        Some(0.0)
+    );
+    // A ledger of one's own does not export.
+    metrics::with_local_recorder(&recorder, || {
+        drop(Ledger::new().acquire("test.metrics.own"))
+    });
+    assert!(!handle.render().contains("test.metrics.own"));
 }

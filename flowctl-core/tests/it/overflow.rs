@@ -205,7 +205,7 @@ async fn a_dropping_pipe_never_waits_for_a_stalled_consumer() {
 #[tokio::test]
 async fn writability_reports_each_edge_and_closes_with_the_pipe() {
     let (mut tx, mut rx) = pipe::<Bytes>(Watermarks::new(100, 300).unwrap());
-    let mut w = tx.writability();
+    let mut w = tx.writability().unwrap();
     let watcher = tokio::spawn(async move {
         let mut edges = Vec::new();
         while let Ok(paused) = w.changed().await {
@@ -217,9 +217,9 @@ async fn writability_reports_each_edge_and_closes_with_the_pipe() {
         // Above high: paused. Then drained to low: resumed. The producer and the
         // consumer wait on the pipe itself, never on time.
         tx.send(payload(round, 400)).await.unwrap();
-        assert!(tx.writability().is_paused());
+        assert!(tx.writability().unwrap().is_paused());
         rx.recv().await.unwrap().unwrap();
-        assert!(!tx.writability().is_paused());
+        assert!(!tx.writability().unwrap().is_paused());
         // Wait until the watcher has seen both edges of this round (it runs on
         // the same thread: yield to it).
         while tx.stats().pauses != u64::from(round) + 1 {

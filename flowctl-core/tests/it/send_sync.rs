@@ -38,6 +38,16 @@ fn public_types_are_send_and_sync() {
     send::<RetryPolicy>();
     send::<FlowError>();
     sync::<FlowError>();
+    send::<Stage>();
+    sync::<Stage>();
+    send::<Writability>();
+    sync::<Writability>();
+    send::<PipeBuilder>();
+    sync::<PipeBuilder>();
+    send::<stage::StageCounter>();
+    sync::<stage::StageCounter>();
+    send::<stage::StageGauge>();
+    sync::<stage::StageGauge>();
     send::<FlowStats>();
     send::<Watermarks>();
     send::<Fairness>();
