@@ -1,0 +1,411 @@
+//! Named stages, overflow policies on the sink's queue, writability edges,
+//! and the drops a PUB makes at its HWM counted in the stats.
+
+use std::collections::VecDeque;
+use std::task::{Context as TaskContext, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use flowctl_core::prelude::*;
+use flowctl_core::{Fairness, FlowError, Overflow, Sink, Watermarks};
+use flowctl_zmq::{Context, Multipart, SocketType, ZmqSink, ZmqSocket, ZmqSource};
+
+use crate::peer::{DEADLINE, Peer, message};
+
+/// A fairness budget that never forces a yield, so that a test can tell a
+/// wait from a forced yield.
+fn unbounded() -> Fairness {
+    Fairness::new(usize::MAX, usize::MAX).unwrap()
+}
+
+/// One `poll_ready` with a no-op waker, outside tokio's coop budget: true if
+/// the sink was ready at once (did not wait).
+async fn ready_at_once(tx: &mut ZmqSink) -> bool {
+    tokio::task::unconstrained(async {
+        let mut cx = TaskContext::from_waker(Waker::noop());
+        match Sink::poll_ready(tx, &mut cx) {
+            Poll::Ready(r) => {
+                r.unwrap();
+                true
+            }
+            Poll::Pending => false,
+        }
+    })
+    .await
+}
+
+/// A PUSH into an inproc PULL that does not read yet: libzmq holds one
+/// message on each side, the rest goes to the sink's queue.
+fn stalled_push(name: &str, wm: Watermarks, overflow: Overflow) -> (ZmqSink, ZmqSource) {
+    let ctx = Context::new();
+    let ep = format!("inproc://{name}");
+    let rx = ZmqSocket::builder(SocketType::Pull)
+        .context(&ctx)
+        .recv_hwm(1)
+        .bind(ep.clone())
+        .build()
+        .unwrap()
+        .into_source();
+    let tx = ZmqSocket::builder(SocketType::Push)
+        .context(&ctx)
+        .send_hwm(1)
+        .watermarks(wm)
+        .overflow(overflow)
+        .fairness(unbounded())
+        .connect(ep)
+        .build()
+        .unwrap()
+        .into_sink();
+    (tx, rx)
+}
+
+fn hundred(i: usize) -> Multipart {
+    let mut v = vec![0u8; 100];
+    v[..8].copy_from_slice(&(i as u64).to_be_bytes());
+    Multipart::from(Bytes::from(v))
+}
+
+fn index(m: &Multipart) -> usize {
+    u64::from_be_bytes(m[0][..8].try_into().unwrap()) as usize
+}
+
+#[tokio::test]
+async fn stages_are_named_after_the_first_endpoint_and_the_type() {
+    let rx = ZmqSocket::builder(SocketType::Pull)
+        .bind("tcp://127.0.0.1:*")
+        .build()
+        .unwrap();
+    let ep = rx.endpoints()[0].clone();
+    assert!(!ep.ends_with(":*"), "the resolved endpoint: {ep}");
+    assert_eq!(rx.sink_name(), None, "a PULL has no sending stage");
+    assert_eq!(rx.source_name(), Some(format!("zmq.{ep}.pull").as_str()));
+    let tx = ZmqSocket::builder(SocketType::Push)
+        .connect(ep.clone())
+        .build()
+        .unwrap();
+    assert_eq!(tx.sink_name(), Some(format!("zmq.{ep}.push").as_str()));
+    assert_eq!(tx.source_name(), None);
+    let tx = tx.into_sink();
+    assert_eq!(tx.name(), Some(format!("zmq.{ep}.push").as_str()));
+    // Both halves of a two-way socket are stages: `.send` and `.recv`.
+    let dealer = ZmqSocket::builder(SocketType::Dealer)
+        .connect(ep.clone())
+        .build()
+        .unwrap();
+    assert_eq!(
+        dealer.sink_name(),
+        Some(format!("zmq.{ep}.dealer.send").as_str())
+    );
+    assert_eq!(
+        dealer.source_name(),
+        Some(format!("zmq.{ep}.dealer.recv").as_str())
+    );
+    // Named by the user, also through the configuration option.
+    let named = ZmqSocket::builder(SocketType::Pub)
+        .option("name", "ticks")
+        .unwrap()
+        .bind("tcp://127.0.0.1:*")
+        .build()
+        .unwrap();
+    assert_eq!(named.sink_name(), Some("ticks"));
+    let (sink, source) = ZmqSocket::builder(SocketType::Pair)
+        .name("link")
+        .connect(ep)
+        .build()
+        .unwrap()
+        .split();
+    assert_eq!(
+        (sink.name(), source.name()),
+        (Some("link.send"), Some("link.recv"))
+    );
+}
+
+#[tokio::test]
+async fn the_overflow_option_parses_every_policy_and_refuses_others() {
+    for (value, want) in [
+        ("block", Overflow::Block),
+        ("drop_newest", Overflow::DropNewest),
+        ("drop_oldest", Overflow::DropOldest),
+        ("fail", Overflow::Fail),
+    ] {
+        let tx = ZmqSocket::builder(SocketType::Push)
+            .option("overflow", value)
+            .unwrap()
+            .build()
+            .unwrap()
+            .into_sink();
+        assert_eq!(tx.overflow(), want);
+    }
+    let err = ZmqSocket::builder(SocketType::Push)
+        .option("overflow", "drop_head")
+        .unwrap_err();
+    assert!(err.to_string().contains("drop_oldest"), "{err}");
+}
+
+/// DropOldest on a PUSH whose pyzmq PULL does not read: no send waits, the
+/// sink's queue stays within `high`, and once the peer reads, what it got
+/// plus what was counted as dropped is what was sent, in order, the newest
+/// kept.
+#[tokio::test]
+async fn drop_oldest_push_into_a_stalled_pyzmq_pull_never_waits_and_counts_every_drop() {
+    const SIZE: usize = 64 * 1024;
+    let mut peer = Peer::start(&[
+        "pull-gated",
+        "--bind",
+        "tcp://127.0.0.1:*",
+        "--size",
+        &SIZE.to_string(),
+        "--hwm",
+        "4",
+        "--rcvbuf",
+        "131072",
+    ]);
+    let wm = Watermarks::new(0, 4 * SIZE).unwrap();
+    let mut tx = ZmqSocket::builder(SocketType::Push)
+        .watermarks(wm)
+        .expected_message_size(SIZE) // SNDHWM 4
+        .send_buffer(SIZE)
+        .overflow(Overflow::DropOldest)
+        .fairness(unbounded())
+        .connect(&peer.endpoint)
+        .build()
+        .unwrap()
+        .into_sink();
+    // 300 x 64 KiB = 19 MiB: far more than libzmq's queues (4 + 4 messages)
+    // and the two fixed kernel buffers can hold while the peer reads nothing.
+    let n = 300;
+    let msgs: Vec<_> = (0..n).map(|i| message(i, SIZE)).collect();
+    for (i, msg) in msgs.into_iter().enumerate() {
+        assert!(ready_at_once(&mut tx).await, "message {i}: the sink waited");
+        Sink::start_send(&mut tx, msg.into()).unwrap();
+        let s = tx.stats();
+        assert!(
+            s.buffered <= wm.high(),
+            "message {i}: {} bytes queued, above high {}",
+            s.buffered,
+            wm.high()
+        );
+    }
+    let s = tx.stats();
+    assert!(s.dropped > 0, "a peer that reads nothing must cause drops");
+    assert!(s.max_buffered <= wm.high(), "{s:?}");
+    assert!(
+        !s.paused && s.pauses == 0,
+        "a dropping sink never pauses: {s:?}"
+    );
+    // The end marker goes in behind the kept messages (never dropped: it is
+    // the newest), then the peer reads everything.
+    Sink::start_send(&mut tx, Multipart::from(Bytes::from_static(b"END"))).unwrap();
+    peer.tell("GO");
+    tx.close().await.unwrap();
+    let s = tx.stats();
+    let count = peer.wait_line("COUNT");
+    let mut words = count.split_whitespace().skip(1);
+    let received: u64 = words.next().unwrap().parse().unwrap();
+    let last: usize = words.nth(1).unwrap().parse().unwrap();
+    assert_eq!(s.items, n as u64 + 1, "every send was accepted");
+    assert_eq!(
+        received + s.dropped,
+        n as u64,
+        "sent = received + dropped (received {received}, dropped {})",
+        s.dropped
+    );
+    assert_eq!(last, n - 1, "DropOldest keeps the newest message");
+    assert_eq!(tx.zmq_stats().dropped, 0, "not a PUB's drop");
+    assert_eq!(s.buffered, 0);
+    peer.expect_ok(received as usize);
+}
+
+/// DropNewest keeps what is queued and drops what does not fit; `send`
+/// succeeds for both and `sent = received + dropped`.
+#[tokio::test]
+async fn drop_newest_keeps_the_queue_and_counts_what_it_refuses() {
+    let wm = Watermarks::new(0, 1000).unwrap();
+    let (mut tx, mut rx) = stalled_push("drop-newest", wm, Overflow::DropNewest);
+    let n = 100;
+    for i in 0..n {
+        assert!(ready_at_once(&mut tx).await, "message {i}: the sink waited");
+        Sink::start_send(&mut tx, hundred(i)).unwrap();
+        assert!(tx.stats().buffered <= wm.high());
+    }
+    let s = tx.stats();
+    assert!(
+        s.dropped > 0,
+        "a receiver that reads nothing must cause drops"
+    );
+    assert_eq!(s.items, n as u64);
+    // The receiver reads what was not dropped while the flush pushes the
+    // queue into libzmq.
+    let expected = n as u64 - s.dropped;
+    let read = async {
+        let mut last = None;
+        for _ in 0..expected {
+            let m = rx.recv().await.unwrap().unwrap();
+            let i = index(&m);
+            assert!(last.is_none_or(|l| i > l), "order kept");
+            assert_eq!(m, hundred(i));
+            last = Some(i);
+        }
+        last
+    };
+    let (flushed, last) = tokio::join!(tx.flush(), read);
+    flushed.unwrap();
+    assert_eq!(
+        tx.zmq_stats().sent + s.dropped,
+        n as u64,
+        "sent = received + dropped"
+    );
+    assert_eq!(last, Some(expected as usize - 1), "the oldest were kept");
+    tx.close().await.unwrap();
+}
+
+/// Fail gives the message back with `FlowError::Overflow`, keeps the queue
+/// as it was, drops nothing, and the sink stays usable.
+#[tokio::test]
+async fn fail_gives_the_message_back_and_the_sink_stays_usable() {
+    let wm = Watermarks::new(0, 1000).unwrap();
+    let (mut tx, mut rx) = stalled_push("fail", wm, Overflow::Fail);
+    let mut i = 0;
+    let refused = loop {
+        assert!(ready_at_once(&mut tx).await, "message {i}: the sink waited");
+        match Sink::start_send(&mut tx, hundred(i)) {
+            Ok(()) => i += 1,
+            Err(e) => break e,
+        }
+        assert!(i < 100, "the queue never filled");
+    };
+    let queued = tx.queued();
+    let (item, err) = refused.into_parts();
+    assert_eq!(item, hundred(i), "the refused message comes back intact");
+    assert!(
+        matches!(
+            err,
+            FlowError::Overflow {
+                buffered: 1000,
+                charge: 100,
+                high: 1000
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(err.is_transient());
+    let s = tx.stats();
+    assert_eq!((s.dropped, s.items, tx.queued()), (0, i as u64, queued));
+    // Through `send_many`: the message stays at the front of the batch.
+    let mut batch = VecDeque::from(vec![item, hundred(i + 1)]);
+    let err = tx.send_many(&mut batch).await.unwrap_err();
+    assert!(matches!(err, FlowError::Overflow { .. }), "{err:?}");
+    assert_eq!(batch, VecDeque::from(vec![hundred(i), hundred(i + 1)]));
+    // The receiver catches up: everything arrives once, in order.
+    let reader = tokio::spawn(async move {
+        for j in 0..i + 2 {
+            assert_eq!(rx.recv().await.unwrap().unwrap(), hundred(j));
+        }
+        rx
+    });
+    tx.flush().await.unwrap();
+    tx.send_many(&mut batch).await.unwrap();
+    tx.close().await.unwrap();
+    tokio::time::timeout(DEADLINE, reader)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(tx.stats().dropped, 0);
+}
+
+/// The sink's writability handle sees the pause edge when its queue goes
+/// above `high`, and the resume edge once a flush empties it.
+#[tokio::test]
+async fn writability_reports_the_queue_s_pause_and_resume_edges() {
+    let wm = Watermarks::new(100, 1000).unwrap();
+    let (mut tx, mut rx) = stalled_push("writability", wm, Overflow::Block);
+    let mut writable = tx.writability().expect("the sink has a queue");
+    assert!(!writable.is_paused());
+    let mut sent = 0;
+    while !writable.is_paused() {
+        tx.send(hundred(sent)).await.unwrap();
+        sent += 1;
+        assert!(sent <= 20, "the queue never paused");
+    }
+    assert!(writable.changed().await.unwrap(), "the pause edge");
+    assert!(tx.stats().buffered > wm.high());
+    let reader = tokio::spawn(async move {
+        for j in 0..sent {
+            assert_eq!(rx.recv().await.unwrap().unwrap(), hundred(j));
+        }
+    });
+    tx.flush().await.unwrap();
+    assert!(!writable.changed().await.unwrap(), "the resume edge");
+    assert_eq!(writable.pauses(), 1);
+    tokio::time::timeout(DEADLINE, reader)
+        .await
+        .unwrap()
+        .unwrap();
+    tx.close().await.unwrap();
+}
+
+/// A PUB into a SUB that reads nothing: libzmq refuses a message for every
+/// subscriber once one is at its HWM (flowctl sets `ZMQ_XPUB_NODROP`), and
+/// the sink counts it as dropped in its stats too (`FlowStats::dropped`,
+/// not only `ZmqStats::dropped`): accepted = sent + dropped, and the
+/// subscriber gets exactly what was counted as sent.
+#[tokio::test]
+async fn pub_drops_at_hwm_are_in_the_sink_stats() {
+    let ctx = Context::new();
+    let mut tx = ZmqSocket::builder(SocketType::Pub)
+        .context(&ctx)
+        .send_hwm(10)
+        .bind("inproc://pub-stats")
+        .build()
+        .unwrap()
+        .into_sink();
+    let mut rx = ZmqSocket::builder(SocketType::Sub)
+        .context(&ctx)
+        .recv_hwm(10)
+        .subscribe(Bytes::new())
+        .connect("inproc://pub-stats")
+        .build()
+        .unwrap()
+        .into_source();
+    // Wait until the subscription has reached the PUB (a probe gets through).
+    let start = Instant::now();
+    loop {
+        assert!(start.elapsed() < DEADLINE, "subscription never arrived");
+        tx.send(vec![Bytes::from_static(b"probe")].into())
+            .await
+            .unwrap();
+        if let Ok(r) = tokio::time::timeout(Duration::from_millis(5), rx.recv()).await {
+            assert_eq!(r.unwrap().unwrap()[0], Bytes::from_static(b"probe"));
+            break;
+        }
+    }
+    let (s0, z0) = (tx.stats(), tx.zmq_stats());
+    let total = 1000u64;
+    for i in 0..total as usize {
+        tx.send(message(i, 16).into()).await.unwrap();
+    }
+    let s = tx.stats();
+    let z = tx.zmq_stats();
+    let dropped = s.dropped - s0.dropped;
+    let sent = z.sent - z0.sent;
+    assert!(
+        dropped > 0,
+        "a subscriber that does not read must cause drops"
+    );
+    assert_eq!(s.dropped, z.dropped, "the stats count the PUB's drops");
+    assert_eq!(s.items - s0.items, total);
+    assert_eq!(sent + dropped, total, "accepted = sent + dropped");
+    assert_eq!(s.max_buffered, 0, "a PUB never queues");
+    // The subscriber gets exactly what was counted as sent (probes aside).
+    let mut got = 0;
+    while got < sent {
+        let m = tokio::time::timeout(DEADLINE, rx.recv())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if m[0] != Bytes::from_static(b"probe") {
+            got += 1;
+        }
+    }
+}
