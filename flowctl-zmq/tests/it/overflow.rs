@@ -409,3 +409,144 @@ async fn pub_drops_at_hwm_are_in_the_sink_stats() {
         }
     }
 }
+
+/// The overflow policies against a model: any message sizes, any high
+/// watermark, a PULL that reads nothing until the end. libzmq takes the
+/// first `sent` messages (its pipe then stays full), and every later one
+/// meets the policy on the sink's queue, which the model replays: admitted
+/// if it fits (`buffered + charge <= high`, or the queue is empty), else
+/// dropped (DropNewest), admitted after dropping the oldest (DropOldest) or
+/// given back (Fail). Checked: no send waits, the queue never holds more
+/// than `max(high, one message)`, the receiver then gets exactly the model's
+/// messages in order, `accepted = received + dropped`, and a refused message
+/// comes back intact.
+mod policy_model {
+    use super::*;
+
+    use std::collections::VecDeque;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use flowctl_core::weighted::MIN_CHARGE;
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestCaseError, TestRunner};
+
+    /// Cases run.
+    const CASES: u32 = 256;
+
+    fn sized(i: usize, len: usize) -> Multipart {
+        let mut v = vec![(i % 251) as u8; len];
+        v[..8].copy_from_slice(&(i as u64).to_be_bytes());
+        Multipart::from(Bytes::from(v))
+    }
+
+    async fn run(policy: Overflow, high: usize, sizes: &[usize]) -> Result<(), TestCaseError> {
+        static CASE: AtomicUsize = AtomicUsize::new(0);
+        let name = format!("policy-model-{}", CASE.fetch_add(1, Ordering::Relaxed));
+        let wm = Watermarks::new(0, high).unwrap();
+        let (mut tx, mut rx) = stalled_push(&name, wm, policy);
+        let mut accepted = 0u64;
+        let mut refused = Vec::new();
+        for (i, &len) in sizes.iter().enumerate() {
+            prop_assert!(ready_at_once(&mut tx).await, "message {i}: the sink waited");
+            match Sink::start_send(&mut tx, sized(i, len)) {
+                Ok(()) => accepted += 1,
+                Err(e) => {
+                    let (item, err) = e.into_parts();
+                    prop_assert!(matches!(err, FlowError::Overflow { .. }), "{err:?}");
+                    prop_assert_eq!(item, sized(i, len), "given back intact");
+                    refused.push(i);
+                }
+            }
+            let s = tx.stats();
+            prop_assert!(
+                s.buffered <= high || tx.queued() == 1,
+                "message {i}: {} bytes in {} queued messages, high {high}",
+                s.buffered,
+                tx.queued()
+            );
+        }
+        // libzmq took the first `sent`, the model replays the rest.
+        let direct = tx.zmq_stats().sent as usize;
+        let mut queue: VecDeque<(usize, usize)> = VecDeque::new();
+        let mut buffered = 0;
+        let (mut dropped, mut failed) = (0u64, Vec::new());
+        for (i, &len) in sizes.iter().enumerate().skip(direct) {
+            let charge = len.max(MIN_CHARGE);
+            let fits = |b: usize| b == 0 || b + charge <= high;
+            if !fits(buffered) {
+                match policy {
+                    Overflow::DropNewest => {
+                        dropped += 1;
+                        continue;
+                    }
+                    Overflow::DropOldest => {
+                        while !fits(buffered) {
+                            let (_, c) = queue.pop_front().unwrap();
+                            buffered -= c;
+                            dropped += 1;
+                        }
+                    }
+                    _ => {
+                        failed.push(i);
+                        continue;
+                    }
+                }
+            }
+            queue.push_back((i, charge));
+            buffered += charge;
+        }
+        let s = tx.stats();
+        prop_assert_eq!(s.dropped, dropped);
+        prop_assert_eq!(&refused, &failed);
+        prop_assert_eq!(s.items, accepted);
+        prop_assert_eq!(s.buffered, buffered);
+        let want: Vec<usize> = (0..direct).chain(queue.iter().map(|&(i, _)| i)).collect();
+        prop_assert_eq!(accepted, want.len() as u64 + dropped);
+        // The receiver reads while the flush pushes the queue into libzmq.
+        let read = async {
+            let mut got = Vec::new();
+            for _ in 0..want.len() {
+                let m = rx.recv().await.unwrap().unwrap();
+                let i = u64::from_be_bytes(m[0][..8].try_into().unwrap()) as usize;
+                assert_eq!(m, sized(i, sizes[i]), "content of message {i}");
+                got.push(i);
+            }
+            got
+        };
+        let (flushed, got) = tokio::join!(tx.flush(), read);
+        flushed.unwrap();
+        prop_assert_eq!(got, want);
+        prop_assert_eq!(tx.zmq_stats().sent + dropped, accepted);
+        Ok(())
+    }
+
+    #[test]
+    fn any_sizes_under_each_policy_match_the_model() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let strategy = (
+            prop::sample::select(vec![
+                Overflow::DropNewest,
+                Overflow::DropOldest,
+                Overflow::Fail,
+            ]),
+            64..2000usize,
+            prop::collection::vec(8..400usize, 1..60),
+        );
+        let mut runner = TestRunner::new(Config {
+            cases: CASES,
+            failure_persistence: None,
+            ..Config::default()
+        });
+        runner
+            .run(&strategy, |(policy, high, sizes)| {
+                rt.block_on(async {
+                    tokio::time::timeout(DEADLINE, run(policy, high, &sizes)).await
+                })
+                .map_err(|_| TestCaseError::fail("the case hung"))?
+            })
+            .unwrap();
+    }
+}
