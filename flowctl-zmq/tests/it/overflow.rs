@@ -410,6 +410,46 @@ async fn pub_drops_at_hwm_are_in_the_sink_stats() {
     }
 }
 
+/// The sink's forced yields (its send path's fairness slice spent) are
+/// the stage's too: `stats().forced_yields` matches `ZmqStats::send_yields`,
+/// and so does the source's against `recv_yields`.
+#[tokio::test]
+async fn forced_yields_of_both_halves_are_in_their_stage_stats() {
+    let ctx = Context::new();
+    let mut rx = ZmqSocket::builder(SocketType::Pull)
+        .context(&ctx)
+        .recv_hwm(1000)
+        .fairness(Fairness::new(3, 1 << 20).unwrap())
+        .bind("inproc://forced-yields")
+        .build()
+        .unwrap()
+        .into_source();
+    let mut tx = ZmqSocket::builder(SocketType::Push)
+        .context(&ctx)
+        .send_hwm(1000)
+        .fairness(Fairness::new(3, 1 << 20).unwrap())
+        .connect("inproc://forced-yields")
+        .build()
+        .unwrap()
+        .into_sink();
+    for i in 0..20 {
+        tx.send(hundred(i)).await.unwrap();
+    }
+    for i in 0..20 {
+        assert_eq!(rx.recv().await.unwrap().unwrap(), hundred(i));
+    }
+    let (sent, got) = (tx.stats(), rx.stats());
+    assert!(tx.zmq_stats().send_yields > 0, "a slice of 3 over 20 sends");
+    assert_eq!(sent.forced_yields, tx.zmq_stats().send_yields);
+    assert!(
+        rx.zmq_stats().recv_yields > 0,
+        "a slice of 3 over 20 messages"
+    );
+    assert_eq!(got.forced_yields, rx.zmq_stats().recv_yields);
+    assert_eq!((got.items, got.bytes, got.buffered), (20, 2000, 0));
+    tx.close().await.unwrap();
+}
+
 /// The overflow policies against a model: any message sizes, any high
 /// watermark, a PULL that reads nothing until the end. libzmq takes the
 /// first `sent` messages (its pipe then stays full), and every later one
