@@ -2,6 +2,7 @@
 //! and the drops a PUB makes at its HWM counted in the stats.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::task::{Context as TaskContext, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -408,6 +409,48 @@ async fn pub_drops_at_hwm_are_in_the_sink_stats() {
             got += 1;
         }
     }
+}
+
+/// `send_many` under DropOldest into a PULL that reads nothing: the batch
+/// is accepted in one poll (no wait), the queue stays within `high`, and a
+/// future dropped after that first poll has lost nothing it had not
+/// accepted; then `accepted = received + dropped`, newest kept, in order.
+#[tokio::test]
+async fn send_many_under_drop_oldest_never_waits() {
+    let wm = Watermarks::new(0, 1000).unwrap();
+    let (mut tx, mut rx) = stalled_push("send-many-drop-oldest", wm, Overflow::DropOldest);
+    let mut batch: VecDeque<_> = (0..100).map(hundred).collect();
+    let polled = tokio::task::unconstrained(async {
+        let mut cx = TaskContext::from_waker(Waker::noop());
+        let fut = std::pin::pin!(tx.send_many(&mut batch));
+        fut.poll(&mut cx)
+    })
+    .await;
+    assert!(
+        matches!(polled, Poll::Ready(Ok(100))),
+        "send_many waited or failed: {polled:?}"
+    );
+    assert!(batch.is_empty());
+    let s = tx.stats();
+    assert!(s.dropped > 0, "{s:?}");
+    assert!(s.max_buffered <= wm.high(), "{s:?}");
+    assert_eq!(s.items, 100);
+    let expected = 100 - s.dropped;
+    let read = async {
+        let mut got = Vec::new();
+        for _ in 0..expected {
+            let m = rx.recv().await.unwrap().unwrap();
+            assert_eq!(m, hundred(index(&m)));
+            got.push(index(&m));
+        }
+        got
+    };
+    let (flushed, got) = tokio::join!(tx.flush(), read);
+    flushed.unwrap();
+    assert!(got.windows(2).all(|w| w[0] < w[1]), "order kept: {got:?}");
+    assert_eq!(got.last(), Some(&99), "the newest kept");
+    assert_eq!(tx.zmq_stats().sent + s.dropped, 100);
+    tx.close().await.unwrap();
 }
 
 /// The sink's forced yields (its send path's fairness slice spent) are
