@@ -248,9 +248,9 @@ impl ZmqSink {
     /// Counts what a run of send attempts met, once per run: PUB drops in
     /// the stats and `flowctl_dropped_total{reason="hwm"}`, refusals and
     /// direct sends in the transport metrics.
-    fn settle(&mut self, core: &Core, tally: &Tally) {
+    fn settle(&mut self, tally: &Tally) {
         if tally.hwm_drops > 0 {
-            core.counters
+            self.counters
                 .dropped
                 .fetch_add(tally.hwm_drops, Ordering::Relaxed);
             self.gate.record_drop(DropReason::Hwm, tally.hwm_drops);
@@ -320,7 +320,7 @@ impl ZmqSink {
         if sent > 0 {
             core.counters.sent.fetch_add(sent, Ordering::Relaxed);
         }
-        self.settle(&core, &tally);
+        self.settle(&tally);
         if self.queue.is_empty() {
             self.refused = 0;
         }
@@ -614,7 +614,7 @@ impl ZmqSink {
         if direct > 0 {
             core.counters.sent.fetch_add(direct, Ordering::Relaxed);
         }
-        self.settle(&core, &tally);
+        self.settle(&tally);
         // The sends processed libzmq's commands: re-check for the receiver.
         core.after_op(Dir::Out);
         if let Some(e) = failed {
@@ -799,19 +799,18 @@ impl Sink for ZmqSink {
                 Ok(sent) => sent,
                 Err(e) => return Err(SendError::new(item, e)),
             };
-            let core = core.clone();
             let mut tally = Tally::default();
             let left = Self::account(core.kind, sent, &mut tally);
             if left {
                 if sent == Sent::Taken {
-                    core.counters.sent.fetch_add(1, Ordering::Relaxed);
+                    self.counters.sent.fetch_add(1, Ordering::Relaxed);
                 }
                 tally.direct = (1, weight as u64);
                 self.items += 1;
                 self.bytes += weight as u64;
                 self.budget.charge(charge);
             }
-            self.settle(&core, &tally);
+            self.settle(&tally);
             if left {
                 return Ok(());
             }
