@@ -411,6 +411,91 @@ async fn pub_drops_at_hwm_are_in_the_sink_stats() {
     }
 }
 
+/// The same against pyzmq over tcp: a SUB that reads nothing (after its
+/// subscription is in place) while 5,000 messages are published, then
+/// everything. The PUB never waits; every message is either counted as
+/// sent (libzmq took it for the subscriber) or as dropped, and the
+/// subscriber receives exactly the messages counted as sent, in order.
+#[tokio::test]
+async fn pub_into_a_stalled_pyzmq_sub_counts_exactly_what_it_dropped() {
+    const SIZE: usize = 1024;
+    let socket = ZmqSocket::builder(SocketType::Pub)
+        .send_hwm(8)
+        .send_buffer(64 * 1024)
+        .bind("tcp://127.0.0.1:*")
+        .build()
+        .unwrap();
+    let ep = socket.endpoints()[0].clone();
+    let mut tx = socket.into_sink();
+    let mut peer = Peer::start(&[
+        "sub-gated",
+        "--connect",
+        &ep,
+        "--size",
+        &SIZE.to_string(),
+        "--hwm",
+        "8",
+        "--rcvbuf",
+        "131072",
+    ]);
+    // Probes until the subscriber has one: its subscription is in place.
+    let start = Instant::now();
+    while !peer.saw_line("PROBED") {
+        assert!(start.elapsed() < DEADLINE, "subscription never arrived");
+        tx.send(Multipart::from(Bytes::from_static(b"probe")))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(1)).await; // paces the probes
+    }
+    let (s0, z0) = (tx.stats(), tx.zmq_stats());
+    // 5,000 x 1 KiB = 5 MiB: far more than the HWMs (8 + 8 messages) and the
+    // two fixed kernel buffers hold while the subscriber reads nothing.
+    let n = 5000u64;
+    for i in 0..n as usize {
+        tx.send(message(i, SIZE).into()).await.unwrap();
+    }
+    let (s, z) = (tx.stats(), tx.zmq_stats());
+    let sent = z.sent - z0.sent;
+    let dropped = s.dropped - s0.dropped;
+    assert!(
+        dropped > 0,
+        "a subscriber that reads nothing must cause drops"
+    );
+    assert_eq!(dropped, z.dropped - z0.dropped);
+    assert_eq!(
+        sent + dropped,
+        n,
+        "every message sent or counted as dropped"
+    );
+    assert_eq!(s.items - s0.items, n);
+    peer.tell("GO");
+    // The end marker: a PUB drops rather than waits, so it is sent again
+    // until libzmq takes it (the subscriber reads now).
+    loop {
+        assert!(
+            start.elapsed() < 2 * DEADLINE,
+            "the end marker never got through"
+        );
+        let before = tx.zmq_stats().sent;
+        tx.send(Multipart::from(Bytes::from_static(b"END")))
+            .await
+            .unwrap();
+        if tx.zmq_stats().sent > before {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await; // paces the retries
+    }
+    let count = peer.wait_line("COUNT");
+    let received: u64 = count.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert_eq!(
+        received, sent,
+        "the subscriber got exactly what was counted as sent ({sent}; dropped {dropped})"
+    );
+    // The peer exits first: a SUB whose PUB is gone lingers in `ctx.term`.
+    peer.expect_ok(received as usize);
+    tx.close().await.unwrap();
+}
+
 /// `send_many` under DropOldest into a PULL that reads nothing: the batch
 /// is accepted in one poll (no wait), the queue stays within `high`, and a
 /// future dropped after that first poll has lost nothing it had not
