@@ -497,9 +497,8 @@ async fn pub_into_a_stalled_pyzmq_sub_counts_exactly_what_it_dropped() {
 }
 
 /// `send_many` under DropOldest into a PULL that reads nothing: the batch
-/// is accepted in one poll (no wait), the queue stays within `high`, and a
-/// future dropped after that first poll has lost nothing it had not
-/// accepted; then `accepted = received + dropped`, newest kept, in order.
+/// is accepted in one poll (no wait), the queue stays within `high`; then
+/// `accepted = received + dropped`, newest kept, in order.
 #[tokio::test]
 async fn send_many_under_drop_oldest_never_waits() {
     let wm = Watermarks::new(0, 1000).unwrap();
