@@ -7,14 +7,20 @@ use flowctl_core::lifecycle::Ledger;
 use flowctl_core::prelude::*;
 
 use crate::connect::config;
+use crate::metrics::{recorder, value};
 use flowctl_cluster::testing::NatsCluster;
 
 /// async-nats drops silently when a subscription's channel is full; the core
-/// source reports every drop it learns of as an error, and what it kept is intact.
+/// source reports every drop it learns of as an error, counts it in its stats
+/// and its `flowctl_dropped_total{reason="slow_consumer"}` while the consumer
+/// is not reading, and what it kept is intact.
 #[tokio::test]
 async fn core_slow_consumer_is_reported_with_the_drop_count() {
     const CAP: usize = 64;
     const N: u64 = 2000;
+    let (recorder, handle) = recorder();
+    // One thread: the source's stage is registered with this recorder.
+    let _guard = metrics::set_default_local_recorder(&recorder);
     let nats = NatsCluster::start().await.expect("nats cluster");
     let ledger = Ledger::new();
     let mut cfg = config(vec![nats.url(0)], &ledger);
@@ -47,6 +53,14 @@ async fn core_slow_consumer_is_reported_with_the_drop_count() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    // Counted before the consumer reads anything: on the stage, as reported.
+    let counted = src.stats().dropped;
+    assert!(counted > 0 && counted == src.dropped());
+    let label = r#"stage="nats.core.x.sub",reason="slow_consumer""#;
+    if cfg!(feature = "metrics") {
+        let exposed = value(&handle.render(), "flowctl_dropped_total", label);
+        assert!(exposed.is_some_and(|v| v > 0.0), "{}", handle.render());
+    }
     let err = src.recv().await.unwrap_err();
     let dropped = match err.transport_error::<ClusterError>() {
         Some(ClusterError::SlowConsumer {
@@ -63,6 +77,8 @@ async fn core_slow_consumer_is_reported_with_the_drop_count() {
         dropped > 0 && dropped <= N - CAP as u64,
         "dropped {dropped}"
     );
+    // The drops are the stage's too: FlowStats::dropped (reason slow_consumer).
+    assert!(src.stats().dropped >= dropped, "stats: {:?}", src.stats());
     // What was kept comes next, in publish order, and no more than the channel held.
     let mut kept = Vec::new();
     while let Ok(Ok(Some(m))) = tokio::time::timeout(Duration::from_millis(500), src.recv()).await {
@@ -75,6 +91,20 @@ async fn core_slow_consumer_is_reported_with_the_drop_count() {
     );
     assert!(kept.windows(2).all(|w| w[0] < w[1]), "order kept");
     assert!(kept.len() as u64 + dropped <= N);
+    // The exact figure: the client received N (its only subscription), the
+    // consumer got `kept`, the rest was dropped. The count is a lower bound
+    // (async-nats reports each drop as an event on a channel of 128 that
+    // drops events when full), never more than that.
+    let counted = src.stats().dropped;
+    assert!(
+        counted >= dropped && counted <= N - kept.len() as u64,
+        "counted {counted}, dropped in fact {}",
+        N - kept.len() as u64
+    );
+    if cfg!(feature = "metrics") {
+        let exposed = value(&handle.render(), "flowctl_dropped_total", label);
+        assert_eq!(exposed, Some(counted as f64), "metric and stats agree");
+    }
     drop(src);
     drop(cluster);
     drop(producer);
