@@ -110,3 +110,58 @@ async fn core_slow_consumer_is_reported_with_the_drop_count() {
     drop(producer);
     assert_eq!(ledger.total(), 0, "{ledger:?}");
 }
+
+/// A core subscription with messages waiting ends its slice every
+/// `max_items` messages: each forced yield is counted on its stage.
+#[tokio::test]
+async fn core_forced_yields_are_counted() {
+    const N: u64 = 20;
+    let (recorder, handle) = recorder();
+    let _guard = metrics::set_default_local_recorder(&recorder);
+    let nats = NatsCluster::start().await.expect("nats cluster");
+    let ledger = Ledger::new();
+    let cluster = Cluster::connect(config(vec![nats.url(0)], &ledger))
+        .await
+        .unwrap();
+    let mut src = cluster
+        .subscribe("core.fair", Fairness::new(4, usize::MAX).unwrap())
+        .await
+        .unwrap();
+    cluster.client().flush().await.unwrap(); // SUB reached the server
+    let producer = Cluster::connect(config(vec![nats.url(0)], &ledger))
+        .await
+        .unwrap();
+    for i in 0..N {
+        producer
+            .client()
+            .publish("core.fair", Bytes::from(i.to_be_bytes().to_vec()))
+            .await
+            .unwrap();
+    }
+    producer.client().flush().await.unwrap();
+    // Every message waits in the subscription before the first recv.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let stats = cluster.client().statistics();
+    while stats.in_messages.load(std::sync::atomic::Ordering::Relaxed) < N {
+        assert!(Instant::now() < deadline, "client did not receive them");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for i in 0..N {
+        let m = src.recv().await.unwrap().unwrap();
+        assert_eq!(m.payload[..], i.to_be_bytes());
+    }
+    // Slices of 4: a forced yield before the 5th, 9th, 13th and 17th.
+    assert_eq!(src.stats().forced_yields, 4, "{:?}", src.stats());
+    if cfg!(feature = "metrics") {
+        assert_eq!(
+            value(
+                &handle.render(),
+                "flowctl_forced_yields_total",
+                r#"stage="nats.core.fair.sub""#
+            ),
+            Some(4.0)
+        );
+    }
+    drop((src, cluster, producer));
+    assert_eq!(ledger.total(), 0, "{ledger:?}");
+}
