@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use async_nats::{ConnectErrorKind, ConnectOptions, Event, ReconnectToServer, ServerAddr};
 use flowctl_core::FlowError;
+use flowctl_core::gate::Gate;
 use flowctl_core::lifecycle::{Lease, Ledger, RetryPolicy, retry};
+use flowctl_core::stage::{DropReason, Stage, StageCounter};
 use tokio::sync::watch;
 
 use crate::ClusterError;
@@ -82,7 +84,10 @@ pub struct ClusterConfig {
     pub ping_interval: Duration,
     /// Timeout of JetStream API requests and publish acks.
     pub request_timeout: Duration,
-    /// Connection name shown in the server's `/connz`.
+    /// Connection name shown in the server's `/connz`; also names the
+    /// connection's stage, `nats.<name>.connection` (without a name, the seed
+    /// of the first connect stands in), which counts
+    /// `flowctl_nats_reconnects_total`.
     pub name: Option<String>,
     /// Prefix of the inboxes (reply subjects) this client subscribes to
     /// (default `_INBOX`). Useful to find this client's subscriptions in `/subsz`.
@@ -161,17 +166,25 @@ pub(crate) struct Shared {
 #[derive(Debug)]
 pub(crate) struct Events {
     pub(crate) slow: Mutex<HashMap<u64, u64>>,
+    /// The gates of the live core subscriptions, by subscription id: a drop
+    /// is counted on its subscription's stage when async-nats reports it,
+    /// whether or not the consumer is reading.
+    pub(crate) gates: Mutex<HashMap<u64, Gate>>,
     pub(crate) reconnects: AtomicU64,
     pub(crate) slow_total: AtomicU64,
     /// The last permission violations the server reported (`-ERR`), newest last.
     pub(crate) violations: Mutex<std::collections::VecDeque<String>>,
     /// Bumped on every new violation, to wake waiting sources.
     pub(crate) violation_gen: watch::Sender<u64>,
+    /// `flowctl_nats_reconnects_total` of the connection's stage.
+    reconnects_metric: StageCounter,
 }
 
-impl Default for Events {
-    fn default() -> Self {
+impl Events {
+    fn new(stage: &Stage) -> Self {
         Events {
+            reconnects_metric: stage.counter("flowctl_nats_reconnects_total"),
+            gates: Mutex::default(),
             slow: Mutex::default(),
             reconnects: AtomicU64::new(0),
             slow_total: AtomicU64::new(0),
@@ -364,7 +377,16 @@ async fn connect_seed(
     addrs: &[ServerAddr],
     first: usize,
 ) -> Result<Cluster, SeedError> {
-    let events = Arc::new(Events::default());
+    // The connection's stage: `nats.<connection name, or the seed of the
+    // first connect>.connection`.
+    let stage = Stage::new(format!(
+        "nats.{}.connection",
+        config
+            .name
+            .clone()
+            .unwrap_or_else(|| redact_seed(&config.seeds[first]))
+    ));
+    let events = Arc::new(Events::new(&stage));
     let (gen_tx, gen_rx) = watch::channel(0u64);
     let mut opts = ConnectOptions::new()
         .connection_timeout(config.connect_timeout)
@@ -392,7 +414,10 @@ async fn connect_seed(
         async move {
             match event {
                 Event::Connected => {
-                    ev.reconnects.fetch_add(1, Ordering::Relaxed);
+                    // async-nats reports the first connect as `Connected` too.
+                    if ev.reconnects.fetch_add(1, Ordering::Relaxed) > 0 {
+                        ev.reconnects_metric.increment(1);
+                    }
                     gen_tx.send_modify(|g| *g += 1);
                 }
                 Event::ServerError(async_nats::ServerError::Other(text))
@@ -410,6 +435,13 @@ async fn connect_seed(
                     ev.slow_total.fetch_add(1, Ordering::Relaxed);
                     if let Ok(mut m) = ev.slow.lock() {
                         *m.entry(sid).or_insert(0) += 1;
+                    }
+                    // Under the map's lock: the subscription cannot
+                    // deregister in between (its gate would miss the drop).
+                    if let Ok(g) = ev.gates.lock()
+                        && let Some(gate) = g.get(&sid)
+                    {
+                        gate.record_drop(DropReason::SlowConsumer, 1);
                     }
                 }
                 _ => {}

@@ -8,6 +8,7 @@ use bytes::Bytes;
 use flowctl_core::fair::Budget;
 use flowctl_core::gate::Gate;
 use flowctl_core::lifecycle::Lease;
+use flowctl_core::stage::{DropReason, Stage};
 use flowctl_core::{Fairness, FlowError, FlowStats, Source, Watermarks, Weighted};
 use std::task::{Context, Poll};
 
@@ -40,7 +41,26 @@ impl Weighted for CoreMessage {
 /// [`ClusterConfig::subscription_capacity`](crate::ClusterConfig) messages
 /// inside async-nats. Core NATS has no backpressure: when that channel is full
 /// async-nats drops messages and only emits `Event::SlowConsumer`; this source
-/// turns those drops into an error.
+/// turns those drops into an error, and counts them in
+/// [`FlowStats::dropped`] and `flowctl_dropped_total{reason="slow_consumer"}`
+/// as they are reported (while the consumer is not reading, too).
+///
+/// # Stage
+/// Named `nats.<subject>.sub` by default ([`CoreSource::set_name`] renames
+/// it). Its buffer is async-nats's channel: `high` is
+/// `subscription_capacity` (messages, not bytes), and its overflow policy is
+/// fixed by async-nats: what does not fit is dropped on arrival, as
+/// [`Overflow::DropNewest`](flowctl_core::Overflow::DropNewest) would, and
+/// counted with the reason `slow_consumer`. The source holds no buffer of
+/// its own beyond the one message a forced yield keeps.
+///
+/// The count is a lower bound: async-nats reports each drop as one event on
+/// a channel of 128 that itself drops events when the client falls behind
+/// (the connection's `statistics().in_messages` minus what the consumer
+/// received is the exact figure when it is the connection's only
+/// subscription). Drops made by the server (it disconnects a client whose
+/// pending bytes exceed its `max_pending`) are not reported to the client
+/// at all: they show as a reconnect.
 ///
 /// # Errors
 /// [`ClusterError::SlowConsumer`] (inside [`FlowError::Transport`]) from the
@@ -61,6 +81,7 @@ pub struct CoreSource {
     violations: Changed<u64>,
     budget: Budget,
     gate: Gate,
+    stage: Stage,
     _lease: Lease,
 }
 
@@ -94,6 +115,18 @@ impl Cluster {
                 "could not read the subscription id; slow consumer drops of the whole connection are reported"
             );
         }
+        let stage = Stage::new(format!("nats.{subject}.sub"));
+        let gate = Gate::new(
+            Watermarks::new(0, self.shared.subscription_capacity.max(1))
+                .map_err(|_| FlowError::Closed)?,
+            tracing::debug_span!("core", subject),
+        );
+        gate.set_stage(stage.clone());
+        if let Some(sid) = sid
+            && let Ok(mut g) = self.shared.events.gates.lock()
+        {
+            g.insert(sid, gate.clone());
+        }
         Ok(CoreSource {
             sub,
             sid,
@@ -104,11 +137,8 @@ impl Cluster {
             peeked: None,
             violations: Changed::new(self.shared.events.violation_gen.subscribe()),
             budget: Budget::new(fairness),
-            gate: Gate::new(
-                Watermarks::new(0, self.shared.subscription_capacity.max(1))
-                    .map_err(|_| FlowError::Closed)?,
-                tracing::debug_span!("core", subject),
-            ),
+            gate,
+            stage,
             _lease: self.shared.ledger.acquire("nats.subscription"),
         })
     }
@@ -130,22 +160,34 @@ impl CoreSource {
         }
         match self.budget.poll_proceed(cx) {
             Poll::Ready(()) => Poll::Ready(self.peeked.take()),
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => {
+                self.gate.record_forced_yield();
+                Poll::Pending
+            }
         }
     }
 
     /// Messages async-nats dropped for this subscription so far (a lower
-    /// bound: its event channel may drop reports too).
+    /// bound: its event channel may drop reports too); the same figure as
+    /// [`FlowStats::dropped`]. Without a subscription id (see
+    /// [`Cluster::subscribe`]), the drops of the whole connection.
     pub fn dropped(&self) -> u64 {
         match self.sid {
-            Some(sid) => self
-                .events
-                .slow
-                .lock()
-                .map(|m| m.get(&sid).copied().unwrap_or(0))
-                .unwrap_or(0),
+            Some(_) => self.gate.stats().dropped,
             None => self.events.slow_total.load(Ordering::Relaxed),
         }
+    }
+
+    /// Renames the stage (default `nats.<subject>.sub`): its metrics are
+    /// registered again under the new name, with the recorder installed now.
+    pub fn set_name(&mut self, name: impl Into<Arc<str>>) {
+        self.stage = Stage::new(name);
+        self.gate.set_stage(self.stage.clone());
+    }
+
+    /// The stage: its name and its metrics.
+    pub fn stage(&self) -> &Stage {
+        &self.stage
     }
 }
 
@@ -158,6 +200,11 @@ impl Source for CoreSource {
         }
         let dropped = self.dropped();
         if dropped > self.reported {
+            if self.sid.is_none() {
+                // Not counted by the event callback: counted here, as reported.
+                self.gate
+                    .record_drop(DropReason::SlowConsumer, dropped - self.reported);
+            }
             self.reported = dropped;
             return Poll::Ready(Err(ClusterError::SlowConsumer {
                 subject: self.subject.clone(),
@@ -196,5 +243,15 @@ impl Source for CoreSource {
 
     fn stats(&self) -> FlowStats {
         self.gate.stats()
+    }
+}
+
+impl Drop for CoreSource {
+    fn drop(&mut self) {
+        if let Some(sid) = self.sid
+            && let Ok(mut g) = self.events.gates.lock()
+        {
+            g.remove(&sid);
+        }
     }
 }

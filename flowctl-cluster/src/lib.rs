@@ -57,8 +57,41 @@
 //!   `flush` and `close` included, returns them at once, and
 //!   [`Publisher::outcome`] counts what was stored, not stored, or unknown.
 //! - [`Cluster::subscribe`] → [`CoreSource`]: core NATS, at most once;
-//!   drops are reported as [`ClusterError::SlowConsumer`], permission
+//!   drops are reported as [`ClusterError::SlowConsumer`] and counted in
+//!   [`FlowStats::dropped`](flowctl_core::FlowStats::dropped), permission
 //!   violations as [`ClusterError::PermissionDenied`].
+//!
+//! # Stages and metrics
+//!
+//! Every source and sink is a named [`Stage`](flowctl_core::Stage) by
+//! default, used in its `tracing` span and, with the `metrics` feature, as
+//! the `stage` label of its metrics (create it after installing the
+//! recorder):
+//!
+//! | stage | default name | renamed by |
+//! |---|---|---|
+//! | [`PullSource`] | `nats.<stream>.<consumer>.pull` | [`ConsumeOptions::name`] |
+//! | [`Publisher`] | `nats.<stream>.<subject>.publish` | [`PublishOptions::name`] |
+//! | [`CoreSource`] | `nats.<subject>.sub` | [`CoreSource::set_name`] |
+//! | the connection | `nats.<name or first seed>.connection` | [`ClusterConfig::name`] |
+//!
+//! Each exports flowctl-core's metrics of its buffer; the pull source adds
+//! its [`PullStats`] as counters (`flowctl_nats_pulls_total`,
+//! `flowctl_nats_redeliveries_dropped_total`,
+//! `flowctl_nats_demand_resets_total`, `flowctl_nats_gap_fills_total`, ...)
+//! and `flowctl_nats_ack_failures_total`, the publisher
+//! `flowctl_nats_publish_retries_total` and `flowctl_nats_rechained_total`,
+//! the connection `flowctl_nats_reconnects_total`; a core subscription's
+//! drops are `flowctl_dropped_total{reason="slow_consumer"}`. The full list
+//! is in `docs/src/reference/metrics.md`.
+//!
+//! Overflow: the pull source never overflows (it asks only for what fits);
+//! the publisher takes [`PublishOptions::overflow`] (`Block`, `DropNewest`,
+//! `Fail`; `DropOldest` is refused, since what it holds was already sent);
+//! a core subscription drops what async-nats cannot queue, as `DropNewest`
+//! would, with the reason `slow_consumer`. The publisher's
+//! [`Sink::writability`](flowctl_core::Sink::writability) observes its
+//! paused/resumed edges.
 //!
 //! # Errors
 //!
@@ -180,6 +213,8 @@
 //!
 //! - `nkeys` (off): NATS credentials files and nkey seeds
 //!   (`Credentials::CredentialsFile`), via `async-nats/nkeys`.
+//! - `metrics` (off): every stage's metrics through the `metrics` facade
+//!   (flowctl-core's `metrics` feature); see [Stages and metrics](#stages-and-metrics).
 //! - `testing` (off): the `testing` module, a real 3-node `nats-server`
 //!   cluster with JetStream on 127.0.0.1 (`testing::NatsCluster`: free ports,
 //!   stopped by pid, monitoring reads). Used by this crate's tests and

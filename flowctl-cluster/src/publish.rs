@@ -11,8 +11,9 @@ use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
 use bytes::Bytes;
 use flowctl_core::gate::{Gate, GateHandle};
+use flowctl_core::stage::{DropReason, Stage, StageCounter};
 use flowctl_core::weighted::charge_of;
-use flowctl_core::{FlowError, FlowStats, SendError, Sink, Watermarks};
+use flowctl_core::{FlowError, FlowStats, Overflow, SendError, Sink, Watermarks, Writability};
 use futures::future::BoxFuture;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -47,6 +48,20 @@ pub struct PublishOptions {
     /// in flight may store later messages before the retried one (still no
     /// duplicates: `Nats-Msg-Id` stays).
     pub strict_order: bool,
+    /// What a send does while more than `high` bytes await their acks:
+    /// [`Overflow::Block`] (the default) waits in `ready`;
+    /// [`Overflow::DropNewest`] drops the message (the send succeeds; it is
+    /// counted in [`FlowStats::dropped`] and never published, so it takes no
+    /// `Nats-Msg-Id`); [`Overflow::Fail`] gives it back in a
+    /// [`SendError`] with [`FlowError::Overflow`] (the sink stays usable).
+    /// [`Overflow::DropOldest`] is refused by [`Cluster::publisher`]: the
+    /// bytes held are messages already sent to the stream, which cannot be
+    /// taken back. A message is admitted when it fits under `high`, or when
+    /// nothing awaits an ack.
+    pub overflow: Overflow,
+    /// The stage's name in spans and metrics; `None`:
+    /// `nats.<stream>.<subject>.publish` (the stream that captures `subject`).
+    pub name: Option<String>,
 }
 
 impl Default for PublishOptions {
@@ -59,6 +74,8 @@ impl Default for PublishOptions {
             max_backoff: Duration::from_secs(1),
             ack_timeout: Duration::from_secs(1),
             strict_order: true,
+            overflow: Overflow::Block,
+            name: None,
         }
     }
 }
@@ -98,6 +115,22 @@ struct State {
     rechained: std::sync::atomic::AtomicU64,
     /// Set once by the publishing task, never taken: the error is sticky.
     fatal: Mutex<Option<Fatal>>,
+    /// `flowctl_nats_rechained_total`: counts with `rechained`.
+    rechained_metric: StageCounter,
+    /// `flowctl_nats_publish_retries_total`: window re-sent after a transient failure.
+    retries_metric: StageCounter,
+}
+
+impl State {
+    fn new(stage: &Stage) -> Self {
+        State {
+            error: Mutex::new(None),
+            fatal: Mutex::new(None),
+            rechained: Default::default(),
+            rechained_metric: stage.counter("flowctl_nats_rechained_total"),
+            retries_metric: stage.counter("flowctl_nats_publish_retries_total"),
+        }
+    }
 }
 
 /// Publishes every item to one subject of a stream; see [`Cluster::publisher`].
@@ -113,6 +146,14 @@ struct State {
 /// only writer of the stream (another writer is reported as
 /// [`ClusterError::ConcurrentPublisher`]) unless
 /// [`PublishOptions::strict_order`] is off.
+///
+/// # Stage
+/// Named `nats.<stream>.<subject>.publish` by default
+/// ([`PublishOptions::name`]); its buffer is the bytes sent and not yet
+/// acknowledged, against [`PublishOptions::watermarks`], with the overflow
+/// policy [`PublishOptions::overflow`]. [`Sink::writability`] observes its
+/// paused/resumed edges. Besides the core metrics it exports
+/// `flowctl_nats_publish_retries_total` and `flowctl_nats_rechained_total`.
 ///
 /// # Errors
 /// [`ClusterError::ConcurrentPublisher`], [`ClusterError::PermissionDenied`],
@@ -146,13 +187,16 @@ pub struct Publisher {
     /// What a `close` whose flush failed returns, kept across its polls.
     close_error: Option<FlowError>,
     max_payload: usize,
+    overflow: Overflow,
+    stage: Stage,
 }
 
 impl Cluster {
     /// A [`Sink`] of payloads published to `subject`, which a stream must capture.
     ///
     /// # Errors
-    /// [`ClusterError::NoStreamForSubject`] if no stream captures `subject`.
+    /// [`ClusterError::NoStreamForSubject`] if no stream captures `subject`;
+    /// `FlowError::Config` for `max_inflight` 0 or [`Overflow::DropOldest`].
     pub async fn publisher(
         &self,
         subject: &str,
@@ -161,8 +205,16 @@ impl Cluster {
         if opts.max_inflight == 0 {
             return Err(FlowError::Config("max_inflight must be at least 1".into()));
         }
+        if opts.overflow == Overflow::DropOldest {
+            return Err(FlowError::Config(
+                "publisher overflow drop_oldest is not supported: the oldest buffered \
+                 messages were already sent to the stream and cannot be taken back; \
+                 use drop_newest or fail"
+                    .into(),
+            ));
+        }
         let shared = self.shared.clone();
-        shared.js.stream_by_subject(subject).await.map_err(|e| {
+        let stream = shared.js.stream_by_subject(subject).await.map_err(|e| {
             if e.to_string().contains("not found") {
                 ClusterError::NoStreamForSubject {
                     subject: subject.to_owned(),
@@ -171,15 +223,19 @@ impl Cluster {
                 ClusterError::nats("stream lookup", e)
             }
         })?;
+        let stage = Stage::new(
+            opts.name
+                .clone()
+                .unwrap_or_else(|| format!("nats.{stream}.{subject}.publish")),
+        );
         let gate = Gate::new(opts.watermarks, tracing::debug_span!("publisher", subject));
+        gate.set_stage(stage.clone());
+        gate.set_overflow(opts.overflow);
+        let overflow = opts.overflow;
         // The sender lives in the task: when the task ends for any reason,
         // a waiting flush wakes up instead of waiting for acks forever.
         let (acked_tx, acked_rx) = watch::channel(0u64);
-        let state = Arc::new(State {
-            error: Mutex::new(None),
-            fatal: Mutex::new(None),
-            rechained: Default::default(),
-        });
+        let state = Arc::new(State::new(&stage));
         let (tx, rx) = mpsc::unbounded_channel();
         let js = async_nats::jetstream::ContextBuilder::new()
             .timeout(opts.ack_timeout)
@@ -209,6 +265,8 @@ impl Cluster {
             task: Some(task),
             close_error: None,
             max_payload: shared.client.server_info().max_payload,
+            overflow,
+            stage,
         })
     }
 }
@@ -217,6 +275,11 @@ impl Publisher {
     /// The prefix of this publisher's `Nats-Msg-Id`s.
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// The stage: its name and its metrics.
+    pub fn stage(&self) -> &Stage {
+        &self.stage
     }
 
     /// Messages acknowledged by the stream.
@@ -284,9 +347,12 @@ impl Sink for Publisher {
     }
 
     /// Queues `item` for the publishing task, or gives it back: after a
-    /// fatal error (that error), after `close` ([`FlowError::Closed`]), or
-    /// when it cannot fit the server's `max_payload` with its headers
-    /// ([`ClusterError::MessageTooLarge`], not fatal).
+    /// fatal error (that error), after `close` ([`FlowError::Closed`]), when
+    /// it cannot fit the server's `max_payload` with its headers
+    /// ([`ClusterError::MessageTooLarge`], not fatal), or under
+    /// [`Overflow::Fail`] when it does not fit ([`FlowError::Overflow`], not
+    /// fatal). Under [`Overflow::DropNewest`] an item that does not fit is
+    /// dropped and counted, and the send succeeds.
     fn start_send(&mut self, item: Bytes) -> Result<(), SendError<Bytes>> {
         if let Some(e) = self.fatal() {
             return Err(SendError::new(item, e));
@@ -303,6 +369,28 @@ impl Sink for Publisher {
         let Some(tx) = self.tx.as_ref() else {
             return Err(SendError::closed(item));
         };
+        let charge = charge_of(&item);
+        if !self.overflow.blocks() {
+            // Only this sink charges the gate (the task only credits), so
+            // what fits now still fits when it is charged below.
+            let buffered = self.gate.buffered();
+            let high = self.gate.stats().watermarks.high();
+            if buffered > 0 && buffered + charge > high {
+                if self.overflow == Overflow::Fail {
+                    return Err(SendError::new(
+                        item,
+                        FlowError::Overflow {
+                            buffered,
+                            charge,
+                            high,
+                        },
+                    ));
+                }
+                // DropNewest (DropOldest is refused at construction).
+                self.gate.record_drop(DropReason::DropNewest, 1);
+                return Ok(());
+            }
+        }
         let id = format!("{}-{}", self.id, self.sent + 1);
         // Charged before it is queued, so the task never credits more than
         // was charged; taken back (with the item) if the task is gone.
@@ -366,6 +454,10 @@ impl Sink for Publisher {
 
     fn stats(&self) -> FlowStats {
         self.gate.stats()
+    }
+
+    fn writability(&self) -> Option<Writability> {
+        Some(self.gate.writability())
     }
 }
 
@@ -597,6 +689,7 @@ async fn run(
                 state
                     .rechained
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                state.rechained_metric.increment(1);
                 for e in window.iter_mut() {
                     e.ack = None;
                 }
@@ -641,6 +734,7 @@ async fn run(
                     .saturating_mul(2u32.saturating_pow(attempts.min(16) - 1))
                     .min(opts.max_backoff);
                 tokio::time::sleep(pause).await;
+                state.retries_metric.increment(1);
                 // Go back N: drop every pending ack, re-send from the front.
                 for e in window.iter_mut() {
                     e.ack = None;
@@ -708,11 +802,7 @@ mod tests {
     /// the channel; returns (not_stored, unknown, buffered after).
     fn settle(e: ClusterError, sent: &[bool], queued: u32, strict: bool) -> (u64, u64, usize) {
         let gate = Gate::new(Watermarks::default(), tracing::Span::none());
-        let state = State {
-            error: Mutex::new(None),
-            fatal: Mutex::new(None),
-            rechained: Default::default(),
-        };
+        let state = State::new(&Stage::new("test"));
         let window: VecDeque<Entry> = sent
             .iter()
             .enumerate()

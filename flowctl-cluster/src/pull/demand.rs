@@ -929,6 +929,9 @@ impl<T> Demand<T> {
 
     fn reset(&mut self, reconnected: bool, now: Instant) {
         self.stats.resets += 1;
+        if !reconnected {
+            self.stats.heartbeats_missed += 1;
+        }
         self.last_activity = now;
         if reconnected {
             let deadline = now + self.cfg.expires + STRAGGLER_MARGIN;
@@ -1193,6 +1196,19 @@ mod tests {
             2,
             "both requests are over at their deadline"
         );
+    }
+
+    #[test]
+    fn resets_tell_missed_heartbeats_from_reconnects() {
+        let t = Instant::now();
+        let mut d = Demand::new(cfg(0, 4000, 4, AckMode::OnReceive), t);
+        d.on_start(t);
+        assert_eq!(pulls(&mut d).len(), 2);
+        d.on_reconnected(t);
+        assert_eq!((d.stats().resets, d.stats().heartbeats_missed), (1, 0));
+        // Two heartbeats (and a margin) without a word while requests are open.
+        d.on_timer(t + Duration::from_millis(1200));
+        assert_eq!((d.stats().resets, d.stats().heartbeats_missed), (2, 1));
     }
 
     #[test]

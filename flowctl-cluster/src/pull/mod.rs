@@ -20,6 +20,7 @@ use bytes::Bytes;
 use flowctl_core::fair::Budget;
 use flowctl_core::gate::Gate;
 use flowctl_core::lifecycle::{Attempt, Lease};
+use flowctl_core::stage::{Stage, StageCounter};
 use flowctl_core::{Fairness, FlowError, FlowStats, Source, Watermarks, Weighted};
 use futures::{FutureExt, StreamExt};
 use tokio::sync::mpsc;
@@ -94,6 +95,9 @@ pub struct ConsumeOptions {
     pub fill_gaps_from_stream: bool,
     /// Fair-yield budget.
     pub fairness: Fairness,
+    /// The stage's name in spans and metrics; `None`:
+    /// `nats.<stream>.<consumer>.pull`.
+    pub name: Option<String>,
 }
 
 impl Default for ConsumeOptions {
@@ -107,6 +111,7 @@ impl Default for ConsumeOptions {
             hold_timeout: Duration::from_secs(35),
             fill_gaps_from_stream: true,
             fairness: Fairness::default(),
+            name: None,
         }
     }
 }
@@ -252,6 +257,11 @@ pub struct PullStats {
     /// Times the source lost sight of its open requests (reconnect, missed
     /// heartbeats); they keep counting as demand until they end or expire.
     pub resets: u64,
+    /// Of `resets`, those for missed heartbeats (two heartbeats without a
+    /// word from the server while requests were open); the others follow
+    /// reconnects. Each one probes the consumer leader, and the pulls the
+    /// watermarks allow are issued again.
+    pub heartbeats_missed: u64,
     /// Deliveries the server sent that never arrived (gaps in the consumer sequence).
     pub missed: u64,
     /// Times held-back messages were released by `hold_timeout` with a gap left.
@@ -272,7 +282,77 @@ pub struct PullStats {
     pub voided: u64,
 }
 
+/// The transport metrics of a pull source: [`PullStats`] as counters.
+#[derive(Debug)]
+struct PullMetrics {
+    pulls: StageCounter,
+    duplicates: StageCounter,
+    resets: StageCounter,
+    heartbeats_missed: StageCounter,
+    missed: StageCounter,
+    hold_expired: StageCounter,
+    evicted: StageCounter,
+    filled: StageCounter,
+    fetch_failures: StageCounter,
+    voided: StageCounter,
+}
+
+impl PullMetrics {
+    fn new(stage: &Stage) -> Self {
+        PullMetrics {
+            pulls: stage.counter("flowctl_nats_pulls_total"),
+            duplicates: stage.counter("flowctl_nats_redeliveries_dropped_total"),
+            resets: stage.counter("flowctl_nats_demand_resets_total"),
+            heartbeats_missed: stage.counter("flowctl_nats_heartbeats_missed_total"),
+            missed: stage.counter("flowctl_nats_missed_deliveries_total"),
+            hold_expired: stage.counter("flowctl_nats_hold_expired_total"),
+            evicted: stage.counter("flowctl_nats_evicted_total"),
+            filled: stage.counter("flowctl_nats_gap_fills_total"),
+            fetch_failures: stage.counter("flowctl_nats_gap_fill_failures_total"),
+            voided: stage.counter("flowctl_nats_requests_voided_total"),
+        }
+    }
+
+    /// Adds what `now` counts beyond `before`.
+    fn export(&self, before: &PullStats, now: &PullStats) {
+        let pairs = [
+            (&self.pulls, before.pulls, now.pulls),
+            (&self.duplicates, before.duplicates, now.duplicates),
+            (&self.resets, before.resets, now.resets),
+            (
+                &self.heartbeats_missed,
+                before.heartbeats_missed,
+                now.heartbeats_missed,
+            ),
+            (&self.missed, before.missed, now.missed),
+            (&self.hold_expired, before.hold_expired, now.hold_expired),
+            (&self.evicted, before.evicted, now.evicted),
+            (&self.filled, before.filled, now.filled),
+            (
+                &self.fetch_failures,
+                before.fetch_failures,
+                now.fetch_failures,
+            ),
+            (&self.voided, before.voided, now.voided),
+        ];
+        for (counter, before, now) in pairs {
+            if now > before {
+                counter.increment(now - before);
+            }
+        }
+    }
+}
+
 /// A JetStream pull consumer as a flowctl [`Source`]; see [`Cluster::consume`].
+///
+/// # Stage
+/// Named `nats.<stream>.<consumer>.pull` by default
+/// ([`ConsumeOptions::name`]). Besides the core metrics of its buffer, it
+/// exports [`PullStats`] as counters (see [`PullSource::pull_stats`]) and
+/// `flowctl_nats_ack_failures_total`. It never overflows: demand follows the
+/// watermarks (it only asks the server for what fits under `high`), so
+/// nothing is dropped for room and there is no [`Overflow`](flowctl_core::Overflow)
+/// policy to set; what does not fit stays on the server.
 #[derive(Debug)]
 pub struct PullSource {
     shared: Arc<Shared>,
@@ -295,6 +375,10 @@ pub struct PullSource {
     settle_tx: mpsc::UnboundedSender<Settle>,
     settle_rx: mpsc::UnboundedReceiver<Settle>,
     budget: Budget,
+    stage: Stage,
+    metrics: PullMetrics,
+    /// The [`PullStats`] already added to `metrics`.
+    exported: PullStats,
     _lease: Lease,
 }
 
@@ -407,6 +491,12 @@ impl Cluster {
             *s = Some(sub);
         }
         // The sender task, counted in the ledger, ends when the source drops.
+        let stage = Stage::new(
+            opts.name
+                .clone()
+                .unwrap_or_else(|| format!("nats.{stream}.{consumer}.pull")),
+        );
+        let ack_failures = stage.counter("flowctl_nats_ack_failures_total");
         let (cmd_tx, mut cmd_rx) = mpsc::unbounded_channel::<Cmd>();
         let (probe_tx, probe_rx) = mpsc::unbounded_channel::<ProbeReply>();
         let (fetch_tx, fetch_rx) = mpsc::unbounded_channel::<Fetched<Raw>>();
@@ -434,6 +524,7 @@ impl Cluster {
                         continue;
                     }
                 };
+                let is_ack = matches!(cmd, Cmd::Ack(_));
                 let r = match cmd {
                     Cmd::Pull(reply, body) => {
                         task_client
@@ -462,6 +553,11 @@ impl Cluster {
                     }
                 };
                 if let Err(e) = r {
+                    if is_ack {
+                        // The server redelivers the message; the source acks
+                        // that redelivery and drops it.
+                        ack_failures.increment(1);
+                    }
                     tracing::debug!(error = %e, "pull source: publish failed (the connection is gone)");
                 }
             }
@@ -494,11 +590,16 @@ impl Cluster {
         let mut demand = demand;
         demand.set_last_delivered(last_delivered.0, last_delivered.1);
         let (settle_tx, settle_rx) = mpsc::unbounded_channel();
+        let gate = Gate::new(
+            opts.watermarks,
+            tracing::debug_span!("pull", stream, consumer),
+        );
+        gate.set_stage(stage.clone());
         let mut src = PullSource {
-            gate: Gate::new(
-                opts.watermarks,
-                tracing::debug_span!("pull", stream, consumer),
-            ),
+            gate,
+            metrics: PullMetrics::new(&stage),
+            stage,
+            exported: PullStats::default(),
             budget: Budget::new(opts.fairness),
             shared: shared.clone(),
             sub,
@@ -672,6 +773,11 @@ fn pending_counts(headers: Option<&HeaderMap>) -> Option<(u64, u64)> {
 }
 
 impl PullSource {
+    /// The stage: its name and its metrics.
+    pub fn stage(&self) -> &Stage {
+        &self.stage
+    }
+
     /// Counters beyond [`FlowStats`].
     pub fn pull_stats(&self) -> PullStats {
         self.demand.stats()
@@ -737,6 +843,17 @@ impl PullSource {
             let _ = self.cmd.send(cmd);
         }
         self.sync_gate();
+        self.export_stats();
+    }
+
+    /// Adds the new counts of [`PullStats`] to the stage's counters: called
+    /// at each step of the state machine, so stats and metrics agree.
+    fn export_stats(&mut self) {
+        let now = self.demand.stats();
+        if now != self.exported {
+            self.metrics.export(&self.exported, &now);
+            self.exported = now;
+        }
     }
 
     fn on_message(&mut self, m: async_nats::Message) {
@@ -903,7 +1020,10 @@ impl Source for PullSource {
         loop {
             self.apply_settles();
             if self.demand.has_ready() {
-                std::task::ready!(self.budget.poll_proceed(cx));
+                if self.budget.poll_proceed(cx).is_pending() {
+                    self.gate.record_forced_yield();
+                    return Poll::Pending;
+                }
                 if let Some(msg) = self.take_ready() {
                     self.budget.charge(msg.weight());
                     return Poll::Ready(Ok(Some(msg)));

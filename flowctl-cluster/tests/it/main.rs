@@ -15,5 +15,7 @@ mod failover;
 mod core_sub;
 // Auth rejected and permission denied, against a cluster with users and permissions.
 mod auth;
+// Named stages and metrics in a Prometheus exposition (the metric tests need `--features metrics`).
+mod metrics;
 // TLS: a cluster that requires it, reached with the test CA as root; refused without it.
 mod tls;

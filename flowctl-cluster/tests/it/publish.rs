@@ -5,11 +5,13 @@ use flowctl_cluster::{Cluster, ClusterError, ConsumeOptions, PublishOptions};
 use flowctl_core::lifecycle::Ledger;
 use flowctl_core::prelude::*;
 use flowctl_core::weighted::MIN_CHARGE;
+use flowctl_core::{FlowError, Overflow};
 use flowctl_core::{Sink, Watermarks};
 use futures::FutureExt;
 
 use crate::connect::{config, released};
-use crate::pull::stream_and_consumer;
+use crate::metrics::{payload, recorder, value};
+use crate::pull::{create_stream, stream_and_consumer};
 use flowctl_cluster::testing::NatsCluster;
 
 #[tokio::test]
@@ -41,6 +43,10 @@ async fn publisher_bounds_unacked_bytes_keeps_order_and_rejects_oversize() {
     }
     sink.flush().await.unwrap();
     assert_eq!(sink.acked(), N);
+    assert!(
+        sink.writability().is_some(),
+        "the publisher has a buffer: its edges are observable"
+    );
     let s = sink.stats();
     assert!(
         s.max_buffered <= high + SIZE,
@@ -440,4 +446,207 @@ async fn empty_messages_are_charged_and_pause_the_publisher() {
     );
     assert!(s.paused, "{s:?}");
     assert!(s.buffered <= high + MIN_CHARGE, "{s:?}");
+}
+
+/// Sends `n` payloads through `ready` + `start_send`; returns the refused ones.
+async fn offer(
+    sink: &mut flowctl_cluster::Publisher,
+    n: u64,
+    size: usize,
+) -> Vec<(Bytes, FlowError)> {
+    let mut refused = Vec::new();
+    for i in 0..n {
+        // Under a non-blocking policy `ready` never waits: the guard only
+        // turns a hang into a failure.
+        tokio::time::timeout(Duration::from_secs(10), sink.ready())
+            .await
+            .expect("ready waited under a non-blocking overflow policy")
+            .unwrap();
+        if let Err(e) = sink.start_send(payload(i, size)) {
+            refused.push(e.into_parts());
+        }
+    }
+    refused
+}
+
+/// Continues a node stopped by `NatsCluster::freeze` (SIGCONT by pid).
+fn thaw(nats: &NatsCluster, i: usize) {
+    let pid = nats.pid(i).expect("node runs");
+    let status = std::process::Command::new("kill")
+        .args(["-CONT", &pid.to_string()])
+        .status()
+        .expect("run `kill -CONT` (procps; `cargo xtask setup` installs it)");
+    assert!(status.success(), "kill -CONT {pid}: {status}");
+}
+
+/// With every node frozen no ack comes back, so the publisher's buffer fills
+/// exactly: `Fail` gives back what does not fit, `DropNewest` drops and counts
+/// it, and both stay usable once the stream answers again.
+#[tokio::test]
+async fn publisher_overflow_fail_and_drop_newest_with_a_stalled_stream() {
+    let (recorder, handle) = recorder();
+    let _guard = metrics::set_default_local_recorder(&recorder);
+    let mut nats = NatsCluster::start().await.expect("nats cluster");
+    let ledger = Ledger::new();
+    let cluster = Cluster::connect(config(nats.urls(), &ledger))
+        .await
+        .unwrap();
+    create_stream(&cluster, "OVF1", &["ovf1.>"]).await;
+    create_stream(&cluster, "OVF2", &["ovf2.>"]).await;
+    create_stream(&cluster, "OVF3", &["ovf3.>"]).await;
+    const SIZE: usize = 1000;
+    const FIT: u64 = 10;
+    const N: u64 = 30;
+    let wm = Watermarks::new(0, FIT as usize * SIZE).unwrap();
+    let opts = |overflow| PublishOptions {
+        watermarks: wm,
+        overflow,
+        ..Default::default()
+    };
+    // DropOldest cannot take back what was sent: refused, named.
+    let err = cluster
+        .publisher("ovf1.x", opts(Overflow::DropOldest))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, FlowError::Config(m) if m.contains("drop_oldest")),
+        "{err:?}"
+    );
+    let mut fail = cluster
+        .publisher("ovf1.x", opts(Overflow::Fail))
+        .await
+        .unwrap();
+    let mut drop_newest = cluster
+        .publisher("ovf2.x", opts(Overflow::DropNewest))
+        .await
+        .unwrap();
+    let mut block = cluster
+        .publisher("ovf3.x", opts(Overflow::Block))
+        .await
+        .unwrap();
+    let writable = block.writability().expect("the publisher has a buffer");
+    assert!(!writable.is_paused());
+    for i in 0..3 {
+        nats.freeze(i).unwrap();
+    }
+
+    let refused = offer(&mut fail, N, SIZE).await;
+    assert_eq!(
+        refused.len() as u64,
+        N - FIT,
+        "exactly {FIT} fit under high"
+    );
+    for (k, (item, e)) in refused.iter().enumerate() {
+        assert_eq!(item, &payload(FIT + k as u64, SIZE), "the item comes back");
+        match e {
+            FlowError::Overflow {
+                buffered,
+                charge,
+                high,
+            } => assert_eq!(
+                (*buffered, *charge, *high),
+                (FIT as usize * SIZE, SIZE, wm.high())
+            ),
+            other => panic!("expected Overflow, got {other:?}"),
+        }
+    }
+    let s = fail.stats();
+    assert_eq!(
+        (s.dropped, s.buffered, s.items),
+        (0, FIT as usize * SIZE, FIT)
+    );
+    assert_eq!(fail.outcome().accepted, FIT);
+
+    assert!(
+        offer(&mut drop_newest, N, SIZE).await.is_empty(),
+        "drop_newest never refuses"
+    );
+    let s = drop_newest.stats();
+    assert_eq!(
+        (s.dropped, s.buffered, s.items),
+        (N - FIT, FIT as usize * SIZE, FIT)
+    );
+    assert_eq!(drop_newest.outcome().accepted, FIT);
+
+    // Block: the send past `high` pauses the publisher, and the edge is seen.
+    let mut blocked = 0u64;
+    while !block.stats().paused {
+        assert!(blocked <= FIT, "{:?}", block.stats());
+        block.start_send(payload(blocked, SIZE)).unwrap();
+        blocked += 1;
+    }
+    assert_eq!(blocked, FIT + 1, "one item over high pauses");
+    assert!(writable.is_paused());
+    assert_eq!(writable.pauses(), 1);
+    if cfg!(feature = "metrics") {
+        let text = handle.render();
+        let stage = r#"stage="nats.OVF2.ovf2.x.publish""#;
+        assert_eq!(
+            value(
+                &text,
+                "flowctl_dropped_total",
+                r#"stage="nats.OVF2.ovf2.x.publish",reason="drop_newest""#
+            ),
+            Some((N - FIT) as f64),
+            "{text}"
+        );
+        assert_eq!(
+            value(&text, "flowctl_buffered_bytes", stage),
+            Some((FIT as usize * SIZE) as f64)
+        );
+        assert_eq!(
+            value(
+                &text,
+                "flowctl_dropped_total",
+                r#"stage="nats.OVF1.ovf1.x.publish",reason="drop_newest""#
+            ),
+            Some(0.0)
+        );
+    }
+
+    // The stream answers again: what was admitted is stored, once, in order,
+    // and the refused items can be offered again.
+    for i in 0..3 {
+        thaw(&nats, i);
+    }
+    let flushed = tokio::time::timeout(Duration::from_secs(90), async {
+        fail.flush().await.unwrap();
+        drop_newest.flush().await.unwrap();
+        block.flush().await.unwrap();
+    });
+    flushed.await.expect("flush after the nodes continued");
+    // Offered again: each one that does not fit waits for the acks (flush)
+    // and goes in then.
+    for (mut item, _) in refused {
+        loop {
+            fail.ready().await.unwrap();
+            match fail.start_send(item) {
+                Ok(()) => break,
+                Err(e) => {
+                    let (back, e) = e.into_parts();
+                    assert!(matches!(e, FlowError::Overflow { .. }), "{e:?}");
+                    item = back;
+                    fail.flush().await.unwrap();
+                }
+            }
+        }
+    }
+    fail.flush().await.unwrap();
+    assert_eq!(fail.acked(), N);
+    assert_eq!(drop_newest.acked(), FIT);
+    assert!(!writable.is_paused(), "acked: resumed");
+    for (stream, n) in [("OVF1", N), ("OVF2", FIT), ("OVF3", FIT + 1)] {
+        let st = cluster.jetstream().get_stream(stream).await.unwrap();
+        assert_eq!(st.cached_info().state.messages, n, "{stream}");
+        for seq in 1..=n {
+            let m = st.get_raw_message(seq).await.unwrap();
+            assert_eq!(
+                m.payload,
+                payload(seq - 1, SIZE),
+                "{stream} #{seq} in order"
+            );
+        }
+    }
+    drop((fail, drop_newest, block, cluster));
+    released(&ledger, Duration::from_secs(10)).await;
 }

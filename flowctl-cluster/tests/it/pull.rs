@@ -563,3 +563,47 @@ async fn recv_dropped_at_every_wait_loses_nothing() {
     drop(cluster);
     released(&ledger, Duration::from_secs(10)).await;
 }
+
+/// A pull source with messages ready ends its slice every `max_items`
+/// messages: its forced yields are counted on its stage. How many depends
+/// on how the deliveries arrive (a natural `Pending` starts a new slice), so
+/// only "some" is asserted: 200 messages in batches of 100 with slices of 4.
+#[tokio::test]
+async fn pull_forced_yields_are_counted() {
+    let nats = NatsCluster::start().await.expect("nats cluster");
+    let ledger = Ledger::new();
+    let cluster = Cluster::connect(config(nats.urls(), &ledger))
+        .await
+        .unwrap();
+    stream_and_consumer(&cluster, "FAIR", "fair.>", "c", Duration::from_secs(30)).await;
+    const N: u64 = 200;
+    for i in 0..N {
+        cluster
+            .jetstream()
+            .publish("fair.x", Bytes::from(i.to_be_bytes().to_vec()))
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let mut src = cluster
+        .consume(
+            "FAIR",
+            "c",
+            ConsumeOptions {
+                batch: 100,
+                fairness: Fairness::new(4, usize::MAX).unwrap(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    for i in 0..N {
+        let m = src.recv().await.unwrap().unwrap();
+        assert_eq!(m.payload[..], i.to_be_bytes());
+    }
+    assert!(src.stats().forced_yields > 0, "{:?}", src.stats());
+    drop(src);
+    drop(cluster);
+    released(&ledger, Duration::from_secs(10)).await;
+}
