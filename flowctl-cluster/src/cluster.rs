@@ -165,7 +165,6 @@ pub(crate) struct Shared {
 /// What the event callback records.
 #[derive(Debug)]
 pub(crate) struct Events {
-    pub(crate) slow: Mutex<HashMap<u64, u64>>,
     /// The gates of the live core subscriptions, by subscription id: a drop
     /// is counted on its subscription's stage when async-nats reports it,
     /// whether or not the consumer is reading.
@@ -185,7 +184,6 @@ impl Events {
         Events {
             reconnects_metric: stage.counter("flowctl_nats_reconnects_total"),
             gates: Mutex::default(),
-            slow: Mutex::default(),
             reconnects: AtomicU64::new(0),
             slow_total: AtomicU64::new(0),
             violations: Mutex::default(),
@@ -433,9 +431,6 @@ async fn connect_seed(
                 }
                 Event::SlowConsumer(sid) => {
                     ev.slow_total.fetch_add(1, Ordering::Relaxed);
-                    if let Ok(mut m) = ev.slow.lock() {
-                        *m.entry(sid).or_insert(0) += 1;
-                    }
                     // Under the map's lock: the subscription cannot
                     // deregister in between (its gate would miss the drop).
                     if let Ok(g) = ev.gates.lock()
