@@ -297,10 +297,16 @@ where
         Ok(())
     }
 
-    /// Makes room for `total` bytes, allocating exactly that many (never the
-    /// doubling of `BytesMut::reserve`, which could reach twice the limit).
+    /// Makes room for `total` bytes: in the buffer's own allocation when the
+    /// frames split off its front have been dropped (`try_reclaim` moves the
+    /// bytes held back to its start and never allocates), otherwise in a new
+    /// one of exactly `total` bytes (never the doubling of
+    /// `BytesMut::reserve`, which could reach twice the limit).
     fn grow_to(&mut self, total: usize) {
         if self.buf.capacity() >= total {
+            return;
+        }
+        if self.buf.try_reclaim(total - self.buf.len()) {
             return;
         }
         let mut grown = BytesMut::with_capacity(total);
