@@ -148,10 +148,13 @@ impl LengthHeader {
     fn declared(&self, buf: &[u8]) -> u64 {
         let field = &buf[self.offset..self.offset + self.len];
         let fold = |acc: u64, b: &u8| (acc << 8) | u64::from(*b);
-        if self.big_endian {
-            field.iter().fold(0, fold)
-        } else {
-            field.iter().rev().fold(0, fold)
+        // The codec's default field (4 bytes) in one load: this runs once
+        // per frame.
+        match <[u8; 4]>::try_from(field) {
+            Ok(b) if self.big_endian => u64::from(u32::from_be_bytes(b)),
+            Ok(b) => u64::from(u32::from_le_bytes(b)),
+            Err(_) if self.big_endian => field.iter().fold(0, fold),
+            Err(_) => field.iter().rev().fold(0, fold),
         }
     }
 }
