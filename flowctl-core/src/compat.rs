@@ -88,6 +88,7 @@ where
 {
     type Item = St::Item;
 
+    #[inline]
     fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<St::Item>, FlowError>> {
         let item = std::task::ready!(poll_fair(&mut self.stream, &mut self.budget, cx));
         if let Some(item) = &item {

@@ -118,38 +118,57 @@ impl Budget {
     /// `Ready(())` means: take it now (one unit of tokio's coop budget has been
     /// consumed), then call [`charge`](Budget::charge). `Pending` means the slice
     /// is spent: the task has been scheduled to run again; return `Pending`.
+    #[inline]
     pub fn poll_proceed(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         if self.spent() {
-            tracing::debug!(
-                items = self.items,
-                bytes = self.bytes,
-                "fair yield: slice spent"
-            );
-            self.end_slice();
-            exhaust_coop(cx);
-            cx.waker().wake_by_ref();
-            return Poll::Pending;
+            return self.yield_spent_slice(cx);
         }
         match tokio::task::coop::poll_proceed(cx) {
             Poll::Ready(restore) => {
                 restore.made_progress();
+                // After `made_progress` the guard's drop restores nothing;
+                // forgetting it saves that (out-of-line) call on every item.
+                std::mem::forget(restore);
                 Poll::Ready(())
             }
-            Poll::Pending => {
-                tracing::debug!("fair yield: tokio coop budget spent");
-                self.end_slice();
-                Poll::Pending
-            }
+            Poll::Pending => self.yield_coop_spent(),
         }
     }
 
+    /// The forced yield of [`poll_proceed`](Budget::poll_proceed): once per
+    /// slice, kept out of the per-item path.
+    #[cold]
+    #[inline(never)]
+    fn yield_spent_slice(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        tracing::debug!(
+            items = self.items,
+            bytes = self.bytes,
+            "fair yield: slice spent"
+        );
+        self.end_slice();
+        exhaust_coop(cx);
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    /// tokio's coop budget ran out first (tokio has arranged the wake-up).
+    #[cold]
+    #[inline(never)]
+    fn yield_coop_spent(&mut self) -> Poll<()> {
+        tracing::debug!("fair yield: tokio coop budget spent");
+        self.end_slice();
+        Poll::Pending
+    }
+
     /// Records an item of `bytes` bytes taken in this slice.
+    #[inline]
     pub fn charge(&mut self, bytes: usize) {
         self.items += 1;
         self.bytes += bytes;
     }
 
     /// Ends the slice because the source had nothing ready (a natural yield).
+    #[inline]
     pub fn reset(&mut self) {
         self.items = 0;
         self.bytes = 0;
@@ -161,6 +180,7 @@ impl Budget {
     }
 
     /// True when the slice is spent: the next [`poll_proceed`](Budget::poll_proceed) will yield.
+    #[inline]
     pub fn spent(&self) -> bool {
         self.items >= self.fairness.max_items || self.bytes >= self.fairness.max_bytes
     }
@@ -221,6 +241,7 @@ where
 {
     type Item = S::Item;
 
+    #[inline]
     fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<S::Item>, FlowError>> {
         std::task::ready!(self.budget.poll_proceed(cx));
         match self.inner.poll_recv(cx) {

@@ -148,10 +148,13 @@ impl LengthHeader {
     fn declared(&self, buf: &[u8]) -> u64 {
         let field = &buf[self.offset..self.offset + self.len];
         let fold = |acc: u64, b: &u8| (acc << 8) | u64::from(*b);
-        if self.big_endian {
-            field.iter().fold(0, fold)
-        } else {
-            field.iter().rev().fold(0, fold)
+        // The codec's default field (4 bytes) in one load: this runs once
+        // per frame.
+        match <[u8; 4]>::try_from(field) {
+            Ok(b) if self.big_endian => u64::from(u32::from_be_bytes(b)),
+            Ok(b) => u64::from(u32::from_le_bytes(b)),
+            Err(_) if self.big_endian => field.iter().fold(0, fold),
+            Err(_) => field.iter().rev().fold(0, fold),
         }
     }
 }
@@ -297,10 +300,16 @@ where
         Ok(())
     }
 
-    /// Makes room for `total` bytes, allocating exactly that many (never the
-    /// doubling of `BytesMut::reserve`, which could reach twice the limit).
+    /// Makes room for `total` bytes: in the buffer's own allocation when the
+    /// frames split off its front have been dropped (`try_reclaim` moves the
+    /// bytes held back to its start and never allocates), otherwise in a new
+    /// one of exactly `total` bytes (never the doubling of
+    /// `BytesMut::reserve`, which could reach twice the limit).
     fn grow_to(&mut self, total: usize) {
         if self.buf.capacity() >= total {
+            return;
+        }
+        if self.buf.try_reclaim(total - self.buf.len()) {
             return;
         }
         let mut grown = BytesMut::with_capacity(total);

@@ -482,6 +482,7 @@ pub struct RecvFuture<'a, S: ?Sized> {
 impl<S: Source + ?Sized> Future for RecvFuture<'_, S> {
     type Output = Result<Option<S::Item>, FlowError>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         self.get_mut().src.poll_recv(cx)
     }

@@ -208,6 +208,36 @@ async fn the_declared_size_is_read_from_a_custom_header_layout() {
     );
 }
 
+/// The codec's default 4-byte field, little endian: read as such (a big
+/// endian read of 70,000 would be 1,879,113,984).
+#[tokio::test]
+async fn the_declared_size_is_read_from_a_four_byte_little_endian_header() {
+    let codec = || {
+        LengthDelimitedCodec::builder()
+            .little_endian()
+            .max_frame_length(100_000)
+            .new_codec()
+    };
+    let mut wire = BytesMut::new();
+    wire.put_u32_le(5);
+    wire.put_slice(b"hello");
+    wire.put_u32_le(70_000);
+    wire.put_slice(&[1; 10]);
+    let mut framed = Framed::new(chunked(&wire, 3), codec()).max_buffer(1000);
+    assert_eq!(&framed.recv().await.unwrap().unwrap()[..], b"hello");
+    let err = framed.recv().await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            FlowError::FrameTooLarge {
+                size: 70_000,
+                limit: 1000
+            }
+        ),
+        "{err}"
+    );
+}
+
 #[tokio::test]
 async fn a_stream_ending_inside_a_frame_is_truncated_not_silently_dropped() {
     let mut wire = BytesMut::new();

@@ -1,9 +1,11 @@
 //! Issue 15, "inputs a peer controls": `Framed` fed arbitrary bytes in
-//! arbitrary chunks, with tokio-util's `LengthDelimitedCodec`, a `LinesCodec`
-//! with a maximum length, and a custom decoder. For every input: no panic,
-//! the receive buffer never holds or allocates more than the limit plus one
-//! chunk (plus a length header), every complete frame before an error comes
-//! out in order, and an error for a frame too large names the limit.
+//! arbitrary chunks, with tokio-util's `LengthDelimitedCodec` (its frames
+//! kept by the consumer, or dropped as they arrive so that the receive
+//! buffer is reused), a `LinesCodec` with a maximum length, and a custom
+//! decoder. For every input: no panic, the receive buffer never holds or
+//! allocates more than the limit plus one chunk (plus a length header), every
+//! complete frame before an error comes out in order, and an error for a
+//! frame too large names the limit.
 
 use bytes::{Buf, Bytes, BytesMut};
 use flowctl_core::compat::StreamSource;
@@ -52,6 +54,25 @@ where
     D::Item: Weighted + Send + 'static,
     D::Error: Into<flowctl_core::BoxError>,
 {
+    run_map(input, sizes, decoder, max_buffer, bound, |frame| frame)
+}
+
+/// [`run`], passing each frame through `map` as soon as it arrives: a `map`
+/// that copies the frame drops it before the next call, as a consumer that
+/// is done with each frame does (the receive buffer can then be reused).
+fn run_map<D, T>(
+    input: &[u8],
+    sizes: &[usize],
+    decoder: D,
+    max_buffer: usize,
+    bound: usize,
+    mut map: impl FnMut(D::Item) -> T,
+) -> Result<(Vec<T>, End), TestCaseError>
+where
+    D: Decoder + Send + 'static,
+    D::Item: Weighted + Send + 'static,
+    D::Error: Into<flowctl_core::BoxError>,
+{
     let src = StreamSource::new(futures::stream::iter(chunks(input, sizes)));
     let mut framed = Framed::new(src, decoder).max_buffer(max_buffer);
     let mut frames = Vec::new();
@@ -67,7 +88,7 @@ where
                 framed.capacity()
             );
             match res {
-                Ok(Some(frame)) => frames.push(frame),
+                Ok(Some(frame)) => frames.push(map(frame)),
                 Ok(None) => return Ok(End::Eof),
                 Err(FlowError::FrameTooLarge { size, limit }) => {
                     return Ok(End::TooLarge { size, limit });
@@ -208,6 +229,23 @@ proptest! {
         let (frames, end) = run(&input, &sizes, LengthDelimitedCodec::new(), limit, bound)?;
         let (want, want_end) = length_model(&input, limit);
         let frames: Vec<Vec<u8>> = frames.iter().map(|f| f.to_vec()).collect();
+        prop_assert_eq!(frames, want, "every complete frame, in order");
+        prop_assert_eq!(end, want_end);
+    }
+
+    #[test]
+    fn length_delimited_frames_dropped_on_arrival_in_any_chunks(
+        input in length_input(),
+        sizes in chunk_sizes(),
+        limit in 1..300usize,
+    ) {
+        // Each frame is copied out and dropped at once: the buffer the
+        // frames were split from is then Framed's alone, and reused.
+        let max_chunk = *sizes.iter().max().unwrap();
+        let bound = limit + max_chunk + 4;
+        let codec = LengthDelimitedCodec::new();
+        let (frames, end) = run_map(&input, &sizes, codec, limit, bound, |f| f.to_vec())?;
+        let (want, want_end) = length_model(&input, limit);
         prop_assert_eq!(frames, want, "every complete frame, in order");
         prop_assert_eq!(end, want_end);
     }
