@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 /// Every scenario the soak knows, in the order `all` runs them.
-pub(crate) const SCENARIOS: &[&str] = &["pipe", "ssh", "zmq", "cluster", "pipeline"];
+pub(crate) const SCENARIOS: &[&str] = &["pipe", "telemetry", "ssh", "zmq", "cluster", "pipeline"];
 
 /// The `ssh` scenario against OpenSSH's sshd: not in `all`, added by `--sshd`
 /// (next to `ssh`) or named with `--scenario`.
@@ -58,8 +58,8 @@ usage: flowctl-soak [--duration D] [--seed N] [--scenario NAME[,NAME...]] [--ssh
                     [--metrics ADDR [--linger]]
   --duration D     total run time, split between scenarios: 90s, 10m, 1h (default 60s)
   --seed N         seed of the fault schedule and payloads (default: from the clock; printed)
-  --scenario NAME  all (default) or a comma-separated list of: pipe, ssh, zmq, cluster, pipeline,
-                   ssh-sshd (the ssh scenario against OpenSSH's sshd)
+  --scenario NAME  all (default) or a comma-separated list of: pipe, telemetry, ssh, zmq, cluster,
+                   pipeline, ssh-sshd (the ssh scenario against OpenSSH's sshd)
   --sshd           also run the ssh scenario against OpenSSH's sshd (ssh-sshd, after ssh), started
                    on a free loopback port (installed by `cargo xtask setup`)
   --json FILE      write the report as JSON
@@ -268,7 +268,15 @@ mod tests {
         assert_eq!(parse(&["--scenario", "all"]).unwrap().scenarios, SCENARIOS);
         assert_eq!(
             parse(&["--sshd"]).unwrap().scenarios,
-            ["pipe", "ssh", "ssh-sshd", "zmq", "cluster", "pipeline"]
+            [
+                "pipe",
+                "telemetry",
+                "ssh",
+                "ssh-sshd",
+                "zmq",
+                "cluster",
+                "pipeline"
+            ]
         );
         assert_eq!(
             parse(&["--scenario", "zmq", "--sshd"]).unwrap().scenarios,
