@@ -1,5 +1,8 @@
 //! The soak as a user runs it: the binary, its exit status and its JSON.
 
+// The `--metrics` exporter scraped and queried by a real Prometheus server.
+mod prometheus;
+
 use std::path::PathBuf;
 use std::process::Command;
 
