@@ -36,10 +36,12 @@ pub(crate) fn start(addr: SocketAddr) -> Result<SocketAddr, String> {
     let bound = listener
         .local_addr()
         .map_err(|e| format!("--metrics {addr}: {e}"))?;
+    // ANCHOR: install
     let handle = PrometheusBuilder::new()
         .install_recorder()
         .map_err(|e| format!("--metrics: cannot install the Prometheus recorder: {e}"))?;
     flowctl_core::stage::describe_metrics();
+    // ANCHOR_END: install
     let _ = PORT.set(bound.port());
     std::thread::Builder::new()
         .name("soak-metrics".into())
