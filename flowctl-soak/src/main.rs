@@ -16,6 +16,7 @@ mod opts;
 mod plot;
 mod report;
 mod scenarios;
+mod watch;
 
 use std::process::ExitCode;
 use std::sync::Arc;

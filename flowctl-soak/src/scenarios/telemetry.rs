@@ -31,6 +31,7 @@ use tokio::time::Instant;
 use super::{Ctx, Faults, Outcome};
 use crate::check::{Checker, MIN_MESSAGE, decode, encode};
 use crate::opts::Inject;
+use crate::watch::{Watched, judge};
 
 /// The stage under [`Overflow::DropOldest`].
 pub(crate) const DROP_STAGE: &str = "soak.telemetry.drop_oldest";
@@ -301,22 +302,11 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> Outcome {
     tally.dropped_at_most_once = dstats.dropped;
     violations.extend(judge_dropping(&dstats));
 
-    let bounds = [
-        (DROP_STAGE, dstats.max_buffered, HIGH.max(charge_of_max())),
-        (BLOCK_STAGE, bstats.max_buffered, HIGH + charge_of_max()),
-    ];
-    let (mut max_buffered, mut bound, mut ratio) = (0, 1, -1.0f64);
-    for (name, max, b) in bounds {
-        if max > b {
-            violations.push(format!(
-                "telemetry: {name} buffered {max} bytes, above its bound of {b}"
-            ));
-        }
-        let r = max as f64 / b as f64;
-        if r > ratio {
-            (max_buffered, bound, ratio) = (max, b, r);
-        }
-    }
+    let dropping = Watched::new(DROP_STAGE, HIGH.max(charge_of_max()), "max(high, one item)");
+    let blocking = Watched::new(BLOCK_STAGE, HIGH + charge_of_max(), "high + one item");
+    dropping.record(dstats);
+    blocking.record(bstats);
+    let (max_buffered, bound) = judge("telemetry", [&*dropping, &*blocking], &mut violations);
     let mut latencies_us = dseen.latencies_us;
     latencies_us.extend_from_slice(checker.latencies_us());
     Outcome {
