@@ -456,9 +456,63 @@ fn watermarks(c: &mut Criterion) {
     g.finish();
 }
 
+// ------------------------------------------------------------ metrics_overhead
+
+/// The per-item pipe of `pipe_vs_mpsc`, named, so that every charge and credit
+/// reports to the installed recorder.
+async fn flowctl_items_named(wm: Watermarks) {
+    let (mut tx, mut rx) = flowctl_core::PipeBuilder::new(wm)
+        .name("bench.pipe")
+        .build::<Bytes>();
+    let item = payload(SMALL);
+    let producer = tokio::spawn(async move {
+        for _ in 0..ITEMS {
+            tx.send(item.clone()).await.expect("pipe send");
+        }
+    });
+    let mut n = 0;
+    while let Some(b) = rx.recv().await.expect("pipe recv") {
+        n += b.len();
+    }
+    producer.await.expect("producer");
+    assert_eq!(n, ITEMS * SMALL);
+}
+
+/// flowctl-core's `metrics` feature on (this crate enables it) and a real
+/// recorder installed (metrics-exporter-prometheus, as an application would):
+/// a named pipe reports every charge and credit, an unnamed one reports nothing.
+fn metrics_overhead(c: &mut Criterion) {
+    static RECORDER: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+        std::sync::OnceLock::new();
+    let handle = RECORDER.get_or_init(|| {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .install_recorder()
+            .expect("install the Prometheus recorder")
+    });
+    let wm = Watermarks::default();
+    let mut g = configure(c, "metrics_overhead");
+    g.throughput(Throughput::Elements(ITEMS as u64));
+    let rt = multi_thread(2);
+    g.bench_function("named/mt2", |b| {
+        b.iter_custom(|iters| run(&rt, iters, || flowctl_items_named(wm)));
+    });
+    g.bench_function("unnamed/mt2", |b| {
+        b.iter_custom(|iters| run(&rt, iters, || flowctl_items(wm, 1)));
+    });
+    g.finish();
+    // The named pipe did report: its items are in the exposition.
+    assert!(
+        handle
+            .render()
+            .contains(r#"flowctl_items_total{stage="bench.pipe"}"#),
+        "the named pipe reported nothing"
+    );
+}
+
 criterion_group!(
     benches,
     pipe_vs_mpsc,
+    metrics_overhead,
     pipe_vs_duplex,
     fairness_overhead,
     offload,

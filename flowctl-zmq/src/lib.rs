@@ -109,9 +109,30 @@
 //! charged in bytes to a [`flowctl_core::gate::GateState`], so a sender holds at
 //! most SNDHWM messages in libzmq plus `high` plus one message. A PUB socket
 //! cannot wait for a slow subscriber; it drops, and flowctl counts the drops
-//! in [`ZmqStats::dropped`] (libzmq's `ZMQ_XPUB_NODROP` turns the silent drop
-//! into `EAGAIN`). A source holds no message, so its `stats().buffered` is 0:
-//! libzmq's receive queue (up to RCVHWM messages) is not ours to count.
+//! in [`ZmqStats::dropped`], `stats().dropped` and
+//! `flowctl_dropped_total{reason="hwm"}` (libzmq's `ZMQ_XPUB_NODROP` turns
+//! the silent drop into `EAGAIN`; a counted message reached no subscriber).
+//! A source holds no message, so its `stats().buffered` is 0: libzmq's
+//! receive queue (up to RCVHWM messages) is not ours to count.
+//!
+//! # Names, overflow, writability
+//!
+//! Each half is a named stage, by default `zmq.<endpoint>.<type>` (the first
+//! endpoint bound, as resolved, or else connected; e.g.
+//! `zmq.tcp://127.0.0.1:5555.push`; the halves of a two-way socket end in
+//! `.send`/`.recv`), set with [`SocketBuilder::name`]. The name labels the
+//! stage's `tracing` events and metrics.
+//!
+//! [`SocketBuilder::overflow`] gives the sink an
+//! [`Overflow`](flowctl_core::Overflow) policy for its own queue (default
+//! `Block`: wait for libzmq's room). Under `DropNewest`, `DropOldest` or
+//! `Fail` a send never waits: a message libzmq refuses is queued if it fits
+//! under `high`, else dropped (counted in `stats().dropped`) or given back
+//! with [`FlowError::Overflow`](flowctl_core::FlowError::Overflow); see
+//! [`ZmqSink`](ZmqSink#overflow). The source has no policy: libzmq's receive
+//! queue is its buffer, and dropping from it would turn the peer's
+//! backpressure into loss. [`Sink::writability`](flowctl_core::Sink::writability)
+//! of the sink reports its queue's pause and resume edges.
 //!
 //! RCVHWM counts messages, not bytes, and libzmq allocates a received frame
 //! at the size its header announces: without a limit, one peer announcing a
@@ -230,8 +251,15 @@
 //!
 //! # Feature flags
 //!
-//! None. The libzmq choice is a link override in `.cargo/config.toml`, see
-//! above.
+//! - `metrics` (off by default): enables flowctl-core's `metrics` feature,
+//!   so every named stage reports through the `metrics` facade (install a
+//!   recorder before building the sockets). Besides the core metrics, the
+//!   sink exports `flowctl_zmq_eagain_total` (sends libzmq refused with
+//!   `EAGAIN`) and `flowctl_zmq_send_waits_total` (waits for libzmq's
+//!   room). libzmq's socket monitor is not used, so there are no
+//!   connect/disconnect counts. The crate's reference pages list them.
+//!
+//! The libzmq choice is a link override in `.cargo/config.toml`, see above.
 
 // `deny`, not `forbid`: the libzmq option call without a safe wrapper and the
 // AsyncFd registration allow it locally, with a `// SAFETY:` comment each.

@@ -7,7 +7,9 @@ use std::task::Waker;
 use std::time::Duration;
 
 use bytes::Bytes;
-use flowctl_core::{Fairness, FlowError, Watermarks};
+use flowctl_core::gate::GateState;
+use flowctl_core::stage::Stage;
+use flowctl_core::{Fairness, FlowError, Overflow, Watermarks};
 use tokio::io::unix::AsyncFd;
 
 use super::core::{Core, Counters, Slots};
@@ -30,6 +32,18 @@ use crate::error::ZmqError;
 /// it hold proportionally more. The sink's own queue is charged in bytes to a
 /// [`GateState`](flowctl_core::gate::GateState) with the same watermarks, each message at least
 /// [`MIN_CHARGE`](flowctl_core::weighted::MIN_CHARGE) bytes.
+///
+/// # Names
+/// Each half is a named [`Stage`] (its `tracing` events and, with the
+/// `metrics` feature, the `stage` label of its metrics). The default name is
+/// `zmq.<endpoint>.<type>`, with the first endpoint bound (as libzmq resolved
+/// it, with the port chosen for `:*`) or else the first connected, and the
+/// socket type in lower case: `zmq.tcp://127.0.0.1:5555.push`
+/// (`zmq.<type>` for a socket with no endpoint). [`name`](Self::name) sets
+/// it. A type that both sends and receives (PAIR, DEALER, ROUTER, REQ, REP)
+/// has two halves with a stage each, so their names end in `.send` (the
+/// sink) and `.recv` (the source): `zmq.tcp://127.0.0.1:5555.dealer.send`.
+/// A one-way type has only the half it uses named.
 #[derive(Debug, Clone)]
 pub struct SocketBuilder {
     kind: SocketType,
@@ -49,6 +63,8 @@ pub struct SocketBuilder {
     subscribe: Vec<Bytes>,
     binds: Vec<String>,
     connects: Vec<String>,
+    name: Option<String>,
+    overflow: Overflow,
 }
 
 impl SocketBuilder {
@@ -71,7 +87,26 @@ impl SocketBuilder {
             subscribe: Vec::new(),
             binds: Vec::new(),
             connects: Vec::new(),
+            name: None,
+            overflow: Overflow::Block,
         }
+    }
+
+    /// Names the socket's stages (default `zmq.<endpoint>.<type>`; see
+    /// [Names](SocketBuilder#names)).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// What the sink does with a message when libzmq is at its SNDHWM and
+    /// the sink's own queue is at its high watermark (default
+    /// [`Overflow::Block`]: wait). See [`ZmqSink`](super::ZmqSink#overflow).
+    /// The source has no queue of its own (libzmq's receive queue is its
+    /// buffer), so the policy does not apply to it.
+    pub fn overflow(mut self, overflow: Overflow) -> Self {
+        self.overflow = overflow;
+        self
     }
 
     /// Uses a shared context (needed for `inproc://` between sockets).
@@ -218,7 +253,8 @@ impl SocketBuilder {
     /// `recv_hwm`, `expected_message_size`, `max_message_size` (bytes, `-1`
     /// = no limit), `linger_ms` (`-1` = forever),
     /// `send_buffer`, `recv_buffer` (bytes), `expect_frames`, `routing_id`,
-    /// `subscribe`, `bind`, `connect`.
+    /// `subscribe`, `bind`, `connect`, `name`, `overflow` (`block`,
+    /// `drop_newest`, `drop_oldest`, `fail`).
     ///
     /// # Errors
     /// [`FlowError::Transport`] holding [`ZmqError::InvalidOption`] (read it
@@ -266,13 +302,39 @@ impl SocketBuilder {
             "subscribe" => self.subscribe(Bytes::copy_from_slice(value.as_bytes())),
             "bind" => self.bind(value),
             "connect" => self.connect(value),
+            "name" => self.name(value),
+            "overflow" => self.overflow(match value {
+                "block" => Overflow::Block,
+                "drop_newest" => Overflow::DropNewest,
+                "drop_oldest" => Overflow::DropOldest,
+                "fail" => Overflow::Fail,
+                _ => return Err(bad("expected block, drop_newest, drop_oldest or fail").into()),
+            }),
             _ => {
                 return Err(bad(
-                    "unknown option (known: send_hwm, recv_hwm, expected_message_size, max_message_size, linger_ms, send_buffer, recv_buffer, expect_frames, routing_id, subscribe, bind, connect)",
+                    "unknown option (known: send_hwm, recv_hwm, expected_message_size, max_message_size, linger_ms, send_buffer, recv_buffer, expect_frames, routing_id, subscribe, bind, connect, name, overflow)",
                 )
                 .into());
             }
         })
+    }
+
+    /// The stage names of the sink and the source half, from the
+    /// endpoints libzmq resolved: (sink, source), `None` for a half the
+    /// socket type cannot use.
+    fn stage_names(&self, endpoints: &[String]) -> (Option<String>, Option<String>) {
+        let base = self.name.clone().unwrap_or_else(|| {
+            let kind = self.kind.name().to_ascii_lowercase();
+            match endpoints.first() {
+                Some(ep) => format!("zmq.{ep}.{kind}"),
+                None => format!("zmq.{kind}"),
+            }
+        });
+        match (self.kind.can_send(), self.kind.can_recv()) {
+            (true, true) => (Some(format!("{base}.send")), Some(format!("{base}.recv"))),
+            (true, false) => (Some(base), None),
+            (false, _) => (None, Some(base)),
+        }
     }
 
     fn derived_hwm(&self) -> usize {
@@ -373,9 +435,24 @@ impl SocketBuilder {
             slots,
             counters: counters.clone(),
         });
+        let (sink_name, source_name) = self.stage_names(&endpoints);
+        // The stages register their metrics with the recorder installed now.
+        let sink_stage = sink_name.map(Stage::new);
+        let mut source_gate = GateState::new(self.wm, tracing::Span::none());
+        if let Some(name) = source_name {
+            source_gate.set_stage(Stage::new(name));
+        }
         let span = tracing::debug_span!("zmq", socket = self.kind.name());
         Ok(ZmqSocket {
-            sink: ZmqSink::new(core.clone(), counters, self.wm, self.fairness, span),
+            sink: ZmqSink::new(
+                core.clone(),
+                counters,
+                self.wm,
+                self.fairness,
+                span,
+                sink_stage,
+                self.overflow,
+            ),
             source: ZmqSource::new(
                 core,
                 self.kind,
@@ -383,7 +460,7 @@ impl SocketBuilder {
                 source_counters,
                 self.fairness,
                 self.frames,
-                self.wm,
+                source_gate,
             ),
         })
     }
@@ -432,6 +509,18 @@ impl ZmqSocket {
     /// The socket type.
     pub fn kind(&self) -> SocketType {
         self.source.kind
+    }
+
+    /// The stage name of the sink half (`None` for a type that cannot
+    /// send); see [Names](SocketBuilder#names).
+    pub fn sink_name(&self) -> Option<&str> {
+        self.sink.name()
+    }
+
+    /// The stage name of the source half (`None` for a type that cannot
+    /// receive); see [Names](SocketBuilder#names).
+    pub fn source_name(&self) -> Option<&str> {
+        self.source.name()
     }
 
     /// The kernel send buffer size libzmq applies to this socket's
@@ -498,5 +587,35 @@ mod tests {
             Some(100)
         );
         assert_eq!(b.max_message_size(None).effective_max_message_size(), None);
+    }
+
+    #[test]
+    fn stage_names_follow_the_first_endpoint_and_the_type() {
+        let eps = ["tcp://127.0.0.1:5555".to_string(), "ipc://x".to_string()];
+        let names = |b: SocketBuilder, eps: &[String]| b.stage_names(eps);
+        let push = SocketBuilder::new(SocketType::Push);
+        assert_eq!(
+            names(push.clone(), &eps),
+            (Some("zmq.tcp://127.0.0.1:5555.push".into()), None)
+        );
+        assert_eq!(names(push, &[]), (Some("zmq.push".into()), None));
+        assert_eq!(
+            names(SocketBuilder::new(SocketType::Sub), &eps),
+            (None, Some("zmq.tcp://127.0.0.1:5555.sub".into()))
+        );
+        assert_eq!(
+            names(SocketBuilder::new(SocketType::Dealer), &eps),
+            (
+                Some("zmq.tcp://127.0.0.1:5555.dealer.send".into()),
+                Some("zmq.tcp://127.0.0.1:5555.dealer.recv".into())
+            )
+        );
+        let named = SocketBuilder::new(SocketType::Pair).name("telemetry");
+        assert_eq!(
+            names(named, &eps),
+            (Some("telemetry.send".into()), Some("telemetry.recv".into()))
+        );
+        let named = SocketBuilder::new(SocketType::Pub).name("ticks");
+        assert_eq!(names(named, &eps), (Some("ticks".into()), None));
     }
 }

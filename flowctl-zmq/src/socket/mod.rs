@@ -69,7 +69,9 @@ impl Default for Context {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub struct ZmqStats {
-    /// Messages a PUB socket dropped because a subscriber was at its SNDHWM.
+    /// Messages a PUB socket dropped because a subscriber was at its SNDHWM
+    /// (also in the sink's `stats().dropped`, which adds the messages its
+    /// [overflow policy](SocketBuilder::overflow) dropped).
     pub dropped: u64,
     /// Messages handed to libzmq.
     pub sent: u64,

@@ -11,8 +11,11 @@ use std::time::Duration;
 
 use flowctl_core::fair::Budget;
 use flowctl_core::gate::GateState;
+use flowctl_core::stage::{DropReason, Stage, StageCounter, Writability};
 use flowctl_core::weighted::charge_of;
-use flowctl_core::{Fairness, FlowError, FlowStats, SendError, Sink, Watermarks, Weighted};
+use flowctl_core::{
+    Fairness, FlowError, FlowStats, Overflow, SendError, Sink, Watermarks, Weighted,
+};
 use tokio::task::JoinHandle;
 use tokio::time::Sleep;
 
@@ -56,12 +59,34 @@ const RETRY_EVERY: u32 = 32;
 /// [`flush`](flowctl_core::SinkExt::flush) (or `close`) before waiting for something else,
 /// e.g. before awaiting the reply to a request sent on a DEALER.
 ///
+/// # Overflow
+/// Under [`Overflow::Block`] (the default, see
+/// [`SocketBuilder::overflow`](super::SocketBuilder::overflow)) a sender
+/// waits as described above. Under the other policies `ready` never waits:
+/// it pushes the queue into libzmq (on every call, not every 32nd) and
+/// returns, and `start_send` applies the policy to a message libzmq refuses,
+/// against the queue's watermarks, as flowctl-core's pipe does. The message
+/// is queued if it fits (`buffered + charge <= high`, or the queue is
+/// empty); if not, [`Overflow::DropNewest`] drops it (the send succeeds),
+/// [`Overflow::DropOldest`] drops the oldest queued messages until it fits,
+/// and [`Overflow::Fail`] gives it back with [`FlowError::Overflow`]. Drops
+/// are counted in `stats().dropped` and `flowctl_dropped_total{reason}`. So
+/// the queue never holds more than `max(high, one message)`, and libzmq
+/// holds its SNDHWM messages besides. `flush` and `close` still wait for
+/// libzmq's room: they are asked to deliver.
+///
 /// # PUB sockets
 /// libzmq's PUB drops a message for a subscriber at its HWM without a trace.
-/// flowctl sets `ZMQ_XPUB_NODROP` so libzmq reports it, and counts the message
-/// in [`ZmqStats::dropped`] instead of waiting (a PUB has no writability signal
-/// per subscriber to wait on). With NODROP libzmq refuses the message for every
-/// matching subscriber when one of them is full.
+/// flowctl sets `ZMQ_XPUB_NODROP` so libzmq reports it (`EAGAIN`), and counts
+/// the message as dropped (in [`ZmqStats::dropped`], `stats().dropped` and
+/// `flowctl_dropped_total{reason="hwm"}`) instead of waiting (a PUB has no
+/// writability signal per subscriber to wait on). With NODROP libzmq refuses
+/// the message for every matching subscriber when one of them is full: a
+/// counted message reached no subscriber, and a message not counted reached
+/// every subscriber that matched (as far as libzmq's queues; the network is
+/// beyond any count). The send still succeeds and the message counts in
+/// `stats().items`, so `items = sent + dropped`. A PUB never queues, so the
+/// overflow policy does not apply to it.
 ///
 /// # Fairness
 /// `ready` consumes tokio's coop budget and the [`Fairness`] budget when it
@@ -97,6 +122,44 @@ pub struct ZmqSink {
     /// Queued messages libzmq rejected for good (dropped by `drain`), and
     /// their payload bytes: what `close` counts as dropped besides the queue.
     rejected: (u64, u64),
+    /// A wait for libzmq's room went to sleep in this operation (counted once).
+    parked: bool,
+    /// The transport's own metrics (`None` for a type that cannot send).
+    metrics: Option<SinkMetrics>,
+}
+
+/// The sink's transport metrics, and the items and bytes that go straight
+/// into libzmq (those queued are counted by the gate), so that
+/// `flowctl_items_total` counts every message accepted, as `stats().items`.
+#[derive(Debug)]
+struct SinkMetrics {
+    eagain: StageCounter,
+    waits: StageCounter,
+    items: StageCounter,
+    bytes: StageCounter,
+}
+
+impl SinkMetrics {
+    fn new(stage: &Stage) -> Self {
+        SinkMetrics {
+            eagain: stage.counter("flowctl_zmq_eagain_total"),
+            waits: stage.counter("flowctl_zmq_send_waits_total"),
+            items: stage.counter("flowctl_items_total"),
+            bytes: stage.counter("flowctl_bytes_total"),
+        }
+    }
+}
+
+/// What a run of send attempts met, settled once after it (see `ZmqSink::settle`).
+#[derive(Debug, Default)]
+struct Tally {
+    /// Sends refused with `EAGAIN`.
+    eagain: u64,
+    /// Of those, PUB messages dropped (a PUB does not wait).
+    hwm_drops: u64,
+    /// Messages libzmq took straight from the caller (not from the queue),
+    /// and their bytes.
+    direct: (u64, u64),
 }
 
 impl ZmqSink {
@@ -108,7 +171,15 @@ impl ZmqSink {
         wm: Watermarks,
         fairness: Fairness,
         span: tracing::Span,
+        stage: Option<Stage>,
+        overflow: Overflow,
     ) -> Self {
+        let metrics = stage.as_ref().map(SinkMetrics::new);
+        let mut gate = GateState::new(wm, span);
+        if let Some(stage) = stage {
+            gate.set_stage(stage);
+        }
+        gate.set_overflow(overflow);
         ZmqSink {
             core: Some(core),
             refused: 0,
@@ -116,7 +187,7 @@ impl ZmqSink {
             items: 0,
             bytes: 0,
             queue: VecDeque::new(),
-            gate: GateState::new(wm, span),
+            gate,
             budget: Budget::new(fairness),
             closed: false,
             waited: false,
@@ -124,7 +195,19 @@ impl ZmqSink {
             yielded: false,
             closing: None,
             rejected: (0, 0),
+            parked: false,
+            metrics,
         }
+    }
+
+    /// The stage name (see [`SocketBuilder`](super::SocketBuilder#names)).
+    pub fn name(&self) -> Option<&str> {
+        self.gate.stage().map(Stage::name)
+    }
+
+    /// The overflow policy (see [`SocketBuilder::overflow`](super::SocketBuilder::overflow)).
+    pub fn overflow(&self) -> Overflow {
+        self.gate.overflow()
     }
 
     pub(super) fn core(&self) -> Result<&Arc<Core>, FlowError> {
@@ -144,16 +227,42 @@ impl ZmqSink {
 
     /// Handles the outcome of a send attempt; true if the message left our
     /// hands (the caller counts it as sent if `sent` is [`Sent::Taken`]).
+    /// What it met goes into `tally`, for [`settle`](Self::settle).
     #[inline]
-    fn account(core: &Core, sent: Sent) -> bool {
+    fn account(kind: SocketType, sent: Sent, tally: &mut Tally) -> bool {
         match sent {
             Sent::Taken => true,
-            Sent::WouldBlock if core.kind == SocketType::Pub => {
-                core.counters.dropped.fetch_add(1, Ordering::Relaxed);
-                tracing::trace!("pub: subscriber at its HWM, message dropped");
-                true
+            Sent::WouldBlock => {
+                tally.eagain += 1;
+                if kind == SocketType::Pub {
+                    tally.hwm_drops += 1;
+                    tracing::trace!("pub: subscriber at its HWM, message dropped");
+                    true
+                } else {
+                    false
+                }
             }
-            Sent::WouldBlock => false,
+        }
+    }
+
+    /// Counts what a run of send attempts met, once per run: PUB drops in
+    /// the stats and `flowctl_dropped_total{reason="hwm"}`, refusals and
+    /// direct sends in the transport metrics.
+    fn settle(&mut self, tally: &Tally) {
+        if tally.hwm_drops > 0 {
+            self.counters
+                .dropped
+                .fetch_add(tally.hwm_drops, Ordering::Relaxed);
+            self.gate.record_drop(DropReason::Hwm, tally.hwm_drops);
+        }
+        if let Some(m) = &self.metrics {
+            if tally.eagain > 0 {
+                m.eagain.increment(tally.eagain);
+            }
+            if tally.direct.0 > 0 {
+                m.items.increment(tally.direct.0);
+                m.bytes.increment(tally.direct.1);
+            }
         }
     }
 
@@ -170,6 +279,7 @@ impl ZmqSink {
         let mut sent = 0u64;
         let mut credit = 0;
         let mut failed = None;
+        let mut tally = Tally::default();
         {
             let mut guard = core.lock()?;
             let sock = guard.as_mut().ok_or(FlowError::Closed)?;
@@ -182,7 +292,7 @@ impl ZmqSink {
                 }
                 match sock.try_send(msg) {
                     Ok(outcome) => {
-                        if !Self::account(&core, outcome) {
+                        if !Self::account(core.kind, outcome, &mut tally) {
                             self.refused = 1;
                             break;
                         }
@@ -210,6 +320,7 @@ impl ZmqSink {
         if sent > 0 {
             core.counters.sent.fetch_add(sent, Ordering::Relaxed);
         }
+        self.settle(&tally);
         if self.queue.is_empty() {
             self.refused = 0;
         }
@@ -277,7 +388,14 @@ impl ZmqSink {
             return Poll::Ready(Ok(()));
         }
         self.raised = true;
-        let at_once = ready!(self.core()?.poll_wait(Dir::Out, true, cx))?;
+        let polled = self.core()?.poll_wait(Dir::Out, true, cx);
+        if polled.is_pending()
+            && !std::mem::replace(&mut self.parked, true)
+            && let Some(m) = &self.metrics
+        {
+            m.waits.increment(1);
+        }
+        let at_once = ready!(polled)?;
         if at_once && self.drain()? == 0 {
             self.yielded = true;
             cx.waker().wake_by_ref();
@@ -296,6 +414,17 @@ impl ZmqSink {
         }
         self.waited = false;
         self.yielded = false;
+        self.parked = false;
+    }
+
+    /// `budget.poll_proceed`, recording a forced yield in the stage.
+    fn poll_proceed(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let before = self.budget.yields();
+        let polled = self.budget.poll_proceed(cx);
+        if self.budget.yields() > before {
+            self.gate.record_forced_yield();
+        }
+        polled
     }
 
     /// Counters beyond [`FlowStats`]: PUB drops, forced yields.
@@ -349,9 +478,19 @@ impl ZmqSink {
         let mut accepted = 0;
         while !batch.is_empty() {
             poll_fn(|cx| Sink::poll_ready(self, cx)).await?;
+            if !self.gate.overflow().blocks() && !self.queue.is_empty() {
+                // Under a dropping policy messages wait in the queue, one
+                // `start_send` each (it applies the policy); never here.
+                accepted += self.send_one_of(batch)?;
+                continue;
+            }
             let (taken, refused) = self.accept_many(batch)?;
             accepted += taken;
-            if refused {
+            if refused && !self.gate.overflow().blocks() {
+                // libzmq refused the front message: it goes to the queue
+                // (or is dropped, or given back) under the policy.
+                accepted += self.send_one_of(batch)?;
+            } else if refused {
                 // libzmq is at its SNDHWM: wait for room, as a blocking
                 // `zmq_send` would, instead of moving the rest of `batch`
                 // into the sink's own queue.
@@ -361,6 +500,32 @@ impl ZmqSink {
             }
         }
         Ok(accepted)
+    }
+
+    /// `start_send` of `batch`'s front message under a dropping policy:
+    /// 1 if it was accepted (sent, queued or dropped by the policy). A
+    /// message refused with [`FlowError::Overflow`] goes back to the front
+    /// of `batch`; one that failed otherwise is dropped, as `start_send`'s
+    /// caller would.
+    fn send_one_of(&mut self, batch: &mut VecDeque<Multipart>) -> Result<usize, FlowError> {
+        let Some(item) = batch.pop_front() else {
+            return Ok(0);
+        };
+        match Sink::start_send(self, item) {
+            Ok(()) => Ok(1),
+            Err(e) => {
+                let (item, err) = e.into_parts();
+                if matches!(err, FlowError::Overflow { .. } | FlowError::Closed)
+                    || matches!(
+                        err.transport_error::<ZmqError>(),
+                        Some(ZmqError::Unsupported { .. })
+                    )
+                {
+                    batch.push_front(item);
+                }
+                Err(err)
+            }
+        }
     }
 
     /// One round of [`send_many`](Self::send_many): accepts messages from
@@ -383,6 +548,7 @@ impl ZmqSink {
         let queueing = !self.queue.is_empty();
         let mut taken = 0;
         let mut direct = 0u64;
+        let mut tally = Tally::default();
         let mut failed = None;
         // The failed message was never tried (the socket was broken before
         // it): it stays in `batch`.
@@ -410,10 +576,12 @@ impl ZmqSink {
                         break;
                     }
                     match sock.try_send(item) {
-                        Ok(outcome) if Self::account(&core, outcome) => {
+                        Ok(outcome) if Self::account(core.kind, outcome, &mut tally) => {
                             if outcome == Sent::Taken {
                                 direct += 1;
                             }
+                            tally.direct.0 += 1;
+                            tally.direct.1 += weight as u64;
                         }
                         Ok(_) => {
                             // Refused at the HWM: the round ends, and this
@@ -446,6 +614,7 @@ impl ZmqSink {
         if direct > 0 {
             core.counters.sent.fetch_add(direct, Ordering::Relaxed);
         }
+        self.settle(&tally);
         // The sends processed libzmq's commands: re-check for the receiver.
         core.after_op(Dir::Out);
         if let Some(e) = failed {
@@ -458,9 +627,16 @@ impl ZmqSink {
     fn poll_ready_steps(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), FlowError>> {
         self.open_core()?;
         if !self.waited {
-            ready!(self.budget.poll_proceed(cx));
+            ready!(self.poll_proceed(cx));
             if self.queue.is_empty() {
                 // Nothing to push into libzmq, and an empty queue is never paused.
+                return Poll::Ready(Ok(()));
+            }
+            if !self.gate.overflow().blocks() {
+                // Never waits: libzmq takes what it can now, `start_send`
+                // applies the policy to the rest. Every call, so that no
+                // message is dropped while libzmq has room.
+                self.drain()?;
                 return Poll::Ready(Ok(()));
             }
             // After a refusal, retry only every RETRY_EVERY calls until the
@@ -623,14 +799,57 @@ impl Sink for ZmqSink {
                 Ok(sent) => sent,
                 Err(e) => return Err(SendError::new(item, e)),
             };
-            if Self::account(core, sent) {
+            let mut tally = Tally::default();
+            let left = Self::account(core.kind, sent, &mut tally);
+            if left {
                 if sent == Sent::Taken {
-                    core.counters.sent.fetch_add(1, Ordering::Relaxed);
+                    self.counters.sent.fetch_add(1, Ordering::Relaxed);
                 }
+                tally.direct = (1, weight as u64);
                 self.items += 1;
                 self.bytes += weight as u64;
                 self.budget.charge(charge);
+            }
+            self.settle(&tally);
+            if left {
                 return Ok(());
+            }
+        }
+        if !self.gate.overflow().blocks() && !self.gate.fits(charge) {
+            match self.gate.overflow() {
+                Overflow::DropNewest => {
+                    // Accepted (the send succeeds) and dropped: counted in
+                    // `items` as in `dropped`, so `items = sent + dropped`.
+                    self.gate.record_drop(DropReason::DropNewest, 1);
+                    self.items += 1;
+                    self.bytes += weight as u64;
+                    if let Some(m) = &self.metrics {
+                        m.items.increment(1);
+                        m.bytes.increment(weight as u64);
+                    }
+                    self.budget.charge(charge);
+                    return Ok(());
+                }
+                Overflow::DropOldest => {
+                    let mut evicted = 0;
+                    while !self.gate.fits(charge) {
+                        let Some(old) = self.queue.pop_front() else {
+                            break;
+                        };
+                        // Credited one by one: `fits` reads what is buffered.
+                        self.gate.credit(charge_of(&old));
+                        evicted += 1;
+                    }
+                    self.gate.record_drop(DropReason::DropOldest, evicted);
+                }
+                _ => {
+                    let err = FlowError::Overflow {
+                        buffered: self.gate.buffered(),
+                        charge,
+                        high: self.gate.watermarks().high(),
+                    };
+                    return Err(SendError::new(item, err));
+                }
             }
         }
         if self.queue.is_empty() {
@@ -708,6 +927,13 @@ impl Sink for ZmqSink {
         s.items = self.items;
         s.bytes = self.bytes;
         s
+    }
+
+    /// The paused/resumed edges of the sink's own queue: paused while it is
+    /// above the high watermark (a send would wait, under
+    /// [`Overflow::Block`]), resumed at the low one.
+    fn writability(&self) -> Option<Writability> {
+        Some(self.gate.writability())
     }
 }
 

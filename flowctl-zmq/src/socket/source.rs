@@ -6,6 +6,8 @@ use std::sync::atomic::Ordering;
 use std::task::{Context, Poll, ready};
 
 use flowctl_core::fair::Budget;
+use flowctl_core::gate::GateState;
+use flowctl_core::stage::{Stage, StageCounter};
 use flowctl_core::weighted::{MIN_CHARGE, charge_of};
 use flowctl_core::{Fairness, FlowError, FlowStats, Source, Watermarks, Weighted};
 
@@ -24,6 +26,23 @@ use crate::multipart::Multipart;
 /// pause to the peer. [`stats`](Source::stats) therefore reports `buffered`
 /// (and `max_buffered`) 0: the messages waiting in libzmq's receive queue (up
 /// to RCVHWM) and in the kernel's socket buffer are not ours to count.
+///
+/// # Overflow
+/// Having no queue of its own, the source has no overflow policy: libzmq's
+/// receive queue is its buffer, and what happens when it is full is the
+/// sender's socket type's rule (PUSH, DEALER... wait; PUB drops, and only a
+/// flowctl PUB counts those drops). A policy here would have to take
+/// messages out of libzmq only to drop them, turning the peer's
+/// backpressure into loss behind the application's back. Put a
+/// [`PipeBuilder`](flowctl_core::PipeBuilder) with an overflow policy after
+/// the source to shed load on purpose.
+///
+/// # Stage
+/// The source is a named stage (see
+/// [`SocketBuilder`](super::SocketBuilder#names)): it counts its forced
+/// yields (`stats().forced_yields`, `flowctl_forced_yields_total`) and the
+/// messages and bytes it returned (`flowctl_items_total`,
+/// `flowctl_bytes_total`); its buffered bytes read 0.
 ///
 /// # Memory
 /// Frames of up to 512 bytes are copied into a shared 16 KiB receive buffer
@@ -58,6 +77,11 @@ pub struct ZmqSource {
     wm: Watermarks,
     items: u64,
     bytes: u64,
+    /// The stage: its name, forced yields and metrics (nothing is charged).
+    gate: GateState,
+    /// `flowctl_items_total` and `flowctl_bytes_total` of the stage (the
+    /// gate counts only what is charged to it, and nothing is).
+    counted: Option<(StageCounter, StageCounter)>,
     /// The last poll returned `Pending` waiting for libzmq (not a forced
     /// yield): the next poll resumes the wait without spending another
     /// coop unit, and the slice ends at the first message (a natural yield).
@@ -75,7 +99,8 @@ pub struct ZmqSource {
 }
 
 impl ZmqSource {
-    /// A source on `core`; `frames`: the frame count every message must have.
+    /// A source on `core`; `frames`: the frame count every message must have;
+    /// `gate`: its watermarks and stage (nothing is ever charged to it).
     pub(super) fn new(
         core: Arc<Core>,
         kind: SocketType,
@@ -83,8 +108,15 @@ impl ZmqSource {
         counters: Arc<Counters>,
         fairness: Fairness,
         frames: Option<usize>,
-        wm: Watermarks,
+        gate: GateState,
     ) -> Self {
+        let counted = gate.stage().map(|s| {
+            (
+                s.counter("flowctl_items_total"),
+                s.counter("flowctl_bytes_total"),
+            )
+        });
+        let wm = gate.watermarks();
         ZmqSource {
             core: Some(core),
             kind,
@@ -95,6 +127,8 @@ impl ZmqSource {
             wm,
             items: 0,
             bytes: 0,
+            gate,
+            counted,
             waiting: false,
             at_once: false,
             alone: false,
@@ -137,6 +171,11 @@ impl ZmqSource {
         let mut s = self.counters.snapshot();
         s.recv_yields = self.budget.yields();
         s
+    }
+
+    /// The stage name (see [`SocketBuilder`](super::SocketBuilder#names)).
+    pub fn name(&self) -> Option<&str> {
+        self.gate.stage().map(Stage::name)
     }
 
     /// The socket's endpoints (see [`ZmqSocket::endpoints`](super::ZmqSocket::endpoints)).
@@ -250,7 +289,12 @@ impl ZmqSource {
             // One coop unit for the whole batch (as tokio's own mpsc
             // `recv_many` does), and a forced yield here if the previous
             // batch spent the slice.
-            ready!(self.budget.poll_proceed(cx));
+            let before = self.budget.yields();
+            let proceed = self.budget.poll_proceed(cx);
+            if self.budget.yields() > before {
+                self.gate.record_forced_yield();
+            }
+            ready!(proceed);
         }
         loop {
             let n = self.take_ready(buf, max, self.waiting)?;
@@ -292,6 +336,7 @@ impl ZmqSource {
         waited: bool,
     ) -> Result<usize, FlowError> {
         let core = self.core()?.clone();
+        let (items_before, bytes_before) = (self.items, self.bytes);
         let mut n = 0;
         let mut received = 0u64;
         let taken = {
@@ -332,6 +377,12 @@ impl ZmqSource {
             self.counters
                 .received
                 .fetch_add(received, Ordering::Relaxed);
+        }
+        if let Some((items, bytes)) = &self.counted
+            && self.items > items_before
+        {
+            items.increment(self.items - items_before);
+            bytes.increment(self.bytes - bytes_before);
         }
         // The receives processed libzmq's commands: re-check for the sender.
         core.after_op(Dir::In);
@@ -400,6 +451,7 @@ impl Source for ZmqSource {
         let mut s = FlowStats::empty(self.wm);
         s.items = self.items;
         s.bytes = self.bytes;
+        s.forced_yields = self.gate.stats().forced_yields;
         s
     }
 }

@@ -31,3 +31,9 @@ mod send_sync;
 mod wakeups;
 // The poll contract on the halves: refused messages come back, abandoned polls lose nothing.
 mod poll_contract;
+// Named stages, overflow policies on the sink (pyzmq and inproc peers), writability
+// edges, PUB drops at HWM in the sink's stats.
+mod overflow;
+// The `metrics` feature: the stages' core and transport metrics through a Prometheus recorder.
+#[cfg(feature = "metrics")]
+mod metrics;

@@ -1,9 +1,9 @@
 //! The pyzmq peer fixture: a separate Python process running
 //! `tests/peers/peer.py`, synchronised on the lines it prints, killed by pid on drop.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
 use std::time::{Duration, Instant};
 
@@ -45,6 +45,7 @@ pub(crate) fn message(i: usize, size: usize) -> Vec<Bytes> {
 
 pub(crate) struct Peer {
     child: Child,
+    stdin: Option<ChildStdin>,
     lines: Receiver<String>,
     pub(crate) endpoint: String,
     log: Vec<String>,
@@ -76,6 +77,7 @@ impl Peer {
         let mut child = Command::new(python())
             .arg(script)
             .args(args)
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -83,6 +85,7 @@ impl Peer {
                 panic!("cannot start the pyzmq peer: {e}: run `cargo xtask setup` (installs python3-venv and pyzmq)")
             });
         let stdout = child.stdout.take().expect("piped stdout");
+        let stdin = child.stdin.take();
         let (tx, rx) = channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
@@ -94,6 +97,7 @@ impl Peer {
         });
         let mut peer = Peer {
             child,
+            stdin,
             lines: rx,
             endpoint: String::new(),
             log: Vec::new(),
@@ -134,6 +138,14 @@ impl Peer {
                 }
             }
         }
+    }
+
+    /// Writes `line` to the peer's stdin (the gated modes wait for it).
+    pub(crate) fn tell(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("the peer's stdin is piped");
+        writeln!(stdin, "{line}")
+            .and_then(|()| stdin.flush())
+            .expect("write to the pyzmq peer's stdin");
     }
 
     /// Non-blocking: has the peer printed a line starting with `prefix`?

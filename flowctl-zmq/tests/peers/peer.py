@@ -46,7 +46,7 @@ def main():
 
     ctx = zmq.Context()
     kind = {
-        "pull": zmq.PULL, "push": zmq.PUSH, "xpub": zmq.XPUB, "sub": zmq.SUB,
+        "pull": zmq.PULL, "pull-gated": zmq.PULL, "push": zmq.PUSH, "xpub": zmq.XPUB, "sub": zmq.SUB, "sub-gated": zmq.SUB,
         "router-echo": zmq.ROUTER, "dealer": zmq.DEALER, "pair-echo": zmq.PAIR,
         "frames": zmq.PUSH, "wide": zmq.PUSH, "rep-echo": zmq.REP, "req": zmq.REQ,
     }[a.mode]
@@ -65,6 +65,8 @@ def main():
     if a.mode == "xpub":
         # Block at the HWM instead of dropping: the checker expects every message.
         s.setsockopt(zmq.XPUB_NODROP, 1)
+    if a.mode == "sub-gated":
+        s.setsockopt(zmq.SUBSCRIBE, b"")
     if a.mode == "sub":
         s.setsockopt(zmq.SUBSCRIBE, b"A")
         s.setsockopt(zmq.SUBSCRIBE, b"probe")
@@ -86,6 +88,61 @@ def main():
             if a.delay_ms:
                 time.sleep(a.delay_ms / 1000.0)
         say("OK", n)
+    elif a.mode == "pull-gated":
+        # Reads nothing until a "GO" line on stdin, then receives until a
+        # [b"END"] message, checking each message's content and that the
+        # indices only increase (gaps allowed: a dropping sender). Prints
+        # "COUNT <messages> LAST <last index>".
+        line = sys.stdin.readline()
+        if line.strip() != "GO":
+            say("ERR", "expected GO on stdin, got", repr(line))
+            sys.exit(1)
+        got = 0
+        last = -1
+        while True:
+            frames = s.recv_multipart()
+            if frames == [b"END"]:
+                break
+            i = int(frames[0])
+            if i <= last:
+                say("ERR", "message", i, "after", last)
+                sys.exit(1)
+            check(frames, i, a.size)
+            last = i
+            got += 1
+        say("COUNT", got, "LAST", last)
+        say("OK", got)
+    elif a.mode == "sub-gated":
+        # Reads until the first probe (the subscription is in place) and
+        # prints PROBED, then reads nothing until "GO" on stdin; then receives
+        # until [b"END"], skipping probes, checking each message's content
+        # and that the indices only increase (gaps allowed: a dropping PUB).
+        # Prints "COUNT <messages> LAST <last index>".
+        s.setsockopt(zmq.RCVTIMEO, 30000)
+        while s.recv_multipart()[0] != b"probe":
+            pass
+        say("PROBED")
+        line = sys.stdin.readline()
+        if line.strip() != "GO":
+            say("ERR", "expected GO on stdin, got", repr(line))
+            sys.exit(1)
+        got = 0
+        last = -1
+        while True:
+            frames = s.recv_multipart()
+            if frames == [b"END"]:
+                break
+            if frames[0] == b"probe":
+                continue
+            i = int(frames[0])
+            if i <= last:
+                say("ERR", "message", i, "after", last)
+                sys.exit(1)
+            check(frames, i, a.size)
+            last = i
+            got += 1
+        say("COUNT", got, "LAST", last)
+        say("OK", got)
     elif a.mode == "push":
         for i in range(n):
             s.send_multipart([b"%d" % i, payload(i, a.size)])

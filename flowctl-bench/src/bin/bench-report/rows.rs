@@ -116,6 +116,25 @@ pub(crate) const ROWS: &[RowSpec] = &[
         "`tokio::sync::mpsc` of the same memory bound",
     ),
     core(
+        "core.metrics_overhead",
+        "items/s",
+        Goal::RatioAtLeast(0.9),
+        ("metrics_overhead/named/mt2", "metrics_overhead/unnamed/mt2"),
+        "`pipe` per item, named: every charge and credit reported to a Prometheus recorder",
+        "the same pipe unnamed (reports nothing), same build",
+    ),
+    core(
+        "core.metrics_overhead.vs_mpsc",
+        "items/s",
+        Goal::RatioAtLeast(0.8),
+        (
+            "metrics_overhead/named/mt2",
+            "pipe_vs_mpsc/mpsc_per_item/mt2",
+        ),
+        "`pipe` per item, named, metrics recorded",
+        "`tokio::sync::mpsc` of the same memory bound",
+    ),
+    core(
         "core.pipe_vs_mpsc.per_item.ct",
         "items/s",
         Goal::RatioAtLeast(0.8),
