@@ -10,11 +10,13 @@
 //! counted exactly at the end. Exit status 1 names the first violation.
 
 mod check;
+mod exporter;
 mod monitor;
 mod opts;
 mod plot;
 mod report;
 mod scenarios;
+mod watch;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -50,6 +52,16 @@ fn main() -> ExitCode {
         opts.duration,
         opts.scenarios.join(", ")
     );
+    if let Some(addr) = opts.metrics {
+        // Before any stage is built: stages bind their metrics when created.
+        match exporter::start(addr) {
+            Ok(bound) => println!("metrics served at http://{bound}/metrics"),
+            Err(msg) => {
+                eprintln!("{msg}");
+                return ExitCode::from(2);
+            }
+        }
+    }
     let report = match run(&opts) {
         Ok(report) => report,
         Err(msg) => {
@@ -66,7 +78,7 @@ fn main() -> ExitCode {
         }
         println!("report written to {}", path.display());
     }
-    if report.passed() {
+    let status = if report.passed() {
         println!("soak PASSED (seed {})", report.seed);
         ExitCode::SUCCESS
     } else {
@@ -76,7 +88,14 @@ fn main() -> ExitCode {
             report.first_violation().unwrap_or("unknown violation")
         );
         ExitCode::FAILURE
+    };
+    if opts.linger {
+        println!("--linger: serving the metrics until stdin is closed");
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        let _ = std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink());
     }
+    status
 }
 
 fn run(opts: &Opts) -> Result<Report, String> {

@@ -33,9 +33,51 @@ pub(crate) fn rss() -> u64 {
     status_kb("VmRSS:")
 }
 
-/// Open file descriptors of this process now.
+/// Open file descriptors of this process now, without the `--metrics`
+/// exporter's listener and the scrapes it is serving (a scrape may be in
+/// progress when a scenario's baseline or end is taken).
 pub(crate) fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
+    let exporter = crate::exporter::serves().map_or_else(Default::default, tcp_inodes);
+    std::fs::read_dir("/proc/self/fd").map_or(0, |d| {
+        d.flatten()
+            .filter(|fd| {
+                let Ok(target) = std::fs::read_link(fd.path()) else {
+                    return true;
+                };
+                let inode = target
+                    .to_str()
+                    .and_then(|t| t.strip_prefix("socket:["))
+                    .and_then(|t| t.strip_suffix(']'))
+                    .and_then(|t| t.parse::<u64>().ok());
+                !inode.is_some_and(|i| exporter.contains(&i))
+            })
+            .count()
+    })
+}
+
+/// The socket inodes of this network namespace's TCP sockets whose local
+/// port is `port` (`/proc/net/tcp` and `tcp6`: hex `addr:port` in the second
+/// column, the inode in the tenth).
+fn tcp_inodes(port: u16) -> std::collections::HashSet<u64> {
+    let mut inodes = std::collections::HashSet::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            let local_port = cols
+                .get(1)
+                .and_then(|a| a.rsplit_once(':'))
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+            if local_port == Some(port)
+                && let Some(inode) = cols.get(9).and_then(|i| i.parse::<u64>().ok())
+            {
+                inodes.insert(inode);
+            }
+        }
+    }
+    inodes
 }
 
 /// Live processes descended from this one (children, their children, ...;

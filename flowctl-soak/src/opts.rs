@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 /// Every scenario the soak knows, in the order `all` runs them.
-pub(crate) const SCENARIOS: &[&str] = &["pipe", "ssh", "zmq", "cluster", "pipeline"];
+pub(crate) const SCENARIOS: &[&str] = &["pipe", "telemetry", "ssh", "zmq", "cluster", "pipeline"];
 
 /// The `ssh` scenario against OpenSSH's sshd: not in `all`, added by `--sshd`
 /// (next to `ssh`) or named with `--scenario`.
@@ -31,6 +31,10 @@ pub(crate) struct Opts {
     /// `--nats`: an external cluster for the `cluster` and `pipeline`
     /// scenarios instead of the local 3-node one they start.
     pub(crate) nats: Option<Nats>,
+    /// `--metrics ADDR`: serve the metrics of every stage at `GET /metrics`.
+    pub(crate) metrics: Option<std::net::SocketAddr>,
+    /// `--linger`: after the report, keep serving `--metrics` until stdin closes.
+    pub(crate) linger: bool,
 }
 
 /// An external NATS cluster (`--nats`, `--nats-monitor`).
@@ -51,10 +55,11 @@ pub(crate) const TIMER_P99_BOUND_US: u64 = 50_000;
 
 pub(crate) const USAGE: &str = "\
 usage: flowctl-soak [--duration D] [--seed N] [--scenario NAME[,NAME...]] [--sshd] [--json FILE] [--plot DIR]
+                    [--metrics ADDR [--linger]]
   --duration D     total run time, split between scenarios: 90s, 10m, 1h (default 60s)
   --seed N         seed of the fault schedule and payloads (default: from the clock; printed)
-  --scenario NAME  all (default) or a comma-separated list of: pipe, ssh, zmq, cluster, pipeline,
-                   ssh-sshd (the ssh scenario against OpenSSH's sshd)
+  --scenario NAME  all (default) or a comma-separated list of: pipe, telemetry, ssh, zmq, cluster,
+                   pipeline, ssh-sshd (the ssh scenario against OpenSSH's sshd)
   --sshd           also run the ssh scenario against OpenSSH's sshd (ssh-sshd, after ssh), started
                    on a free loopback port (installed by `cargo xtask setup`)
   --json FILE      write the report as JSON
@@ -63,6 +68,10 @@ usage: flowctl-soak [--duration D] [--seed N] [--scenario NAME[,NAME...]] [--ssh
   --nats URL,...   cluster and pipeline scenarios: use this running NATS cluster (JetStream, 3 nodes)
                    instead of starting a local one; no node is killed then
   --nats-monitor URL,...  its nodes' monitoring URLs (http://host:8222), for the leak check
+  --metrics ADDR   serve every stage's metrics in the Prometheus text format at http://ADDR/metrics
+                   (e.g. 127.0.0.1:9464; port 0 picks a free one, printed at start)
+  --linger         with --metrics: after the report, keep serving until stdin is closed, so a
+                   scraper takes the final values
   --inject BUG     deliberately break an invariant (drop-one, or leak-process: the pipe scenario
                    leaves a process running), to prove the soak can fail";
 
@@ -99,6 +108,8 @@ impl Opts {
             inject: None,
             timer_bound_us: TIMER_P99_BOUND_US,
             nats: None,
+            metrics: None,
+            linger: false,
         };
         let mut sshd = false;
         let mut args = args.into_iter();
@@ -136,6 +147,13 @@ impl Opts {
                         .map_err(|_| format!("bad --timer-bound-ms {v:?}: expected an integer"))?;
                     opts.timer_bound_us = ms * 1000;
                 }
+                "--metrics" => {
+                    let v = value()?;
+                    opts.metrics = Some(v.parse().map_err(|_| {
+                        format!("bad --metrics {v:?}: expected an address like 127.0.0.1:9464")
+                    })?);
+                }
+                "--linger" => opts.linger = true,
                 "--sshd" => sshd = true,
                 "--nats" => opts.nats.get_or_insert_with(Nats::default).urls = list(&value()?),
                 "--nats-monitor" => {
@@ -152,6 +170,9 @@ impl Opts {
                 .position(|s| *s == "ssh")
                 .map_or(opts.scenarios.len(), |i| i + 1);
             opts.scenarios.insert(at, SSH_SSHD);
+        }
+        if opts.linger && opts.metrics.is_none() {
+            return Err(format!("--linger needs --metrics\n{USAGE}"));
         }
         if let Some(n) = &opts.nats
             && n.urls.is_empty()
@@ -247,7 +268,15 @@ mod tests {
         assert_eq!(parse(&["--scenario", "all"]).unwrap().scenarios, SCENARIOS);
         assert_eq!(
             parse(&["--sshd"]).unwrap().scenarios,
-            ["pipe", "ssh", "ssh-sshd", "zmq", "cluster", "pipeline"]
+            [
+                "pipe",
+                "telemetry",
+                "ssh",
+                "ssh-sshd",
+                "zmq",
+                "cluster",
+                "pipeline"
+            ]
         );
         assert_eq!(
             parse(&["--scenario", "zmq", "--sshd"]).unwrap().scenarios,
@@ -288,5 +317,19 @@ mod tests {
         );
         assert!(parse(&["--nats-monitor", "http://a:8222"]).is_err());
         assert!(parse(&["--nats", ","]).is_err());
+    }
+
+    #[test]
+    fn a_metrics_address() {
+        assert_eq!(parse(&[]).unwrap().metrics, None);
+        let o = parse(&["--metrics", "127.0.0.1:9464", "--linger"]).unwrap();
+        assert_eq!(o.metrics, Some("127.0.0.1:9464".parse().unwrap()));
+        assert!(o.linger);
+        assert!(parse(&["--metrics", "localhost"]).is_err());
+        assert!(
+            parse(&["--linger"])
+                .unwrap_err()
+                .contains("--linger needs --metrics")
+        );
     }
 }

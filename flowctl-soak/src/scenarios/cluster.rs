@@ -35,9 +35,9 @@
 //! and async-nats need nothing more. The fixture's waits are async polls.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_nats::jetstream::{consumer, stream};
@@ -54,6 +54,7 @@ use tokio::time::Instant;
 use super::{Ctx, Faults, Outcome};
 use crate::check::{Checker, MIN_MESSAGE, encode};
 use crate::opts::Inject;
+use crate::watch::Watched;
 use flowctl_cluster::testing::{self as nats, FixtureError, NODES, NatsCluster};
 
 /// Largest message published (the smallest is [`MIN_MESSAGE`]).
@@ -94,25 +95,6 @@ enum Phase {
     Slow,
     /// Not reading at all (a fault).
     Stalled,
-}
-
-/// The last stats a task saw of a stage it owns, for the monitor's thread
-/// (the stages are moved into their tasks; their stats are not shareable).
-#[derive(Debug, Clone)]
-pub(crate) struct Snapshot(Arc<Mutex<FlowStats>>);
-
-impl Snapshot {
-    pub(crate) fn new(wm: Watermarks) -> Self {
-        Snapshot(Arc::new(Mutex::new(FlowStats::empty(wm))))
-    }
-
-    pub(crate) fn set(&self, s: FlowStats) {
-        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = s;
-    }
-
-    pub(crate) fn get(&self) -> FlowStats {
-        *self.0.lock().unwrap_or_else(PoisonError::into_inner)
-    }
 }
 
 /// Names that mark everything of this run on the servers.
@@ -413,13 +395,10 @@ impl<'c, 'm> Soak<'c, 'm> {
 
         let killer = Killer::start(local, ctx, self.faults.clone(), &mut self.notes);
 
-        let pub_snap = Snapshot::new(wm);
-        let src_snap = Snapshot::new(wm);
-        let probe = pub_snap.clone();
-        ctx.monitor.probe("cluster publisher", move || probe.get());
-        let probe = src_snap.clone();
-        ctx.monitor
-            .probe("cluster pull source", move || probe.get());
+        let pub_snap = Watched::new("cluster publisher", bound, "high + one message");
+        let src_snap = Watched::new("cluster pull source", bound, "high + one message");
+        pub_snap.probe(ctx.monitor);
+        src_snap.probe(ctx.monitor);
 
         let consumed = Arc::new(AtomicU64::new(0));
         let (done_tx, done_rx) = watch::channel(None);
@@ -448,7 +427,7 @@ impl<'c, 'm> Soak<'c, 'm> {
                     .push(format!("cluster: the producer panicked: {e}"));
                 Produced {
                     sent: 0,
-                    stats: pub_snap.get(),
+                    stats: pub_snap.last(),
                     error: None,
                     rechained: 0,
                 }
@@ -459,7 +438,7 @@ impl<'c, 'm> Soak<'c, 'm> {
                 ));
                 Produced {
                     sent: 0,
-                    stats: pub_snap.get(),
+                    stats: pub_snap.last(),
                     error: None,
                     rechained: 0,
                 }
@@ -479,7 +458,7 @@ impl<'c, 'm> Soak<'c, 'm> {
             .await;
 
         let src_stats = src.stats();
-        src_snap.set(src_stats);
+        src_snap.record(src_stats);
         let ps = src.pull_stats();
         self.notes.push(format!(
             "pull source: {} pulls, {} redeliveries dropped, {} demand resets, {} deliveries missed ({} read from the stream), {} hold-backs expired; publisher: {} stale last msg ids re-chained; reconnects: publisher {}, consumer {}",
@@ -498,16 +477,8 @@ impl<'c, 'm> Soak<'c, 'm> {
         drop(consumer_cluster);
         drop(publisher_cluster);
 
-        let mut max_buffered = 0;
-        for (stage, stats) in [("publisher", produced.stats), ("pull source", src_stats)] {
-            if stats.max_buffered > bound {
-                self.violations.push(format!(
-                    "cluster: stage {stage} buffered {} bytes, above its bound of {bound} (high + one message)",
-                    stats.max_buffered
-                ));
-            }
-            max_buffered = max_buffered.max(stats.max_buffered);
-        }
+        let (max_buffered, _) =
+            crate::watch::judge("cluster", [&*pub_snap, &*src_snap], &mut self.violations);
         self.notes.push(format!(
             "max buffered: publisher {} B, pull source {} B (bound {bound} B each)",
             produced.stats.max_buffered, src_stats.max_buffered
@@ -645,7 +616,7 @@ impl<'c, 'm> Soak<'c, 'm> {
         &mut self,
         mut src: PullSource,
         client: &async_nats::Client,
-        snap: &Snapshot,
+        snap: &Watched,
         consumed: &AtomicU64,
         mut done: watch::Receiver<Option<u64>>,
     ) -> (Checker, PullSource, u64) {
@@ -732,7 +703,7 @@ impl<'c, 'm> Soak<'c, 'm> {
                 checker.observe(&msg.payload, ctx.now_us());
             }
             consumed.store(received, Relaxed);
-            snap.set(src.stats());
+            snap.record(src.stats());
             ctx.progress.messages.store(received, Relaxed);
             ctx.progress.bytes.store(bytes, Relaxed);
             if slow && received % 16 == 0 {
@@ -751,7 +722,7 @@ async fn produce(
     start: Instant,
     deadline: Instant,
     consumed: Arc<AtomicU64>,
-    snap: Snapshot,
+    snap: Arc<Watched>,
     done: watch::Sender<Option<u64>>,
 ) -> Produced {
     let mut rng = fastrand::Rng::with_seed(seed ^ 0x5055_4253);
@@ -770,7 +741,7 @@ async fn produce(
             break;
         }
         seq += 1;
-        snap.set(sink.stats());
+        snap.record(sink.stats());
     }
     if error.is_none()
         && let Err(e) = sink.close().await
@@ -778,7 +749,7 @@ async fn produce(
         error = Some(format!("cluster: closing the publisher failed: {e}"));
     }
     let stats = sink.stats();
-    snap.set(stats);
+    snap.record(stats);
     let sent = if error.is_some() { sink.acked() } else { seq };
     let _ = done.send(Some(sent));
     Produced {

@@ -16,6 +16,7 @@ pub(crate) mod cluster;
 pub(crate) mod pipe;
 pub(crate) mod pipeline;
 pub(crate) mod ssh;
+pub(crate) mod telemetry;
 pub(crate) mod zmq;
 
 /// What a scenario gets from the runner.
@@ -76,6 +77,7 @@ pub(crate) struct Outcome {
 pub(crate) async fn run(name: &str, ctx: &Ctx<'_>) -> Outcome {
     match name {
         "pipe" => pipe::run(ctx).await,
+        "telemetry" => telemetry::run(ctx).await,
         "ssh" => ssh::run(ctx, false).await,
         "ssh-sshd" => ssh::run(ctx, true).await,
         "zmq" => zmq::run(ctx).await,

@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 #[allow(unused_imports)]
 use flowctl_core::prelude::*;
-use flowctl_core::{FlowError, Watermarks, pipe};
+use flowctl_core::{FlowError, PipeBuilder, Watermarks};
 use futures::FutureExt;
 use tokio::time::Instant;
 
@@ -34,7 +34,7 @@ enum Phase {
 
 pub(crate) async fn run(ctx: &Ctx<'_>) -> Outcome {
     let wm = Watermarks::new(64 * 1024, 256 * 1024).expect("valid watermarks");
-    let (tx, mut rx) = pipe::<Bytes>(wm);
+    let (tx, mut rx) = PipeBuilder::new(wm).name("soak.pipe.main").build::<Bytes>();
     let mut probe = tx.clone();
     probe.close_now(); // a closed handle still reads the shared stats
     ctx.monitor.probe("pipe", move || probe.stats());

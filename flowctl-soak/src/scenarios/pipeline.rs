@@ -64,11 +64,10 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::codec::LengthDelimitedCodec;
 
-use super::cluster::{self, Baseline, Snapshot, Soak};
-use super::ssh::{
-    self, MAX_PACKET, PREFIX, Published, Remote, Samplers, Stage, Verified, lock, max_chunk,
-};
+use super::cluster::{self, Baseline, Soak};
+use super::ssh::{self, MAX_PACKET, PREFIX, Remote, Verified, max_chunk};
 use super::{Ctx, Outcome};
+use crate::watch::{self as watched, Live, Recorded, Samplers, Watched};
 use flowctl_cluster::testing::NatsCluster;
 
 /// Largest message: the `cluster` scenario's, which its consumer's
@@ -96,13 +95,13 @@ fn zmq_watermarks() -> Watermarks {
 
 /// Every stage with a buffer, and its bound.
 struct Stages {
-    stdin: Arc<Stage>,
-    stdout: Arc<Stage>,
-    frame: Arc<Stage>,
-    offload: Arc<Stage>,
-    push: Arc<Stage>,
-    publisher: Arc<Stage>,
-    source: Arc<Stage>,
+    stdin: Arc<Watched>,
+    stdout: Arc<Watched>,
+    frame: Arc<Watched>,
+    offload: Arc<Watched>,
+    push: Arc<Watched>,
+    publisher: Arc<Watched>,
+    source: Arc<Watched>,
 }
 
 impl Stages {
@@ -113,29 +112,29 @@ impl Stages {
             cluster::HIGH,
         );
         Stages {
-            stdin: Stage::new(
+            stdin: Watched::new(
                 "ssh stdin",
                 ssh + max_chunk(MAX_MESSAGE),
                 "high + one chunk",
             ),
-            stdout: Stage::new("ssh stdout", ssh + 2 * MAX_PACKET, "high + 2 * max_packet"),
-            frame: Stage::new(
+            stdout: Watched::new("ssh stdout", ssh + 2 * MAX_PACKET, "high + 2 * max_packet"),
+            frame: Watched::new(
                 "frame",
                 PREFIX + MAX_MESSAGE + MAX_PACKET,
                 "one partial frame + one packet",
             ),
-            offload: Stage::new(
+            offload: Watched::new(
                 "offload",
                 ssh::offload_limits().max_inflight_bytes + MAX_MESSAGE,
                 "max_inflight_bytes + one frame",
             ),
-            push: Stage::new("zmq push", zmq + MAX_MESSAGE, "high + one message"),
-            publisher: Stage::new(
+            push: Watched::new("zmq push", zmq + MAX_MESSAGE, "high + one message"),
+            publisher: Watched::new(
                 "nats publisher",
                 nats_high + MAX_MESSAGE,
                 "high + one message",
             ),
-            source: Stage::new(
+            source: Watched::new(
                 "nats pull source",
                 nats_high + MAX_MESSAGE,
                 "high + one message",
@@ -143,7 +142,7 @@ impl Stages {
         }
     }
 
-    fn all(&self) -> [&Arc<Stage>; 7] {
+    fn all(&self) -> [&Arc<Watched>; 7] {
         [
             &self.stdin,
             &self.stdout,
@@ -209,7 +208,7 @@ async fn zmq_hop<S: Source<Item = Verified>>(
     mut src: S,
     endpoint: String,
     restarts: Vec<Instant>,
-    stage: Arc<Stage>,
+    stage: Arc<Watched>,
     mut pulled: watch::Receiver<u64>,
     done: watch::Sender<Option<u64>>,
     drain_deadline: Instant,
@@ -312,7 +311,7 @@ struct NatsHop {
 async fn nats_hop(
     mut pull: ZmqSource,
     mut sink: flowctl_cluster::Publisher,
-    stage: Arc<Stage>,
+    stage: Arc<Watched>,
     pulled: watch::Sender<u64>,
     mut zmq_done: watch::Receiver<Option<u64>>,
     consumed: Arc<AtomicU64>,
@@ -497,23 +496,11 @@ async fn chain(
     ));
 
     let stages = Stages::new();
-    // The pull source's stats are published by the consumer after every batch.
-    let src_snap = Snapshot::new(wm);
     for stage in stages.all() {
-        let probed = stage.clone();
-        if Arc::ptr_eq(stage, &stages.source) {
-            let snap = src_snap.clone();
-            ctx.monitor.probe(stage.name, move || {
-                let s = snap.get();
-                probed.record(s);
-                s
-            });
-        } else {
-            ctx.monitor.probe(stage.name, move || probed.last());
-        }
+        stage.probe(ctx.monitor);
     }
     let samplers: Samplers = Arc::default();
-    let sampler = tokio::spawn(ssh::sample(samplers.clone()));
+    let sampler = tokio::spawn(watched::sample(samplers.clone()));
 
     let killer = cluster::Killer::start(local, ctx, soak.faults.clone(), &mut soak.notes);
 
@@ -523,7 +510,7 @@ async fn chain(
     let (reader_in, stdout, reader_err, mut reader_exit) = remote.reader.split();
     drop((writer_out, writer_err, reader_in, reader_err));
     let producing = tokio::spawn(ssh::produce(
-        Published::new(stdin, &stages.stdin),
+        Recorded::new(stdin, &stages.stdin),
         PRODUCER,
         fastrand::Rng::with_seed(ctx.seed ^ 0x5049_5053),
         (ctx.start, ctx.deadline),
@@ -532,11 +519,11 @@ async fn chain(
     let decoder = LengthDelimitedCodec::builder()
         .max_frame_length(MAX_MESSAGE)
         .new_codec();
-    let framed = Published::new(
-        Framed::new(ssh::Live::new(stdout, &stages.stdout, &samplers), decoder),
+    let framed = Recorded::new(
+        Framed::new(Live::new(stdout, &stages.stdout, &samplers), decoder),
         &stages.frame,
     );
-    let verified = Published::new(
+    let verified = Recorded::new(
         ordered(framed, ssh::offload_limits(), ssh::verify),
         &stages.offload,
     );
@@ -567,7 +554,7 @@ async fn chain(
         .consume(
             src,
             consumer_cluster.client(),
-            &src_snap,
+            &stages.source,
             &consumed,
             nats_done_rx,
         )
@@ -653,25 +640,16 @@ async fn chain(
     drop(server);
     sampler.abort();
     let _ = sampler.await;
-    lock(&samplers).clear();
+    watched::clear(&samplers);
 
     // Every stage against its own bound; the runner sees the worst ratio.
-    let (mut max_buffered, mut bound, mut ratio) = (0, 1, -1.0f64);
-    let mut maxima = Vec::new();
-    for stage in stages.all() {
-        let max = stage.max();
-        if max > stage.bound {
-            violations.push(format!(
-                "pipeline: stage {} buffered {max} bytes, above its bound of {} ({})",
-                stage.name, stage.bound, stage.why
-            ));
-        }
-        maxima.push(format!("{} {}/{}", stage.name, max, stage.bound));
-        let r = max as f64 / stage.bound as f64;
-        if r > ratio {
-            (max_buffered, bound, ratio) = (max, stage.bound, r);
-        }
-    }
+    let (max_buffered, bound) =
+        watched::judge("pipeline", stages.all().map(|s| &**s), &mut violations);
+    let maxima: Vec<String> = stages
+        .all()
+        .iter()
+        .map(|stage| format!("{} {}/{}", stage.name, stage.max(), stage.bound))
+        .collect();
     soak.notes
         .push(format!("max buffered/bound (bytes): {}", maxima.join(", ")));
     let outcome = Outcome {

@@ -52,12 +52,11 @@
 use std::collections::HashMap;
 use std::hash::Hasher;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, Mutex as StdMutex, Weak};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use flowctl_core::SendError;
 use flowctl_core::frame::Framed;
 use flowctl_core::io::WriterSink;
 use flowctl_core::lifecycle::Ledger;
@@ -80,6 +79,7 @@ use super::{Ctx, Faults, Outcome};
 use crate::check::{Checker, Decoded, MIN_MESSAGE, decode, encode};
 use crate::monitor::Progress;
 use crate::opts::Inject;
+use crate::watch::{Live, Recorded, Samplers, Watched};
 
 /// Messages are MIN_MESSAGE..=MAX_MESSAGE bytes.
 const MAX_MESSAGE: usize = 8192;
@@ -106,66 +106,19 @@ const RELEASE_GRACE: Duration = Duration::from_secs(15);
 /// One connection drop per this much run time (at least one).
 const DROP_EVERY: Duration = Duration::from_secs(5);
 
-/// One stage's bound and what was seen of it across every session.
-#[derive(Debug)]
-pub(crate) struct Stage {
-    pub(crate) name: &'static str,
-    pub(crate) bound: usize,
-    pub(crate) why: &'static str,
-    seen: StdMutex<Seen>,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Seen {
-    last: FlowStats,
-    max: usize,
-}
-
-pub(crate) fn lock<T>(m: &StdMutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-impl Stage {
-    pub(crate) fn new(name: &'static str, bound: usize, why: &'static str) -> Arc<Stage> {
-        Arc::new(Stage {
-            name,
-            bound,
-            why,
-            seen: StdMutex::new(Seen {
-                last: FlowStats::empty(Watermarks::default()),
-                max: 0,
-            }),
-        })
-    }
-
-    pub(crate) fn record(&self, stats: FlowStats) {
-        let mut seen = lock(&self.seen);
-        seen.last = stats;
-        seen.max = seen.max.max(stats.max_buffered);
-    }
-
-    pub(crate) fn last(&self) -> FlowStats {
-        lock(&self.seen).last
-    }
-
-    pub(crate) fn max(&self) -> usize {
-        lock(&self.seen).max
-    }
-}
-
 /// Every stage of the pipeline; one set for the whole run, since each
 /// session rebuilds the stages but the bounds are the same.
 #[derive(Debug)]
 struct Stages {
-    stdin: Arc<Stage>,
-    stdout: Arc<Stage>,
-    frame: Arc<Stage>,
-    offload: Arc<Stage>,
-    child: Arc<Stage>,
+    stdin: Arc<Watched>,
+    stdout: Arc<Watched>,
+    frame: Arc<Watched>,
+    offload: Arc<Watched>,
+    child: Arc<Watched>,
 }
 
 impl Stages {
-    fn all(&self) -> [&Arc<Stage>; 5] {
+    fn all(&self) -> [&Arc<Watched>; 5] {
         [
             &self.stdin,
             &self.stdout,
@@ -173,151 +126,6 @@ impl Stages {
             &self.offload,
             &self.child,
         ]
-    }
-}
-
-/// A stage that records its stats after every call (enough for stages whose
-/// buffer only changes when they are driven).
-#[derive(Debug)]
-pub(crate) struct Published<T> {
-    inner: T,
-    stage: Arc<Stage>,
-}
-
-impl<T> Published<T> {
-    pub(crate) fn new(inner: T, stage: &Arc<Stage>) -> Self {
-        Published {
-            inner,
-            stage: stage.clone(),
-        }
-    }
-}
-
-impl<S: Source> Source for Published<S> {
-    type Item = S::Item;
-
-    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<S::Item>, FlowError>> {
-        let r = std::task::ready!(self.inner.poll_recv(cx));
-        self.stage.record(self.inner.stats());
-        Poll::Ready(r)
-    }
-
-    fn stats(&self) -> FlowStats {
-        self.inner.stats()
-    }
-}
-
-impl<K: Sink> Sink for Published<K> {
-    type Item = K::Item;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), FlowError>> {
-        let r = self.inner.poll_ready(cx);
-        self.stage.record(self.inner.stats());
-        r
-    }
-
-    fn start_send(&mut self, item: K::Item) -> Result<(), SendError<K::Item>> {
-        let r = self.inner.start_send(item);
-        self.stage.record(self.inner.stats());
-        r
-    }
-
-    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), FlowError>> {
-        let r = self.inner.poll_flush(cx);
-        self.stage.record(self.inner.stats());
-        r
-    }
-
-    fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), FlowError>> {
-        let r = self.inner.poll_close(cx);
-        self.stage.record(self.inner.stats());
-        r
-    }
-
-    fn stats(&self) -> FlowStats {
-        self.inner.stats()
-    }
-}
-
-/// Samplers of [`Live`] stages, run by a task on the scenario's runtime;
-/// each returns false once its stage is gone.
-pub(crate) type Samplers = Arc<StdMutex<Vec<Box<dyn Fn() -> bool + Send>>>>;
-
-/// A source whose buffer fills in the background (the stdout [`Output`] is
-/// fed by flowctl-ssh's reader task), sampled while nobody reads it, so a
-/// stall shows in the plots. The sampler runs on the runtime's thread and
-/// holds only a weak reference: the stage is always dropped there.
-///
-/// [`Output`]: flowctl_ssh::Output
-pub(crate) struct Live<S: Source + 'static> {
-    /// Locked by a poll (which never waits) or by the sampler's `try_lock`.
-    inner: Arc<StdMutex<S>>,
-    stage: Arc<Stage>,
-}
-
-impl<S: Source + 'static> Live<S> {
-    pub(crate) fn new(inner: S, stage: &Arc<Stage>, samplers: &Samplers) -> Self {
-        let inner = Arc::new(StdMutex::new(inner));
-        let weak: Weak<StdMutex<S>> = Arc::downgrade(&inner);
-        let sampled = stage.clone();
-        lock(samplers).push(Box::new(move || match weak.upgrade() {
-            Some(stage) => {
-                // Locked only while a poll runs: then it is being drained
-                // and the last recorded figure is current enough.
-                if let Ok(s) = stage.try_lock() {
-                    sampled.record(s.stats());
-                }
-                true
-            }
-            None => false,
-        }));
-        Live {
-            inner,
-            stage: stage.clone(),
-        }
-    }
-}
-
-impl<S: Source + 'static> std::fmt::Debug for Live<S> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Live")
-            .field("stage", &self.stage.name)
-            .finish()
-    }
-}
-
-impl<S: Source + 'static> Drop for Live<S> {
-    fn drop(&mut self) {
-        if let Ok(s) = self.inner.try_lock() {
-            self.stage.record(s.stats());
-        }
-    }
-}
-
-impl<S: Source + 'static> Source for Live<S> {
-    type Item = S::Item;
-
-    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<S::Item>, FlowError>> {
-        let mut s = lock(&self.inner);
-        let r = std::task::ready!(s.poll_recv(cx));
-        self.stage.record(s.stats());
-        Poll::Ready(r)
-    }
-
-    fn stats(&self) -> FlowStats {
-        self.inner
-            .try_lock()
-            .map(|s| s.stats())
-            .unwrap_or_else(|_| self.stage.last())
-    }
-}
-
-pub(crate) async fn sample(samplers: Samplers) {
-    let mut every = tokio::time::interval(Duration::from_millis(20));
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        every.tick().await;
-        lock(&samplers).retain(|sample| sample());
     }
 }
 
@@ -463,7 +271,7 @@ impl<S: Source<Item = Verified>> Source for Verifier<'_, S> {
 /// Messages are `MIN_MESSAGE..=max_message` bytes; a chunk is at most
 /// [`max_chunk`]`(max_message)` bytes.
 pub(crate) async fn produce(
-    mut stdin: Published<Stdin>,
+    mut stdin: Recorded<Stdin>,
     producer: u32,
     mut rng: fastrand::Rng,
     (start, deadline): (Instant, Instant),
@@ -591,7 +399,7 @@ struct Run<'c, 'm> {
     streaming: watch::Sender<bool>,
     consumer: Consumer,
     /// The local child's stdin, shared by every session.
-    sink: Published<WriterSink<tokio::process::ChildStdin>>,
+    sink: Recorded<WriterSink<tokio::process::ChildStdin>>,
     /// Messages each producer counts as sent (after [`Checker::cut`]).
     sent: HashMap<u32, u64>,
     violations: Vec<String>,
@@ -630,7 +438,7 @@ impl Run<'_, '_> {
         drop((writer_out, writer_err, reader_in, reader_err));
         let ctx = self.ctx;
         let mut producing = tokio::spawn(produce(
-            Published::new(stdin, &self.stages.stdin),
+            Recorded::new(stdin, &self.stages.stdin),
             producer,
             fastrand::Rng::with_seed(ctx.seed ^ (u64::from(producer) << 32) ^ 0x5353_4800),
             (ctx.start, ctx.deadline),
@@ -639,14 +447,14 @@ impl Run<'_, '_> {
         let decoder = LengthDelimitedCodec::builder()
             .max_frame_length(MAX_MESSAGE)
             .new_codec();
-        let framed = Published::new(
+        let framed = Recorded::new(
             Framed::new(
                 Live::new(stdout, &self.stages.stdout, &self.samplers),
                 decoder,
             ),
             &self.stages.frame,
         );
-        let verified = Published::new(
+        let verified = Recorded::new(
             ordered(framed, offload_limits(), verify),
             &self.stages.offload,
         );
@@ -988,34 +796,33 @@ pub(crate) async fn run(ctx: &Ctx<'_>, openssh: bool) -> Outcome {
     };
 
     let stages = Stages {
-        stdin: Stage::new("ssh stdin", ssh_wm.high() + MAX_CHUNK, "high + one chunk"),
-        stdout: Stage::new(
+        stdin: Watched::new("ssh stdin", ssh_wm.high() + MAX_CHUNK, "high + one chunk"),
+        stdout: Watched::new(
             "ssh stdout",
             ssh_wm.high() + 2 * MAX_PACKET,
             "high + 2 * max_packet",
         ),
-        frame: Stage::new(
+        frame: Watched::new(
             "frame",
             PREFIX + MAX_MESSAGE + MAX_PACKET,
             "one partial frame + one packet",
         ),
-        offload: Stage::new(
+        offload: Watched::new(
             "offload",
             offload_limits().max_inflight_bytes + MAX_MESSAGE,
             "max_inflight_bytes + one frame",
         ),
-        child: Stage::new(
+        child: Watched::new(
             "child stdin",
             child_wm.high() + MAX_MESSAGE,
             "high + one message",
         ),
     };
     for stage in stages.all() {
-        let probed = stage.clone();
-        ctx.monitor.probe(stage.name, move || probed.last());
+        stage.probe(ctx.monitor);
     }
     let samplers: Samplers = Arc::default();
-    let sampler = tokio::spawn(sample(samplers.clone()));
+    let sampler = tokio::spawn(crate::watch::sample(samplers.clone()));
 
     let faults = Arc::new(Faults::default());
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -1050,7 +857,7 @@ pub(crate) async fn run(ctx: &Ctx<'_>, openssh: bool) -> Outcome {
             pause: Box::pin(tokio::time::sleep(Duration::ZERO)),
             pausing: false,
         },
-        sink: Published::new(WriterSink::new(child_stdin, child_wm), &stages.child),
+        sink: Recorded::new(WriterSink::new(child_stdin, child_wm), &stages.child),
         stages,
         sent: HashMap::new(),
         violations: Vec::new(),
@@ -1117,23 +924,11 @@ pub(crate) async fn run(ctx: &Ctx<'_>, openssh: bool) -> Outcome {
     }
     sampler.abort();
     let _ = sampler.await;
-    lock(&samplers).clear();
+    crate::watch::clear(&samplers);
 
     let mut violations = run.violations;
-    let (mut max_buffered, mut bound, mut ratio) = (0, 1, -1.0f64);
-    for stage in run.stages.all() {
-        let max = stage.max();
-        if max > stage.bound {
-            violations.push(format!(
-                "ssh: stage {} buffered {max} bytes, above its bound of {} ({})",
-                stage.name, stage.bound, stage.why
-            ));
-        }
-        let r = max as f64 / stage.bound as f64;
-        if r > ratio {
-            (max_buffered, bound, ratio) = (max, stage.bound, r);
-        }
-    }
+    let (max_buffered, bound) =
+        crate::watch::judge("ssh", run.stages.all().map(|s| &**s), &mut violations);
     let checker = &run.consumer.checker;
     Outcome {
         tally: checker.finish(&run.sent),

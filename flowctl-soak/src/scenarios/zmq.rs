@@ -64,13 +64,13 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
 #[allow(unused_imports)]
 use flowctl_core::prelude::*;
-use flowctl_core::{FlowError, FlowStats, Sink, Watermarks};
+use flowctl_core::{FlowError, Sink, Watermarks};
 use flowctl_zmq::{Multipart, SocketType, ZmqSink, ZmqSocket, ZmqSource};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -79,6 +79,7 @@ use super::{Ctx, Faults, Outcome};
 use crate::check::{Checker, MIN_MESSAGE, Tally, decode, encode};
 use crate::monitor::Progress;
 use crate::opts::Inject;
+use crate::watch::Watched;
 
 /// flowctl PUSH sockets feeding the PULL (each restarted on the schedule).
 const PUSHERS: usize = 3;
@@ -115,52 +116,10 @@ const DRAIN_GRACE: Duration = Duration::from_secs(30);
 /// A consumer that got nothing for this long re-checks whether it is done.
 const POLL: Duration = Duration::from_millis(50);
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 /// The watermarks of every flowctl sink here. Small, so that a stall pauses
 /// the senders quickly.
 fn watermarks() -> Watermarks {
     Watermarks::new(16 * 1024, 64 * 1024).expect("valid watermarks")
-}
-
-/// One sending stage (a slot whose socket may be replaced): the stats the
-/// monitor samples, the worst `max_buffered` of all its sockets, and the
-/// bound that must hold.
-#[derive(Debug)]
-struct Stage {
-    name: String,
-    bound: usize,
-    why: &'static str,
-    last: Mutex<FlowStats>,
-    max: AtomicUsize,
-    /// Pauses of the sockets already closed.
-    pauses: AtomicU64,
-}
-
-impl Stage {
-    fn new(name: String, bound: usize, why: &'static str) -> Arc<Stage> {
-        Arc::new(Stage {
-            name,
-            bound,
-            why,
-            last: Mutex::new(FlowStats::empty(watermarks())),
-            max: AtomicUsize::new(0),
-            pauses: AtomicU64::new(0),
-        })
-    }
-
-    fn record(&self, stats: FlowStats) {
-        *lock(&self.last) = stats;
-        self.max.fetch_max(stats.max_buffered, Relaxed);
-    }
-
-    /// The final stats of a socket that is gone.
-    fn retire(&self, stats: FlowStats) {
-        self.record(stats);
-        self.pauses.fetch_add(stats.pauses, Relaxed);
-    }
 }
 
 /// Alternating consumer phases, the consumer-stall fault.
@@ -271,7 +230,7 @@ async fn pusher(
     endpoint: String,
     restarts: Vec<Instant>,
     ids: Arc<AtomicU32>,
-    stage: Arc<Stage>,
+    stage: Arc<Watched>,
     faults: Arc<Faults>,
     seed: u64,
     (start, deadline): (Instant, Instant),
@@ -397,7 +356,7 @@ struct FanIn {
 async fn fan_in(
     ctx: &Ctx<'_>,
     faults: &Arc<Faults>,
-    stages: &[Arc<Stage>],
+    stages: &[Arc<Watched>],
     received_all: &Arc<AtomicU64>,
 ) -> FanIn {
     let mut violations = Vec::new();
@@ -564,7 +523,7 @@ struct Published {
 async fn publisher(
     mut sink: ZmqSink,
     synced: Arc<AtomicUsize>,
-    stage: Arc<Stage>,
+    stage: Arc<Watched>,
     seed: u64,
     (start, deadline): (Instant, Instant),
 ) -> Published {
@@ -743,7 +702,7 @@ struct FanOut {
 async fn fan_out(
     ctx: &Ctx<'_>,
     faults: &Arc<Faults>,
-    stage: &Arc<Stage>,
+    stage: &Arc<Watched>,
     received_all: &Arc<AtomicU64>,
 ) -> FanOut {
     let mut out = FanOut {
@@ -850,9 +809,9 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> Outcome {
     let faults = Arc::new(Faults::default());
     let one_push =
         "high + one message (a sink may overshoot by the message it accepts after `ready`)";
-    let mut stages: Vec<Arc<Stage>> = (0..PUSHERS)
+    let mut stages: Vec<Arc<Watched>> = (0..PUSHERS)
         .map(|i| {
-            Stage::new(
+            Watched::new(
                 format!("push-{i}"),
                 watermarks().high() + PUSH_MAX,
                 one_push,
@@ -860,16 +819,14 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> Outcome {
         })
         .collect();
     // A PUB never queues (libzmq takes or drops): its bound is the same rule.
-    let pub_stage = Stage::new(
-        "pub".into(),
+    let pub_stage = Watched::new(
+        "pub",
         watermarks().high() + PUB_MAX + 1,
         "high + one message (a PUB drops at its HWM, it never queues)",
     );
     stages.push(pub_stage.clone());
     for stage in &stages {
-        let probed = stage.clone();
-        ctx.monitor
-            .probe(stage.name.clone(), move || *lock(&probed.last));
+        stage.probe(ctx.monitor);
     }
     let received_all = Arc::new(AtomicU64::new(0));
     let (fan_in, fan_out) = tokio::join!(
@@ -888,25 +845,10 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> Outcome {
     latencies_us.extend(fan_out.latencies_us);
 
     // Every stage against its own bound; the runner sees the worst ratio.
-    let (mut max_buffered, mut bound, mut ratio) = (0, 1, -1.0f64);
-    for stage in &stages {
-        let max = stage.max.load(Relaxed);
-        if max > stage.bound {
-            violations.push(format!(
-                "zmq: stage {} buffered {max} bytes, above its bound of {} ({})",
-                stage.name, stage.bound, stage.why
-            ));
-        }
-        let r = max as f64 / stage.bound as f64;
-        if r > ratio {
-            (max_buffered, bound, ratio) = (max, stage.bound, r);
-        }
-    }
+    let (max_buffered, bound) =
+        crate::watch::judge("zmq", stages.iter().map(|s| &**s), &mut violations);
     let stalls = faults.stalls.load(Relaxed);
-    let pauses: u64 = stages[..PUSHERS]
-        .iter()
-        .map(|s| s.pauses.load(Relaxed))
-        .sum();
+    let pauses: u64 = stages[..PUSHERS].iter().map(|s| s.retired_pauses()).sum();
     if stalls > 0 && pauses == 0 {
         // The PULL is the bottleneck even without stalls (the flood keeps it
         // busy): sinks that never paused mean backpressure stopped short.

@@ -1,5 +1,8 @@
 //! The soak as a user runs it: the binary, its exit status and its JSON.
 
+// The `--metrics` exporter scraped and queried by a real Prometheus server.
+mod prometheus;
+
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -174,6 +177,27 @@ fn a_short_pipe_soak_passes_and_reports_every_figure() {
 #[test]
 fn a_soak_with_a_dropped_message_fails_and_names_it() {
     drop_one_fails("pipe", "3s");
+}
+
+// The telemetry scenario: a DropOldest stage whose consumer stalls for
+// seconds accounts for every message (sent = received + dropped + left),
+// keeps the order of what it delivers, never pauses its producer and stays
+// within its high watermark; its blocking twin loses nothing.
+#[test]
+fn a_short_telemetry_soak_drops_oldest_and_counts_every_drop() {
+    let (s, stderr) = passing_run("telemetry", "3s", 3, 1);
+    assert!(s["dropped_at_most_once"].as_u64().unwrap() > 0, "{s}");
+    assert!(
+        stderr.contains("soak.telemetry.drop_oldest: sent"),
+        "the counts are printed: {stderr}"
+    );
+}
+
+// The consumer of the DropOldest stage loses one message it received: the
+// exact account (sent = received + dropped + left) must name it.
+#[test]
+fn a_telemetry_soak_with_a_vanished_message_fails_and_names_it() {
+    drop_one_fails("telemetry", "3s");
 }
 
 // The zmq scenario on local libzmq peers: PUSH fan-in checked exactly, PUB
