@@ -113,13 +113,19 @@ impl Sshd {
             std::fs::write(
                 &config,
                 // `extra` first: sshd keeps the first value it reads for a keyword.
+                // HOME is the fixture's directory: the remote shell (bash, started by
+                // sshd) reads $HOME/.bashrc, and the user's own may run slow or
+                // lock-taking tools (pyenv's rehash takes a lock that a session killed
+                // mid-start leaves behind, and every later shell then hangs on it).
                 format!(
                     "{extra}\nListenAddress 127.0.0.1:{port}\nHostKey {hk}\nAuthorizedKeysFile {ak}\n\
                      UsePAM no\nStrictModes no\nPidFile none\nPasswordAuthentication no\n\
                      KbdInteractiveAuthentication no\nPubkeyAuthentication yes\nPermitRootLogin yes\n\
-                     MaxStartups 100\nMaxSessions 100\nLogLevel INFO\nPrintMotd no\nUseDNS no\n",
+                     MaxStartups 100\nMaxSessions 100\nLogLevel INFO\nPrintMotd no\nUseDNS no\n\
+                     SetEnv HOME={home}\n",
                     hk = host_key.display(),
                     ak = authorized.display(),
+                    home = dir.display(),
                 ),
             )
             .map_err(|e| format!("cannot write {}: {e}", config.display()))?;
