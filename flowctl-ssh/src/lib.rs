@@ -312,7 +312,7 @@ mod error;
 #[cfg(any(feature = "russh", feature = "openssh"))]
 mod ledger;
 
-pub use config::{Auth, Backend, HostKeyPolicy, Secret, SshConfig};
+pub use config::{Auth, Backend, ExecOptions, HostKeyPolicy, Secret, SshConfig};
 pub use error::SshError;
 
 #[cfg(feature = "russh")]
