@@ -227,6 +227,8 @@ impl ExitTx {
 
 /// The task side of a [`RemoteProcess`]: what a backend's tasks feed.
 pub(crate) struct Plumbing {
+    /// The base of the stage names (`ssh.<host>.<channel>` or the option's).
+    pub(crate) name: String,
     pub(crate) out: PipeSink<Bytes>,
     pub(crate) err: PipeSink<Bytes>,
     pub(crate) stdin: PipeSource<Bytes>,
@@ -306,6 +308,7 @@ pub(crate) fn plumbing(
         },
     };
     let plumbing = Plumbing {
+        name: base,
         out: out_tx,
         err: err_tx,
         stdin: in_rx,
@@ -380,11 +383,21 @@ impl RemoteProcess {
 /// The span of a remote process's tasks. The command line may carry
 /// secrets: only its length is recorded unless
 /// [`SshConfig::log_commands`] is set.
-pub(crate) fn exec_span(command: &str, config: &SshConfig, backend: &'static str) -> tracing::Span {
+pub(crate) fn exec_span(
+    command: &str,
+    config: &SshConfig,
+    backend: &'static str,
+    stage: &str,
+) -> tracing::Span {
     if config.log_commands {
-        tracing::debug_span!("flowctl.ssh.exec", backend, command_len = command.len(), command = %command)
+        tracing::debug_span!("flowctl.ssh.exec", backend, stage, command_len = command.len(), command = %command)
     } else {
-        tracing::debug_span!("flowctl.ssh.exec", backend, command_len = command.len())
+        tracing::debug_span!(
+            "flowctl.ssh.exec",
+            backend,
+            stage,
+            command_len = command.len()
+        )
     }
 }
 
@@ -548,8 +561,13 @@ pub(crate) async fn write_stdin<W: StdinWriter>(
 }
 
 /// Polls `write`; counts one window wait if it is not ready at once.
+///
+/// The write runs outside tokio's coop budget, so that `Pending` means it
+/// waits for the connection (the window, or the pipe of the `ssh` client),
+/// not that the task's budget ran out; the loop around it still yields, as
+/// the pipe it reads consumes the budget.
 async fn counting_waits<F: Future>(write: F, progress: &ProgressTx) -> F::Output {
-    let mut write = std::pin::pin!(write);
+    let mut write = std::pin::pin!(tokio::task::coop::unconstrained(write));
     let mut first = true;
     std::future::poll_fn(|cx| {
         let poll = write.as_mut().poll(cx);

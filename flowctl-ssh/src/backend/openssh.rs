@@ -514,7 +514,7 @@ pub(crate) async fn exec(
         .next_channel
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let (p, proc) = plumbing(config, options, channel, master.clone());
-    let span = crate::process::exec_span(command, config, "openssh");
+    let span = crate::process::exec_span(command, config, "openssh", &p.name);
     let Plumbing {
         out,
         err,
@@ -525,6 +525,7 @@ pub(crate) async fn exec(
         done_rx,
         progress,
         cancel,
+        name: _,
     } = p;
     let chunk = config.max_packet.max(1024) as usize;
     config.ledger.spawn(

@@ -469,7 +469,7 @@ pub(crate) fn start(
     let channel = write.id();
     let write = Arc::new(write);
     let (p, proc) = plumbing(config, options, channel, session);
-    let span = exec_span(command, config, "russh");
+    let span = exec_span(command, config, "russh", &p.name);
     config.ledger.spawn(
         LEDGER_TASK,
         tracing::Instrument::instrument(

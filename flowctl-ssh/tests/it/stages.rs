@@ -353,6 +353,41 @@ mod exported {
 
     both_servers! {
         default_names_in_a_prometheus_exposition => default_names_in_a_prometheus_exposition;
+        a_dropped_process_is_counted_abandoned => a_dropped_process_is_counted_abandoned;
+    }
+
+    async fn a_dropped_process_is_counted_abandoned(fx: Fixture) {
+        let (recorder, handle) = recorder();
+        let session = Session::connect(fx.config()).await.unwrap();
+        let opts = ExecOptions::new().name("test.sleeper");
+        let p = recorded(&recorder, session.exec_with("sleep 600", &opts))
+            .await
+            .unwrap();
+        drop(p);
+        // The process's tasks end once they have given the channel up.
+        tokio::time::timeout(
+            Duration::from_secs(60),
+            fx.ledger.until_zero(Some(flowctl_ssh::LEDGER_TASK)),
+        )
+        .await
+        .expect("the process's tasks to end");
+        let text = handle.render();
+        let l = r#"stage="test.sleeper""#;
+        assert_eq!(
+            value(&text, "flowctl_ssh_channels_opened_total", l),
+            Some(1.0)
+        );
+        for (outcome, n) in [("abandoned", 1.0), ("success", 0.0), ("lost", 0.0)] {
+            assert_eq!(
+                value(
+                    &text,
+                    "flowctl_ssh_exits_total",
+                    &format!(r#"stage="test.sleeper",outcome="{outcome}""#)
+                ),
+                Some(n),
+                "{outcome}: {text}"
+            );
+        }
     }
 
     async fn default_names_in_a_prometheus_exposition(fx: Fixture) {
@@ -367,7 +402,13 @@ mod exported {
         let base = default_base(&p.stdout);
         let out = p.stdout.read_to_end().await.unwrap();
         assert_eq!(out.len(), 100_000);
-        assert_eq!(p.stderr.read_to_end().await.unwrap(), b"oops\n");
+        // The login shell of sshd may print its own warnings first.
+        let err = p.stderr.read_to_end().await.unwrap();
+        assert!(
+            err.ends_with(b"oops\n"),
+            "{}",
+            String::from_utf8_lossy(&err)
+        );
         assert_eq!(p.wait().await.unwrap().code(), Some(3));
         let text = handle.render();
         let stage = |s: &str| format!(r#"stage="{base}.{s}""#);
@@ -378,7 +419,7 @@ mod exported {
         );
         assert_eq!(
             value(&text, "flowctl_bytes_total", &stage("stderr")),
-            Some(5.0)
+            Some(err.len() as f64)
         );
         assert_eq!(
             value(&text, "flowctl_items_total", &stage("stdout")),
