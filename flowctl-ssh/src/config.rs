@@ -417,6 +417,24 @@ mod tests {
     }
 
     #[test]
+    fn stage_base_names_use_the_host_as_given_without_the_port() {
+        let opts = ExecOptions::new();
+        let cfg = |addr: &str| SshConfig::new("u", addr);
+        assert_eq!(
+            opts.base_name(&cfg("db1.example:2222"), 7),
+            "ssh.db1.example.7"
+        );
+        assert_eq!(opts.base_name(&cfg("db1.example"), 0), "ssh.db1.example.0");
+        assert_eq!(opts.base_name(&cfg("[::1]:2200"), 3), "ssh.::1.3");
+        let named = ExecOptions::new().name("db1.dump");
+        assert_eq!(named.base_name(&cfg("db1.example:22"), 7), "db1.dump");
+        assert_eq!(
+            ExecOptions::default().overflow,
+            flowctl_core::Overflow::Block
+        );
+    }
+
+    #[test]
     fn host_and_port_for_known_hosts() {
         assert_eq!(
             split_host_port("example.org:2222"),

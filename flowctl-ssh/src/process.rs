@@ -435,7 +435,8 @@ pub(crate) fn deliver(
         } = *e.error()
         {
             let _ = flags.overflowed.set((buffered, charge, high));
-            tracing::warn!(
+            // Not a warn: the consumer gets it as SshError::OutputOverflow.
+            tracing::debug!(
                 buffered,
                 charge,
                 high,
