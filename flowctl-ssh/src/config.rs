@@ -325,6 +325,64 @@ impl SshConfig {
     }
 }
 
+/// Per-command options of [`Session::exec_with`](crate::Session::exec_with):
+/// the stage name of the process's buffers and what stdout and stderr do
+/// when their consumer falls behind.
+///
+/// ```
+/// use flowctl_core::Overflow;
+/// use flowctl_ssh::ExecOptions;
+/// let opts = ExecOptions::new()
+///     .name("db1.dump")               // stages db1.dump.stdout, .stderr, .stdin
+///     .overflow(Overflow::DropOldest); // never stall the remote command
+/// assert_eq!(opts.name.as_deref(), Some("db1.dump"));
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ExecOptions {
+    /// The base of the stage names (`<name>.stdout`, `<name>.stderr`,
+    /// `<name>.stdin`). `None`: `ssh.<host>.<channel id>`, with the host as
+    /// given in [`SshConfig::addr`] (without the port) and the channel id as
+    /// the backend knows it (russh's channel number; a per-session counter
+    /// from 0 for the openssh backend).
+    pub name: Option<String>,
+    /// What stdout and stderr do when their buffer is full
+    /// (default [`Overflow::Block`](flowctl_core::Overflow::Block)); stdin
+    /// always blocks. See [`Output`](crate::Output) ("Overflow").
+    pub overflow: flowctl_core::Overflow,
+}
+
+impl ExecOptions {
+    /// The defaults: stages named `ssh.<host>.<channel id>.*`, and
+    /// [`Overflow::Block`](flowctl_core::Overflow::Block).
+    pub fn new() -> Self {
+        ExecOptions::default()
+    }
+
+    /// Names the process's stages `<name>.stdout`, `<name>.stderr` and
+    /// `<name>.stdin` instead of `ssh.<host>.<channel id>.*`.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// What stdout and stderr do with a chunk that finds their buffer full.
+    pub fn overflow(mut self, overflow: flowctl_core::Overflow) -> Self {
+        self.overflow = overflow;
+        self
+    }
+
+    /// The base of the stage names for a channel `channel` of a session
+    /// configured with `config`.
+    #[cfg_attr(not(any(feature = "russh", feature = "openssh")), allow(dead_code))]
+    pub(crate) fn base_name(&self, config: &SshConfig, channel: impl std::fmt::Display) -> String {
+        match &self.name {
+            Some(n) => n.clone(),
+            None => format!("ssh.{}.{channel}", split_host_port(&config.addr).0),
+        }
+    }
+}
+
 /// `host` and port (22 if none) of an `addr` such as `example.org:2222`,
 /// `[::1]:2200` or `::1`, as both backends name the host (known_hosts
 /// entries, ssh's command line).
@@ -356,6 +414,24 @@ mod tests {
         let printed = format!("{cfg:?}");
         assert!(!printed.contains("TOPSECRET"), "{printed}");
         assert_eq!(format!("{:?}", Secret::from("x")), "<redacted>");
+    }
+
+    #[test]
+    fn stage_base_names_use_the_host_as_given_without_the_port() {
+        let opts = ExecOptions::new();
+        let cfg = |addr: &str| SshConfig::new("u", addr);
+        assert_eq!(
+            opts.base_name(&cfg("db1.example:2222"), 7),
+            "ssh.db1.example.7"
+        );
+        assert_eq!(opts.base_name(&cfg("db1.example"), 0), "ssh.db1.example.0");
+        assert_eq!(opts.base_name(&cfg("[::1]:2200"), 3), "ssh.::1.3");
+        let named = ExecOptions::new().name("db1.dump");
+        assert_eq!(named.base_name(&cfg("db1.example:22"), 7), "db1.dump");
+        assert_eq!(
+            ExecOptions::default().overflow,
+            flowctl_core::Overflow::Block
+        );
     }
 
     #[test]

@@ -114,6 +114,25 @@ pub enum SshError {
         /// Bytes of that stream handed to the consumer before the loss.
         delivered: u64,
     },
+    /// Under [`Overflow::Fail`](flowctl_core::Overflow::Fail), a chunk of
+    /// stdout or stderr found the stream's buffer full: the stream ended
+    /// there. What was accepted before it was delivered; the rest of the
+    /// stream was read and discarded (the remote command was not stalled).
+    #[error(
+        "{stage} overflowed: a chunk of {charge} bytes did not fit under the {high} byte high watermark ({buffered} bytes buffered); the stream ended after {delivered} bytes, the rest was discarded (Overflow::Fail)"
+    )]
+    OutputOverflow {
+        /// The stream's stage name (`ssh.<host>.<channel>.stdout`, ...).
+        stage: String,
+        /// Bytes buffered when the chunk was refused.
+        buffered: usize,
+        /// The refused chunk's charge.
+        charge: usize,
+        /// The high watermark.
+        high: usize,
+        /// Bytes of the stream handed to the consumer.
+        delivered: u64,
+    },
     /// The channel closed without an exit status or signal.
     #[error(
         "remote process ended without an exit status (channel closed after {stdout} stdout bytes)"

@@ -34,11 +34,40 @@
 //! # Errors
 //!
 //! Every public fallible function of this crate, the constructors
-//! ([`Session::connect`], [`Session::exec`], [`Session::exec_isolated`])
+//! ([`Session::connect`], [`Session::exec`], [`Session::exec_with`],
+//! [`Session::exec_isolated`], [`Session::exec_isolated_with`])
 //! as well as the stage methods and [`RemoteProcess::wait`], returns
 //! `Result<_, FlowError>`; the typed [`SshError`] is inside
 //! [`FlowError::Transport`](flowctl_core::FlowError::Transport) and is read
 //! with `err.transport_error::<SshError>()`.
+//!
+//! # Stage names, overflow, writability and metrics
+//!
+//! [`Session::exec_with`] takes [`ExecOptions`]. Each process's buffers are
+//! named stages (in their `tracing` spans and, with the `metrics` feature,
+//! the `stage` label of their metrics): `ssh.<host>.<channel>.stdout`,
+//! `.stderr` and `.stdin`, with the host of [`SshConfig::addr`] as given
+//! (without the port) and russh's channel number, or a per-session counter
+//! with [`Backend::OpenSsh`]; [`ExecOptions::name`] replaces the
+//! `ssh.<host>.<channel>` part ([`Output::stage`], [`Stdin::stage`]).
+//!
+//! [`ExecOptions::overflow`] chooses what stdout and stderr do when their
+//! consumer falls behind: wait (`Block`, the default, the backpressure
+//! described below), drop (`DropOldest`, `DropNewest`: the remote command
+//! is then never stalled by the consumer), or end the stream with
+//! [`SshError::OutputOverflow`] (`Fail`); see [`Output`] ("Overflow").
+//! stdin always blocks (see [`Stdin`], "Overflow"); its
+//! [`writability`](flowctl_core::Sink::writability) reports the pause and
+//! resume edges, and [`Stdin::window_waits`] counts the chunks that waited
+//! for the remote's window.
+//!
+//! With the `metrics` feature, besides the core metrics of every stage:
+//! `flowctl_ssh_window_waits_total{stage="<base>.stdin"}`,
+//! `flowctl_ssh_channels_opened_total{stage="<base>"}` and
+//! `flowctl_ssh_exits_total{stage="<base>", outcome}` (`success`,
+//! `failure`, `signal`, `no_status`, `lost`, `abandoned`). A stage binds
+//! its metrics to the recorder installed when the process is started:
+//! install the recorder first.
 //!
 //! # Choosing a backend
 //!
@@ -220,7 +249,8 @@
 //!   share a queue too: drain both, or drop the one you do not want.
 //!   [`Session::exec_isolated`] opens one connection per command for users
 //!   who need channels not to block each other; [`Backend::OpenSsh`] does
-//!   not have this limit at all.
+//!   not have this limit at all, and neither does a process whose outputs
+//!   drop instead of blocking ([`ExecOptions::overflow`]).
 //! - **Full duplex needs concurrency.** A command that echoes its input
 //!   (`cat`) stops reading stdin when its stdout is not read; feed stdin and
 //!   drain stdout from different tasks, as with any pipe.
@@ -292,6 +322,9 @@
 //! - `testing`: [`testing::Sshd`], a real OpenSSH `sshd` on a free loopback
 //!   port, stopped by pid (this crate's tests, the soak's `--sshd`).
 //! - `rsa`: RSA user and host keys (russh's `rsa` feature; longer build).
+//! - `metrics`: every process's stages and this crate's counters through
+//!   the [`metrics`](https://docs.rs/metrics) facade (`flowctl-core/metrics`
+//!   and the `metrics` crate); no exporter is installed.
 //! - `openssh`: [`Backend::OpenSsh`], the system `ssh` as a ControlMaster
 //!   through the `openssh` crate (process-mux). It does not need `russh`:
 //!   `default-features = false, features = ["openssh"]` builds the crate
@@ -312,7 +345,7 @@ mod error;
 #[cfg(any(feature = "russh", feature = "openssh"))]
 mod ledger;
 
-pub use config::{Auth, Backend, HostKeyPolicy, Secret, SshConfig};
+pub use config::{Auth, Backend, ExecOptions, HostKeyPolicy, Secret, SshConfig};
 pub use error::SshError;
 
 #[cfg(feature = "russh")]

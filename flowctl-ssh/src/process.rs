@@ -25,17 +25,18 @@
 //! and the stdin writer are shared. This module names no backend: it never
 //! imports `session`, `backend` or russh; the backends import it.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use flowctl_core::prelude::*;
-use flowctl_core::{FlowError, FlowStats, PipeSink, PipeSource, SendError, pipe};
+use flowctl_core::stage::{Stage, StageCounter, Writability};
+use flowctl_core::{FlowError, FlowStats, PipeBuilder, PipeSink, PipeSource, SendError};
 use futures::task::AtomicWaker;
 use tokio::sync::watch;
 
-use crate::config::SshConfig;
+use crate::config::{ExecOptions, SshConfig};
 use crate::error::SshError;
 
 /// How a remote process ended.
@@ -118,19 +119,121 @@ impl std::fmt::Debug for Guard {
     }
 }
 
+/// How an output stream ended early, set by the reader task before it ends
+/// the stream's pipe (so the [`Output`] that sees the end sees the flag).
+#[derive(Debug, Default)]
+pub(crate) struct StreamFlags {
+    /// The connection ended before the stream did.
+    pub(crate) lost: AtomicBool,
+    /// Under [`Overflow::Fail`](flowctl_core::Overflow::Fail): the refused
+    /// chunk's `(buffered, charge, high)`.
+    overflowed: OnceLock<(usize, usize, usize)>,
+}
+
 #[derive(Debug, Default)]
 pub(crate) struct Flags {
-    pub(crate) stdout_lost: AtomicBool,
-    pub(crate) stderr_lost: AtomicBool,
+    pub(crate) stdout: StreamFlags,
+    pub(crate) stderr: StreamFlags,
+}
+
+impl Flags {
+    /// Marks both streams lost (the connection ended first).
+    pub(crate) fn lost(&self) {
+        self.stdout.lost.store(true, Ordering::Release);
+        self.stderr.lost.store(true, Ordering::Release);
+    }
+}
+
+/// The metrics of one process that are not a buffer's: channel opens and
+/// how processes ended, labelled with the base stage name. The handles are
+/// registered when the process starts (with the recorder installed then),
+/// every outcome at zero.
+#[derive(Debug, Clone)]
+pub(crate) struct ProcMetrics {
+    #[cfg(feature = "metrics")]
+    exits: [metrics::Counter; OUTCOMES.len()],
+}
+
+/// The `outcome` label values of `flowctl_ssh_exits_total`.
+#[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+const OUTCOMES: [&str; 6] = [
+    "success",
+    "failure",
+    "signal",
+    "no_status",
+    "lost",
+    "abandoned",
+];
+
+impl ProcMetrics {
+    fn new(base: &str) -> Self {
+        #[cfg(feature = "metrics")]
+        {
+            metrics::counter!("flowctl_ssh_channels_opened_total", "stage" => base.to_owned())
+                .increment(1);
+            ProcMetrics {
+                exits: OUTCOMES.map(|outcome| {
+                    metrics::counter!(
+                        "flowctl_ssh_exits_total",
+                        "stage" => base.to_owned(),
+                        "outcome" => outcome
+                    )
+                }),
+            }
+        }
+        #[cfg(not(feature = "metrics"))]
+        {
+            let _ = base;
+            ProcMetrics {}
+        }
+    }
+
+    /// Counts one end of the process (index into [`OUTCOMES`]).
+    fn ended(&self, outcome: usize) {
+        #[cfg(feature = "metrics")]
+        self.exits[outcome].increment(1);
+        #[cfg(not(feature = "metrics"))]
+        let _ = outcome;
+    }
+}
+
+/// The sending end of the exit status: also counts how the process ended.
+#[derive(Debug)]
+pub(crate) struct ExitTx {
+    tx: watch::Sender<Option<Outcome>>,
+    metrics: ProcMetrics,
+}
+
+impl ExitTx {
+    /// Publishes how the process ended.
+    pub(crate) fn send(&self, outcome: Outcome) {
+        let index = match &outcome {
+            Outcome::Exited(ExitStatus::Code(0)) => 0,
+            Outcome::Exited(ExitStatus::Code(_)) => 1,
+            Outcome::Exited(ExitStatus::Signal { .. }) => 2,
+            Outcome::NoStatus { .. } => 3,
+            Outcome::Lost => 4,
+        };
+        self.metrics.ended(index);
+        let _ = self.tx.send(Some(outcome));
+    }
+
+    /// Counts a process given up because every user-facing part was dropped
+    /// (nobody waits for its status).
+    pub(crate) fn abandoned(&self) {
+        self.metrics.ended(5);
+    }
 }
 
 /// The task side of a [`RemoteProcess`]: what a backend's tasks feed.
 pub(crate) struct Plumbing {
+    /// The base of the stage names (`ssh.<host>.<channel>` or the option's).
+    pub(crate) name: String,
     pub(crate) out: PipeSink<Bytes>,
     pub(crate) err: PipeSink<Bytes>,
     pub(crate) stdin: PipeSource<Bytes>,
     pub(crate) flags: Arc<Flags>,
-    pub(crate) exit: watch::Sender<Option<Outcome>>,
+    pub(crate) exit: ExitTx,
     pub(crate) done: watch::Sender<bool>,
     pub(crate) done_rx: watch::Receiver<bool>,
     pub(crate) progress: ProgressTx,
@@ -138,19 +241,39 @@ pub(crate) struct Plumbing {
     pub(crate) cancel: watch::Receiver<()>,
 }
 
-/// Builds the user-facing parts and the task side, for any backend.
+/// Builds the user-facing parts and the task side, for any backend:
+/// stages `<base>.stdout`, `<base>.stderr` (under `options.overflow`) and
+/// `<base>.stdin` (always blocking), where `base` is
+/// [`ExecOptions::name`] or `ssh.<host>.<channel>`.
 pub(crate) fn plumbing(
     config: &SshConfig,
+    options: &ExecOptions,
+    channel: impl std::fmt::Display,
     session: Arc<dyn std::any::Any + Send + Sync>,
 ) -> (Plumbing, RemoteProcess) {
     let wm = config.watermarks;
-    let (out_tx, out_rx) = pipe::<Bytes>(wm);
-    let (err_tx, err_rx) = pipe::<Bytes>(wm);
-    let (in_tx, in_rx) = pipe::<Bytes>(wm);
+    let base = options.base_name(config, channel);
+    let out_stage = Stage::new(format!("{base}.stdout"));
+    let err_stage = Stage::new(format!("{base}.stderr"));
+    let in_stage = Stage::new(format!("{base}.stdin"));
+    let (out_tx, out_rx) = PipeBuilder::new(wm)
+        .stage(out_stage.clone())
+        .overflow(options.overflow)
+        .build::<Bytes>();
+    let (err_tx, err_rx) = PipeBuilder::new(wm)
+        .stage(err_stage.clone())
+        .overflow(options.overflow)
+        .build::<Bytes>();
+    let (in_tx, in_rx) = PipeBuilder::new(wm)
+        .stage(in_stage.clone())
+        .build::<Bytes>();
+    let metrics = ProcMetrics::new(&base);
     let (cancel_tx, cancel_rx) = watch::channel(());
     let (exit_tx, exit_rx) = watch::channel(None);
     let (done_tx, done_rx) = watch::channel(false);
-    let progress = Arc::new(StdinProgress::default());
+    let progress = Arc::new(StdinProgress::new(
+        in_stage.counter("flowctl_ssh_window_waits_total"),
+    ));
     let flags = Arc::new(Flags::default());
     let guard = Arc::new(Guard {
         _cancel: cancel_tx,
@@ -159,11 +282,13 @@ pub(crate) fn plumbing(
     let proc = RemoteProcess {
         stdin: Stdin {
             tx: in_tx,
+            stage: in_stage,
             progress: progress.clone(),
             _guard: guard.clone(),
         },
         stdout: Output {
             rx: out_rx,
+            stage: out_stage,
             stream: "stdout",
             flags: flags.clone(),
             delivered: 0,
@@ -171,6 +296,7 @@ pub(crate) fn plumbing(
         },
         stderr: Output {
             rx: err_rx,
+            stage: err_stage,
             stream: "stderr",
             flags: flags.clone(),
             delivered: 0,
@@ -182,11 +308,15 @@ pub(crate) fn plumbing(
         },
     };
     let plumbing = Plumbing {
+        name: base,
         out: out_tx,
         err: err_tx,
         stdin: in_rx,
         flags,
-        exit: exit_tx,
+        exit: ExitTx {
+            tx: exit_tx,
+            metrics,
+        },
         done: done_tx,
         done_rx,
         progress: ProgressTx(progress),
@@ -210,7 +340,10 @@ pub(crate) fn plumbing(
 /// from russh's channel queue, the queue fills (a few packets), and russh's
 /// session loop stops reading the socket, so TCP carries the pause to the
 /// server. A consumer must therefore drain both streams, or drop the one it
-/// does not want (a dropped stream is discarded, never buffered).
+/// does not want (a dropped stream is discarded, never buffered). All of
+/// this is under the default [`Overflow::Block`](flowctl_core::Overflow::Block);
+/// with another policy ([`ExecOptions::overflow`]) stdout and stderr never
+/// stop the channel (see [`Output`], "Overflow").
 ///
 /// # Drop
 /// Dropping every part (stdin, stdout, stderr, exit) ends this process's
@@ -250,32 +383,74 @@ impl RemoteProcess {
 /// The span of a remote process's tasks. The command line may carry
 /// secrets: only its length is recorded unless
 /// [`SshConfig::log_commands`] is set.
-pub(crate) fn exec_span(command: &str, config: &SshConfig, backend: &'static str) -> tracing::Span {
+pub(crate) fn exec_span(
+    command: &str,
+    config: &SshConfig,
+    backend: &'static str,
+    stage: &str,
+) -> tracing::Span {
     if config.log_commands {
-        tracing::debug_span!("flowctl.ssh.exec", backend, command_len = command.len(), command = %command)
+        tracing::debug_span!("flowctl.ssh.exec", backend, stage, command_len = command.len(), command = %command)
     } else {
-        tracing::debug_span!("flowctl.ssh.exec", backend, command_len = command.len())
+        tracing::debug_span!(
+            "flowctl.ssh.exec",
+            backend,
+            stage,
+            command_len = command.len()
+        )
     }
 }
 
 /// Waits until `pipe` has room; a pipe whose source was dropped is marked
-/// closed and its data is discarded from then on.
+/// closed and its data is discarded from then on. Under an overflow policy
+/// other than `Block` this never waits: the reader keeps reading and
+/// [`deliver`] applies the policy.
 pub(crate) async fn room(pipe: &mut PipeSink<Bytes>, open: &mut bool) {
     if *open && pipe.ready().await.is_err() {
         *open = false;
     }
 }
 
-pub(crate) fn deliver(pipe: &mut PipeSink<Bytes>, open: &mut bool, data: Bytes) {
-    if *open && pipe.start_send(data).is_err() {
+/// Hands `data` to the stream's pipe, which applies its overflow policy
+/// (`DropNewest`/`DropOldest` drop and count). A chunk refused under
+/// `Overflow::Fail` ends the stream: the refusal is recorded in `flags`,
+/// then the pipe is closed, so the consumer gets what was accepted and then
+/// [`SshError::OutputOverflow`]. From then on, as after the consumer dropped
+/// the stream, its data is read and discarded.
+pub(crate) fn deliver(
+    pipe: &mut PipeSink<Bytes>,
+    open: &mut bool,
+    data: Bytes,
+    flags: &StreamFlags,
+) {
+    if !*open {
+        return;
+    }
+    if let Err(e) = pipe.start_send(data) {
         *open = false;
+        if let FlowError::Overflow {
+            buffered,
+            charge,
+            high,
+        } = *e.error()
+        {
+            let _ = flags.overflowed.set((buffered, charge, high));
+            // Not a warn: the consumer gets it as SshError::OutputOverflow.
+            tracing::debug!(
+                buffered,
+                charge,
+                high,
+                "output overflowed under Overflow::Fail: the stream ends, the rest is discarded"
+            );
+            pipe.close_now();
+        }
     }
 }
 
 /// What the stdin task has done, read by [`Stdin::poll_flush`] and
 /// [`Stdin::poll_close`] without a future: atomics and the waker of the one
 /// [`Stdin`] (it is not `Clone`, so one waker suffices).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct StdinProgress {
     /// Bytes handed to the connection (russh, or the ssh client's pipe).
     written: AtomicU64,
@@ -283,7 +458,23 @@ pub(crate) struct StdinProgress {
     finished: AtomicBool,
     /// EOF was sent (set before `finished`).
     eof: AtomicBool,
+    /// Chunks that could not be handed over at once (see [`Stdin::window_waits`]).
+    window_waits: AtomicU64,
+    window_waits_metric: StageCounter,
     waker: AtomicWaker,
+}
+
+impl StdinProgress {
+    fn new(window_waits_metric: StageCounter) -> Self {
+        StdinProgress {
+            written: AtomicU64::new(0),
+            finished: AtomicBool::new(false),
+            eof: AtomicBool::new(false),
+            window_waits: AtomicU64::new(0),
+            window_waits_metric,
+            waker: AtomicWaker::new(),
+        }
+    }
 }
 
 /// The stdin task's side of [`StdinProgress`]. Dropping it (the task ended,
@@ -296,6 +487,11 @@ impl ProgressTx {
     fn written(&self, len: u64) {
         self.0.written.fetch_add(len, Ordering::Release);
         self.0.waker.wake();
+    }
+
+    fn window_wait(&self) {
+        self.0.window_waits.fetch_add(1, Ordering::Relaxed);
+        self.0.window_waits_metric.increment(1);
     }
 
     fn eof(&self, eof: bool) {
@@ -315,6 +511,8 @@ impl Drop for ProgressTx {
 /// the `ssh` client of the OpenSSH backend.
 pub(crate) trait StdinWriter: Send {
     /// Hands one chunk over, waiting for room (the peer's window or the pipe).
+    /// A write that is not ready at its first poll is counted as a window
+    /// wait.
     fn write(&mut self, chunk: Bytes) -> impl Future<Output = std::io::Result<()>> + Send;
     /// Sends EOF; `true` if it went out.
     fn eof(self) -> impl Future<Output = bool> + Send;
@@ -344,7 +542,7 @@ pub(crate) async fn write_stdin<W: StdinWriter>(
                     let sent = tokio::select! {
                         _ = cancel.changed() => break,
                         _ = done.wait_for(|d| *d) => break,
-                        r = w.write(chunk) => r,
+                        r = counting_waits(w.write(chunk), &progress) => r,
                     };
                     if let Err(e) = sent {
                         tracing::debug!(error = %e, "stdin write failed");
@@ -363,6 +561,26 @@ pub(crate) async fn write_stdin<W: StdinWriter>(
     drop(progress);
 }
 
+/// Polls `write`; counts one window wait if it is not ready at once.
+///
+/// The write runs outside tokio's coop budget, so that `Pending` means it
+/// waits for the connection (the window, or the pipe of the `ssh` client),
+/// not that the task's budget ran out; the loop around it still yields, as
+/// the pipe it reads consumes the budget.
+async fn counting_waits<F: Future>(write: F, progress: &ProgressTx) -> F::Output {
+    let mut write = std::pin::pin!(tokio::task::coop::unconstrained(write));
+    let mut first = true;
+    std::future::poll_fn(|cx| {
+        let poll = write.as_mut().poll(cx);
+        if first && poll.is_pending() {
+            progress.window_wait();
+        }
+        first = false;
+        poll
+    })
+    .await
+}
+
 /// The remote process's stdin: a bounded [`Sink`] of `Bytes`.
 ///
 /// Chunks wait in a pipe bounded by the session's watermarks and are written
@@ -370,6 +588,20 @@ pub(crate) async fn write_stdin<W: StdinWriter>(
 /// pending while more than `high` bytes wait. `poll_flush` is ready once
 /// every accepted byte has been handed to the connection; `poll_close`
 /// flushes and sends EOF. Dropping stdin also sends EOF.
+///
+/// Its stage is `ssh.<host>.<channel>.stdin` (or `<name>.stdin`, see
+/// [`ExecOptions`]); [`writability`](Sink::writability) is always `Some`
+/// and reports the pipe's pause and resume edges, so an application can
+/// shed load before a send would wait; [`window_waits`](Stdin::window_waits)
+/// counts the chunks that waited for the remote's window.
+///
+/// # Overflow
+/// stdin always blocks ([`Overflow::Block`](flowctl_core::Overflow::Block)):
+/// it carries one byte stream into a command, where a dropped chunk would
+/// silently corrupt the input (a `tar x`, a `psql` script) and a failed one
+/// would leave it cut at an arbitrary byte. Its producer is local and can
+/// wait; an application that prefers to drop decides what is safe to drop
+/// itself, watching [`writability`](Sink::writability).
 ///
 /// # Errors
 /// `start_send` gives the chunk back ([`SendError`]) after `poll_close`, or
@@ -382,11 +614,27 @@ pub(crate) async fn write_stdin<W: StdinWriter>(
 #[derive(Debug)]
 pub struct Stdin {
     tx: PipeSink<Bytes>,
+    stage: Stage,
     progress: Arc<StdinProgress>,
     _guard: Arc<Guard>,
 }
 
 impl Stdin {
+    /// The stage name of this stdin: `ssh.<host>.<channel>.stdin`, or
+    /// `<name>.stdin` with [`ExecOptions::name`].
+    pub fn stage(&self) -> &Stage {
+        &self.stage
+    }
+
+    /// How many chunks the writer could not hand to the connection at once
+    /// and waited for: the remote's SSH window was used up (with the
+    /// openssh backend: the `ssh` client's stdin pipe was full, which the
+    /// master empties only as the window allows). Also the metric
+    /// `flowctl_ssh_window_waits_total`.
+    pub fn window_waits(&self) -> u64 {
+        self.progress.window_waits.load(Ordering::Relaxed)
+    }
+
     /// `Ready(true)` once `done(progress)` holds, `Ready(false)` once the
     /// writer has finished without it. Registers the waker before the check,
     /// so no update between the two is missed.
@@ -460,21 +708,55 @@ impl Sink for Stdin {
     fn stats(&self) -> FlowStats {
         self.tx.stats()
     }
+
+    /// Always `Some`: the paused/resumed edges of the stdin buffer.
+    fn writability(&self) -> Option<Writability> {
+        self.tx.writability()
+    }
 }
 
 /// The remote process's stdout or stderr: a fair, bounded [`Source`] of
 /// `Bytes` (one SSH packet per item, at most
 /// [`SshConfig::max_packet`](crate::SshConfig::max_packet) bytes).
 ///
-/// `stats().max_buffered` is at most the high watermark plus one packet.
+/// Its stage is `ssh.<host>.<channel>.stdout` (or `.stderr`; `<name>.stdout`
+/// with [`ExecOptions::name`]).
+///
+/// # Overflow
+/// [`ExecOptions::overflow`] chooses what a chunk that finds the buffer
+/// full does (both streams of a process get the same policy):
+///
+/// - [`Overflow::Block`](flowctl_core::Overflow::Block) (default): nothing
+///   is lost; the reader stops taking output, which stops the remote
+///   command (see [`RemoteProcess`], "Backpressure").
+///   `stats().max_buffered` is at most the high watermark plus one packet.
+/// - [`Overflow::DropOldest`](flowctl_core::Overflow::DropOldest) /
+///   [`Overflow::DropNewest`](flowctl_core::Overflow::DropNewest): the
+///   reader never waits for the consumer, so the remote command is never
+///   stalled by it (the window keeps being returned: russh returns it on
+///   receipt, and the openssh master as we read its pipe); the oldest
+///   buffered chunks, or the new chunk, are dropped and counted in
+///   `stats().dropped` and `flowctl_dropped_total`. What is delivered are
+///   whole chunks in their order; under `DropOldest` the newest run of
+///   chunks, ending with the end of the stream. The buffer holds at most
+///   `max(high, one packet)`. Under `DropOldest` every chunk read enters the
+///   buffer: `stats().bytes` is every byte of the stream, and chunks
+///   delivered + `stats().dropped` = `stats().items`.
+/// - [`Overflow::Fail`](flowctl_core::Overflow::Fail): the first chunk that
+///   does not fit ends the stream. The consumer gets every chunk accepted
+///   before it (a prefix of the stream), then [`SshError::OutputOverflow`];
+///   the rest of the stream is read and discarded, so the command runs to
+///   its end and its exit status arrives. It is not counted as dropped.
 ///
 /// # Errors
 /// [`SshError::ConnectionLost`] (inside [`FlowError::Transport`]) if the
 /// connection ended before the stream did; it says how many bytes of the
-/// stream were delivered.
+/// stream were delivered. [`SshError::OutputOverflow`] under
+/// `Overflow::Fail`, as above.
 #[derive(Debug)]
 pub struct Output {
     rx: PipeSource<Bytes>,
+    stage: Stage,
     stream: &'static str,
     flags: Arc<Flags>,
     delivered: u64,
@@ -487,13 +769,18 @@ impl Output {
         self.delivered
     }
 
-    fn lost(&self) -> bool {
-        let flag = if self.stream == "stdout" {
-            &self.flags.stdout_lost
+    /// The stage name of this stream: `ssh.<host>.<channel>.stdout` (or
+    /// `.stderr`), or `<name>.stdout` with [`ExecOptions::name`].
+    pub fn stage(&self) -> &Stage {
+        &self.stage
+    }
+
+    fn flags(&self) -> &StreamFlags {
+        if self.stream == "stdout" {
+            &self.flags.stdout
         } else {
-            &self.flags.stderr_lost
-        };
-        flag.load(Ordering::Acquire)
+            &self.flags.stderr
+        }
     }
 
     /// Reads the whole stream into memory (for small outputs only: this is
@@ -506,9 +793,21 @@ impl Output {
         Ok(all)
     }
 
-    /// The end of the stream: an error if the connection ended first.
+    /// The end of the stream: an error if it overflowed under
+    /// `Overflow::Fail` or the connection ended first.
     fn end(&self) -> Result<(), FlowError> {
-        if self.lost() {
+        let flags = self.flags();
+        if let Some(&(buffered, charge, high)) = flags.overflowed.get() {
+            return Err(SshError::OutputOverflow {
+                stage: self.stage.name().to_owned(),
+                buffered,
+                charge,
+                high,
+                delivered: self.delivered,
+            }
+            .into());
+        }
+        if flags.lost.load(Ordering::Acquire) {
             Err(SshError::ConnectionLost {
                 stream: self.stream,
                 delivered: self.delivered,

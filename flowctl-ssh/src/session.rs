@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use flowctl_core::FlowError;
 
-use crate::config::SshConfig;
+use crate::config::{ExecOptions, SshConfig};
 use crate::error::SshError;
 use crate::process::RemoteProcess;
 
@@ -117,19 +117,57 @@ impl Session {
     /// drop. A refused command, a lost connection or an error from the exec
     /// request close the channel too.
     pub async fn exec(&self, command: &str) -> Result<RemoteProcess, FlowError> {
-        Ok(self.exec_typed(command).await?)
+        Ok(self.exec_typed(command, &ExecOptions::default()).await?)
+    }
+
+    /// [`exec`](Session::exec) with per-command options: the stage names of
+    /// the process's buffers and the overflow policy of stdout and stderr.
+    ///
+    /// ```no_run
+    /// use flowctl_core::Overflow;
+    /// use flowctl_core::prelude::*;
+    /// use flowctl_ssh::{ExecOptions, Session};
+    /// # async fn f(session: Session) -> Result<(), flowctl_core::FlowError> {
+    /// // A log tail that must never stall the remote command: when the
+    /// // consumer falls behind, the oldest buffered chunks are dropped.
+    /// let opts = ExecOptions::new().name("web1.access_log").overflow(Overflow::DropOldest);
+    /// let mut tail = session.exec_with("tail -F /var/log/access.log", &opts).await?;
+    /// assert_eq!(tail.stdout.stage().name(), "web1.access_log.stdout");
+    /// while let Some(chunk) = tail.stdout.recv().await? {
+    ///     // ...
+    /// #   drop(chunk);
+    /// }
+    /// println!("dropped {} chunks", tail.stdout.stats().dropped);
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// Those of [`exec`](Session::exec).
+    ///
+    /// # Cancel safety
+    /// As [`exec`](Session::exec).
+    pub async fn exec_with(
+        &self,
+        command: &str,
+        options: &ExecOptions,
+    ) -> Result<RemoteProcess, FlowError> {
+        Ok(self.exec_typed(command, options).await?)
     }
 
     /// [`exec`](Session::exec) with the typed error.
-    async fn exec_typed(&self, command: &str) -> Result<RemoteProcess, SshError> {
+    async fn exec_typed(
+        &self,
+        command: &str,
+        options: &ExecOptions,
+    ) -> Result<RemoteProcess, SshError> {
         match &self.conn {
             #[cfg(feature = "russh")]
             Conn::Russh(inner) => {
-                crate::backend::russh::exec(inner, command, &self.config, None).await
+                crate::backend::russh::exec(inner, command, &self.config, options, None).await
             }
             #[cfg(feature = "openssh")]
             Conn::OpenSsh(master) => {
-                crate::backend::openssh::exec(master, command, &self.config).await
+                crate::backend::openssh::exec(master, command, &self.config, options).await
             }
         }
     }
@@ -144,7 +182,14 @@ impl Session {
     ) -> Result<RemoteProcess, SshError> {
         match &self.conn {
             Conn::Russh(inner) => {
-                crate::backend::russh::exec(inner, command, &self.config, Some(probe)).await
+                crate::backend::russh::exec(
+                    inner,
+                    command,
+                    &self.config,
+                    &ExecOptions::default(),
+                    Some(probe),
+                )
+                .await
             }
             #[cfg(feature = "openssh")]
             Conn::OpenSsh(_) => Err(SshError::Config(
@@ -161,8 +206,22 @@ impl Session {
     /// Those of [`connect`](Session::connect) and [`exec`](Session::exec): a
     /// [`FlowError::Transport`] holding an [`SshError`].
     pub async fn exec_isolated(&self, command: &str) -> Result<RemoteProcess, FlowError> {
+        self.exec_isolated_with(command, &ExecOptions::default())
+            .await
+    }
+
+    /// [`exec_isolated`](Session::exec_isolated) with per-command options
+    /// (see [`exec_with`](Session::exec_with)).
+    ///
+    /// # Errors
+    /// Those of [`exec_isolated`](Session::exec_isolated).
+    pub async fn exec_isolated_with(
+        &self,
+        command: &str,
+        options: &ExecOptions,
+    ) -> Result<RemoteProcess, FlowError> {
         let session = Session::open((*self.config).clone()).await?;
-        Ok(session.exec_typed(command).await?)
+        Ok(session.exec_typed(command, options).await?)
     }
 
     /// The configuration this session was opened with.

@@ -14,11 +14,12 @@ use flowctl_core::lifecycle::Lease;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
-use crate::config::{Auth, HostKeyPolicy, SshConfig, split_host_port};
+use crate::config::{Auth, ExecOptions, HostKeyPolicy, SshConfig, split_host_port};
 use crate::error::SshError;
 use crate::ledger::{LEDGER_SESSION, LEDGER_TASK};
 use crate::process::{
-    ExitStatus, Outcome, Plumbing, RemoteProcess, StdinWriter, deliver, plumbing, room, write_stdin,
+    ExitStatus, ExitTx, Flags, Outcome, Plumbing, RemoteProcess, StdinWriter, StreamFlags, deliver,
+    plumbing, room, write_stdin,
 };
 
 /// A running ControlMaster (`ssh -M -f -N`), closed with `ssh -O exit` when
@@ -26,6 +27,9 @@ use crate::process::{
 pub(crate) struct Master {
     /// `Some` until drop or [`Master::close`].
     session: Option<openssh::Session>,
+    /// The next command's number: the channel id of its stage names (the
+    /// mux client does not tell us the master's channel number).
+    next_channel: std::sync::atomic::AtomicU64,
     _lease: Lease,
 }
 
@@ -228,6 +232,7 @@ impl Master {
                 tracing::info!(user = %config.user, addr = %config.addr, "ssh control master established");
                 Ok(Master {
                     session: Some(session),
+                    next_channel: std::sync::atomic::AtomicU64::new(0),
                     _lease: config.ledger.acquire(LEDGER_SESSION),
                 })
             }
@@ -492,6 +497,7 @@ pub(crate) async fn exec(
     master: &Arc<Master>,
     command: &str,
     config: &SshConfig,
+    options: &ExecOptions,
 ) -> Result<RemoteProcess, SshError> {
     let mref = MasterRef(master.clone());
     let mut child = openssh::Session::to_raw_command(mref.clone(), command)
@@ -504,8 +510,11 @@ pub(crate) async fn exec(
     let stdin = child.stdin().take();
     let stdout = child.stdout().take();
     let stderr = child.stderr().take();
-    let (p, proc) = plumbing(config, master.clone());
-    let span = crate::process::exec_span(command, config, "openssh");
+    let channel = master
+        .next_channel
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let (p, proc) = plumbing(config, options, channel, master.clone());
+    let span = crate::process::exec_span(command, config, "openssh", &p.name);
     let Plumbing {
         out,
         err,
@@ -516,6 +525,7 @@ pub(crate) async fn exec(
         done_rx,
         progress,
         cancel,
+        name: _,
     } = p;
     let chunk = config.max_packet.max(1024) as usize;
     config.ledger.spawn(
@@ -549,8 +559,8 @@ struct ReadTask {
     stderr: Option<openssh::ChildStderr>,
     out: PipeSink<Bytes>,
     err: PipeSink<Bytes>,
-    flags: Arc<crate::process::Flags>,
-    exit: watch::Sender<Option<Outcome>>,
+    flags: Arc<Flags>,
+    exit: ExitTx,
     done: watch::Sender<bool>,
     cancel: watch::Receiver<()>,
     chunk: usize,
@@ -564,6 +574,7 @@ async fn drain<R: AsyncRead + Unpin>(
     reader: Option<R>,
     mut pipe: PipeSink<Bytes>,
     chunk: usize,
+    flags: &StreamFlags,
 ) -> (PipeSink<Bytes>, u64) {
     let mut total = 0u64;
     let Some(mut reader) = reader else {
@@ -577,7 +588,7 @@ async fn drain<R: AsyncRead + Unpin>(
             Ok(0) => break,
             Ok(n) => {
                 total += n as u64;
-                deliver(&mut pipe, &mut open, buf.freeze());
+                deliver(&mut pipe, &mut open, buf.freeze(), flags);
             }
             Err(e) => {
                 tracing::debug!(error = %e, "reading the ssh client's output failed");
@@ -602,9 +613,12 @@ async fn read_outputs(t: ReadTask) {
         chunk,
     } = t;
     let master = child.session();
+    let streams = flags.clone();
     let work = async move {
-        let ((out, stdout_bytes), (err, _)) =
-            tokio::join!(drain(stdout, out, chunk), drain(stderr, err, chunk));
+        let ((out, stdout_bytes), (err, _)) = tokio::join!(
+            drain(stdout, out, chunk, &streams.stdout),
+            drain(stderr, err, chunk, &streams.stderr)
+        );
         (out, err, stdout_bytes, child.wait().await)
     };
     let (mut out, mut err, stdout_bytes, status) = tokio::select! {
@@ -612,6 +626,7 @@ async fn read_outputs(t: ReadTask) {
             // Dropping `work` drops the child, which kills the local mux
             // client (kill_on_drop): the master then closes the channel.
             tracing::debug!("every part of the process dropped: closing the channel");
+            exit.abandoned();
             return;
         }
         r = work => r,
@@ -638,16 +653,11 @@ async fn read_outputs(t: ReadTask) {
     };
     if matches!(outcome, Outcome::Lost) {
         tracing::debug!(stdout_bytes, "connection lost before the end of the output");
-        flags
-            .stdout_lost
-            .store(true, std::sync::atomic::Ordering::Release);
-        flags
-            .stderr_lost
-            .store(true, std::sync::atomic::Ordering::Release);
+        flags.lost();
     }
     out.close_now();
     err.close_now();
-    let _ = exit.send(Some(outcome));
+    exit.send(outcome);
     let _ = done.send(true);
 }
 

@@ -4,7 +4,6 @@
 //! between russh and a [`RemoteProcess`]'s pipes.
 
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -15,12 +14,12 @@ use russh::keys::{HashAlg, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertific
 use russh::{ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
 use tokio::sync::watch;
 
-use crate::config::{Auth, HostKeyPolicy, Secret, SshConfig, split_host_port};
+use crate::config::{Auth, ExecOptions, HostKeyPolicy, Secret, SshConfig, split_host_port};
 use crate::error::SshError;
 use crate::ledger::{LEDGER_OPEN, LEDGER_SESSION, LEDGER_TASK};
 use crate::process::{
-    ExitStatus, Flags, Outcome, RemoteProcess, StdinWriter, deliver, exec_span, plumbing, room,
-    write_stdin,
+    ExitStatus, ExitTx, Flags, Outcome, RemoteProcess, StdinWriter, deliver, exec_span, plumbing,
+    room, write_stdin,
 };
 
 /// What the host-key check found, kept to build a precise error.
@@ -307,6 +306,7 @@ pub(crate) async fn exec(
     inner: &Arc<SessionInner>,
     command: &str,
     config: &SshConfig,
+    options: &ExecOptions,
     probe: Option<Probe>,
 ) -> Result<RemoteProcess, SshError> {
     inner.handle()?;
@@ -319,7 +319,7 @@ pub(crate) async fn exec(
         stream: "exec reply",
         delivered: 0,
     })??;
-    Ok(start(read, write, command, config, inner.clone()))
+    Ok(start(read, write, command, config, options, inner.clone()))
 }
 
 /// Disconnects now and waits for russh's session task to end, if nothing
@@ -462,12 +462,14 @@ pub(crate) fn start(
     write: ChannelWriteHalf<Msg>,
     command: &str,
     config: &SshConfig,
+    options: &ExecOptions,
     session: Arc<SessionInner>,
 ) -> RemoteProcess {
     let session: Arc<dyn std::any::Any + Send + Sync> = session;
+    let channel = write.id();
     let write = Arc::new(write);
-    let (p, proc) = plumbing(config, session);
-    let span = exec_span(command, config, "russh");
+    let (p, proc) = plumbing(config, options, channel, session);
+    let span = exec_span(command, config, "russh", &p.name);
     config.ledger.spawn(
         LEDGER_TASK,
         tracing::Instrument::instrument(
@@ -500,7 +502,7 @@ struct ReadTask {
     out: PipeSink<Bytes>,
     err: PipeSink<Bytes>,
     flags: Arc<Flags>,
-    exit: watch::Sender<Option<Outcome>>,
+    exit: ExitTx,
     done: watch::Sender<bool>,
     cancel: watch::Receiver<()>,
 }
@@ -534,6 +536,7 @@ async fn read_channel(mut t: ReadTask) {
         tokio::select! {
             _ = t.cancel.changed() => {
                 tracing::debug!("every part of the process dropped: closing the channel");
+                t.exit.abandoned();
                 abandon(&t.write).await;
                 return;
             }
@@ -545,6 +548,7 @@ async fn read_channel(mut t: ReadTask) {
         let msg = tokio::select! {
             _ = t.cancel.changed() => {
                 tracing::debug!("every part of the process dropped: closing the channel");
+                t.exit.abandoned();
                 abandon(&t.write).await;
                 return;
             }
@@ -554,12 +558,12 @@ async fn read_channel(mut t: ReadTask) {
             Some(ChannelMsg::Data { data }) => {
                 tracing::trace!(len = data.len(), "stdout data");
                 stdout_bytes += data.len() as u64;
-                deliver(&mut t.out, &mut out_open, data);
+                deliver(&mut t.out, &mut out_open, data, &t.flags.stdout);
             }
             Some(ChannelMsg::ExtendedData { data, ext }) => {
                 tracing::trace!(len = data.len(), ext, "extended data");
                 if ext == 1 {
-                    deliver(&mut t.err, &mut err_open, data);
+                    deliver(&mut t.err, &mut err_open, data, &t.flags.stderr);
                 }
             }
             Some(ChannelMsg::Eof) => {
@@ -599,8 +603,7 @@ async fn read_channel(mut t: ReadTask) {
     }
     if !closed_cleanly && !eof {
         tracing::debug!(stdout_bytes, "connection lost before the end of the output");
-        t.flags.stdout_lost.store(true, Ordering::Release);
-        t.flags.stderr_lost.store(true, Ordering::Release);
+        t.flags.lost();
     }
     let outcome = match (status, closed_cleanly) {
         (Some(s), _) => Outcome::Exited(s),
@@ -613,7 +616,7 @@ async fn read_channel(mut t: ReadTask) {
     // also sees whether it was a loss.
     t.out.close_now();
     t.err.close_now();
-    let _ = t.exit.send(Some(outcome));
+    t.exit.send(outcome);
     let _ = t.done.send(true);
 }
 

@@ -27,6 +27,8 @@ mod redirect;
 mod contract;
 // A stalled reader outlasting sshd's ClientAliveInterval: openssh survives, russh is dropped.
 mod stall;
+// Named stages, overflow policies on stdout/stderr, stdin writability, metrics.
+mod stages;
 // The openssh backend's own rules: no password auth.
 #[cfg(feature = "openssh")]
 mod openssh;
