@@ -244,4 +244,70 @@ pub use cluster::{Cluster, ClusterConfig, Credentials, Tls};
 pub use core_sub::{CoreMessage, CoreSource};
 pub use error::ClusterError;
 pub use publish::{PublishOptions, PublishOutcome, Publisher};
+
+/// Registers the help texts of flowctl-cluster's own metrics (and of the core
+/// metrics every stage exports: it calls
+/// [`flowctl_core::stage::describe_metrics`]) with the installed recorder.
+/// Call once, after installing it. A no-op without the `metrics` feature.
+pub fn describe_metrics() {
+    use flowctl_core::stage::describe_counter;
+    flowctl_core::stage::describe_metrics();
+    for (metric, help) in [
+        ("flowctl_nats_pulls_total", "Pull requests sent."),
+        (
+            "flowctl_nats_redeliveries_dropped_total",
+            "Redeliveries dropped by the pull source's dedupe.",
+        ),
+        (
+            "flowctl_nats_demand_resets_total",
+            "Times the pull source lost sight of its open pull requests (a reconnect or missed heartbeats).",
+        ),
+        (
+            "flowctl_nats_heartbeats_missed_total",
+            "Demand resets caused by two missed idle heartbeats.",
+        ),
+        (
+            "flowctl_nats_missed_deliveries_total",
+            "Deliveries that never arrived (gaps in the consumer's delivery sequence).",
+        ),
+        (
+            "flowctl_nats_hold_expired_total",
+            "Times messages held back for a gap were released by hold_timeout with the gap still open.",
+        ),
+        (
+            "flowctl_nats_evicted_total",
+            "Held-back messages dropped un-acked to make room for what fills a gap (the server redelivers them).",
+        ),
+        (
+            "flowctl_nats_gap_fills_total",
+            "Messages read from the stream to fill a gap.",
+        ),
+        (
+            "flowctl_nats_gap_fill_failures_total",
+            "Reads of the stream that failed or were refused.",
+        ),
+        (
+            "flowctl_nats_requests_voided_total",
+            "Open pull requests a probe found gone from the consumer leader.",
+        ),
+        (
+            "flowctl_nats_ack_failures_total",
+            "Acks the client could not send (the connection was gone).",
+        ),
+        (
+            "flowctl_nats_publish_retries_total",
+            "Times the publisher re-sent its window after a transient failure.",
+        ),
+        (
+            "flowctl_nats_rechained_total",
+            "Messages re-sent chained on the last sequence after a stream leader's stale last msg id.",
+        ),
+        (
+            "flowctl_nats_reconnects_total",
+            "Times async-nats re-established the connection.",
+        ),
+    ] {
+        describe_counter(metric, help);
+    }
+}
 pub use pull::{AckHandle, AckMode, ConsumeOptions, JsMessage, PullSource, PullStats};

@@ -335,6 +335,24 @@ impl Handles {
     }
 }
 
+/// Registers `help` as the help text of the counter `metric` with the
+/// installed recorder; for a transport's own metrics (each transport crate's
+/// `describe_metrics` calls it). A no-op without the `metrics` feature.
+pub fn describe_counter(metric: &'static str, help: &'static str) {
+    #[cfg(feature = "metrics")]
+    metrics::describe_counter!(metric, help);
+    #[cfg(not(feature = "metrics"))]
+    let _ = (metric, help);
+}
+
+/// [`describe_counter`] for a gauge.
+pub fn describe_gauge(metric: &'static str, help: &'static str) {
+    #[cfg(feature = "metrics")]
+    metrics::describe_gauge!(metric, help);
+    #[cfg(not(feature = "metrics"))]
+    let _ = (metric, help);
+}
+
 /// Registers the help text and unit of every core metric with the installed
 /// recorder (an exporter prints them as `# HELP` lines). Call once, after
 /// installing the recorder. A no-op without the `metrics` feature.

@@ -40,7 +40,10 @@ pub(crate) fn start(addr: SocketAddr) -> Result<SocketAddr, String> {
     let handle = PrometheusBuilder::new()
         .install_recorder()
         .map_err(|e| format!("--metrics: cannot install the Prometheus recorder: {e}"))?;
-    flowctl_core::stage::describe_metrics();
+    // Each describes the core metrics too.
+    flowctl_ssh::describe_metrics();
+    flowctl_zmq::describe_metrics();
+    flowctl_cluster::describe_metrics();
     // ANCHOR_END: install
     let _ = PORT.set(bound.port());
     std::thread::Builder::new()

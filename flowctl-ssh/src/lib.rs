@@ -370,6 +370,27 @@ pub use process::{Exit, ExitStatus, Output, RemoteProcess, Stdin};
 #[cfg(any(feature = "russh", feature = "openssh"))]
 pub use session::Session;
 
+/// Registers the help texts of flowctl-ssh's own metrics (and of the core
+/// metrics every stage exports: it calls
+/// [`flowctl_core::stage::describe_metrics`]) with the installed recorder.
+/// Call once, after installing it. A no-op without the `metrics` feature.
+pub fn describe_metrics() {
+    use flowctl_core::stage::describe_counter;
+    flowctl_core::stage::describe_metrics();
+    describe_counter(
+        "flowctl_ssh_window_waits_total",
+        "Stdin chunks the writer could not hand to the connection at once (the remote's SSH window was used up).",
+    );
+    describe_counter(
+        "flowctl_ssh_channels_opened_total",
+        "Remote processes started (exec accepted, buffers built).",
+    );
+    describe_counter(
+        "flowctl_ssh_exits_total",
+        "Remote processes ended, by outcome (success, failure, signal, no_status, lost, abandoned).",
+    );
+}
+
 /// The russh version this crate is built on, re-exported for key types
 /// (`russh::keys::PrivateKey`, ...).
 #[cfg(feature = "russh")]

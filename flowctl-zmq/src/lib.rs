@@ -273,6 +273,23 @@ mod socket;
 pub use backend::SocketType;
 pub use error::ZmqError;
 pub use multipart::Multipart;
+
+/// Registers the help texts of flowctl-zmq's own metrics (and of the core
+/// metrics every stage exports: it calls
+/// [`flowctl_core::stage::describe_metrics`]) with the installed recorder.
+/// Call once, after installing it. A no-op without the `metrics` feature.
+pub fn describe_metrics() {
+    use flowctl_core::stage::describe_counter;
+    flowctl_core::stage::describe_metrics();
+    describe_counter(
+        "flowctl_zmq_eagain_total",
+        "Sends libzmq refused with EAGAIN (its SNDHWM was reached, or no peer); for a PUB each is also a drop.",
+    );
+    describe_counter(
+        "flowctl_zmq_send_waits_total",
+        "Times the sink went to sleep waiting for libzmq's room.",
+    );
+}
 pub use socket::{
     Context, DEFAULT_EXPECTED_MESSAGE_SIZE, DEFAULT_LINGER, MIN_DEFAULT_MAX_MESSAGE_SIZE,
     SocketBuilder, ZmqSink, ZmqSocket, ZmqSource, ZmqStats,
