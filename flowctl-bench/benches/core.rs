@@ -67,8 +67,15 @@ where
 
 // ---------------------------------------------------------------- pipe_vs_mpsc
 
-async fn flowctl_items(wm: Watermarks, batch: usize) {
-    let (mut tx, mut rx) = pipe_with::<Bytes>(wm, Fairness::default());
+/// `name`: a named pipe reports every charge and credit to the installed
+/// metrics recorder (`metrics_overhead`); an unnamed one reports nothing.
+async fn flowctl_items(wm: Watermarks, batch: usize, name: Option<&'static str>) {
+    let builder = flowctl_core::PipeBuilder::new(wm);
+    let builder = match name {
+        Some(name) => builder.name(name),
+        None => builder,
+    };
+    let (mut tx, mut rx) = builder.build::<Bytes>();
     let item = payload(SMALL);
     let producer = tokio::spawn(async move {
         for _ in 0..ITEMS {
@@ -122,7 +129,7 @@ fn pipe_vs_mpsc(c: &mut Criterion) {
     for (flavor, rt) in [("mt2", multi_thread(2)), ("ct", current_thread())] {
         for (name, batch) in [("per_item", 1), ("recv_many", BATCH)] {
             g.bench_function(format!("flowctl_{name}/{flavor}"), |b| {
-                b.iter_custom(|iters| run(&rt, iters, || flowctl_items(wm, batch)));
+                b.iter_custom(|iters| run(&rt, iters, || flowctl_items(wm, batch, None)));
             });
             g.bench_function(format!("mpsc_{name}/{flavor}"), |b| {
                 b.iter_custom(|iters| run(&rt, iters, || mpsc_items(capacity, batch)));
@@ -459,26 +466,6 @@ fn watermarks(c: &mut Criterion) {
 
 // ------------------------------------------------------------ metrics_overhead
 
-/// The per-item pipe of `pipe_vs_mpsc`, named, so that every charge and credit
-/// reports to the installed recorder.
-async fn flowctl_items_named(wm: Watermarks) {
-    let (mut tx, mut rx) = flowctl_core::PipeBuilder::new(wm)
-        .name("bench.pipe")
-        .build::<Bytes>();
-    let item = payload(SMALL);
-    let producer = tokio::spawn(async move {
-        for _ in 0..ITEMS {
-            tx.send(item.clone()).await.expect("pipe send");
-        }
-    });
-    let mut n = 0;
-    while let Some(b) = rx.recv().await.expect("pipe recv") {
-        n += b.len();
-    }
-    producer.await.expect("producer");
-    assert_eq!(n, ITEMS * SMALL);
-}
-
 /// flowctl-core's `metrics` feature on (this crate enables it) and a real
 /// recorder installed (metrics-exporter-prometheus, as an application would):
 /// a named pipe reports every charge and credit, an unnamed one reports nothing.
@@ -495,10 +482,10 @@ fn metrics_overhead(c: &mut Criterion) {
     g.throughput(Throughput::Elements(ITEMS as u64));
     let rt = multi_thread(2);
     g.bench_function("named/mt2", |b| {
-        b.iter_custom(|iters| run(&rt, iters, || flowctl_items_named(wm)));
+        b.iter_custom(|iters| run(&rt, iters, || flowctl_items(wm, 1, Some("bench.pipe"))));
     });
     g.bench_function("unnamed/mt2", |b| {
-        b.iter_custom(|iters| run(&rt, iters, || flowctl_items(wm, 1)));
+        b.iter_custom(|iters| run(&rt, iters, || flowctl_items(wm, 1, None)));
     });
     g.finish();
     // The named pipe did report: its items are in the exposition.
