@@ -420,9 +420,9 @@ pub fn describe_metrics() {
 /// A stage's paused/resumed edges, observed from anywhere: Netty's
 /// `channelWritabilityChanged`, as a `watch`-style handle.
 ///
-/// Get one from [`PipeSink::writability`](crate::PipeSink::writability),
-/// [`Gate::writability`](crate::gate::Gate::writability) or a transport's
-/// sink. [`changed`](Writability::changed) waits for the next edge; edges
+/// Get one from any sink with watermarks of its own, with
+/// [`Sink::writability`](crate::Sink::writability) (a pipe, a transport's
+/// sink), or from [`Gate::writability`](crate::gate::Gate::writability). [`changed`](Writability::changed) waits for the next edge; edges
 /// that happen while nobody waits are coalesced (the handle reads the latest
 /// state, and [`pauses`](Writability::pauses) says how many pauses there were).
 ///
