@@ -86,6 +86,14 @@ pub struct GateState {
     stage: StageState,
 }
 
+impl Drop for GateState {
+    /// Brings the stage's metrics up to date: a stage that is gone reads
+    /// what it last held.
+    fn drop(&mut self) {
+        self.stage.sync(self.buffered, self.max_buffered);
+    }
+}
+
 /// What a credit did to a [`GateState`]; a violation is reported by its
 /// caller (after waking any producers, so that none is left parked).
 #[derive(Debug, Clone, Copy)]
@@ -144,7 +152,11 @@ impl GateState {
 
     /// See [`with_stage`](Self::with_stage).
     pub fn set_stage(&mut self, stage: Stage) {
+        // What the old name has pending is written under it; the new name
+        // starts from the current values.
+        self.stage.sync(self.buffered, self.max_buffered);
         self.stage.set_stage(stage, self.wm);
+        self.stage.sync(self.buffered, self.max_buffered);
     }
 
     /// The stage's name, if it has one.
@@ -232,14 +244,13 @@ impl GateState {
         self.buffered += charge;
         self.items += 1;
         self.bytes += weight as u64;
-        let new_max = self.buffered > self.max_buffered;
-        if new_max {
-            self.max_buffered = self.buffered;
-        }
-        self.stage.on_charge(self.buffered, weight, new_max);
+        self.max_buffered = self.max_buffered.max(self.buffered);
+        self.stage
+            .on_charge(self.buffered, self.max_buffered, weight);
         if !self.paused && self.buffered > self.wm.high() {
             self.paused = true;
             self.pauses += 1;
+            self.stage.sync(self.buffered, self.max_buffered);
             self.stage.on_pause(self.pauses);
             tracing::debug!(parent: &self.span, stage = self.stage_name(), buffered = self.buffered, high = self.wm.high(), "paused: above high watermark");
         }
@@ -271,10 +282,11 @@ impl GateState {
             tracing::warn!(parent: &self.span, credit = bytes, buffered = self.buffered, "invariant violated: credit exceeds buffered bytes");
         }
         self.buffered = self.buffered.saturating_sub(bytes);
-        self.stage.on_credit(self.buffered);
+        self.stage.on_credit(self.buffered, self.max_buffered);
         let resumed = self.paused && self.buffered <= self.wm.low();
         if resumed {
             self.paused = false;
+            self.stage.sync(self.buffered, self.max_buffered);
             self.stage.on_resume(self.pauses);
             tracing::debug!(parent: &self.span, stage = self.stage_name(), buffered = self.buffered, low = self.wm.low(), "resumed: at or below low watermark");
         }

@@ -32,6 +32,12 @@
 //! | `flowctl_forced_yields_total` | counter | slices a source ended to let its task yield |
 //! | `flowctl_live_resources{kind}` | gauge | live resources of [`Ledger::global`](crate::lifecycle::Ledger::global) by kind (no `stage` label) |
 //!
+//! Counts and gauges are written in batches (every 32 charges and credits,
+//! at every pause and resume edge, when the stage drains to empty and when
+//! it is dropped), so a scrape of a busy stage lags it by fewer than 32
+//! operations; drops and forced yields are written as they happen;
+//! `stats()` is always exact.
+//!
 //! [`describe_metrics`] registers their help texts and units with the
 //! installed recorder. `docs/src/reference/metrics.md` lists the transports'
 //! metrics too.
@@ -485,7 +491,28 @@ pub(crate) struct StageState {
     edges: watch::Sender<Edge>,
     last_drop_warn: Option<Instant>,
     unreported_drops: u64,
+    #[cfg(feature = "metrics")]
+    pending: Pending,
 }
+
+/// Metric updates not yet written: a charge and a credit cost two local
+/// additions, and the handles (atomics that the producer's and the
+/// consumer's threads would otherwise both write for every item) are
+/// written every [`FLUSH_EVERY`] operations, on every pause and resume edge,
+/// when the stage drains to empty, and when it is dropped. So a scrape of a
+/// busy stage lags it by at most `FLUSH_EVERY - 1` operations, and a stage
+/// that is paused, or empty, or gone reads exactly.
+#[cfg(feature = "metrics")]
+#[derive(Debug, Default)]
+struct Pending {
+    items: u64,
+    bytes: u64,
+    ops: u32,
+}
+
+/// Operations (charges and credits) between two writes of a stage's metrics.
+#[cfg(feature = "metrics")]
+const FLUSH_EVERY: u32 = 32;
 
 impl fmt::Debug for StageState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -507,6 +534,8 @@ impl StageState {
             edges: watch::Sender::new(Edge::default()),
             last_drop_warn: None,
             unreported_drops: 0,
+            #[cfg(feature = "metrics")]
+            pending: Pending::default(),
         }
     }
 
@@ -537,30 +566,66 @@ impl StageState {
         self.paused_time + self.paused_since.map_or(Duration::ZERO, |t| t.elapsed())
     }
 
+    /// An item of `weight` bytes was charged: `buffered` now, `max` the
+    /// largest so far. The metrics are brought up to date every
+    /// [`FLUSH_EVERY`] operations and on every edge (see [`Pending`]).
     #[inline]
-    pub(crate) fn on_charge(&self, buffered: usize, weight: usize, new_max: bool) {
+    pub(crate) fn on_charge(&mut self, buffered: usize, max: usize, weight: usize) {
         #[cfg(feature = "metrics")]
-        if let Some(stage) = &self.stage {
-            let h = stage.handles();
-            h.items.increment(1);
-            h.bytes.increment(weight as u64);
-            h.buffered.set(buffered as f64);
-            if new_max {
-                h.max_buffered.set(buffered as f64);
+        if self.stage.is_some() {
+            let p = &mut self.pending;
+            p.items += 1;
+            p.bytes += weight as u64;
+            p.ops += 1;
+            if p.ops >= FLUSH_EVERY {
+                self.flush(buffered, max);
             }
         }
         #[cfg(not(feature = "metrics"))]
-        let _ = (buffered, weight, new_max);
+        let _ = (buffered, max, weight);
     }
 
+    /// Bytes were credited: `buffered` now. A stage that drains to empty
+    /// is brought up to date at once (an idle stage must read 0).
     #[inline]
-    pub(crate) fn on_credit(&self, buffered: usize) {
+    pub(crate) fn on_credit(&mut self, buffered: usize, max: usize) {
         #[cfg(feature = "metrics")]
-        if let Some(stage) = &self.stage {
-            stage.handles().buffered.set(buffered as f64);
+        if self.stage.is_some() {
+            self.pending.ops += 1;
+            if buffered == 0 || self.pending.ops >= FLUSH_EVERY {
+                self.flush(buffered, max);
+            }
         }
         #[cfg(not(feature = "metrics"))]
-        let _ = buffered;
+        let _ = (buffered, max);
+    }
+
+    /// Writes what is pending to the metrics: the counters' increments and
+    /// the gauges' current values.
+    #[cfg(feature = "metrics")]
+    #[cold]
+    fn flush(&mut self, buffered: usize, max: usize) {
+        let p = std::mem::take(&mut self.pending);
+        if let Some(stage) = &self.stage {
+            let h = stage.handles();
+            if p.items > 0 {
+                h.items.increment(p.items);
+                h.bytes.increment(p.bytes);
+            }
+            h.buffered.set(buffered as f64);
+            h.max_buffered.set(max as f64);
+        }
+    }
+
+    /// Brings the metrics up to date (at the pause and resume edges, and
+    /// when the stage is dropped).
+    pub(crate) fn sync(&mut self, buffered: usize, max: usize) {
+        #[cfg(feature = "metrics")]
+        if self.stage.is_some() {
+            self.flush(buffered, max);
+        }
+        #[cfg(not(feature = "metrics"))]
+        let _ = (buffered, max);
     }
 
     pub(crate) fn on_pause(&mut self, pauses: u64) {

@@ -179,3 +179,37 @@ fn the_global_ledger_reports_live_resources_by_kind() {
     });
     assert!(!handle.render().contains("test.metrics.own"));
 }
+
+#[tokio::test]
+async fn a_busy_stage_s_metrics_lag_by_less_than_32_operations_and_a_drained_one_reads_exactly() {
+    let (recorder, handle) = recorder();
+    let (mut tx, mut rx) = metrics::with_local_recorder(&recorder, || {
+        PipeBuilder::new(Watermarks::new(0, 1 << 20).unwrap())
+            .name("test.lag")
+            .build::<Bytes>()
+    });
+    let l = r#"stage="test.lag""#;
+    // 100 charges, no edge (far below high), nothing received.
+    for seq in 0..100 {
+        tx.send(payload(seq, 100)).await.unwrap();
+    }
+    let items = value(&handle.render(), "flowctl_items_total", l).unwrap_or(0.0);
+    assert!((100.0 - 31.0..=100.0).contains(&items), "{items}");
+    let buffered = value(&handle.render(), "flowctl_buffered_bytes", l).unwrap_or(0.0);
+    assert!(
+        buffered >= 69.0 * 100.0 && buffered <= 10_000.0,
+        "{buffered}"
+    );
+    // Drained to empty: exact.
+    for _ in 0..100 {
+        rx.recv().await.unwrap().unwrap();
+    }
+    let text = handle.render();
+    assert_eq!(value(&text, "flowctl_items_total", l), Some(100.0));
+    assert_eq!(value(&text, "flowctl_bytes_total", l), Some(10_000.0));
+    assert_eq!(value(&text, "flowctl_buffered_bytes", l), Some(0.0));
+    assert_eq!(
+        value(&text, "flowctl_max_buffered_bytes", l),
+        Some(rx.stats().max_buffered as f64)
+    );
+}
