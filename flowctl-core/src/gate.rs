@@ -297,8 +297,10 @@ impl GateState {
         }
     }
 
-    /// A snapshot of the counters.
+    /// A snapshot of the counters. With the `metrics` feature it also
+    /// writes the stage's pending metrics, so a scrape right after it agrees.
     pub fn stats(&self) -> FlowStats {
+        self.stage.sync_shared(self.buffered, self.max_buffered);
         FlowStats {
             buffered: self.buffered,
             max_buffered: self.max_buffered,

@@ -36,7 +36,8 @@
 //! at every pause and resume edge, when the stage drains to empty and when
 //! it is dropped), so a scrape of a busy stage lags it by fewer than 32
 //! operations; drops and forced yields are written as they happen;
-//! `stats()` is always exact.
+//! `stats()` is always exact, and calling it writes what is pending, so a
+//! scrape right after it agrees with it.
 //!
 //! [`describe_metrics`] registers their help texts and units with the
 //! installed recorder. `docs/src/reference/metrics.md` lists the transports'
@@ -502,11 +503,15 @@ pub(crate) struct StageState {
 /// when the stage drains to empty, and when it is dropped. So a scrape of a
 /// busy stage lags it by at most `FLUSH_EVERY - 1` operations, and a stage
 /// that is paused, or empty, or gone reads exactly.
+///
+/// Atomics, so that `stats(&self)` can write them too; every other access
+/// holds `&mut`, so it uses plain loads and stores (no read-modify-write on
+/// the hot path), and only the flush from `&self` swaps.
 #[cfg(feature = "metrics")]
 #[derive(Debug, Default)]
 struct Pending {
-    items: u64,
-    bytes: u64,
+    items: std::sync::atomic::AtomicU64,
+    bytes: std::sync::atomic::AtomicU64,
     ops: u32,
 }
 
@@ -574,8 +579,8 @@ impl StageState {
         #[cfg(feature = "metrics")]
         if self.stage.is_some() {
             let p = &mut self.pending;
-            p.items += 1;
-            p.bytes += weight as u64;
+            *p.items.get_mut() += 1;
+            *p.bytes.get_mut() += weight as u64;
             p.ops += 1;
             if p.ops >= FLUSH_EVERY {
                 self.flush(buffered, max);
@@ -600,21 +605,38 @@ impl StageState {
         let _ = (buffered, max);
     }
 
-    /// Writes what is pending to the metrics: the counters' increments and
-    /// the gauges' current values.
     #[cfg(feature = "metrics")]
     #[cold]
     fn flush(&mut self, buffered: usize, max: usize) {
-        let p = std::mem::take(&mut self.pending);
+        self.pending.ops = 0;
+        self.write(buffered, max);
+    }
+
+    /// Writes what is pending to the metrics (the counters' increments and
+    /// the gauges' current values); callable from `stats(&self)`.
+    #[cfg(feature = "metrics")]
+    fn write(&self, buffered: usize, max: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
         if let Some(stage) = &self.stage {
             let h = stage.handles();
-            if p.items > 0 {
-                h.items.increment(p.items);
-                h.bytes.increment(p.bytes);
+            let items = self.pending.items.swap(0, Relaxed);
+            let bytes = self.pending.bytes.swap(0, Relaxed);
+            if items > 0 {
+                h.items.increment(items);
+                h.bytes.increment(bytes);
             }
             h.buffered.set(buffered as f64);
             h.max_buffered.set(max as f64);
         }
+    }
+
+    /// Writes the pending metrics from a shared reference (`stats()`): a
+    /// scrape right after `stats()` reads what it returned.
+    pub(crate) fn sync_shared(&self, buffered: usize, max: usize) {
+        #[cfg(feature = "metrics")]
+        self.write(buffered, max);
+        #[cfg(not(feature = "metrics"))]
+        let _ = (buffered, max);
     }
 
     /// Brings the metrics up to date (at the pause and resume edges, and
