@@ -118,13 +118,15 @@ async fn the_byte_budget_yields_before_the_item_budget() {
     );
 }
 
-#[tokio::test(flavor = "current_thread")]
-async fn a_forced_yield_survives_a_caller_that_drops_pending() {
-    // The provided recv_many polls extra items with now_or_never, which drops a
-    // Pending. The byte limit (one 64 KiB item per slice here) must still make
-    // the task yield for every item, not only every 128 (tokio's coop budget).
-    let big = Bytes::from(vec![0u8; 64 * 1024]);
-    let mut src = AlwaysReady(big).fair(Fairness::new(1_000_000, 64 * 1024).unwrap());
+/// Takes `n` items from `src` the way a caller that drops `Pending` does:
+/// everything `now_or_never` gives, then one `recv().await`, again and again.
+/// Returns how many turns another task on the same thread got meanwhile.
+///
+/// A forced yield must stick: after the dropped `Pending`, the `recv().await`
+/// has to find the task's coop budget spent and return to the scheduler. If
+/// it does not, the task takes items until tokio's own budget runs out.
+async fn turns_while_a_caller_drops_pending<S: Source>(src: &mut S, n: usize) -> u32 {
+    use futures::FutureExt;
     let turns = Arc::new(AtomicU32::new(0));
     let done = Arc::new(AtomicBool::new(false));
     let other = {
@@ -139,17 +141,116 @@ async fn a_forced_yield_survives_a_caller_that_drops_pending() {
     tokio::task::yield_now().await;
     let before = turns.load(Ordering::SeqCst);
     let mut taken = 0;
-    let mut buf = Vec::new();
-    while taken < 256 {
-        buf.clear();
-        taken += src.recv_many(&mut buf, 1000).await.unwrap();
+    while taken < n {
+        while let Some(item) = src.recv().now_or_never() {
+            item.unwrap().expect("an endless source");
+            taken += 1;
+        }
+        src.recv().await.unwrap().expect("an endless source");
+        taken += 1;
     }
     let turns_during = turns.load(Ordering::SeqCst) - before;
     done.store(true, Ordering::SeqCst);
     other.await.unwrap();
-    // One yield per item would give the other task ~256 turns; without the fix it got ~2.
+    turns_during
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_forced_yield_survives_a_caller_that_drops_pending() {
+    // The byte limit (one 64 KiB item per slice here) must make the task
+    // yield for every item, not only every 128 (tokio's coop budget), even
+    // when the caller drops the forced Pending and polls again at once.
+    let big = Bytes::from(vec![0u8; 64 * 1024]);
+    let mut src = AlwaysReady(big).fair(Fairness::new(1_000_000, 64 * 1024).unwrap());
+    let turns = turns_while_a_caller_drops_pending(&mut src, 512).await;
+    // Sticking yields give ~256 turns (two items per turn: the one
+    // now_or_never takes and the one awaited); not sticking, ~4.
     assert!(
-        turns_during >= 64,
-        "the other task ran {turns_during} times while 256 items of 64 KiB were taken"
+        turns >= 128,
+        "the other task ran {turns} times while 512 items of 64 KiB were taken"
+    );
+}
+
+/// A foreign source of `n` numbered items (each 8 bytes, big-endian), ready
+/// at once, never yielding.
+struct Numbered {
+    next: u64,
+    n: u64,
+}
+
+impl Source for Numbered {
+    type Item = Bytes;
+    fn poll_recv(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<Option<Bytes>, FlowError>> {
+        if self.next == self.n {
+            return std::task::Poll::Ready(Ok(None));
+        }
+        self.next += 1;
+        std::task::Poll::Ready(Ok(Some(Bytes::copy_from_slice(
+            &(self.next - 1).to_be_bytes(),
+        ))))
+    }
+    fn stats(&self) -> FlowStats {
+        FlowStats::empty(Watermarks::default())
+    }
+}
+
+/// Drains `src`, checking that the items come 0, 1, 2, ... with none missing.
+async fn drain_in_order<S: Source<Item = Bytes>>(src: &mut S) -> u64 {
+    let mut expected = 0u64;
+    while let Some(b) = src.recv().await.unwrap() {
+        let got = u64::from_be_bytes(b[..].try_into().unwrap());
+        assert_eq!(got, expected, "item out of order or lost");
+        expected += 1;
+    }
+    expected
+}
+
+#[test]
+fn without_a_coop_budget_a_fair_source_still_yields_every_slice_and_loses_nothing() {
+    // Outside a tokio runtime (another executor) and inside
+    // `tokio::task::unconstrained` tokio's coop budget never runs out, so the
+    // slice's own limit is the only yield. 1,000 items at 128 per slice: a
+    // forced yield after items 128, 256, ... 896, so 7.
+    let mut src = Numbered { next: 0, n: 1000 }.fair(Fairness::default());
+    assert_eq!(futures::executor::block_on(drain_in_order(&mut src)), 1000);
+    assert_eq!(src.yields(), 7);
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let mut src = Numbered { next: 0, n: 1000 }.fair(Fairness::default());
+    let taken = rt.block_on(async {
+        tokio::spawn(async move {
+            let n = tokio::task::unconstrained(drain_in_order(&mut src)).await;
+            (n, src.yields())
+        })
+        .await
+        .unwrap()
+    });
+    assert_eq!(taken, (1000, 7));
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_source_that_leaves_unconstrained_makes_its_yields_stick_again() {
+    // Inside `unconstrained` the forced yields stop spending the (endless)
+    // coop budget. Back in a budgeted task they must stick again, at the
+    // latest once tokio's budget has run out on the ready path.
+    let big = Bytes::from(vec![0u8; 64 * 1024]);
+    let mut src = AlwaysReady(big).fair(Fairness::new(1_000_000, 64 * 1024).unwrap());
+    tokio::task::unconstrained(async {
+        for _ in 0..300 {
+            src.recv().await.unwrap();
+        }
+    })
+    .await;
+    assert!(src.yields() >= 299, "{} forced yields", src.yields());
+    let turns = turns_while_a_caller_drops_pending(&mut src, 512).await;
+    // As above: ~256 turns when the yields stick, ~4 when they never do again.
+    assert!(
+        turns >= 128,
+        "the other task ran {turns} times while 512 items of 64 KiB were taken"
     );
 }

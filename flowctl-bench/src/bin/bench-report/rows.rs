@@ -217,6 +217,17 @@ pub(crate) const ROWS: &[RowSpec] = &[
         "the same source bare",
     ),
     core(
+        "core.fairness_overhead.unconstrained",
+        "items/s",
+        Goal::Info,
+        (
+            "fairness_overhead/foreign_fair_unconstrained/ct",
+            "fairness_overhead/foreign_unfair/ct",
+        ),
+        "the same `.fair(..)` source inside `tokio::task::unconstrained` (no coop budget: the slice's own yields only)",
+        "the same source bare",
+    ),
+    core(
         "core.offload.ordered",
         "MiB/s",
         Goal::RatioAtLeast(1.8),
