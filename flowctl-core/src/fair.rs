@@ -152,7 +152,8 @@ impl Budget {
         );
         self.end_slice();
         // Spending the rest of an unbounded budget would never end: the full
-        // check stops after tokio's per-poll budget (128 units) and says so.
+        // check stops one unit past tokio's per-poll budget (128 units, so a
+        // 129th is there only when the budget is unbounded) and says so.
         // Once it has, the yields after it take one unit, with a full check
         // again every `COOP_RECHECK` yields and as soon as tokio's budget runs
         // out on the ready path (the source has moved into a budgeted task).
@@ -223,8 +224,9 @@ const TOKIO_COOP_BUDGET: usize = 128;
 /// operation pending until the task has really been back to the scheduler,
 /// which is when tokio refills the budget. Returns true when the budget did
 /// not run out: outside a runtime (or inside `unconstrained`) it never does.
+/// A whole budget is 128 units, so the 129th unit tells the two apart.
 fn exhaust_coop(cx: &mut Context<'_>) -> bool {
-    for _ in 0..TOKIO_COOP_BUDGET {
+    for _ in 0..=TOKIO_COOP_BUDGET {
         if spend_coop_unit(cx).is_pending() {
             return false;
         }
