@@ -27,20 +27,31 @@ pub(crate) async fn stream_and_consumer(
 /// an R3 stream on every release, so a refusal here (10005, `no suitable
 /// peers for placement`) is a fixture bug and fails the test.
 pub(crate) async fn create_stream(cluster: &Cluster, name: &str, subjects: &[&str]) {
-    cluster
-        .jetstream()
-        .create_stream(stream::Config {
-            name: name.into(),
-            subjects: subjects.iter().map(|s| s.to_string()).collect(),
-            num_replicas: 3,
-            ..Default::default()
-        })
-        .await
-        .unwrap_or_else(|e| panic!("create stream {name}: {e}"));
+    let config = stream::Config {
+        name: name.into(),
+        subjects: subjects.iter().map(|s| s.to_string()).collect(),
+        num_replicas: 3,
+        ..Default::default()
+    };
+    // A JetStream API request times out after 5 s (async-nats's default).
+    // With several 3-node clusters starting at once on 2 cores, the meta
+    // leader has been seen not to answer a create within that (stop 21, CI
+    // profile). Creating the same config again is idempotent, so a timeout
+    // is retried until the same 30 s deadline as the leader below; any
+    // other error fails at once.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match cluster.jetstream().create_stream(config.clone()).await {
+            Ok(_) => break,
+            Err(e)
+                if e.kind() == async_nats::jetstream::context::CreateStreamErrorKind::TimedOut
+                    && std::time::Instant::now() < deadline => {}
+            Err(e) => panic!("create stream {name}: {e}"),
+        }
+    }
     // The create answer can come before the stream's own raft group has a
     // leader: a publish then finds no responder (async-nats says
     // `StreamNotFound`; seen once on 2.12.8). Wait for the leader.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let mut st = cluster.jetstream().get_stream(name).await.unwrap();
     loop {
         let info = st.info().await.unwrap();
