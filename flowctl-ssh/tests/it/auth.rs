@@ -31,8 +31,12 @@ async fn agent_identity_authenticates(fx: Fixture) {
             .spawn()
             .expect("ssh-agent: run `cargo xtask setup` (installs openssh-client)"),
     );
-    until(Duration::from_secs(20), "ssh-agent socket", || {
-        sock.exists()
+    // ssh-agent binds the socket (the file appears) before it listens: until
+    // then a connection is refused, and `ssh-add` fails with "Error connecting
+    // to agent: Connection refused" (seen once in CI). Ready means a connect
+    // succeeds, not that the file exists.
+    until(Duration::from_secs(20), "ssh-agent listening", || {
+        std::os::unix::net::UnixStream::connect(&sock).is_ok()
     })
     .await;
     let st = Command::new("ssh-add")
