@@ -52,8 +52,10 @@
 //!   ([`AckHandle`], at least once).
 //! - [`Cluster::publisher`] → [`Publisher`]: un-acked bytes bounded by the
 //!   sink's watermarks and `max_inflight`; `Nats-Msg-Id` for server dedupe and
-//!   `Nats-Expected-Last-Msg-Id` chaining so retries through elections neither
-//!   duplicate nor reorder. Its fatal errors are sticky: every later call,
+//!   `Nats-Expected-Last-Sequence` chaining so retries through elections
+//!   neither duplicate nor reorder (not `Nats-Expected-Last-Msg-Id`: from
+//!   nats-server 2.14 on, one failed check of that header stops every replica
+//!   of the stream). Its fatal errors are sticky: every later call,
 //!   `flush` and `close` included, returns them at once, and
 //!   [`Publisher::outcome`] counts what was stored, not stored, or unknown.
 //! - [`Cluster::subscribe`] → [`CoreSource`]: core NATS, at most once;
@@ -300,7 +302,7 @@ pub fn describe_metrics() {
         ),
         (
             "flowctl_nats_rechained_total",
-            "Messages re-sent chained on the last sequence after a stream leader's stale last msg id.",
+            "Messages re-sent because a stream leader's last sequence was behind the publisher's last ack.",
         ),
         (
             "flowctl_nats_reconnects_total",

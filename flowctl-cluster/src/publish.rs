@@ -42,8 +42,10 @@ pub struct PublishOptions {
     /// leader otherwise holds every publish for the whole request timeout).
     /// Short is safe: re-sent copies are deduplicated by the server.
     pub ack_timeout: Duration,
-    /// Chain `Nats-Expected-Last-Msg-Id` so a retry can never reorder (the
-    /// sink must then be the stream's only writer). Without it, several
+    /// Chain `Nats-Expected-Last-Sequence` so a retry can never reorder (the
+    /// sink must then be the stream's only writer). The first message goes
+    /// alone, unchecked; its ack gives the stream sequence the next ones
+    /// chain on. Without it, several
     /// writers may share the stream, and a failure with more than one publish
     /// in flight may store later messages before the retried one (still no
     /// duplicates: `Nats-Msg-Id` stays).
@@ -93,7 +95,7 @@ pub struct PublishOutcome {
     /// (0 once it has failed).
     pub pending: u64,
     /// After a fatal error: certainly not stored (refused by the stream,
-    /// chained behind a refused message in strict order, or never sent).
+    /// chained in strict order behind one the stream refused, or never sent).
     pub not_stored: u64,
     /// After a fatal error: sent, but neither acknowledged nor refused when
     /// the publisher stopped, so the stream may or may not hold them.
@@ -111,7 +113,7 @@ struct Fatal {
 #[derive(Debug)]
 struct State {
     error: Mutex<Option<String>>,
-    /// Times a stale last msg id was answered by chaining on the sequence.
+    /// Times a stream leader's last sequence was behind our last ack.
     rechained: std::sync::atomic::AtomicU64,
     /// Set once by the publishing task, never taken: the error is sticky.
     fatal: Mutex<Option<Fatal>>,
@@ -136,13 +138,23 @@ impl State {
 /// Publishes every item to one subject of a stream; see [`Cluster::publisher`].
 ///
 /// # Order and dedupe
-/// Each message gets a `Nats-Msg-Id` (`<publisher id>-<n>`) and a
-/// `Nats-Expected-Last-Msg-Id` naming its predecessor. After a failure the
-/// publisher re-sends the failed message and everything after it, in order:
-/// copies that were stored already are dropped by the server's dedupe
-/// (within the stream's `duplicate_window`, 2 minutes by default), and a
-/// successor whose predecessor was not stored is rejected by the expected-last
-/// check, so the stream never holds them out of order. The sink must be the
+/// Each message gets a `Nats-Msg-Id` (`<publisher id>-<n>`) and, in strict
+/// order, a `Nats-Expected-Last-Sequence`: the stream sequence its
+/// predecessor has (the last ack's sequence plus its place in the window).
+/// Until the first ack that sequence is unknown, so the first message is
+/// sent alone and unchecked. After a failure the publisher re-sends the
+/// failed message and everything after it, in order: copies that were
+/// stored already are answered as duplicates by the server's dedupe (within
+/// the stream's `duplicate_window`, 2 minutes by default; checked before the
+/// sequence), and a successor whose predecessor was not stored is refused
+/// by the stream leader before it is replicated, so the stream never holds
+/// them out of order.
+///
+/// `Nats-Expected-Last-Msg-Id` would name the predecessor without knowing
+/// its sequence, but a replicated stream checks it only when each replica
+/// applies the message, and from nats-server 2.14 on a failed check there
+/// stops the replica for good: a successor of a message lost in an election
+/// would stop the whole stream. The sink must be the
 /// only writer of the stream (another writer is reported as
 /// [`ClusterError::ConcurrentPublisher`]) unless
 /// [`PublishOptions::strict_order`] is off.
@@ -163,7 +175,7 @@ impl State {
 /// error at once (none of them waits for acks that can no longer come).
 /// [`Publisher::outcome`] then tells what became of the accepted messages:
 /// `acked` ones are stored; `not_stored` ones are not (refused, chained in
-/// strict order behind a refused one, or never sent); `unknown` ones were sent
+/// strict order behind one the stream refused, or never sent); `unknown` ones were sent
 /// and neither acknowledged nor refused (after `PublishFailed`, or in flight
 /// behind a refused one without strict order), so the stream may hold them.
 /// An oversized payload refused by `start_send` itself is not fatal.
@@ -287,11 +299,12 @@ impl Publisher {
         *self.acked.borrow()
     }
 
-    /// Times a new stream leader refused a message in strict order with
-    /// `wrong last msg ID` naming an *older* message of this publisher (its
-    /// last msg id was stale: nats-server 2.10.26 after a node restart), and
-    /// the message was re-sent chained on `Nats-Expected-Last-Sequence`, the
-    /// stream sequence of its acknowledged predecessor, instead of failing.
+    /// Times a stream leader refused a message in strict order with a last
+    /// sequence *behind* this publisher's last acknowledged one (a new leader
+    /// that has not applied everything yet), and the window was re-sent
+    /// after a pause instead of failing with
+    /// [`ClusterError::ConcurrentPublisher`] (kept from the time this counted
+    /// a stale last msg id answered the same way).
     pub fn rechained(&self) -> u64 {
         self.state
             .rechained
@@ -473,10 +486,6 @@ impl Drop for Publisher {
 
 struct Entry {
     id: String,
-    prev: Option<String>,
-    /// Chain on the stream's last sequence instead of `prev`'s id (the
-    /// stream leader's last msg id was stale; see [`stale_own_id`]).
-    after_seq: Option<u64>,
     payload: Bytes,
     /// Left this client at least once (the stream may hold it).
     sent: bool,
@@ -491,18 +500,27 @@ struct Entry {
     >,
 }
 
+/// Sends `e`; in strict order with `expect_last`, as
+/// `Nats-Expected-Last-Sequence`: the stream sequence its predecessor has.
+///
+/// Not `Nats-Expected-Last-Msg-Id`: a replicated stream checks that header
+/// only when it applies the message, on every replica, and from
+/// nats-server 2.14 on a failed check there stops the replica for good
+/// (`/healthz`: `stream write error: last msgid mismatch`), so a message sent
+/// ahead of a lost predecessor stops the whole stream. The stream leader
+/// checks the expected last sequence before it proposes the message, and a
+/// mismatch is only an error answer (10071), on every release.
 async fn send(
     js: &async_nats::jetstream::Context,
     subject: &str,
     e: &mut Entry,
+    expect_last: Option<u64>,
 ) -> Result<(), String> {
     let mut p = PublishMessage::build()
         .payload(e.payload.clone())
         .message_id(&e.id);
-    if let Some(seq) = e.after_seq {
+    if let Some(seq) = expect_last {
         p = p.expected_last_sequence(seq);
-    } else if let Some(prev) = &e.prev {
-        p = p.expected_last_message_id(prev);
     }
     match js.send_publish(subject.to_owned(), p).await {
         Ok(f) => {
@@ -516,6 +534,54 @@ async fn send(
             Err(err.to_string())
         }
     }
+}
+
+/// Where message `i` of the window stands in strict order: `None` if it
+/// must wait (nothing acked yet and it is not the front), else what it
+/// expects as the stream's last sequence (`None` inside: no expectation).
+fn chain(strict: bool, base: Option<u64>, i: usize) -> Option<Option<u64>> {
+    match (strict, base) {
+        (false, _) => Some(None),
+        (true, Some(b)) => Some(Some(b + i as u64)),
+        // Before the first ack the stream's last sequence is unknown: the
+        // front goes alone and unchecked, and its ack gives the base.
+        (true, None) => (i == 0).then_some(None),
+    }
+}
+
+/// Sends, in order, every message of the window from the front that is
+/// allowed to go and has no ack pending; stops at the first send error
+/// (the front's ack then fails and the window is re-sent).
+async fn send_window(
+    js: &async_nats::jetstream::Context,
+    subject: &str,
+    window: &mut VecDeque<Entry>,
+    strict: bool,
+    base: Option<u64>,
+) {
+    for (i, e) in window.iter_mut().enumerate() {
+        let Some(expect) = chain(strict, base, i) else {
+            break;
+        };
+        if e.ack.is_none() && send(js, subject, e, expect).await.is_err() {
+            break;
+        }
+    }
+}
+
+/// The stream's last sequence named by a `wrong last sequence: N` answer.
+fn named_last_sequence(reason: &str) -> Option<u64> {
+    const SAID: &str = "wrong last sequence: ";
+    if !reason.contains(SAID) {
+        return None;
+    }
+    reason
+        .rsplit(SAID)
+        .next()?
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Closes the gate when the publishing task ends, however it ends, so that
@@ -546,13 +612,16 @@ fn fail(
             | ClusterError::PermissionDenied(_)
             | ClusterError::MessageTooLarge { .. }
     );
+    // In strict order each message expects the stream's last sequence to be
+    // its predecessor's: nothing sent behind a refused front can be stored,
+    // unless another writer moved the stream to exactly the sequence it
+    // expects, which only a concurrent publisher can do.
+    let chained_refused =
+        refused && strict_order && !matches!(e, ClusterError::ConcurrentPublisher { .. });
     let (mut not_stored, mut unknown, mut bytes) = (0u64, 0u64, 0usize);
     for (i, entry) in window.iter().enumerate() {
         bytes += charge_of(&entry.payload);
-        // In strict order each message expects its predecessor as the
-        // stream's last: nothing behind a refused front can be stored.
-        let chained = i > 0 && strict_order;
-        if (refused && (i == 0 || chained)) || !entry.sent {
+        if !entry.sent || (refused && i == 0) || (chained_refused && i > 0) {
             not_stored += 1;
         } else {
             unknown += 1;
@@ -592,13 +661,13 @@ async fn run(
 ) {
     let _close = CloseOnExit(gate.clone());
     let mut window: VecDeque<Entry> = VecDeque::new();
-    let mut prev: Option<String> = None;
     let mut closed = false;
     let mut failing_since: Option<Instant> = None;
     let mut attempts = 0u32;
-    // The last message acked: its id and stream sequence.
-    let mut last_acked: Option<(String, u64)> = None;
     let strict = opts.strict_order;
+    // Strict order: the stream sequence of the last message acked; message
+    // `i` of the window expects `base + i` as the stream's last sequence.
+    let mut base: Option<u64> = None;
     // Returning drops `acked`, which wakes a waiting flush.
     macro_rules! fail {
         ($e:expr) => {{
@@ -612,16 +681,16 @@ async fn run(
             match rx.try_recv() {
                 Ok((id, payload)) => {
                     let mut e = Entry {
-                        prev: prev.replace(id.clone()).filter(|_| opts.strict_order),
-                        after_seq: None,
                         id,
                         payload,
                         sent: false,
                         ack: None,
                     };
-                    // Safe even while an earlier one is failing: the
-                    // expected-last check rejects it until its predecessor is in.
-                    let _ = send(&js, &subject, &mut e).await;
+                    // Safe even while an earlier one is failing: the stream
+                    // leader refuses it until its predecessor is in.
+                    if let Some(expect) = chain(strict, base, window.len()) {
+                        let _ = send(&js, &subject, &mut e, expect).await;
+                    }
                     window.push_back(e);
                 }
                 Err(mpsc::error::TryRecvError::Empty) => break,
@@ -635,14 +704,14 @@ async fn run(
             match rx.recv().await {
                 Some((id, payload)) => {
                     let mut e = Entry {
-                        prev: prev.replace(id.clone()).filter(|_| opts.strict_order),
-                        after_seq: None,
                         id,
                         payload,
                         sent: false,
                         ack: None,
                     };
-                    let _ = send(&js, &subject, &mut e).await;
+                    if let Some(expect) = chain(strict, base, 0) {
+                        let _ = send(&js, &subject, &mut e, expect).await;
+                    }
                     window.push_back(e);
                     continue;
                 }
@@ -653,11 +722,10 @@ async fn run(
             Some(ack) => ack.await.map_err(|e| (e.kind(), e.to_string())),
             None => Err((PublishErrorKind::Other, "not sent".to_owned())),
         };
-        match result {
+        let (kind, reason) = match result {
             Ok(ack) => {
                 if let Some(e) = window.pop_front() {
                     gate.credit(charge_of(&e.payload));
-                    last_acked = Some((e.id, ack.sequence));
                 }
                 failing_since = None;
                 attempts = 0;
@@ -665,108 +733,79 @@ async fn run(
                     *err = None;
                 }
                 acked.send_modify(|n| *n += 1);
-            }
-            Err((PublishErrorKind::MaxPayloadExceeded, _)) => {
-                let limit = shared.client.server_info().max_payload;
-                fail!(ClusterError::MessageTooLarge {
-                    size: front.payload.len(),
-                    limit,
-                });
-            }
-            Err((PublishErrorKind::WrongLastMessageId, reason))
-                if front.after_seq.is_none()
-                    && let Some((id, seq)) = &last_acked
-                    && front.prev.as_ref() == Some(id)
-                    && stale_own_id(&reason, id) =>
-            {
-                // The stream stored our predecessor (its ack says where),
-                // but a new stream leader remembers an older id of ours as
-                // the last (seen with nats-server 2.10.26 after a node
-                // restart): chain on the sequence instead, once.
-                tracing::warn!(msg_id = %front.id, %reason, after_seq = seq,
-                    "stream leader's last msg id is stale; re-sending chained on the last sequence");
-                front.after_seq = Some(*seq);
-                state
-                    .rechained
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                state.rechained_metric.increment(1);
-                for e in window.iter_mut() {
-                    e.ack = None;
-                }
-                for e in window.iter_mut() {
-                    if send(&js, &subject, e).await.is_err() {
-                        break;
+                if strict {
+                    let first = base.is_none();
+                    base = Some(ack.sequence);
+                    if first {
+                        // The messages held back for the first ack go now.
+                        send_window(&js, &subject, &mut window, strict, base).await;
                     }
                 }
+                continue;
             }
-            Err((
-                PublishErrorKind::WrongLastMessageId | PublishErrorKind::WrongLastSequence,
-                reason,
-            )) if attempts == 0 => {
-                fail!(ClusterError::ConcurrentPublisher {
-                    msg_id: front.id.clone(),
-                    reason,
-                });
-            }
-            Err((_, _)) if shared.events.denied("publish", &subject).is_some() => {
-                let text = shared
-                    .events
-                    .denied("publish", &subject)
-                    .unwrap_or_default();
-                fail!(ClusterError::PermissionDenied(text));
-            }
-            Err((kind, reason)) => {
-                let since = *failing_since.get_or_insert_with(Instant::now);
-                attempts += 1;
-                tracing::warn!(msg_id = %front.id, ?kind, %reason, attempts, "publish failed; re-sending in order");
-                if let Ok(mut err) = state.error.lock() {
-                    *err = Some(reason.clone());
-                }
-                if since.elapsed() >= opts.retry_for {
-                    fail!(ClusterError::PublishFailed {
-                        msg_id: front.id.clone(),
-                        attempts,
-                        reason,
-                    });
-                }
-                let pause = opts
-                    .initial_backoff
-                    .saturating_mul(2u32.saturating_pow(attempts.min(16) - 1))
-                    .min(opts.max_backoff);
-                tokio::time::sleep(pause).await;
-                state.retries_metric.increment(1);
-                // Go back N: drop every pending ack, re-send from the front.
-                for e in window.iter_mut() {
-                    e.ack = None;
-                }
-                for e in window.iter_mut() {
-                    if send(&js, &subject, e).await.is_err() {
-                        break;
-                    }
-                }
-            }
+            Err(failure) => failure,
+        };
+        if kind == PublishErrorKind::MaxPayloadExceeded {
+            let limit = shared.client.server_info().max_payload;
+            fail!(ClusterError::MessageTooLarge {
+                size: front.payload.len(),
+                limit,
+            });
         }
-    }
-}
-
-/// The server's `wrong last msg ID: <id>` names an id this publisher sent
-/// before `acked` (its last acked message): the stream holds `acked`, so the
-/// leader's last id is stale, not another writer's.
-fn stale_own_id(reason: &str, acked: &str) -> bool {
-    let Some(named) = reason
-        .split("wrong last msg ID: ")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-    else {
-        return false;
-    };
-    let parse = |id: &str| {
-        let (publisher, n) = id.rsplit_once('-')?;
-        Some((publisher.to_owned(), n.parse::<u64>().ok()?))
-    };
-    match (parse(named), parse(acked)) {
-        (Some((p1, n1)), Some((p2, n2))) => p1 == p2 && n1 < n2,
-        _ => false,
+        let behind = kind == PublishErrorKind::WrongLastSequence
+            && matches!((named_last_sequence(&reason), base), (Some(n), Some(b)) if n < b);
+        if behind {
+            // The stream leader's last sequence is behind our last ack: a
+            // new leader not caught up yet, not another writer. Retried.
+            tracing::warn!(msg_id = %front.id, %reason, acked_sequence = ?base,
+                "stream leader is behind this publisher's last ack; re-sending");
+            state
+                .rechained
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            state.rechained_metric.increment(1);
+        } else if matches!(
+            kind,
+            PublishErrorKind::WrongLastSequence | PublishErrorKind::WrongLastMessageId
+        ) && attempts == 0
+        {
+            // The first try of the front was refused: it is not stored, and
+            // the stream moved past its predecessor without us.
+            fail!(ClusterError::ConcurrentPublisher {
+                msg_id: front.id.clone(),
+                reason,
+            });
+        }
+        if shared.events.denied("publish", &subject).is_some() {
+            let text = shared
+                .events
+                .denied("publish", &subject)
+                .unwrap_or_default();
+            fail!(ClusterError::PermissionDenied(text));
+        }
+        let since = *failing_since.get_or_insert_with(Instant::now);
+        attempts += 1;
+        tracing::warn!(msg_id = %front.id, ?kind, %reason, attempts, "publish failed; re-sending in order");
+        if let Ok(mut err) = state.error.lock() {
+            *err = Some(reason.clone());
+        }
+        if since.elapsed() >= opts.retry_for {
+            fail!(ClusterError::PublishFailed {
+                msg_id: front.id.clone(),
+                attempts,
+                reason,
+            });
+        }
+        let pause = opts
+            .initial_backoff
+            .saturating_mul(2u32.saturating_pow(attempts.min(16) - 1))
+            .min(opts.max_backoff);
+        tokio::time::sleep(pause).await;
+        state.retries_metric.increment(1);
+        // Go back N: drop every pending ack, re-send from the front.
+        for e in window.iter_mut() {
+            e.ack = None;
+        }
+        send_window(&js, &subject, &mut window, strict, base).await;
     }
 }
 
@@ -775,23 +814,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_stale_last_id_is_recognised_only_when_it_is_an_older_one_of_ours() {
-        let r = |id: &str| format!("wrong last message id: wrong last msg ID: {id} (10070)");
-        assert!(stale_own_id(&r("AbC9-100"), "AbC9-1200"));
-        // Another writer's id, ours but not older, garbage: a real conflict.
-        assert!(!stale_own_id(&r("other-100"), "AbC9-1200"));
-        assert!(!stale_own_id(&r("AbC9-1200"), "AbC9-1200"));
-        assert!(!stale_own_id(&r("AbC9-1300"), "AbC9-1200"));
-        assert!(!stale_own_id(&r("AbC9-x"), "AbC9-1200"));
-        assert!(!stale_own_id("wrong last message id", "AbC9-1200"));
-        assert!(!stale_own_id(&r(""), "AbC9-1200"));
+    fn strict_order_holds_back_all_but_the_front_until_the_first_ack() {
+        assert_eq!(chain(true, None, 0), Some(None));
+        assert_eq!(chain(true, None, 1), None);
+        assert_eq!(chain(true, Some(41), 0), Some(Some(41)));
+        assert_eq!(chain(true, Some(41), 3), Some(Some(44)));
+        // Without strict order nothing waits and nothing is expected.
+        assert_eq!(chain(false, None, 5), Some(None));
+        assert_eq!(chain(false, Some(41), 5), Some(None));
+    }
+
+    #[test]
+    fn the_stream_s_last_sequence_is_read_from_a_wrong_last_sequence_answer() {
+        assert_eq!(
+            named_last_sequence("wrong last sequence: wrong last sequence: 1234"),
+            Some(1234)
+        );
+        assert_eq!(
+            named_last_sequence("wrong last sequence: 7 (10071)"),
+            Some(7)
+        );
+        assert_eq!(named_last_sequence("wrong last sequence: x"), None);
+        assert_eq!(named_last_sequence("timed out"), None);
     }
 
     fn entry(n: u32, sent: bool) -> Entry {
         Entry {
             id: format!("p-{n}"),
-            prev: None,
-            after_seq: None,
             payload: Bytes::from(vec![0u8; 10]),
             sent,
             ack: None,
@@ -842,9 +891,17 @@ mod tests {
 
     #[test]
     fn strict_order_refusal_settles_everything_as_not_stored() {
+        let denied = || ClusterError::PermissionDenied("publish".into());
+        assert_eq!(settle(denied(), &[true, true, false], 2, true), (5, 0, 0));
+    }
+
+    #[test]
+    fn behind_a_concurrent_writer_sent_followers_are_unknown() {
+        // Another writer may have moved the stream to exactly the sequence a
+        // sent follower expects.
         assert_eq!(
             settle(concurrent(), &[true, true, false], 2, true),
-            (5, 0, 0)
+            (4, 1, 0)
         );
     }
 

@@ -537,11 +537,12 @@ impl NatsCluster {
     /// last msgid mismatch: ...` on 2.14 and later) has stopped applying that
     /// stream for good: the server does not recover on its own, and
     /// `/healthz` stays 503. Since 2.14 an entry that fails a publish
-    /// condition on a replica stops the replica; and a replica that caught up
-    /// from the stream leader (after a restart) keeps the `Nats-Msg-Id` of
-    /// its own last message from before, so the next message published with
-    /// `Nats-Expected-Last-Msg-Id` (flowctl's strict-order publisher) fails
-    /// there. A restart rebuilds that state from the store, which is what an
+    /// condition when a replica applies it stops the replica: a
+    /// `Nats-Expected-Last-Msg-Id` that does not match (on every replica at
+    /// once), or one that matches the leader but not a replica that caught
+    /// up from it after a restart (that replica keeps the `Nats-Msg-Id` of
+    /// its own last message from before). flowctl's `Publisher` no longer
+    /// sends that header; another client may. A restart rebuilds that state from the store, which is what an
     /// operator does: such a node is SIGKILLed and restarted (at most
     /// [`MAX_RECOVERIES`] times per wait), logged as a warning and kept for
     /// [`NatsCluster::take_recoveries`]. Under live traffic the restarted
@@ -581,10 +582,10 @@ impl NatsCluster {
                     // Waiting longer would be waiting silently for nothing.
                     return Err(NotReady::Timeout(format!(
                         "n{i} stopped applying a stream again after {MAX_RECOVERIES} restarts \
-                         ({why}): nats-server 2.14 and later stop a replica that caught up \
-                         from the stream leader when the next message carries \
-                         Nats-Expected-Last-Msg-Id, and under live traffic a restarted node \
-                         catches up again; see \"Supported nats-server releases\" in \
+                         ({why}): nats-server 2.14 and later stop a replica when a message \
+                         carrying Nats-Expected-Last-Msg-Id fails that check as it is applied \
+                         (a client other than flowctl's Publisher sends it), and under live \
+                         traffic a restarted node catches up again; see \"Supported nats-server releases\" in \
                          docs/src/reference/cluster.md; logs in {}",
                         self.dir().map_or("?".into(), |d| d.display().to_string())
                     )));
@@ -1229,7 +1230,7 @@ mod tests {
 
     /// What 2.15.1 answered, for good, on a replica that had caught up from
     /// the stream leader while a publisher chained `Nats-Expected-Last-Msg-Id`
-    /// (reproduced without flowctl, with raw NATS protocol requests).
+    /// (reproduced with raw NATS protocol requests).
     #[test]
     fn a_write_error_in_healthz_is_a_stuck_replica() {
         let stuck = r#"n1: /healthz 503: {"status":"unavailable","error":"JetStream stream '$G \u003e C' is not current: stream write error: last msgid mismatch: \"p-106999\" vs \"p-4999\""}"#;

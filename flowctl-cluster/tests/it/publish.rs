@@ -650,3 +650,94 @@ async fn publisher_overflow_fail_and_drop_newest_with_a_stalled_stream() {
     drop((fail, drop_newest, block, cluster));
     released(&ledger, Duration::from_secs(10)).await;
 }
+
+/// A message the stream refuses (larger than its `max_msg_size`) in the
+/// middle of a strict-order window: the messages sent behind it must be
+/// refused without harm, and the stream must stay writable on every node.
+///
+/// The messages behind it were once chained with `Nats-Expected-Last-Msg-Id`,
+/// which a replicated stream checks only when it applies a message. From
+/// nats-server 2.14 on, that failed check stopped every replica for good
+/// (`/healthz` 503, `stream write error: last msgid mismatch`), and every later
+/// publish timed out. The chain is now `Nats-Expected-Last-Sequence`, which the
+/// stream leader checks before it proposes a message.
+#[tokio::test]
+async fn a_refused_message_in_a_strict_order_window_leaves_every_replica_healthy() {
+    use async_nats::jetstream::stream;
+    let nats = NatsCluster::start().await.expect("nats cluster");
+    let ledger = Ledger::new();
+    let cluster = Cluster::connect(config(nats.urls(), &ledger))
+        .await
+        .unwrap();
+    crate::pull::create_stream_with(
+        &cluster,
+        stream::Config {
+            name: "REFUSE".into(),
+            subjects: vec!["refuse.>".into()],
+            num_replicas: 3,
+            max_message_size: 1024,
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut sink = cluster
+        .publisher(
+            "refuse.x",
+            PublishOptions {
+                retry_for: Duration::from_secs(2),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    // The first ack sets the chain's base; the rest are then sent as a window.
+    sink.send(Bytes::from_static(b"m0")).await.unwrap();
+    sink.flush().await.unwrap();
+    for i in 1..5u8 {
+        sink.send(Bytes::from(vec![i; 100])).await.unwrap();
+    }
+    // Refused by the stream, not by the client (under the server's max_payload).
+    sink.send(Bytes::from(vec![0xEE; 4096])).await.unwrap();
+    for i in 6..11u8 {
+        sink.send(Bytes::from(vec![i; 100])).await.unwrap();
+    }
+    let err = tokio::time::timeout(HANG, sink.flush())
+        .await
+        .expect("flush hung")
+        .unwrap_err();
+    assert!(
+        matches!(
+            err.transport_error::<ClusterError>(),
+            Some(ClusterError::PublishFailed { .. })
+        ),
+        "{err}"
+    );
+    let o = sink.outcome();
+    assert_eq!((o.accepted, o.acked, o.pending), (11, 5, 0), "{o:?}");
+    assert_eq!(o.not_stored + o.unknown, 6, "{o:?}");
+    drop(sink);
+
+    // Every replica applies on: no write error anywhere.
+    for i in 0..3 {
+        flowctl_cluster::testing::healthy(&nats.monitor(i))
+            .await
+            .unwrap_or_else(|e| panic!("n{i} after the refused message: {e}"));
+    }
+    // The stream holds exactly the five before it, and takes new writes.
+    let js = cluster.jetstream();
+    let mut st = js.get_stream("REFUSE").await.unwrap();
+    let state = st.info().await.unwrap().state.clone();
+    assert_eq!((state.messages, state.last_sequence), (5, 5), "{state:?}");
+    let ack = tokio::time::timeout(HANG, async {
+        js.publish("refuse.x", Bytes::from_static(b"after"))
+            .await
+            .unwrap()
+            .await
+    })
+    .await
+    .expect("a publish after the refused message hung")
+    .expect("the stream takes writes after the refused message");
+    assert_eq!(ack.sequence, 6);
+    drop(cluster);
+    released(&ledger, Duration::from_secs(10)).await;
+}

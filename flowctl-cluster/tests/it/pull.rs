@@ -27,12 +27,21 @@ pub(crate) async fn stream_and_consumer(
 /// an R3 stream on every release, so a refusal here (10005, `no suitable
 /// peers for placement`) is a fixture bug and fails the test.
 pub(crate) async fn create_stream(cluster: &Cluster, name: &str, subjects: &[&str]) {
-    let config = stream::Config {
-        name: name.into(),
-        subjects: subjects.iter().map(|s| s.to_string()).collect(),
-        num_replicas: 3,
-        ..Default::default()
-    };
+    create_stream_with(
+        cluster,
+        stream::Config {
+            name: name.into(),
+            subjects: subjects.iter().map(|s| s.to_string()).collect(),
+            num_replicas: 3,
+            ..Default::default()
+        },
+    )
+    .await;
+}
+
+/// [`create_stream`] with a whole config.
+pub(crate) async fn create_stream_with(cluster: &Cluster, config: stream::Config) {
+    let name = config.name.clone();
     // A JetStream API request times out after 5 s (async-nats's default).
     // With several 3-node clusters starting at once on 2 cores, the meta
     // leader has been seen not to answer a create within that (stop 21, CI
@@ -52,7 +61,7 @@ pub(crate) async fn create_stream(cluster: &Cluster, name: &str, subjects: &[&st
     // The create answer can come before the stream's own raft group has a
     // leader: a publish then finds no responder (async-nats says
     // `StreamNotFound`; seen once on 2.12.8). Wait for the leader.
-    let mut st = cluster.jetstream().get_stream(name).await.unwrap();
+    let mut st = cluster.jetstream().get_stream(&name).await.unwrap();
     loop {
         let info = st.info().await.unwrap();
         if info.cluster.as_ref().is_some_and(|c| c.leader.is_some()) {

@@ -335,7 +335,7 @@ struct Produced {
     sent: u64,
     stats: FlowStats,
     error: Option<String>,
-    /// `Publisher::rechained`: stale last msg ids answered.
+    /// `Publisher::rechained`: stream leaders found behind the last ack.
     rechained: u64,
 }
 
@@ -461,7 +461,7 @@ impl<'c, 'm> Soak<'c, 'm> {
         src_snap.record(src_stats);
         let ps = src.pull_stats();
         self.notes.push(format!(
-            "pull source: {} pulls, {} redeliveries dropped, {} demand resets, {} deliveries missed ({} read from the stream), {} hold-backs expired; publisher: {} stale last msg ids re-chained; reconnects: publisher {}, consumer {}",
+            "pull source: {} pulls, {} redeliveries dropped, {} demand resets, {} deliveries missed ({} read from the stream), {} hold-backs expired; publisher: {} stream leaders behind its last ack; reconnects: publisher {}, consumer {}",
             ps.pulls,
             ps.duplicates,
             ps.resets,
