@@ -60,16 +60,24 @@ pub(crate) async fn create_stream_with(cluster: &Cluster, config: stream::Config
     }
     // The create answer can come before the stream's own raft group has a
     // leader: a publish then finds no responder (async-nats says
-    // `StreamNotFound`; seen once on 2.12.8). Wait for the leader.
+    // `StreamNotFound`; seen once on 2.12.8). A leader is not enough either:
+    // a publish through a node whose replica was not created yet found none
+    // (seen once on 2.15.1, right after the leader was known). Wait for the
+    // leader and every other replica current.
+    let replicas = config.num_replicas.max(1);
     let mut st = cluster.jetstream().get_stream(&name).await.unwrap();
     loop {
         let info = st.info().await.unwrap();
-        if info.cluster.as_ref().is_some_and(|c| c.leader.is_some()) {
+        if info.cluster.as_ref().is_some_and(|c| {
+            c.leader.is_some()
+                && c.replicas.len() + 1 == replicas
+                && c.replicas.iter().all(|r| r.current && !r.offline)
+        }) {
             break;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "stream {name} has no leader after 30 s: {:?}",
+            "stream {name} has no leader and {replicas} current replicas after 30 s: {:?}",
             info.cluster
         );
         tokio::time::sleep(Duration::from_millis(50)).await; // polling the server
