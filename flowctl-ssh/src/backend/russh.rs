@@ -127,14 +127,50 @@ pub(crate) enum ExecStep {
     ExecSent,
     /// The server accepted the command; the channel is handed over next.
     Accepted,
+    /// The channel was put in the caller's reply (reported, not waited on:
+    /// a test drops the caller here, before it takes the channel).
+    HandedOver,
 }
 
 /// Called by [`open_exec`] before each step; the step waits for it.
 pub(crate) type Probe =
     Arc<dyn Fn(ExecStep) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
 
-/// The channel halves of an exec whose command the server accepted.
-type Opened = (russh::ChannelReadHalf, russh::ChannelWriteHalf<client::Msg>);
+/// The channel halves of an exec whose command the server accepted, on
+/// their way to the caller through a oneshot. If the caller is dropped after
+/// the send and before it takes them, the oneshot drops them unseen, and
+/// dropping russh's halves does not close the channel: the command would run
+/// on, and its session would count against the server's `MaxSessions`.
+/// Dropped untaken, this abandons the channel (as a dropped process does),
+/// in a task of the ledger's `LEDGER_OPEN`.
+struct Opened {
+    halves: Option<(russh::ChannelReadHalf, russh::ChannelWriteHalf<client::Msg>)>,
+    ledger: flowctl_core::lifecycle::Ledger,
+}
+
+impl Opened {
+    fn take(mut self) -> (russh::ChannelReadHalf, russh::ChannelWriteHalf<client::Msg>) {
+        // Only `take` and `drop` empty it, and `take` consumes `self`.
+        self.halves.take().expect("an Opened is taken once")
+    }
+}
+
+impl Drop for Opened {
+    fn drop(&mut self) {
+        let Some((read, write)) = self.halves.take() else {
+            return;
+        };
+        tracing::debug!("exec abandoned after its channel was handed over: closing it");
+        // Outside a runtime (the caller's runtime is shutting down) nothing
+        // can be sent; russh's session ends with that runtime anyway.
+        if tokio::runtime::Handle::try_current().is_ok() {
+            self.ledger.spawn(LEDGER_OPEN, async move {
+                abandon(&write).await;
+                drop(read);
+            });
+        }
+    }
+}
 
 /// Opens a channel and runs `command` in it, then hands the channel to
 /// `reply`. Runs as a task of its own so that every step in flight (the
@@ -202,10 +238,22 @@ async fn open_exec(
     match outcome {
         Ok(()) => {
             step(ExecStep::Accepted).await;
-            if let Err(Ok((_, write))) = reply.send(Ok((read, write))) {
-                // The caller is gone: stop the command it would have owned.
-                tracing::debug!("exec abandoned after the command started: closing its channel");
-                abandon(&write).await;
+            let opened = Opened {
+                halves: Some((read, write)),
+                ledger: inner.ledger.clone(),
+            };
+            match reply.send(Ok(opened)) {
+                Err(Ok(opened)) => {
+                    // The caller is gone: stop the command it would have owned.
+                    tracing::debug!(
+                        "exec abandoned after the command started: closing its channel"
+                    );
+                    let (_read, write) = opened.take();
+                    abandon(&write).await;
+                }
+                // In the caller's reply: if the caller is dropped before it
+                // takes it, `Opened`'s drop closes the channel.
+                _ => step(ExecStep::HandedOver).await,
             }
         }
         Err(e) => {
@@ -315,10 +363,13 @@ pub(crate) async fn exec(
     config.ledger.spawn(LEDGER_OPEN, task);
     // The only await point of the caller: dropping it here
     // leaves the task to close whatever it opens.
-    let (read, write) = rx.await.map_err(|_| SshError::ConnectionLost {
-        stream: "exec reply",
-        delivered: 0,
-    })??;
+    let (read, write) = rx
+        .await
+        .map_err(|_| SshError::ConnectionLost {
+            stream: "exec reply",
+            delivered: 0,
+        })??
+        .take();
     Ok(start(read, write, command, config, options, inner.clone()))
 }
 
@@ -647,16 +698,26 @@ mod tests {
         use crate::Session;
         use crate::{Auth, SshConfig};
 
-        const STEPS: [ExecStep; 4] = [
+        const STEPS: [ExecStep; 5] = [
             ExecStep::Opening,
             ExecStep::Opened,
             ExecStep::ExecSent,
             ExecStep::Accepted,
+            ExecStep::HandedOver,
         ];
 
         /// Drops the caller of an exec of `cat` while the task waits at `at`,
-        /// then lets the task go on.
+        /// then lets the task go on. At `HandedOver` (which the task does not
+        /// wait at) the task is held at `Accepted` instead, the caller is no
+        /// longer polled, the task puts the channel in its reply, and then the
+        /// caller is dropped: the channel never reaches it (a race that CI
+        /// load hit, leaving `cat` running under sshd).
         async fn cancel_at(s: &Session, at: ExecStep) {
+            let hold = if at == ExecStep::HandedOver {
+                ExecStep::Accepted
+            } else {
+                at
+            };
             let (reached_tx, mut reached) = tokio::sync::mpsc::unbounded_channel();
             let go = Arc::new(tokio::sync::Semaphore::new(0));
             let go2 = go.clone();
@@ -664,22 +725,30 @@ mod tests {
                 let reached_tx = reached_tx.clone();
                 let go = go2.clone();
                 Box::pin(async move {
-                    if step == at {
-                        let _ = reached_tx.send(());
+                    if step == hold {
+                        let _ = reached_tx.send(step);
                         if let Ok(p) = go.acquire().await {
                             p.forget();
                         }
+                    } else if step == at {
+                        let _ = reached_tx.send(step);
                     }
                 })
             });
-            {
-                let fut = s.exec_probed("cat", probe);
-                tokio::select! {
-                    r = fut => panic!("exec finished while its task waited at {at:?}: {r:?}"),
-                    _ = reached.recv() => {}
-                }
+            let mut fut = Box::pin(s.exec_probed("cat", probe));
+            tokio::select! {
+                biased;
+                _ = reached.recv() => {}
+                r = &mut fut => panic!("exec finished while its task waited at {hold:?}: {r:?}"),
             }
-            go.add_permits(1);
+            if at == ExecStep::HandedOver {
+                go.add_permits(1);
+                assert_eq!(reached.recv().await, Some(ExecStep::HandedOver));
+                drop(fut);
+            } else {
+                drop(fut);
+                go.add_permits(1);
+            }
         }
 
         async fn until(what: &str, mut cond: impl FnMut() -> bool) {

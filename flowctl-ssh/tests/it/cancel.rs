@@ -65,12 +65,18 @@ async fn cancelled_exec_closes_its_channel_on_sshd_with_max_sessions_2() {
         )
         .await
         .expect("exec tasks still alive after the caller was cancelled");
-        until(
-            Duration::from_secs(30),
-            "sshd to run no orphaned command",
-            || sshd.commands().is_empty(),
-        )
-        .await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = sshd.commands();
+            if left.is_empty() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "sshd still runs {left:?} 30 s after the exec was cancelled"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await; // polling /proc
+        }
     };
     cancel_three_execs(&s, || sshd.commands().iter().any(|c| c == "cat"), settled).await;
     // Two sessions at most: a leaked channel would make this open fail.
