@@ -279,7 +279,64 @@ pub struct Claim(u64);
 /// A request running under an [`Attempt`]; see [`Attempt::inflight`].
 #[derive(Debug)]
 pub struct Inflight<T> {
-    rx: oneshot::Receiver<Result<T, FlowError>>,
+    rx: oneshot::Receiver<Result<Delivered<T>, FlowError>>,
+}
+
+/// The value of an in-flight request on its way to its [`Inflight`], still
+/// counted in the ledger. If the [`Inflight`] is dropped after the value was
+/// sent and before it polled it, the oneshot drops the value unseen: this
+/// releases it then (on a task of its own, counted until it has finished),
+/// as it would a value arriving after the cancel.
+struct Delivered<T> {
+    value: Option<T>,
+    release: Option<Box<dyn FnOnce(T) -> BoxFuture<'static, ()> + Send>>,
+    lease: Option<Lease>,
+}
+
+impl<T> Delivered<T> {
+    /// The value for the caller: nothing is released, and the ledger stops
+    /// counting it (the caller [`own`](Attempt::own)s it if it needs to).
+    fn take(mut self) -> Option<T> {
+        self.release = None;
+        self.lease = None;
+        self.value.take()
+    }
+
+    /// The release of the value, to run now (`None` if already taken).
+    fn release_now(mut self) -> Option<BoxFuture<'static, ()>> {
+        let (value, release) = (self.value.take()?, self.release.take()?);
+        let (work, lease) = (release(value), self.lease.take());
+        Some(Box::pin(async move {
+            work.await;
+            drop(lease);
+        }))
+    }
+}
+
+impl<T> Drop for Delivered<T> {
+    fn drop(&mut self) {
+        let (Some(value), Some(release)) = (self.value.take(), self.release.take()) else {
+            return;
+        };
+        let lease = self.lease.take();
+        tracing::debug!("in-flight value dropped before its caller took it: releasing");
+        let work = release(value);
+        // Outside a runtime nothing can run it; the value is dropped.
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                work.await;
+                drop(lease);
+            });
+        }
+    }
+}
+
+impl<T> fmt::Debug for Delivered<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Delivered")
+            .field("taken", &self.value.is_none())
+            .finish()
+    }
 }
 
 impl<T> Future for Inflight<T> {
@@ -289,9 +346,11 @@ impl<T> Future for Inflight<T> {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Self::Output> {
-        self.rx
-            .poll_unpin(cx)
-            .map(|r| r.unwrap_or(Err(FlowError::Closed)))
+        self.rx.poll_unpin(cx).map(|r| match r {
+            Ok(Ok(delivered)) => delivered.take().ok_or(FlowError::Closed),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(FlowError::Closed),
+        })
     }
 }
 
@@ -352,8 +411,11 @@ impl Attempt {
     /// acquisition was cancelled or timed out), the request still runs to its
     /// end and `release` is applied to the value it produced: a reply that
     /// arrives after the cancel is cleaned up, not leaked. [`Attempt::release`]
-    /// waits for such requests. Once the value is delivered it belongs to the
-    /// caller, who should [`own`](Attempt::own) it if it needs releasing.
+    /// waits for such requests. Once the caller has the value it belongs to
+    /// the caller, who should [`own`](Attempt::own) it if it needs releasing.
+    /// A value already sent when the [`Inflight`] is dropped, but not yet
+    /// polled out of it, is released too (on a task of its own, counted in
+    /// the ledger until it has finished; `release` does not wait for it).
     pub fn inflight<T, Req, R, RFut>(
         &self,
         kind: &'static str,
@@ -378,14 +440,20 @@ impl Attempt {
                 drop(lease);
                 return;
             };
-            if let Err(Ok(value)) = tx.send(result) {
+            let result = result.map(|value| Delivered {
+                value: Some(value),
+                release: Some(Box::new(move |v| Box::pin(release(v)))),
+                lease: Some(lease),
+            });
+            if let Err(Ok(delivered)) = tx.send(result) {
                 tracing::debug!(
                     kind,
                     "in-flight request completed after its attempt gave up: releasing"
                 );
-                release(value).await;
+                if let Some(work) = delivered.release_now() {
+                    work.await;
+                }
             }
-            drop(lease);
         });
         inner.inflight.push(Request { task, abort });
         Inflight { rx }

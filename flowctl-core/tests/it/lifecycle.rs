@@ -124,8 +124,57 @@ async fn an_inflight_value_delivered_in_time_belongs_to_the_caller() {
         .await
         .unwrap();
     assert_eq!(value, 5);
+    assert_eq!(
+        ledger.live("req"),
+        0,
+        "the caller has it: no longer counted"
+    );
     attempt.release().await;
     assert_eq!(released.load(Ordering::SeqCst), 0);
+}
+
+/// The value arrives and is sent to the caller's `Inflight`, and then the
+/// caller is dropped without polling it again: the value never reaches the
+/// caller, so it must be released, and counted until it is.
+#[tokio::test]
+async fn a_value_sent_to_an_inflight_dropped_before_its_next_poll_is_released() {
+    let ledger = Ledger::new();
+    let server = Server::default();
+    let (reply_tx, reply_rx) = oneshot::channel::<u32>();
+    let attempt = Attempt::new("connect", &ledger);
+    let s = server.clone();
+    let (released_tx, released_rx) = oneshot::channel::<()>();
+    let mut inflight = Box::pin(attempt.inflight(
+        "sub.request",
+        async move { reply_rx.await.map_err(|_| FlowError::Closed) },
+        move |id| async move {
+            s.unsubscribe(id);
+            let _ = released_tx.send(());
+        },
+    ));
+    // Polled once (waiting for the reply), then no more.
+    assert!(futures::poll!(inflight.as_mut()).is_pending());
+    server.subscribe(7);
+    reply_tx.send(7).unwrap();
+    // The request's task ends once it has sent the value to `inflight`.
+    tokio::time::timeout(LIMIT, attempt.release())
+        .await
+        .unwrap();
+    assert_eq!(server.live(), vec![7], "sent, not yet taken or released");
+    assert_eq!(
+        ledger.live("sub.request"),
+        1,
+        "a value on its way to the caller is still counted"
+    );
+    drop(inflight);
+    tokio::time::timeout(LIMIT, released_rx)
+        .await
+        .expect("the value dropped with its Inflight was never released")
+        .unwrap();
+    assert!(server.live().is_empty(), "{:?}", server.live());
+    tokio::time::timeout(LIMIT, ledger.until_zero(Some("sub.request")))
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
