@@ -285,12 +285,15 @@ pub struct Inflight<T> {
 /// The value of an in-flight request on its way to its [`Inflight`], still
 /// counted in the ledger. If the [`Inflight`] is dropped after the value was
 /// sent and before it polled it, the oneshot drops the value unseen: this
-/// releases it then (on a task of its own, counted until it has finished),
-/// as it would a value arriving after the cancel.
+/// releases it then, as it would a value arriving after the cancel, on a
+/// task of the request's runtime (from any thread) that counts until it has
+/// finished and that [`Attempt::release`] waits for.
 struct Delivered<T> {
     value: Option<T>,
     release: Option<Box<dyn FnOnce(T) -> BoxFuture<'static, ()> + Send>>,
     lease: Option<Lease>,
+    runtime: tokio::runtime::Handle,
+    attempt: std::sync::Weak<Mutex<AttemptInner>>,
 }
 
 impl<T> Delivered<T> {
@@ -321,11 +324,16 @@ impl<T> Drop for Delivered<T> {
         let lease = self.lease.take();
         tracing::debug!("in-flight value dropped before its caller took it: releasing");
         let work = release(value);
-        // Outside a runtime nothing can run it; the value is dropped.
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(async move {
-                work.await;
-                drop(lease);
+        let task = self.runtime.spawn(async move {
+            work.await;
+            drop(lease);
+        });
+        // The attempt's `release` waits for it like for a request (there is
+        // no request left to abort).
+        if let Some(inner) = self.attempt.upgrade() {
+            lock(&inner).inflight.push(Request {
+                task,
+                abort: AbortHandle::new_pair().0,
             });
         }
     }
@@ -414,8 +422,9 @@ impl Attempt {
     /// waits for such requests. Once the caller has the value it belongs to
     /// the caller, who should [`own`](Attempt::own) it if it needs releasing.
     /// A value already sent when the [`Inflight`] is dropped, but not yet
-    /// polled out of it, is released too (on a task of its own, counted in
-    /// the ledger until it has finished; `release` does not wait for it).
+    /// polled out of it, is released too (on a task of its own, from any
+    /// thread, counted in the ledger until it has finished; `release` waits
+    /// for it).
     pub fn inflight<T, Req, R, RFut>(
         &self,
         kind: &'static str,
@@ -432,6 +441,7 @@ impl Attempt {
         let (abort, registration) = AbortHandle::new_pair();
         let mut inner = lock(&self.inner);
         let lease = inner.ledger.acquire(kind);
+        let attempt = Arc::downgrade(&self.inner);
         let task = tokio::spawn(async move {
             // Aborted by `release_within` while it waits: there is no value to
             // release. Once the value is there, its release runs to the end.
@@ -444,6 +454,8 @@ impl Attempt {
                 value: Some(value),
                 release: Some(Box::new(move |v| Box::pin(release(v)))),
                 lease: Some(lease),
+                runtime: tokio::runtime::Handle::current(),
+                attempt,
             });
             if let Err(Ok(delivered)) = tx.send(result) {
                 tracing::debug!(

@@ -569,10 +569,12 @@ impl Cluster {
         let Some(sub) = slot.lock().ok().and_then(|mut s| s.take()) else {
             return Err(FlowError::Closed);
         };
+        // Counted by the source before the attempt lets go of it, so the
+        // ledger never reads zero while the subscription lives.
+        let lease = shared.ledger.acquire("nats.subscription");
         attempt.disown(claim_sub);
         attempt.disown(claim_task);
         let generation = Changed::new(shared.generation.clone());
-        let lease = shared.ledger.acquire("nats.subscription");
         let demand = Demand::new(
             DemandConfig {
                 low: opts.watermarks.low(),

@@ -177,6 +177,51 @@ async fn a_value_sent_to_an_inflight_dropped_before_its_next_poll_is_released() 
         .unwrap();
 }
 
+/// As above, but the caller is dropped first, on a thread outside the
+/// runtime, and only then is the attempt released (what `retry` does after a
+/// timeout): `release` must wait for the value's release, or the next
+/// attempt would start beside a live subscription.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_waits_for_a_sent_value_whose_inflight_was_dropped_off_the_runtime() {
+    let ledger = Ledger::new();
+    let server = Server::default();
+    let (reply_tx, reply_rx) = oneshot::channel::<u32>();
+    let attempt = Attempt::new("connect", &ledger);
+    let s = server.clone();
+    let mut inflight = Box::pin(attempt.inflight(
+        "sub.request",
+        async move { reply_rx.await.map_err(|_| FlowError::Closed) },
+        move |id| async move {
+            // Gives the caller's `release` a chance to return too early.
+            tokio::task::yield_now().await;
+            s.unsubscribe(id);
+        },
+    ));
+    assert!(futures::poll!(inflight.as_mut()).is_pending());
+    server.subscribe(7);
+    reply_tx.send(7).unwrap();
+    // The request's task has ended once it has sent the value.
+    tokio::time::timeout(LIMIT, async {
+        while attempt.live() > 0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .unwrap();
+    std::thread::scope(|t| {
+        t.spawn(move || drop(inflight));
+    });
+    tokio::time::timeout(LIMIT, attempt.release())
+        .await
+        .unwrap();
+    assert!(
+        server.live().is_empty(),
+        "release returned before the dropped value was released: {:?}",
+        server.live()
+    );
+    assert_eq!(ledger.live("sub.request"), 0);
+}
+
 #[tokio::test]
 async fn retry_starts_each_attempt_only_after_the_previous_one_is_released() {
     let ledger = Ledger::new();

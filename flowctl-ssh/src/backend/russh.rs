@@ -141,17 +141,29 @@ pub(crate) type Probe =
 /// the send and before it takes them, the oneshot drops them unseen, and
 /// dropping russh's halves does not close the channel: the command would run
 /// on, and its session would count against the server's `MaxSessions`.
-/// Dropped untaken, this abandons the channel (as a dropped process does),
-/// in a task of the ledger's `LEDGER_OPEN`.
+/// Dropped untaken, this abandons the channel (as a dropped process does)
+/// on the runtime of the task that opened it. It is counted as
+/// `LEDGER_OPEN` until the caller has taken it, or until the abandon has
+/// finished, so the ledger never reads zero while the command runs unowned.
 struct Opened {
     halves: Option<(russh::ChannelReadHalf, russh::ChannelWriteHalf<client::Msg>)>,
-    ledger: flowctl_core::lifecycle::Ledger,
+    lease: Option<Lease>,
+    runtime: tokio::runtime::Handle,
 }
 
 impl Opened {
-    fn take(mut self) -> (russh::ChannelReadHalf, russh::ChannelWriteHalf<client::Msg>) {
+    /// The halves and the lease that counts them until the caller's tasks
+    /// (which count themselves) are started.
+    fn take(
+        mut self,
+    ) -> (
+        russh::ChannelReadHalf,
+        russh::ChannelWriteHalf<client::Msg>,
+        Option<Lease>,
+    ) {
         // Only `take` and `drop` empty it, and `take` consumes `self`.
-        self.halves.take().expect("an Opened is taken once")
+        let (read, write) = self.halves.take().expect("an Opened is taken once");
+        (read, write, self.lease.take())
     }
 }
 
@@ -161,14 +173,15 @@ impl Drop for Opened {
             return;
         };
         tracing::debug!("exec abandoned after its channel was handed over: closing it");
-        // Outside a runtime (the caller's runtime is shutting down) nothing
-        // can be sent; russh's session ends with that runtime anyway.
-        if tokio::runtime::Handle::try_current().is_ok() {
-            self.ledger.spawn(LEDGER_OPEN, async move {
-                abandon(&write).await;
-                drop(read);
-            });
-        }
+        let lease = self.lease.take();
+        // A handle of the runtime that runs russh's session: this works from
+        // any thread while that runtime lives (if it is shutting down, the
+        // session ends with it anyway).
+        self.runtime.spawn(async move {
+            abandon(&write).await;
+            drop(read);
+            drop(lease);
+        });
     }
 }
 
@@ -240,7 +253,8 @@ async fn open_exec(
             step(ExecStep::Accepted).await;
             let opened = Opened {
                 halves: Some((read, write)),
-                ledger: inner.ledger.clone(),
+                lease: Some(inner.ledger.acquire(LEDGER_OPEN)),
+                runtime: tokio::runtime::Handle::current(),
             };
             match reply.send(Ok(opened)) {
                 Err(Ok(opened)) => {
@@ -248,7 +262,7 @@ async fn open_exec(
                     tracing::debug!(
                         "exec abandoned after the command started: closing its channel"
                     );
-                    let (_read, write) = opened.take();
+                    let (_read, write, _lease) = opened.take();
                     abandon(&write).await;
                 }
                 // In the caller's reply: if the caller is dropped before it
@@ -363,14 +377,17 @@ pub(crate) async fn exec(
     config.ledger.spawn(LEDGER_OPEN, task);
     // The only await point of the caller: dropping it here
     // leaves the task to close whatever it opens.
-    let (read, write) = rx
+    let (read, write, lease) = rx
         .await
         .map_err(|_| SshError::ConnectionLost {
             stream: "exec reply",
             delivered: 0,
         })??
         .take();
-    Ok(start(read, write, command, config, options, inner.clone()))
+    let process = start(read, write, command, config, options, inner.clone());
+    // The process's own tasks count it from here.
+    drop(lease);
+    Ok(process)
 }
 
 /// Disconnects now and waits for russh's session task to end, if nothing
@@ -697,6 +714,7 @@ mod tests {
         use super::super::{ExecStep, LEDGER_OPEN, Probe};
         use crate::Session;
         use crate::{Auth, SshConfig};
+        use flowctl_core::lifecycle::Ledger;
 
         const STEPS: [ExecStep; 5] = [
             ExecStep::Opening,
@@ -712,7 +730,7 @@ mod tests {
         /// longer polled, the task puts the channel in its reply, and then the
         /// caller is dropped: the channel never reaches it (a race that CI
         /// load hit, leaving `cat` running under sshd).
-        async fn cancel_at(s: &Session, at: ExecStep) {
+        async fn cancel_at(s: &Session, ledger: &Ledger, at: ExecStep) {
             let hold = if at == ExecStep::HandedOver {
                 ExecStep::Accepted
             } else {
@@ -744,6 +762,21 @@ mod tests {
             if at == ExecStep::HandedOver {
                 go.add_permits(1);
                 assert_eq!(reached.recv().await, Some(ExecStep::HandedOver));
+                // The open task ends now, but the channel waiting in the
+                // caller's reply (`cat` runs, unowned) is still counted: the
+                // count must not reach zero. (Not a timing assertion: with
+                // the count held it never returns; without, it returns as
+                // soon as the task has ended.)
+                assert!(
+                    tokio::time::timeout(
+                        Duration::from_millis(300),
+                        ledger.until_zero(Some(LEDGER_OPEN))
+                    )
+                    .await
+                    .is_err(),
+                    "the ledger read zero with a handed-over channel nobody took"
+                );
+                assert_eq!(ledger.live(LEDGER_OPEN), 1);
                 drop(fut);
             } else {
                 drop(fut);
@@ -789,7 +822,7 @@ mod tests {
             let ledger = cfg.ledger.clone();
             let s = Session::connect(cfg).await.expect("connect");
             for at in STEPS {
-                cancel_at(&s, at).await;
+                cancel_at(&s, &ledger, at).await;
                 tokio::time::timeout(
                     Duration::from_secs(30),
                     ledger.until_zero(Some(LEDGER_OPEN)),
@@ -824,7 +857,7 @@ mod tests {
             let ledger = cfg.ledger.clone();
             let s = Session::connect(cfg).await.expect("connect");
             for at in STEPS {
-                cancel_at(&s, at).await;
+                cancel_at(&s, &ledger, at).await;
                 tokio::time::timeout(
                     Duration::from_secs(30),
                     ledger.until_zero(Some(LEDGER_OPEN)),
