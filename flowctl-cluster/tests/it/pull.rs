@@ -82,6 +82,75 @@ pub(crate) async fn create_stream_with(cluster: &Cluster, config: stream::Config
         );
         tokio::time::sleep(Duration::from_millis(50)).await; // polling the server
     }
+    // Only the stream leader subscribes to the stream's subjects; the other
+    // nodes learn of that interest over their routes, later. A publish
+    // through a node that has not yet heard of it finds no responder
+    // (`StreamNotFound`; seen in CI on 2.15.1 with leader and replicas all
+    // current). Probe every subject through this cluster's own connection
+    // with a header the leader refuses before it proposes anything
+    // (`Nats-Expected-Stream` naming another stream, 10060, checked before
+    // the proposal on every release we test): nothing is stored, and the
+    // answer proves the route carries the interest.
+    probe_stream_subjects(cluster, &config, deadline).await;
+}
+
+/// Publishes to each of the stream's subjects (wildcard tokens filled in)
+/// with a `Nats-Expected-Stream` it does not match, until the answer is the
+/// stream's refusal rather than "no responders".
+async fn probe_stream_subjects(
+    cluster: &Cluster,
+    config: &stream::Config,
+    deadline: std::time::Instant,
+) {
+    use async_nats::jetstream::context::PublishErrorKind;
+    let subjects = if config.subjects.is_empty() {
+        vec![config.name.clone()]
+    } else {
+        config.subjects.clone()
+    };
+    let other = format!("{}-flowctl-probe", config.name);
+    for subject in subjects {
+        let concrete = subject
+            .split('.')
+            .map(|t| if t == "*" || t == ">" { "probe" } else { t })
+            .collect::<Vec<_>>()
+            .join(".");
+        loop {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Expected-Stream", other.as_str());
+            let answer = match cluster
+                .jetstream()
+                .publish_with_headers(concrete.clone(), headers, Bytes::new())
+                .await
+            {
+                Ok(ack) => ack.await,
+                Err(e) => Err(e),
+            };
+            match answer {
+                Err(e) if e.kind() == PublishErrorKind::StreamNotFound => {}
+                Err(e)
+                    if std::error::Error::source(&e)
+                        .and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>())
+                        .is_some_and(|j| {
+                            j.error_code() == async_nats::jetstream::ErrorCode::STREAM_NOT_MATCH
+                        }) =>
+                {
+                    break;
+                }
+                other => panic!(
+                    "probe of {concrete} on stream {}: expected 10060 (expected stream \
+                     does not match), got {other:?}",
+                    config.name
+                ),
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "stream {}: a publish on {concrete} found no responder for 30 s",
+                config.name
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await; // polling the routes
+        }
+    }
 }
 
 /// Polls the consumer's info until `done` holds: the server's own
