@@ -51,6 +51,15 @@ impl Session {
     /// [`SshError::AuthRejected`] if no method was accepted,
     /// [`SshError::ConnectTimeout`] if it all took too long,
     /// [`SshError::Config`] if the configured backend's cargo feature is off.
+    ///
+    /// # Cancel safety
+    /// Dropping the future leaks nothing. With [`Backend::OpenSsh`](crate::Backend::OpenSsh)
+    /// the `ssh -M` it starts is owned by a task (counted as
+    /// [`LEDGER_TASK`](crate::LEDGER_TASK)) that closes the ControlMaster
+    /// if nobody takes it; so after a drop the ledger counts that task until
+    /// ssh is done (ssh's `ConnectTimeout`, from
+    /// [`SshConfig::connect_timeout`], bounds the TCP connect and the wait
+    /// for the server's banner).
     pub async fn connect(config: SshConfig) -> Result<Session, FlowError> {
         Ok(Session::open(config).await?)
     }

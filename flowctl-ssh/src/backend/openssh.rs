@@ -184,8 +184,40 @@ impl Plan {
 
 impl Master {
     /// Starts the ControlMaster: TCP connect, host key check, authentication.
+    ///
+    /// # Cancel safety
+    /// openssh waits for `ssh -M -f` with tokio's `Command::status`, which
+    /// does not kill the child when the wait is dropped, and its control
+    /// directory is a `TempDir` removed on drop. A connect cancelled there
+    /// left an ssh running on its own: it went on to authenticate and fork,
+    /// then either held the connection as a master nobody could reach
+    /// (until `ControlPersist` ran out) or, its socket directory gone, as a
+    /// plain `-N` connection with no end. So the launch runs in a task
+    /// counted as [`LEDGER_TASK`]: once the caller is gone it waits for ssh
+    /// and closes the master it started (`ssh -O exit`). A master handed to
+    /// a caller dropped before it took it is closed by [`Master`]'s `Drop`.
     pub(crate) async fn connect(config: &SshConfig) -> Result<Master, SshError> {
         let plan = Plan::new(config)?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let owned = config.clone();
+        config.ledger.spawn(LEDGER_TASK, async move {
+            let started = Master::launch(&owned, plan).await;
+            if let Err(Ok(master)) = tx.send(started) {
+                tracing::info!(addr = %owned.addr,
+                    "ssh connect cancelled after ssh started a control master; closing it");
+                master.close().await;
+            }
+        });
+        rx.await.unwrap_or_else(|_| {
+            Err(SshError::OpenSsh(Box::new(std::io::Error::other(
+                "the task running `ssh -M` ended without an answer: \
+                 it panicked, or the runtime is shutting down",
+            ))))
+        })
+    }
+
+    /// [`Master::connect`]'s work, owned by its task.
+    async fn launch(config: &SshConfig, plan: Plan) -> Result<Master, SshError> {
         let mut b = openssh::SessionBuilder::default();
         b.user(config.user.clone())
             .port(plan.port)

@@ -2,7 +2,9 @@
 
 use flowctl_ssh::{Auth, Backend, Session, SshError};
 
-use crate::fixture::{Fixture, Kind};
+use std::time::Duration;
+
+use crate::fixture::{Fixture, Kind, until};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn password_auth_is_refused_with_a_config_error() {
@@ -74,4 +76,200 @@ async fn a_known_hosts_path_with_a_space_is_one_file() {
         .unwrap();
     let mut p = s.exec("echo spaced").await.unwrap();
     assert_eq!(p.stdout.read_to_end().await.unwrap(), b"spaced\n");
+}
+
+/// A loopback TCP relay in front of a server. Its server-to-client half
+/// stays shut until [`Relay::open`], so a client that connected through it
+/// waits for the server's first byte for as long as the test likes.
+struct Relay {
+    port: u16,
+    accepted: tokio::sync::watch::Receiver<usize>,
+    open: tokio::sync::watch::Sender<bool>,
+    live: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Relay {
+    async fn start(target: &str) -> Relay {
+        use std::sync::atomic::Ordering::SeqCst;
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (open, gate) = tokio::sync::watch::channel(false);
+        let (count, accepted) = tokio::sync::watch::channel(0usize);
+        let live = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (target, counter) = (target.to_owned(), live.clone());
+        tokio::spawn(async move {
+            loop {
+                let (client, _) = listener.accept().await.unwrap();
+                let server = tokio::net::TcpStream::connect(&target).await.unwrap();
+                counter.fetch_add(1, SeqCst);
+                count.send_modify(|n| *n += 1);
+                let (mut gate, live) = (gate.clone(), counter.clone());
+                tokio::spawn(async move {
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw) = server.into_split();
+                    let up = async {
+                        let _ = tokio::io::copy(&mut cr, &mut sw).await;
+                        let _ = sw.shutdown().await;
+                    };
+                    let down = async {
+                        let _ = gate.wait_for(|open| *open).await;
+                        let _ = tokio::io::copy(&mut sr, &mut cw).await;
+                        let _ = cw.shutdown().await;
+                    };
+                    tokio::join!(up, down);
+                    live.fetch_sub(1, SeqCst);
+                });
+            }
+        });
+        Relay {
+            port,
+            accepted,
+            open,
+            live,
+        }
+    }
+
+    fn open(&self) {
+        self.open.send_replace(true);
+    }
+
+    /// Connections through the relay that neither end has closed.
+    fn live(&self) -> usize {
+        self.live.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// The pids and parent pids of the live `ssh` processes whose command line
+/// has `-p port` (a zombie has an empty command line and is left out).
+fn ssh_processes(port: u16) -> Vec<(u32, u32)> {
+    let port = port.to_string();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let is_ssh = args.first().is_some_and(|a| a.ends_with(b"ssh"));
+        let ours = args
+            .windows(2)
+            .any(|w| w[0] == b"-p" && w[1] == port.as_bytes());
+        if !is_ssh || !ours {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // `pid (comm) state ppid ...`
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+        found.push((pid, ppid));
+    }
+    found
+}
+
+/// A fixture whose openssh clients connect through a [`Relay`].
+async fn through_relay() -> (Fixture, Relay, flowctl_ssh::SshConfig) {
+    let fx = Fixture::start(Kind::Sshd)
+        .await
+        .with_backend(Backend::OpenSsh);
+    let relay = Relay::start(&fx.addr).await;
+    let line = fx.sshd.as_ref().unwrap().known_hosts_line();
+    let (_, key) = line.split_once(' ').unwrap();
+    let kh = fx.path("known_hosts.relay");
+    std::fs::write(&kh, format!("[127.0.0.1]:{} {key}\n", relay.port)).unwrap();
+    let mut cfg = fx.config().known_hosts(&kh);
+    cfg.addr = format!("127.0.0.1:{}", relay.port);
+    (fx, relay, cfg)
+}
+
+/// Waits for the ledger to read zero, then for the relay's connections to
+/// end: the proof that no ssh of ours is left connected.
+async fn nothing_left(fx: &Fixture, relay: &Relay) {
+    tokio::time::timeout(Duration::from_secs(60), fx.ledger.until_zero(None))
+        .await
+        .unwrap_or_else(|_| panic!("the ledger still counts {:?}", fx.ledger.snapshot()));
+    until(
+        Duration::from_secs(30),
+        "the ssh of the cancelled connect to close its connection",
+        || relay.live() == 0,
+    )
+    .await;
+    assert_eq!(
+        *relay.accepted.borrow(),
+        1,
+        "one connection, nothing retried"
+    );
+}
+
+/// A connect dropped while ssh waits for the server is counted until that
+/// ssh has ended. openssh waits for `ssh -M -f` with a wait that does not
+/// kill it on drop: the ssh went on alone, uncounted (the ledger read zero
+/// while it ran), and authenticated once the server answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_dropped_while_ssh_waits_for_the_server_is_counted_until_ssh_ends() {
+    let (fx, relay, cfg) = through_relay().await;
+    let mut accepted = relay.accepted.clone();
+    {
+        let connect = std::pin::pin!(Session::connect(cfg));
+        tokio::select! {
+            r = connect => panic!("the connect ended with the server mute: {:?}", r.map(|_| ())),
+            r = accepted.wait_for(|n| *n == 1) => { r.unwrap(); }
+        }
+        // Dropped here: ssh has connected and waits for the server's banner.
+    }
+    assert_eq!(
+        ssh_processes(relay.port).len(),
+        1,
+        "the ssh of the connect runs"
+    );
+    assert!(
+        fx.ledger.total() > 0,
+        "the ledger reads zero while the cancelled connect's ssh runs"
+    );
+    relay.open();
+    nothing_left(&fx, &relay).await;
+}
+
+/// A connect dropped after ssh forked its ControlMaster, before the connect
+/// saw it, closes that master. Before, dropping the connect removed the
+/// master's control directory, so nothing could reach the master, and it
+/// held its connection until `ControlPersist` (300 s) ran out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_dropped_after_ssh_forked_its_master_closes_the_master() {
+    let (fx, relay, cfg) = through_relay().await;
+    let mut accepted = relay.accepted.clone();
+    let me = std::process::id();
+    {
+        let mut connect = std::pin::pin!(Session::connect(cfg));
+        tokio::select! {
+            r = &mut connect => panic!("the connect ended with the server mute: {:?}", r.map(|_| ())),
+            r = accepted.wait_for(|n| *n == 1) => { r.unwrap(); }
+        }
+        // The connect is not polled again. The server answers; ssh
+        // authenticates, forks the master and its first process exits.
+        relay.open();
+        until(
+            Duration::from_secs(30),
+            "ssh to fork its ControlMaster and its first process to exit",
+            || {
+                let procs = ssh_processes(relay.port);
+                procs.iter().any(|&(_, ppid)| ppid != me)
+                    && procs.iter().all(|&(_, ppid)| ppid != me)
+            },
+        )
+        .await;
+        // Dropped here, the master up and not yet seen by the connect.
+    }
+    nothing_left(&fx, &relay).await;
+    until(Duration::from_secs(30), "the master to exit", || {
+        ssh_processes(relay.port).is_empty()
+    })
+    .await;
 }
