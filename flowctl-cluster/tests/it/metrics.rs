@@ -177,4 +177,111 @@ mod stages {
         drop((sink, src, core, cluster));
         released(&ledger, Duration::from_secs(10)).await;
     }
+
+    /// Every value the process-wide ledger reports for one kind, in order:
+    /// a recorder whose `flowctl_live_resources{kind}` gauge keeps its
+    /// history (every other metric is dropped).
+    #[derive(Clone, Default)]
+    struct LiveHistory {
+        kind: &'static str,
+        sets: std::sync::Arc<std::sync::Mutex<Vec<f64>>>,
+    }
+
+    impl metrics::GaugeFn for LiveHistory {
+        fn increment(&self, _: f64) {
+            unreachable!("the ledger sets its gauge")
+        }
+        fn decrement(&self, _: f64) {
+            unreachable!("the ledger sets its gauge")
+        }
+        fn set(&self, value: f64) {
+            self.sets.lock().unwrap().push(value);
+        }
+    }
+
+    impl metrics::Recorder for LiveHistory {
+        fn describe_counter(
+            &self,
+            _: metrics::KeyName,
+            _: Option<metrics::Unit>,
+            _: metrics::SharedString,
+        ) {
+        }
+        fn describe_gauge(
+            &self,
+            _: metrics::KeyName,
+            _: Option<metrics::Unit>,
+            _: metrics::SharedString,
+        ) {
+        }
+        fn describe_histogram(
+            &self,
+            _: metrics::KeyName,
+            _: Option<metrics::Unit>,
+            _: metrics::SharedString,
+        ) {
+        }
+        fn register_counter(
+            &self,
+            _: &metrics::Key,
+            _: &metrics::Metadata<'_>,
+        ) -> metrics::Counter {
+            metrics::Counter::noop()
+        }
+        fn register_gauge(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
+            let ours = key.name() == "flowctl_live_resources"
+                && key
+                    .labels()
+                    .any(|l| l.key() == "kind" && l.value() == self.kind);
+            if ours {
+                metrics::Gauge::from_arc(std::sync::Arc::new(self.clone()))
+            } else {
+                metrics::Gauge::noop()
+            }
+        }
+        fn register_histogram(
+            &self,
+            _: &metrics::Key,
+            _: &metrics::Metadata<'_>,
+        ) -> metrics::Histogram {
+            metrics::Histogram::noop()
+        }
+    }
+
+    /// The ledger never reads zero while a pull source's subscription lives:
+    /// `consume` has the source count it before the connect attempt lets go
+    /// of its own count. The other order reported 1, 0, 1 (no await between
+    /// the two, so only a recorder of every change sees the dip).
+    #[tokio::test]
+    async fn a_pull_subscription_is_counted_without_a_gap_from_subscribe_to_drop() {
+        let nats = NatsCluster::start().await.expect("nats cluster");
+        // The process-wide ledger is the one that reports (a test process
+        // runs one test under nextest).
+        let ledger = Ledger::global().clone();
+        let cluster = Cluster::connect(config(nats.urls(), &ledger))
+            .await
+            .unwrap();
+        stream_and_consumer(&cluster, "GAP", "gap.>", "c", Duration::from_secs(30)).await;
+        let history = LiveHistory {
+            kind: "nats.subscription",
+            ..Default::default()
+        };
+        {
+            // The runtime has one thread: the ledger changes on it.
+            let _guard = metrics::set_default_local_recorder(&history);
+            let src = cluster
+                .consume("GAP", "c", ConsumeOptions::default())
+                .await
+                .unwrap();
+            let sets = history.sets.lock().unwrap().clone();
+            assert!(!sets.is_empty(), "the subscription was never counted");
+            assert!(
+                sets.iter().all(|&n| n >= 1.0),
+                "the ledger read zero while the subscription lived: {sets:?}"
+            );
+            drop(src);
+        }
+        drop(cluster);
+        released(&ledger, Duration::from_secs(10)).await;
+    }
 }
