@@ -56,10 +56,12 @@ impl Session {
     /// Dropping the future leaks nothing. With [`Backend::OpenSsh`](crate::Backend::OpenSsh)
     /// the `ssh -M` it starts is owned by a task (counted as
     /// [`LEDGER_TASK`](crate::LEDGER_TASK)) that closes the ControlMaster
-    /// if nobody takes it; so after a drop the ledger counts that task until
-    /// ssh is done (ssh's `ConnectTimeout`, from
-    /// [`SshConfig::connect_timeout`], bounds the TCP connect and the wait
-    /// for the server's banner).
+    /// if nobody takes it; so after a drop, or a
+    /// [`SshError::ConnectTimeout`], the ledger counts that task until ssh is
+    /// done. ssh's own `ConnectTimeout` (from
+    /// [`SshConfig::connect_timeout`]) bounds its TCP connect and the wait
+    /// for the server's banner; a server that stalls later keeps that ssh
+    /// until the server gives up (sshd's `LoginGraceTime`).
     pub async fn connect(config: SshConfig) -> Result<Session, FlowError> {
         Ok(Session::open(config).await?)
     }
@@ -88,8 +90,25 @@ impl Session {
             }
             #[cfg(feature = "openssh")]
             crate::Backend::OpenSsh => {
-                let master = crate::backend::openssh::Master::connect(&config).await?;
-                Conn::OpenSsh(Arc::new(master))
+                // ssh's own ConnectTimeout bounds the TCP connect and the
+                // server's banner, not the key exchange or authentication:
+                // a server that stalls after its banner held the connect
+                // until it gave up (sshd: LoginGraceTime).
+                let timeout = config.connect_timeout;
+                match tokio::time::timeout(
+                    timeout,
+                    crate::backend::openssh::Master::connect(&config),
+                )
+                .await
+                {
+                    Ok(master) => Conn::OpenSsh(Arc::new(master?)),
+                    Err(_) => {
+                        return Err(SshError::ConnectTimeout {
+                            addr: config.addr.clone(),
+                            timeout,
+                        });
+                    }
+                }
             }
             #[cfg(not(feature = "openssh"))]
             crate::Backend::OpenSsh => {

@@ -200,8 +200,13 @@ impl Master {
         let plan = Plan::new(config)?;
         let (tx, rx) = tokio::sync::oneshot::channel();
         let owned = config.clone();
-        config.ledger.spawn(LEDGER_TASK, async move {
+        let lease = config.ledger.acquire(LEDGER_TASK);
+        tokio::spawn(async move {
             let started = Master::launch(&owned, plan).await;
+            // A master counts itself (`ssh.session`) from here on: the task
+            // stops counting before the caller can see the result, so the
+            // caller's counts are exact.
+            drop(lease);
             if let Err(Ok(master)) = tx.send(started) {
                 tracing::info!(addr = %owned.addr,
                     "ssh connect cancelled after ssh started a control master; closing it");

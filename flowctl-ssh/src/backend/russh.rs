@@ -296,6 +296,166 @@ async fn shut_down(handle: client::Handle<ClientHandler>) {
     }
 }
 
+/// The connection's socket as russh's session task owns it. russh spawns
+/// that task in the middle of `connect_stream` (before the key exchange),
+/// so a connect dropped after that point (by `connect_timeout`, say) left
+/// the task and its socket waiting on the server, uncounted, for as long as
+/// the server let it (sshd's `LoginGraceTime`; forever for a server that
+/// never answers). While connecting, the socket holds the session's ledger
+/// lease, and [`Connecting`]'s drop shuts it: every read and write fails,
+/// russh's task ends and drops it, and the lease goes with it.
+struct Counted<S> {
+    io: S,
+    shared: Arc<Shutter>,
+}
+
+/// What [`Counted`] and [`Connecting`] share.
+struct Shutter {
+    /// [`CONNECTING`], [`HANDED_OVER`] or [`SHUT`].
+    state: std::sync::atomic::AtomicU8,
+    read: futures::task::AtomicWaker,
+    write: futures::task::AtomicWaker,
+    /// The session's lease until [`Connecting::hand_over`], or until the
+    /// socket is dropped.
+    lease: Mutex<Option<Lease>>,
+}
+
+const CONNECTING: u8 = 0;
+const HANDED_OVER: u8 = 1;
+const SHUT: u8 = 2;
+
+/// The connect's end of a [`Counted`] socket: dropped before
+/// [`hand_over`](Connecting::hand_over), it shuts the socket.
+struct Connecting(Arc<Shutter>);
+
+impl<S> Counted<S> {
+    fn new(io: S, lease: Lease) -> (Counted<S>, Connecting) {
+        let shared = Arc::new(Shutter {
+            state: std::sync::atomic::AtomicU8::new(CONNECTING),
+            read: futures::task::AtomicWaker::new(),
+            write: futures::task::AtomicWaker::new(),
+            lease: Mutex::new(Some(lease)),
+        });
+        (
+            Counted {
+                io,
+                shared: shared.clone(),
+            },
+            Connecting(shared),
+        )
+    }
+
+    /// `Err` once shut; while connecting, registers `waker` in `slot` so that
+    /// a shut wakes the task. Costs one atomic load once handed over.
+    fn check(
+        &self,
+        slot: &futures::task::AtomicWaker,
+        waker: &std::task::Waker,
+    ) -> std::io::Result<()> {
+        use std::sync::atomic::Ordering::Acquire;
+        match self.shared.state.load(Acquire) {
+            HANDED_OVER => return Ok(()),
+            CONNECTING => slot.register(waker),
+            _ => {}
+        }
+        if self.shared.state.load(Acquire) == SHUT {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "the ssh connect was cancelled",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Connecting {
+    /// The session is the caller's: the socket stays open, and its lease
+    /// (unless russh has dropped the socket already) is returned.
+    fn hand_over(self) -> Option<Lease> {
+        self.0
+            .state
+            .store(HANDED_OVER, std::sync::atomic::Ordering::Release);
+        self.0
+            .lease
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+}
+
+impl Drop for Connecting {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering::AcqRel;
+        if self
+            .0
+            .state
+            .compare_exchange(
+                CONNECTING,
+                SHUT,
+                AcqRel,
+                std::sync::atomic::Ordering::Acquire,
+            )
+            .is_ok()
+        {
+            self.0.read.wake();
+            self.0.write.wake();
+        }
+    }
+}
+
+impl<S> Drop for Counted<S> {
+    fn drop(&mut self) {
+        drop(
+            self.shared
+                .lease
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take(),
+        );
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<S> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        this.check(&this.shared.read, cx.waker())?;
+        std::pin::Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<S> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        this.check(&this.shared.write, cx.waker())?;
+        std::pin::Pin::new(&mut this.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        this.check(&this.shared.write, cx.waker())?;
+        std::pin::Pin::new(&mut this.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        std::pin::Pin::new(&mut this.io).poll_shutdown(cx)
+    }
+}
+
 /// Connects, checks the host key and authenticates (the caller bounds it
 /// with [`SshConfig::connect_timeout`]).
 pub(crate) async fn connect(config: &SshConfig) -> Result<Arc<SessionInner>, SshError> {
@@ -342,6 +502,9 @@ pub(crate) async fn connect(config: &SshConfig) -> Result<Arc<SessionInner>, Ssh
             source,
         })?;
     let _ = socket.set_nodelay(true);
+    // From here russh's session task owns the socket: counted from now on,
+    // and shut if this future is dropped before the session is ours.
+    let (socket, connecting) = Counted::new(socket, config.ledger.acquire(LEDGER_SESSION));
     let mut handle = match client::connect_stream(Arc::new(russh_config), socket, handler).await {
         Ok(h) => h,
         Err(e) => {
@@ -351,8 +514,12 @@ pub(crate) async fn connect(config: &SshConfig) -> Result<Arc<SessionInner>, Ssh
             );
         }
     };
-    let lease = config.ledger.acquire(LEDGER_SESSION);
     authenticate(&mut handle, config).await?;
+    // The session's count moves from the socket to the session; a socket
+    // that russh already dropped (the server closed) took it with it.
+    let lease = connecting
+        .hand_over()
+        .unwrap_or_else(|| config.ledger.acquire(LEDGER_SESSION));
     tracing::info!(user = %config.user, addr = %config.addr, "ssh session established");
     Ok(Arc::new(SessionInner {
         handle: Some(handle),

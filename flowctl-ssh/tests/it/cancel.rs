@@ -8,9 +8,9 @@ use std::pin::pin;
 use std::task::Poll;
 use std::time::Duration;
 
-use flowctl_ssh::{LEDGER_OPEN, Session};
+use flowctl_ssh::{LEDGER_OPEN, LEDGER_SESSION, Session, SshError};
 
-use crate::fixture::{Fixture, Kind, until};
+use crate::fixture::{Fixture, Kind, Let, Relay, until};
 
 /// Cancels three execs of `cat` at different moments: right after the first
 /// poll (the channel open in flight), after a few polls, and once the
@@ -120,4 +120,81 @@ async fn cancelled_exec_closes_its_channel_on_the_embedded_server() {
         || server.live_channels() == baseline,
     )
     .await;
+}
+
+/// A connect dropped while the server holds back the key exchange (its
+/// banner sent, the rest not) leaves no connection behind: the client's
+/// socket is closed and the ledger reads zero. Run with russh against both
+/// servers, through a [`Relay`] that lets the server's first line through.
+async fn connect_dropped_in_the_key_exchange_leaves_no_connection(fx: Fixture) {
+    let relay = Relay::start(&fx.addr, Let::FirstLine).await;
+    let cfg = relay.config(&fx);
+    {
+        let connect = pin!(Session::connect(cfg));
+        // russh's banner is one short line; its KEXINIT follows once it has
+        // read the server's banner, and is hundreds of bytes long.
+        let kexinit_sent = until(
+            Duration::from_secs(30),
+            "the client to send its KEXINIT",
+            || relay.client_bytes() > 100,
+        );
+        tokio::select! {
+            r = connect => panic!(
+                "the connect ended with the key exchange held back: {:?}",
+                r.map(|_| ())
+            ),
+            () = kexinit_sent => {}
+        }
+        assert_eq!(
+            fx.ledger.live(LEDGER_SESSION),
+            1,
+            "the socket is not counted"
+        );
+        // Dropped here, waiting for the server's KEXINIT.
+    }
+    tokio::time::timeout(Duration::from_secs(30), fx.ledger.until_zero(None))
+        .await
+        .unwrap_or_else(|_| panic!("the ledger still counts {:?}", fx.ledger.snapshot()));
+    until(
+        Duration::from_secs(30),
+        "the cancelled connect's socket to close",
+        || relay.live() == 0,
+    )
+    .await;
+    assert_eq!(*relay.accepted.borrow(), 1);
+
+    // The same through `connect_timeout`, the way a caller meets it.
+    let relay = Relay::start(&fx.addr, Let::FirstLine).await;
+    let cfg = relay
+        .config(&fx)
+        .connect_timeout(Duration::from_millis(500));
+    let err = Session::connect(cfg).await.map(|_| ()).unwrap_err();
+    assert!(
+        matches!(
+            err.transport_error::<SshError>(),
+            Some(SshError::ConnectTimeout { .. })
+        ),
+        "{err:?}"
+    );
+    tokio::time::timeout(Duration::from_secs(30), fx.ledger.until_zero(None))
+        .await
+        .unwrap_or_else(|_| panic!("the ledger still counts {:?}", fx.ledger.snapshot()));
+    until(
+        Duration::from_secs(30),
+        "the timed-out connect's socket to close",
+        || relay.live() == 0,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_dropped_in_the_key_exchange_leaves_no_connection_on_sshd() {
+    connect_dropped_in_the_key_exchange_leaves_no_connection(Fixture::start(Kind::Sshd).await)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_dropped_in_the_key_exchange_leaves_no_connection_on_the_embedded_server() {
+    connect_dropped_in_the_key_exchange_leaves_no_connection(Fixture::start(Kind::Embedded).await)
+        .await;
 }

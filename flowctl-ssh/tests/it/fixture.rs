@@ -152,6 +152,143 @@ pub(crate) async fn until(limit: Duration, what: &str, mut cond: impl FnMut() ->
     }
 }
 
+/// How much of the server's bytes a [`Relay`] lets through to the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Let {
+    /// Nothing: the client waits for the server's banner.
+    Nothing,
+    /// The server's first line (its `SSH-2.0-...` banner), then nothing: the
+    /// client waits in the key exchange.
+    FirstLine,
+    /// Everything, from now on.
+    All,
+}
+
+/// A loopback TCP relay in front of a server, which lets the server's bytes
+/// through only as far as the test says ([`Let`]); the client's always go
+/// through. Counts its live connections and the bytes clients sent.
+pub(crate) struct Relay {
+    pub(crate) port: u16,
+    /// Connections accepted so far.
+    pub(crate) accepted: tokio::sync::watch::Receiver<usize>,
+    gate: tokio::sync::watch::Sender<Let>,
+    live: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Relay {
+    pub(crate) async fn start(target: &str, initially: Let) -> Relay {
+        use std::sync::atomic::Ordering::SeqCst;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (gate, let_rx) = tokio::sync::watch::channel(initially);
+        let (count, accepted) = tokio::sync::watch::channel(0usize);
+        let live = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (target, counter, total) = (target.to_owned(), live.clone(), sent.clone());
+        tokio::spawn(async move {
+            loop {
+                let (client, _) = listener.accept().await.unwrap();
+                let server = tokio::net::TcpStream::connect(&target).await.unwrap();
+                counter.fetch_add(1, SeqCst);
+                count.send_modify(|n| *n += 1);
+                let (mut gate, live, sent) = (let_rx.clone(), counter.clone(), total.clone());
+                tokio::spawn(async move {
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw) = server.into_split();
+                    // The client's end of the connection closed: the server's
+                    // bytes held back have nobody to go to.
+                    let client_gone = tokio::sync::Notify::new();
+                    let up = async {
+                        let mut buf = vec![0u8; 16 * 1024];
+                        while let Ok(n @ 1..) = cr.read(&mut buf).await {
+                            sent.fetch_add(n as u64, SeqCst);
+                            if sw.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                        let _ = sw.shutdown().await;
+                        client_gone.notify_one();
+                    };
+                    let down = async {
+                        let mut buf = vec![0u8; 16 * 1024];
+                        let mut line_done = false;
+                        'read: while let Ok(n @ 1..) = sr.read(&mut buf).await {
+                            let mut chunk = &buf[..n];
+                            while !chunk.is_empty() {
+                                let allowed = match *gate.borrow_and_update() {
+                                    Let::All => chunk.len(),
+                                    Let::FirstLine if !line_done => {
+                                        match chunk.iter().position(|b| *b == b'\n') {
+                                            Some(i) => {
+                                                line_done = true;
+                                                i + 1
+                                            }
+                                            None => chunk.len(),
+                                        }
+                                    }
+                                    _ => 0,
+                                };
+                                if allowed == 0 {
+                                    tokio::select! {
+                                        r = gate.changed() => if r.is_err() {
+                                            break 'read;
+                                        },
+                                        () = client_gone.notified() => break 'read,
+                                    }
+                                    continue;
+                                }
+                                if cw.write_all(&chunk[..allowed]).await.is_err() {
+                                    break 'read;
+                                }
+                                chunk = &chunk[allowed..];
+                            }
+                        }
+                        let _ = cw.shutdown().await;
+                    };
+                    tokio::join!(up, down);
+                    live.fetch_sub(1, SeqCst);
+                });
+            }
+        });
+        Relay {
+            port,
+            accepted,
+            gate,
+            live,
+            sent,
+        }
+    }
+
+    /// From now on, lets `what` through.
+    pub(crate) fn let_through(&self, what: Let) {
+        self.gate.send_replace(what);
+    }
+
+    /// Connections through the relay that neither end has closed.
+    pub(crate) fn live(&self) -> usize {
+        self.live.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Bytes the clients have sent through the relay.
+    pub(crate) fn client_bytes(&self) -> u64 {
+        self.sent.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// `fx`'s client configuration, through this relay: its address, and a
+    /// known_hosts file that names the server's key under the relay's port.
+    pub(crate) fn config(&self, fx: &Fixture) -> SshConfig {
+        let known = std::fs::read_to_string(&fx.known_hosts).unwrap();
+        let (_, key) = known.lines().next().unwrap().split_once(' ').unwrap();
+        let kh = fx.path(&format!("known_hosts.relay{}", self.port));
+        std::fs::write(&kh, format!("[127.0.0.1]:{} {key}\n", self.port)).unwrap();
+        let mut cfg = fx.config().known_hosts(&kh);
+        cfg.addr = format!("127.0.0.1:{}", self.port);
+        cfg
+    }
+}
+
 /// The test pattern: byte `i` of a stream.
 pub(crate) fn pattern(i: u64) -> u8 {
     (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8

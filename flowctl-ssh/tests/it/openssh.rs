@@ -4,7 +4,7 @@ use flowctl_ssh::{Auth, Backend, Session, SshError};
 
 use std::time::Duration;
 
-use crate::fixture::{Fixture, Kind, until};
+use crate::fixture::{Fixture, Kind, Let, Relay, until};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn password_auth_is_refused_with_a_config_error() {
@@ -78,68 +78,6 @@ async fn a_known_hosts_path_with_a_space_is_one_file() {
     assert_eq!(p.stdout.read_to_end().await.unwrap(), b"spaced\n");
 }
 
-/// A loopback TCP relay in front of a server. Its server-to-client half
-/// stays shut until [`Relay::open`], so a client that connected through it
-/// waits for the server's first byte for as long as the test likes.
-struct Relay {
-    port: u16,
-    accepted: tokio::sync::watch::Receiver<usize>,
-    open: tokio::sync::watch::Sender<bool>,
-    live: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-}
-
-impl Relay {
-    async fn start(target: &str) -> Relay {
-        use std::sync::atomic::Ordering::SeqCst;
-        use tokio::io::AsyncWriteExt;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let (open, gate) = tokio::sync::watch::channel(false);
-        let (count, accepted) = tokio::sync::watch::channel(0usize);
-        let live = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let (target, counter) = (target.to_owned(), live.clone());
-        tokio::spawn(async move {
-            loop {
-                let (client, _) = listener.accept().await.unwrap();
-                let server = tokio::net::TcpStream::connect(&target).await.unwrap();
-                counter.fetch_add(1, SeqCst);
-                count.send_modify(|n| *n += 1);
-                let (mut gate, live) = (gate.clone(), counter.clone());
-                tokio::spawn(async move {
-                    let (mut cr, mut cw) = client.into_split();
-                    let (mut sr, mut sw) = server.into_split();
-                    let up = async {
-                        let _ = tokio::io::copy(&mut cr, &mut sw).await;
-                        let _ = sw.shutdown().await;
-                    };
-                    let down = async {
-                        let _ = gate.wait_for(|open| *open).await;
-                        let _ = tokio::io::copy(&mut sr, &mut cw).await;
-                        let _ = cw.shutdown().await;
-                    };
-                    tokio::join!(up, down);
-                    live.fetch_sub(1, SeqCst);
-                });
-            }
-        });
-        Relay {
-            port,
-            accepted,
-            open,
-            live,
-        }
-    }
-
-    fn open(&self) {
-        self.open.send_replace(true);
-    }
-
-    /// Connections through the relay that neither end has closed.
-    fn live(&self) -> usize {
-        self.live.load(std::sync::atomic::Ordering::SeqCst)
-    }
-}
-
 /// The pids and parent pids of the live `ssh` processes whose command line
 /// has `-p port` (a zombie has an empty command line and is left out).
 fn ssh_processes(port: u16) -> Vec<(u32, u32)> {
@@ -174,18 +112,14 @@ fn ssh_processes(port: u16) -> Vec<(u32, u32)> {
     found
 }
 
-/// A fixture whose openssh clients connect through a [`Relay`].
+/// A fixture whose openssh clients connect through a [`Relay`] that holds
+/// every byte of the server's.
 async fn through_relay() -> (Fixture, Relay, flowctl_ssh::SshConfig) {
     let fx = Fixture::start(Kind::Sshd)
         .await
         .with_backend(Backend::OpenSsh);
-    let relay = Relay::start(&fx.addr).await;
-    let line = fx.sshd.as_ref().unwrap().known_hosts_line();
-    let (_, key) = line.split_once(' ').unwrap();
-    let kh = fx.path("known_hosts.relay");
-    std::fs::write(&kh, format!("[127.0.0.1]:{} {key}\n", relay.port)).unwrap();
-    let mut cfg = fx.config().known_hosts(&kh);
-    cfg.addr = format!("127.0.0.1:{}", relay.port);
+    let relay = Relay::start(&fx.addr, Let::Nothing).await;
+    let cfg = relay.config(&fx);
     (fx, relay, cfg)
 }
 
@@ -233,7 +167,7 @@ async fn a_connect_dropped_while_ssh_waits_for_the_server_is_counted_until_ssh_e
         fx.ledger.total() > 0,
         "the ledger reads zero while the cancelled connect's ssh runs"
     );
-    relay.open();
+    relay.let_through(Let::All);
     nothing_left(&fx, &relay).await;
 }
 
@@ -254,7 +188,7 @@ async fn a_connect_dropped_after_ssh_forked_its_master_closes_the_master() {
         }
         // The connect is not polled again. The server answers; ssh
         // authenticates, forks the master and its first process exits.
-        relay.open();
+        relay.let_through(Let::All);
         until(
             Duration::from_secs(30),
             "ssh to fork its ControlMaster and its first process to exit",
@@ -267,6 +201,47 @@ async fn a_connect_dropped_after_ssh_forked_its_master_closes_the_master() {
         .await;
         // Dropped here, the master up and not yet seen by the connect.
     }
+    nothing_left(&fx, &relay).await;
+    until(Duration::from_secs(30), "the master to exit", || {
+        ssh_processes(relay.port).is_empty()
+    })
+    .await;
+}
+
+/// `connect_timeout` holds when the server stalls after its banner (ssh's
+/// own `ConnectTimeout` stops at the banner; the connect waited for as long
+/// as the server did). The ssh it started is counted until it ends: once
+/// the server answers, its master is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_timeout_holds_when_the_server_stalls_after_its_banner() {
+    let fx = Fixture::start(Kind::Sshd)
+        .await
+        .with_backend(Backend::OpenSsh);
+    let relay = Relay::start(&fx.addr, Let::FirstLine).await;
+    let cfg = relay.config(&fx).connect_timeout(Duration::from_secs(1));
+    let err = tokio::time::timeout(Duration::from_secs(60), Session::connect(cfg))
+        .await
+        .expect("the connect outlived its connect_timeout by a minute")
+        .map(|_| ())
+        .unwrap_err();
+    assert!(
+        matches!(
+            err.transport_error::<SshError>(),
+            Some(SshError::ConnectTimeout { .. })
+        ),
+        "{err:?}"
+    );
+    assert_eq!(
+        ssh_processes(relay.port).len(),
+        1,
+        "the ssh of the connect runs"
+    );
+    assert_eq!(
+        fx.ledger.live(flowctl_ssh::LEDGER_TASK),
+        1,
+        "the ssh of the timed-out connect is not counted"
+    );
+    relay.let_through(Let::All);
     nothing_left(&fx, &relay).await;
     until(Duration::from_secs(30), "the master to exit", || {
         ssh_processes(relay.port).is_empty()
