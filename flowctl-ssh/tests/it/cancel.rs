@@ -152,16 +152,7 @@ async fn connect_dropped_in_the_key_exchange_leaves_no_connection(fx: Fixture) {
         );
         // Dropped here, waiting for the server's KEXINIT.
     }
-    tokio::time::timeout(Duration::from_secs(30), fx.ledger.until_zero(None))
-        .await
-        .unwrap_or_else(|_| panic!("the ledger still counts {:?}", fx.ledger.snapshot()));
-    until(
-        Duration::from_secs(30),
-        "the cancelled connect's socket to close",
-        || relay.live() == 0,
-    )
-    .await;
-    assert_eq!(*relay.accepted.borrow(), 1);
+    relay.nothing_left(&fx).await;
 
     // The same through `connect_timeout`, the way a caller meets it.
     let relay = Relay::start(&fx.addr, Let::FirstLine).await;
@@ -176,15 +167,7 @@ async fn connect_dropped_in_the_key_exchange_leaves_no_connection(fx: Fixture) {
         ),
         "{err:?}"
     );
-    tokio::time::timeout(Duration::from_secs(30), fx.ledger.until_zero(None))
-        .await
-        .unwrap_or_else(|_| panic!("the ledger still counts {:?}", fx.ledger.snapshot()));
-    until(
-        Duration::from_secs(30),
-        "the timed-out connect's socket to close",
-        || relay.live() == 0,
-    )
-    .await;
+    relay.nothing_left(&fx).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -276,6 +276,26 @@ impl Relay {
         self.sent.load(std::sync::atomic::Ordering::SeqCst)
     }
 
+    /// Waits for `fx`'s ledger to read zero, then for every connection
+    /// through the relay to end: the proof that no client of ours is left
+    /// connected. Exactly one connection was made (nothing retried).
+    pub(crate) async fn nothing_left(&self, fx: &Fixture) {
+        tokio::time::timeout(Duration::from_secs(60), fx.ledger.until_zero(None))
+            .await
+            .unwrap_or_else(|_| panic!("the ledger still counts {:?}", fx.ledger.snapshot()));
+        until(
+            Duration::from_secs(30),
+            "the client's connection through the relay to close",
+            || self.live() == 0,
+        )
+        .await;
+        assert_eq!(
+            *self.accepted.borrow(),
+            1,
+            "one connection, nothing retried"
+        );
+    }
+
     /// `fx`'s client configuration, through this relay: its address, and a
     /// known_hosts file that names the server's key under the relay's port.
     pub(crate) fn config(&self, fx: &Fixture) -> SshConfig {

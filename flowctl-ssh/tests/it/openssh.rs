@@ -123,25 +123,6 @@ async fn through_relay() -> (Fixture, Relay, flowctl_ssh::SshConfig) {
     (fx, relay, cfg)
 }
 
-/// Waits for the ledger to read zero, then for the relay's connections to
-/// end: the proof that no ssh of ours is left connected.
-async fn nothing_left(fx: &Fixture, relay: &Relay) {
-    tokio::time::timeout(Duration::from_secs(60), fx.ledger.until_zero(None))
-        .await
-        .unwrap_or_else(|_| panic!("the ledger still counts {:?}", fx.ledger.snapshot()));
-    until(
-        Duration::from_secs(30),
-        "the ssh of the cancelled connect to close its connection",
-        || relay.live() == 0,
-    )
-    .await;
-    assert_eq!(
-        *relay.accepted.borrow(),
-        1,
-        "one connection, nothing retried"
-    );
-}
-
 /// A connect dropped while ssh waits for the server is counted until that
 /// ssh has ended. openssh waits for `ssh -M -f` with a wait that does not
 /// kill it on drop: the ssh went on alone, uncounted (the ledger read zero
@@ -168,7 +149,7 @@ async fn a_connect_dropped_while_ssh_waits_for_the_server_is_counted_until_ssh_e
         "the ledger reads zero while the cancelled connect's ssh runs"
     );
     relay.let_through(Let::All);
-    nothing_left(&fx, &relay).await;
+    relay.nothing_left(&fx).await;
 }
 
 /// A connect dropped after ssh forked its ControlMaster, before the connect
@@ -201,7 +182,7 @@ async fn a_connect_dropped_after_ssh_forked_its_master_closes_the_master() {
         .await;
         // Dropped here, the master up and not yet seen by the connect.
     }
-    nothing_left(&fx, &relay).await;
+    relay.nothing_left(&fx).await;
     until(Duration::from_secs(30), "the master to exit", || {
         ssh_processes(relay.port).is_empty()
     })
@@ -242,7 +223,7 @@ async fn connect_timeout_holds_when_the_server_stalls_after_its_banner() {
         "the ssh of the timed-out connect is not counted"
     );
     relay.let_through(Let::All);
-    nothing_left(&fx, &relay).await;
+    relay.nothing_left(&fx).await;
     until(Duration::from_secs(30), "the master to exit", || {
         ssh_processes(relay.port).is_empty()
     })
