@@ -98,7 +98,12 @@
 //! `SessionBuilder::connect` runs `ssh -M -f -N -o ControlPersist=<N>s
 //! -o BatchMode=yes -E <log> -S <dir>/master ...` and waits for it to fork
 //! into the background (after authentication); on failure, the text of the
-//! `-E` log is the error. Each command is a *process-mux* client
+//! `-E` log is the error. It waits with a `Command::status` that does not
+//! kill ssh when dropped, and removes `<dir>` on drop, so a cancelled
+//! connect left ssh or its master behind: flowctl-ssh runs the same command
+//! itself, in a task that kills ssh (and closes a master already forked)
+//! when the caller is gone, and hands `<dir>` to
+//! `openssh::Session::new_process_mux`. Each command is a *process-mux* client
 //! `ssh -S <dir>/master -T -p 9 none -- <command>` (port 9 so that it can
 //! never open a new connection if the master is gone). The mux client hands
 //! its stdin/stdout/stderr pipes to the master (`SCM_RIGHTS`), which reads

@@ -53,15 +53,14 @@ impl Session {
     /// [`SshError::Config`] if the configured backend's cargo feature is off.
     ///
     /// # Cancel safety
-    /// Dropping the future leaks nothing. With [`Backend::OpenSsh`](crate::Backend::OpenSsh)
-    /// the `ssh -M` it starts is owned by a task (counted as
-    /// [`LEDGER_TASK`](crate::LEDGER_TASK)) that closes the ControlMaster
-    /// if nobody takes it; so after a drop, or a
-    /// [`SshError::ConnectTimeout`], the ledger counts that task until ssh is
-    /// done. ssh's own `ConnectTimeout` (from
-    /// [`SshConfig::connect_timeout`]) bounds its TCP connect and the wait
-    /// for the server's banner; a server that stalls later keeps that ssh
-    /// until the server gives up (sshd's `LoginGraceTime`).
+    /// Dropping the future, or its [`SshError::ConnectTimeout`], leaks
+    /// nothing. With [`Backend::Russh`](crate::Backend::Russh) the socket
+    /// russh's session task owns is shut and counted as
+    /// [`LEDGER_SESSION`](crate::LEDGER_SESSION) until that task drops it.
+    /// With [`Backend::OpenSsh`](crate::Backend::OpenSsh) the `ssh -M` it
+    /// starts is owned by a task (counted as
+    /// [`LEDGER_TASK`](crate::LEDGER_TASK)) that kills it and closes any
+    /// ControlMaster it had forked already.
     pub async fn connect(config: SshConfig) -> Result<Session, FlowError> {
         Ok(Session::open(config).await?)
     }

@@ -6,7 +6,6 @@ use std::ops::Deref;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use flowctl_core::PipeSink;
@@ -186,23 +185,23 @@ impl Master {
     /// Starts the ControlMaster: TCP connect, host key check, authentication.
     ///
     /// # Cancel safety
-    /// openssh waits for `ssh -M -f` with tokio's `Command::status`, which
-    /// does not kill the child when the wait is dropped, and its control
-    /// directory is a `TempDir` removed on drop. A connect cancelled there
-    /// left an ssh running on its own: it went on to authenticate and fork,
-    /// then either held the connection as a master nobody could reach
-    /// (until `ControlPersist` ran out) or, its socket directory gone, as a
-    /// plain `-N` connection with no end. So the launch runs in a task
-    /// counted as [`LEDGER_TASK`]: once the caller is gone it waits for ssh
-    /// and closes the master it started (`ssh -O exit`). A master handed to
-    /// a caller dropped before it took it is closed by [`Master`]'s `Drop`.
+    /// `openssh::SessionBuilder::connect` waits for `ssh -M -f` with
+    /// tokio's `Command::status`, which does not kill ssh when the wait is
+    /// dropped, and removes the control directory on drop: a cancelled
+    /// connect left an ssh running on its own (uncounted until the server
+    /// gave up), or a master nobody could reach (until `ControlPersist` ran
+    /// out). So ssh is spawned here, by a task counted as [`LEDGER_TASK`]
+    /// until it has a result: when the caller is gone (dropped, or timed out
+    /// by `connect_timeout`) it kills ssh and closes any master ssh had
+    /// forked already (`ssh -O exit`). A master handed to a caller dropped
+    /// before it took it is closed by [`Master`]'s `Drop`.
     pub(crate) async fn connect(config: &SshConfig) -> Result<Master, SshError> {
         let plan = Plan::new(config)?;
-        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (mut tx, rx) = tokio::sync::oneshot::channel();
         let owned = config.clone();
         let lease = config.ledger.acquire(LEDGER_TASK);
         tokio::spawn(async move {
-            let started = Master::launch(&owned, plan).await;
+            let started = Master::launch(&owned, plan, &mut tx).await;
             // A master counts itself (`ssh.session`) from here on: the task
             // stops counting before the caller can see the result, so the
             // caller's counts are exact.
@@ -222,60 +221,99 @@ impl Master {
     }
 
     /// [`Master::connect`]'s work, owned by its task.
-    async fn launch(config: &SshConfig, plan: Plan) -> Result<Master, SshError> {
-        let mut b = openssh::SessionBuilder::default();
-        b.user(config.user.clone())
-            .port(plan.port)
-            .connect_timeout(Duration::from_secs(plan.connect_secs))
-            .control_directory(std::env::temp_dir())
+    async fn launch<T>(
+        config: &SshConfig,
+        plan: Plan,
+        caller: &mut tokio::sync::oneshot::Sender<T>,
+    ) -> Result<Master, SshError> {
+        // What `openssh::SessionBuilder::connect` runs, spawned here so that
+        // it can be stopped: `ssh -M -f -N` with its socket and log in a
+        // temporary directory, the master forking away once authenticated.
+        let dir = tempfile::Builder::new()
+            .prefix(".ssh-connection")
+            .tempdir_in(std::env::temp_dir())
+            .map_err(|e| SshError::Config(format!("cannot create ssh's control directory: {e}")))?;
+        let log = dir.path().join("log");
+        let mut ssh = tokio::process::Command::new("ssh");
+        ssh.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .arg("-E")
+            .arg(&log)
+            .arg("-S")
+            .arg(dir.path().join("master"))
+            .args(["-M", "-f", "-N", "-o"])
             // Bounded (not `yes`): a master whose owner crashed exits by
             // itself once idle that long.
-            .control_persist(openssh::ControlPersist::IdleFor(
-                std::num::NonZeroUsize::new(
-                    usize::try_from(config.control_persist.as_secs().max(1)).unwrap_or(usize::MAX),
-                )
-                .unwrap_or(std::num::NonZeroUsize::MIN),
+            .arg(format!(
+                "ControlPersist={}s",
+                config.control_persist.as_secs().max(1)
             ))
-            .known_hosts_check(if plan.strict {
-                openssh::KnownHosts::Strict
+            .args(["-o", "BatchMode=yes", "-o"])
+            .arg(if plan.strict {
+                "StrictHostKeyChecking=yes"
             } else {
-                openssh::KnownHosts::Accept
-            });
+                "StrictHostKeyChecking=no"
+            })
+            .arg("-o")
+            .arg(format!("ConnectTimeout={}", plan.connect_secs));
+        if let Some(i) = config.keepalive_interval {
+            ssh.arg("-o")
+                .arg(format!("ServerAliveInterval={}", i.as_secs()));
+        }
+        ssh.arg("-p").arg(plan.port.to_string());
+        ssh.arg("-l").arg(&config.user);
         if let Some(k) = &plan.key_file {
-            b.keyfile(k); // adds IdentitiesOnly=yes
+            ssh.args(["-o", "IdentitiesOnly=yes", "-i"]).arg(k);
+        }
+        // Ciphers have no option of their own here: a config file that sets
+        // them and then includes the user's and the system's configuration
+        // (the first value ssh obtains for an option wins).
+        let _cfg_file;
+        if !config.ciphers.is_empty() {
+            let file = write_ssh_config(&config.ciphers)?;
+            ssh.arg("-F").arg(file.path());
+            _cfg_file = file;
         }
         if let Some(s) = &plan.agent_socket {
-            b.ssh_auth_sock(s);
+            ssh.env("SSH_AUTH_SOCK", s);
         }
         if let Some(kh) = &plan.known_hosts {
             // ssh parses `-o` as a config line: quoted, a path with spaces
             // stays one file.
-            b.user_known_hosts_file(quote_config_path("known_hosts file", kh)?);
+            let mut option = std::ffi::OsString::from("UserKnownHostsFile=");
+            option.push(quote_config_path("known_hosts file", kh)?);
+            ssh.arg("-o").arg(option);
         }
-        if let Some(i) = config.keepalive_interval {
-            b.server_alive_interval(i);
-        }
-        // Ciphers have no builder method: a config file that sets them and
-        // then includes the user's and the system's configuration (the first
-        // value ssh obtains for an option wins).
-        let _cfg_file;
-        if !config.ciphers.is_empty() {
-            let file = write_ssh_config(&config.ciphers)?;
-            b.config_file(file.path());
-            _cfg_file = file;
-        }
-        match b.connect(&plan.host).await {
-            Ok(session) => {
-                tracing::info!(user = %config.user, addr = %config.addr, "ssh control master established");
-                Ok(Master {
-                    session: Some(session),
-                    next_channel: std::sync::atomic::AtomicU64::new(0),
-                    _lease: config.ledger.acquire(LEDGER_SESSION),
-                })
+        ssh.arg(&plan.host);
+        let mut child = ssh
+            .spawn()
+            .map_err(|e| SshError::Config(format!("cannot run ssh: {e}")))?;
+        let status = tokio::select! {
+            status = child.wait() => status.map_err(|e| SshError::OpenSsh(Box::new(e)))?,
+            () = caller.closed() => {
+                // Nobody waits for this master any more: stop ssh before it
+                // forks one, or close the one it has forked already.
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                if dir.path().join("master").exists() {
+                    close_session(openssh::Session::new_process_mux(dir)).await;
+                }
+                tracing::info!(addr = %config.addr, "ssh connect cancelled; ssh stopped");
+                return Err(SshError::Config("the connect was cancelled".into()));
             }
-            Err(openssh::Error::Connect(e)) => Err(classify(&e.to_string(), &plan, config).await),
-            Err(e) => Err(SshError::OpenSsh(Box::new(e))),
+        };
+        if !status.success() {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            return Err(classify(&text, &plan, config).await);
         }
+        tracing::info!(user = %config.user, addr = %config.addr, "ssh control master established");
+        Ok(Master {
+            session: Some(openssh::Session::new_process_mux(dir)),
+            next_channel: std::sync::atomic::AtomicU64::new(0),
+            _lease: config.ledger.acquire(LEDGER_SESSION),
+        })
     }
 
     /// Asks the master to exit (`ssh -O exit`) and waits for the answer.
