@@ -1178,7 +1178,9 @@ mod tests {
         assert!(left.is_empty(), "nats-server {left:?} outlived its owner");
     }
 
-    /// Creates an R3 stream on `nats` at once, with no retry.
+    /// Creates an R3 stream on `nats` at once: any refusal is an error. Only
+    /// an unanswered request (async-nats's 5 s) is asked again, up to 30 s:
+    /// it says the machine is slow, not that placement failed.
     async fn place_r3(nats: &NatsCluster, name: &str) -> Result<(), String> {
         let seeds = nats
             .urls()
@@ -1190,15 +1192,29 @@ mod tests {
             .await
             .map_err(|e| format!("connect: {e}"))?;
         let js = async_nats::jetstream::new(client);
-        js.create_stream(async_nats::jetstream::stream::Config {
-            name: name.into(),
-            subjects: vec![format!("{name}.>")],
-            num_replicas: NODES,
-            ..Default::default()
-        })
-        .await
-        .map(drop)
-        .map_err(|e| format!("R3 stream {name} right after the cluster was ready: {e}"))
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let created = js
+                .create_stream(async_nats::jetstream::stream::Config {
+                    name: name.into(),
+                    subjects: vec![format!("{name}.>")],
+                    num_replicas: NODES,
+                    ..Default::default()
+                })
+                .await;
+            match created {
+                Ok(_) => return Ok(()),
+                Err(e)
+                    if e.kind()
+                        == async_nats::jetstream::context::CreateStreamErrorKind::TimedOut
+                        && Instant::now() < deadline => {}
+                Err(e) => {
+                    return Err(format!(
+                        "R3 stream {name} right after the cluster was ready: {e}"
+                    ));
+                }
+            }
+        }
     }
 
     /// Ready means an R3 stream can be placed: 2.10 answered `/healthz` 200

@@ -76,16 +76,18 @@ async fn denied_subscribe_and_publish_are_permission_denied() {
         other => panic!("expected PermissionDenied, got {other:?} ({err})"),
     }
 
-    cluster
-        .jetstream()
-        .create_stream(stream::Config {
+    // Not `create_stream_with`: its probe publishes, which this user may not.
+    crate::pull::create_stream_placed(
+        &cluster,
+        stream::Config {
             name: "SECRET".into(),
             subjects: vec!["secret.>".into()],
             num_replicas: 3,
             ..Default::default()
-        })
-        .await
-        .unwrap();
+        },
+        std::time::Instant::now() + Duration::from_secs(30),
+    )
+    .await;
     let mut sink = cluster
         .publisher("secret.x", PublishOptions::default())
         .await

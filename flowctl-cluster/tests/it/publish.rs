@@ -156,18 +156,10 @@ async fn missing_stream_consumer_and_subject_are_named() {
     assert_eq!(ledger.total(), 0, "{ledger:?}");
 }
 
-/// An R3 stream capturing `subject` (no consumer: these tests only publish).
+/// An R3 stream capturing `subject` (no consumer: these tests only publish),
+/// writable through this cluster's connection when this returns.
 async fn stream(cluster: &Cluster, name: &str, subject: &str) {
-    cluster
-        .jetstream()
-        .create_stream(async_nats::jetstream::stream::Config {
-            name: name.into(),
-            subjects: vec![subject.into()],
-            num_replicas: 3,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    crate::pull::create_stream(cluster, name, &[subject]).await;
 }
 
 /// Only a hang detector: a regression fails here instead of hanging the suite.
@@ -184,8 +176,17 @@ async fn a_fatal_error_is_sticky_and_close_returns_it() {
         .await
         .unwrap();
     stream(&cluster, "STICKY", "sticky.>").await;
+    // Only the first try of a message is refused as a concurrent write (a
+    // refused re-send is retried for `retry_for`): an ack timeout longer
+    // than the default keeps a slow refusal from counting as a lost ack.
     let mut sink = cluster
-        .publisher("sticky.x", PublishOptions::default())
+        .publisher(
+            "sticky.x",
+            PublishOptions {
+                ack_timeout: Duration::from_secs(10),
+                ..Default::default()
+            },
+        )
         .await
         .unwrap();
     sink.send(Bytes::from_static(b"first")).await.unwrap();

@@ -42,22 +42,8 @@ pub(crate) async fn create_stream(cluster: &Cluster, name: &str, subjects: &[&st
 /// [`create_stream`] with a whole config.
 pub(crate) async fn create_stream_with(cluster: &Cluster, config: stream::Config) {
     let name = config.name.clone();
-    // A JetStream API request times out after 5 s (async-nats's default).
-    // With several 3-node clusters starting at once on 2 cores, the meta
-    // leader has been seen not to answer a create within that (stop 21, CI
-    // profile). Creating the same config again is idempotent, so a timeout
-    // is retried until the same 30 s deadline as the leader below; any
-    // other error fails at once.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        match cluster.jetstream().create_stream(config.clone()).await {
-            Ok(_) => break,
-            Err(e)
-                if e.kind() == async_nats::jetstream::context::CreateStreamErrorKind::TimedOut
-                    && std::time::Instant::now() < deadline => {}
-            Err(e) => panic!("create stream {name}: {e}"),
-        }
-    }
+    create_stream_placed(cluster, config.clone(), deadline).await;
     // The create answer can come before the stream's own raft group has a
     // leader: a publish then finds no responder (async-nats says
     // `StreamNotFound`; seen once on 2.12.8). A leader is not enough either:
@@ -92,6 +78,41 @@ pub(crate) async fn create_stream_with(cluster: &Cluster, config: stream::Config
     // the proposal on every release we test): nothing is stored, and the
     // answer proves the route carries the interest.
     probe_stream_subjects(cluster, &config, deadline).await;
+}
+
+/// Creates the stream, retrying what a busy or just-started cluster answers
+/// until `deadline`, without waiting for it to take writes (see
+/// [`create_stream_with`] for that).
+///
+/// A JetStream API request times out after 5 s (async-nats's default). With
+/// several 3-node clusters starting at once on 2 cores, the meta leader has
+/// been seen not to answer a create within that (stop 21, CI profile).
+/// Creating the same config again is idempotent, so a timeout is retried,
+/// and so is 10005 "no suitable peers": the meta leader places a replica
+/// only on a peer whose JetStream statistics reached it, a moment after it
+/// joined (the fixture probes placement, except on clusters that ask for TLS
+/// or credentials). Any other error fails at once.
+pub(crate) async fn create_stream_placed(
+    cluster: &Cluster,
+    config: stream::Config,
+    deadline: std::time::Instant,
+) {
+    use async_nats::jetstream::context::CreateStreamErrorKind as K;
+    let retried = |kind: &K| match kind {
+        K::TimedOut => true,
+        K::JetStream(e) => e.error_code() == async_nats::jetstream::ErrorCode::CLUSTER_NO_PEERS,
+        _ => false,
+    };
+    loop {
+        match cluster.jetstream().create_stream(config.clone()).await {
+            Ok(_) => return,
+            Err(e) if retried(&e.kind()) && std::time::Instant::now() < deadline => {
+                // Polling the meta leader: it has no placement notification.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("create stream {}: {e}", config.name),
+        }
+    }
 }
 
 /// Publishes to each of the stream's subjects (wildcard tokens filled in)
@@ -422,9 +443,14 @@ async fn durable_restart_in_manual_mode_redelivers_what_was_never_acked() {
 /// messages, one delivery taken away (by a reader that never acks it, as a
 /// failover loses one), keeps flowing in stream order once the server
 /// redelivers it, although `hold_timeout` is 10 minutes.
+///
+/// `ack_wait` is 5 s: the messages in the source's buffer are unacked too,
+/// and one redelivered before the other reader's fetch would be taken
+/// instead of a new one (a slow machine takes over a second for the three
+/// API calls in between).
 #[tokio::test]
 async fn filtered_consumer_with_deletions_keeps_flowing_after_a_lost_delivery() {
-    let s = lost_delivery_on_a_filtered_consumer(false, Duration::from_secs(1)).await;
+    let s = lost_delivery_on_a_filtered_consumer(false, Duration::from_secs(5)).await;
     assert_eq!(s.filled, 0, "{s:?}");
 }
 
@@ -507,6 +533,11 @@ async fn lost_delivery_on_a_filtered_consumer(fill: bool, ack_wait: Duration) ->
         .unwrap();
     let taken = batch.next().await.expect("a message").unwrap();
     let taken_seq = taken.info().unwrap().stream_sequence;
+    assert_eq!(
+        taken.info().unwrap().delivered,
+        1,
+        "the other reader must take a first delivery, not a redelivery of the source's"
+    );
     drop(taken);
     drop(batch);
     let hang = std::time::Instant::now() + Duration::from_secs(60);
