@@ -21,10 +21,16 @@ fn wm() -> Watermarks {
 /// 500 x 64 KiB into a slow pyzmq PULL: far more than libzmq's queues and the
 /// socket buffers hold (as in backpressure.rs), sent in batches of 64. With
 /// `send_first`, single `send`s run first until the sink queues one itself,
-/// so that the batches go in behind the queued messages.
+/// so that the batches go in behind the queued messages: the peer reads
+/// nothing until then, or a sender no faster than the reader (a loaded
+/// machine) would never queue.
 async fn slow_pyzmq_pull(send_first: bool) -> flowctl_core::FlowStats {
     let n = 500;
-    let peer = Peer::slow_pull(n, SIZE);
+    let mut peer = if send_first {
+        Peer::slow_pull_gated(n, SIZE)
+    } else {
+        Peer::slow_pull(n, SIZE)
+    };
     let mut tx = ZmqSocket::builder(SocketType::Push)
         .watermarks(wm())
         .expected_message_size(SIZE)
@@ -34,8 +40,12 @@ async fn slow_pyzmq_pull(send_first: bool) -> flowctl_core::FlowStats {
         .into_sink();
     let mut next = 0;
     while send_first && tx.queued() == 0 {
+        assert!(next < n / 2, "the sink queued nothing in {next} messages");
         tx.send(message(next, SIZE).into()).await.unwrap();
         next += 1;
+    }
+    if send_first {
+        peer.tell("GO");
     }
     let mut batch = VecDeque::new();
     while next < n {

@@ -53,22 +53,38 @@ pub(crate) struct Peer {
 
 impl Peer {
     /// A pyzmq PULL bound to a free tcp port that expects `n` checked
-    /// messages of `size` bytes and reads them slowly: RCVHWM 4, 1 ms
-    /// between messages.
+    /// messages of `size` bytes and reads them slowly: RCVHWM 4, a kernel
+    /// receive buffer fixed at 128 KiB (no autotuning up to `tcp_rmem`'s
+    /// max), 1 ms between messages.
     pub(crate) fn slow_pull(n: usize, size: usize) -> Peer {
-        Peer::start(&[
+        Peer::slow_pull_with(n, size, &[])
+    }
+
+    /// [`Peer::slow_pull`] that reads nothing until told `GO`
+    /// ([`Peer::tell`]).
+    pub(crate) fn slow_pull_gated(n: usize, size: usize) -> Peer {
+        Peer::slow_pull_with(n, size, &["--gate"])
+    }
+
+    fn slow_pull_with(n: usize, size: usize, more: &[&str]) -> Peer {
+        let (n, size) = (n.to_string(), size.to_string());
+        let mut args = vec![
             "pull",
             "--bind",
             "tcp://127.0.0.1:*",
             "--count",
-            &n.to_string(),
+            &n,
             "--size",
-            &size.to_string(),
+            &size,
             "--hwm",
             "4",
+            "--rcvbuf",
+            "131072",
             "--delay-ms",
             "1",
-        ])
+        ];
+        args.extend_from_slice(more);
+        Peer::start(&args)
     }
 
     /// Starts `peer.py <args>` and waits for its READY line.

@@ -41,6 +41,7 @@ def main():
     ap.add_argument("--delay-ms", type=float, default=0.0)
     ap.add_argument("--alarm", type=int, default=90)
     ap.add_argument("--progress", action="store_true", help="pull: print GOT <i> after each message")
+    ap.add_argument("--gate", action="store_true", help="pull: read nothing until a GO line on stdin")
     a = ap.parse_args()
     signal.alarm(a.alarm)  # never outlive a broken test
 
@@ -80,7 +81,13 @@ def main():
 
     n = a.count
     if a.mode == "pull":
-        # Receives n messages, checking content and order; sleeps per message if slow.
+        # Receives n messages, checking content and order; sleeps per message
+        # if slow; with --gate, only after a "GO" line on stdin.
+        if a.gate:
+            line = sys.stdin.readline()
+            if line.strip() != "GO":
+                say("ERR", "expected GO on stdin, got", repr(line))
+                sys.exit(1)
         for i in range(n):
             check(s.recv_multipart(), i, a.size)
             if a.progress:
