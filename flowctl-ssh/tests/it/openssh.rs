@@ -199,7 +199,10 @@ async fn connect_timeout_holds_when_the_server_stalls_after_its_banner() {
         .await
         .with_backend(Backend::OpenSsh);
     let relay = Relay::start(&fx.addr, Let::FirstLine).await;
-    let cfg = relay.config(&fx).connect_timeout(Duration::from_secs(1));
+    // Long enough that ssh has started and reached the held key exchange
+    // (the relay counts one connection) before it runs out, on a loaded
+    // machine too; well short of the outer minute and of sshd's grace time.
+    let cfg = relay.config(&fx).connect_timeout(Duration::from_secs(5));
     let err = tokio::time::timeout(Duration::from_secs(60), Session::connect(cfg))
         .await
         .expect("the connect outlived its connect_timeout by a minute")
