@@ -51,6 +51,62 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// Starts `prometheus` with `config`, its storage and log in `dir`, on a
+/// free loopback port, and waits until it is ready: the running server, its
+/// address and its log. The port is free when chosen, not when Prometheus
+/// binds it: a parallel test may take it in between, and then Prometheus is
+/// started again on another (up to five times).
+fn start_prometheus(
+    bin: &std::path::Path,
+    dir: &std::path::Path,
+    config: &std::path::Path,
+) -> (Killed, SocketAddr, PathBuf) {
+    for attempt in 0..5 {
+        let web: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let log = dir.join(format!("prometheus.{attempt}.log"));
+        let stderr = std::fs::File::create(&log).expect("prometheus' log file");
+        let mut child = Killed(
+            Command::new(bin)
+                .arg(format!("--config.file={}", config.display()))
+                .arg(format!(
+                    "--storage.tsdb.path={}",
+                    dir.join(format!("data.{attempt}")).display()
+                ))
+                .arg(format!("--web.listen-address={web}"))
+                .stdout(Stdio::null())
+                .stderr(stderr)
+                .spawn()
+                .expect("prometheus starts"),
+        );
+        let mut polls = 0;
+        loop {
+            if let Ok(Some(status)) = child.0.try_wait() {
+                let text = read_log(&log);
+                if text.contains("address already in use") {
+                    break;
+                }
+                panic!("prometheus exited ({status}) before it was ready:\n{text}");
+            }
+            if matches!(get(web, "/-/ready"), Ok((200, _))) {
+                return (child, web, log);
+            }
+            polls += 1;
+            assert!(
+                polls < POLLS,
+                "prometheus at {web} not ready in {POLLS} polls:\n{}",
+                read_log(&log)
+            );
+            std::thread::sleep(POLL_EVERY); // a polling interval, not a synchronisation
+        }
+    }
+    panic!("prometheus found its port taken five times in a row");
+}
+
+/// Prometheus' log so far (it logs to stderr).
+fn read_log(log: &std::path::Path) -> String {
+    std::fs::read_to_string(log).unwrap_or_else(|e| format!("(no log: {e})"))
+}
+
 /// `GET path` over HTTP/1.0: the status code and the body.
 fn get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     let mut conn = TcpStream::connect(addr)?;
@@ -160,7 +216,6 @@ fn a_real_prometheus_sees_the_stalled_stage_within_its_bound_and_the_drops() {
         }
     };
 
-    let web: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let config = dir.path().join("prometheus.yml");
     std::fs::write(
         &config,
@@ -171,19 +226,7 @@ fn a_real_prometheus_sees_the_stalled_stage_within_its_bound_and_the_drops() {
         ),
     )
     .expect("the config");
-    let _prometheus = Killed(
-        Command::new(&prometheus_bin)
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("data").display()
-            ))
-            .arg(format!("--web.listen-address={web}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("prometheus starts"),
-    );
+    let (mut prometheus, web, log) = start_prometheus(&prometheus_bin, dir.path(), &config);
 
     // The run ends (its report is printed; the exporter lingers).
     loop {
@@ -199,8 +242,10 @@ fn a_real_prometheus_sees_the_stalled_stage_within_its_bound_and_the_drops() {
     let scraped = format!("count_over_time(flowctl_buffered_bytes{{stage=\"{BLOCK_STAGE}\"}}[5m])");
     let mut polls = 0;
     loop {
-        let ready = matches!(get(web, "/-/ready"), Ok((200, _)));
-        if ready && query(web, &scraped).is_some_and(|n| n >= SCRAPES) {
+        if let Ok(Some(status)) = prometheus.0.try_wait() {
+            panic!("prometheus exited ({status}):\n{}", read_log(&log));
+        }
+        if query(web, &scraped).is_some_and(|n| n >= SCRAPES) {
             break;
         }
         polls += 1;
